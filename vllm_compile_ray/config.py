@@ -1,0 +1,168 @@
+"""`CompilationConfig`: what to compile, how, and where the artifacts live."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+COMPILATION_LEVELS = ("piecewise", "dynamo_once")
+BACKENDS = ("inductor", "eager")
+FALLBACKS = ("eager", "compile")
+MISS_POLICIES = ("error", "compile", "compile_and_publish", "eager")
+DEFAULT_SPLITTING_OPS = ("vcr::attention",)
+
+_OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*::[A-Za-z_][A-Za-z0-9_.]*$")
+_CUSTOM_OP = re.compile(r"^(all|none|[+-][A-Za-z_][A-Za-z0-9_]*)$")
+# Fields that change what is compiled; the rest (where the cache lives, timeouts, policies) do not.
+_HASHED_FIELDS = (
+    "compilation_level", "backend", "custom_ops", "splitting_ops", "inductor_compile_config",
+    "debug_compile",
+)
+
+
+def _fail(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"CompilationConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    """Compilation settings, named as in vLLM's `CompilationConfig` where the concept is shared.
+
+    cache_dir is an fsspec URL (s3://bucket/prefix, gs://, az://, file:///path, /path, memory://x);
+    "" means the node-local default `~/.cache/vllm_compile_ray/cache`.
+    """
+
+    compilation_level: str = "piecewise"
+    use_inductor: bool = True
+    backend: str = ""  # "" follows use_inductor: "inductor" if True else "eager"
+    custom_ops: tuple[str, ...] = ()
+    splitting_ops: tuple[str, ...] = DEFAULT_SPLITTING_OPS
+    compile_sizes: tuple[int, ...] = ()
+    compile_dynamic: bool = True
+    inductor_compile_config: dict = field(default_factory=dict)
+    disable_compile_cache: bool = False
+    max_compile_time: float = 600.0
+    debug_compile: bool = False
+    fallback: str = "eager"
+    on_miss: str = "compile_and_publish"
+    cache_dir: str = ""
+    storage_options: dict = field(default_factory=dict)
+    staging_dir: str = ""
+    store_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        if self.compilation_level not in COMPILATION_LEVELS:
+            raise _fail("compilation_level", self.compilation_level, f"allowed: {COMPILATION_LEVELS}")
+        for name in ("use_inductor", "compile_dynamic", "disable_compile_cache", "debug_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, getattr(self, name), "must be True or False")
+        backend = self.backend or ("inductor" if self.use_inductor else "eager")
+        if backend not in BACKENDS:
+            raise _fail("backend", self.backend, f"allowed: {BACKENDS}")
+        if self.backend and (backend == "inductor") != self.use_inductor:
+            raise _fail("backend", self.backend,
+                        f"contradicts use_inductor={self.use_inductor}; set one of them")
+        set_("backend", backend)
+        set_("use_inductor", backend == "inductor")
+        set_("custom_ops", self._str_tuple("custom_ops", self.custom_ops, _CUSTOM_OP,
+                                           "each entry is 'all', 'none', '+name' or '-name'"))
+        set_("splitting_ops", self._str_tuple("splitting_ops", self.splitting_ops, _OP_NAME,
+                                              "each entry is an op name 'namespace::op'"))
+        set_("compile_sizes", self._sizes(self.compile_sizes))
+        if not self.compile_sizes and not self.compile_dynamic:
+            raise _fail("compile_sizes", self.compile_sizes,
+                        "must list at least one size when compile_dynamic is False")
+        if not isinstance(self.inductor_compile_config, dict):
+            raise _fail("inductor_compile_config", self.inductor_compile_config,
+                        "must be a dict of Inductor config names to JSON values")
+        try:
+            json.dumps(self.inductor_compile_config, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise _fail("inductor_compile_config", self.inductor_compile_config,
+                        f"values must be JSON-serializable ({exc})") from None
+        for name in ("max_compile_time", "store_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise _fail(name, value, "must be a number of seconds > 0")
+            set_(name, float(value))
+        if self.fallback not in FALLBACKS:
+            raise _fail("fallback", self.fallback, f"allowed: {FALLBACKS}")
+        if self.on_miss not in MISS_POLICIES:
+            raise _fail("on_miss", self.on_miss, f"allowed: {MISS_POLICIES}")
+        for name in ("cache_dir", "staging_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise _fail(name, getattr(self, name), "must be a string (a URL or a path)")
+        if self.cache_dir and "://" in self.cache_dir:
+            protocol = self.cache_dir.split("://", 1)[0]
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol):
+                raise _fail("cache_dir", self.cache_dir, "expected an fsspec URL such as s3://bucket/prefix")
+        if not isinstance(self.storage_options, dict):
+            raise _fail("storage_options", self.storage_options, "must be a dict of fsspec options")
+
+    @staticmethod
+    def _str_tuple(name: str, value: Any, pattern: re.Pattern, allowed: str) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise _fail(name, value, f"must be a list of strings; {allowed}")
+        for item in value:
+            if not isinstance(item, str) or not pattern.match(item):
+                raise _fail(name, value, f"entry {item!r} is not allowed; {allowed}")
+        return tuple(value)
+
+    @staticmethod
+    def _sizes(value: Any) -> tuple[int, ...]:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise _fail("compile_sizes", value, "must be a list of positive ints")
+        for size in value:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise _fail("compile_sizes", value, f"entry {size!r} is not a positive int")
+        return tuple(sorted(set(value)))
+
+    @property
+    def shapes(self) -> tuple[int | str, ...]:
+        """Every runtime shape to compile: "dynamic" first, then the static sizes."""
+        return (("dynamic",) if self.compile_dynamic else ()) + self.compile_sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("custom_ops", "splitting_ops", "compile_sizes"):
+            out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompilationConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"CompilationConfig.from_dict expects a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"CompilationConfig has no field(s) {unknown}; allowed: {sorted(names)}")
+        data = dict(data)
+        for name in ("custom_ops", "splitting_ops", "compile_sizes"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompilationConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"CompilationConfig JSON is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> CompilationConfig:
+        return dataclasses.replace(self, **changes)
+
+    def hashed_fields(self) -> dict[str, Any]:
+        """The fields that change compiled code; `keys.config_hash` hashes these."""
+        data = self.to_dict()
+        return {name: data[name] for name in _HASHED_FIELDS}
