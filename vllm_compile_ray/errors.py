@@ -38,6 +38,10 @@ class ArtifactNotFoundError(StoreError, FileNotFoundError):
     """No artifact is stored under the key."""
 
 
+class StoreConflictError(StoreError, FileExistsError):
+    """The object already exists and the write asked not to overwrite it."""
+
+
 class ArtifactCorruptError(StoreError):
     """A stored artifact failed verification (truncated, bit-flipped, foreign or forged)."""
 
