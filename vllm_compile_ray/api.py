@@ -1,0 +1,107 @@
+"""The library calls behind the CLI and the jobs: `compile`, `plan_model`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import inductor
+from .backend import VcrBackend
+from .compiler_interface import CompilerInterface, make_compiler
+from .config import CompilationConfig
+from .counters import CompilationCounter
+from .keys import KeyContext
+from .manager import CompilerManager
+from .monitor import PerformanceMonitor
+from .passes import PostGradPassManager
+from .plan import Plan, capture, mark_token_dims, dynamo_settings, plan_graph
+from .store import ArtifactStore
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_compile_ray", "cache")
+
+
+def open_store(config: CompilationConfig) -> ArtifactStore:
+    return ArtifactStore(config.cache_dir or DEFAULT_CACHE_DIR, config.storage_options,
+                         staging_dir=config.staging_dir or None, timeout_s=config.store_timeout_s)
+
+
+def key_context(config: CompilationConfig, compiler: CompilerInterface, device_type: str,
+                fingerprint: dict[str, str] | None = None,
+                pass_manager: PostGradPassManager | None = None) -> KeyContext:
+    """fingerprint: the target's environment fingerprint; computed here when None (a driver
+    planning for GPUs it does not have asks a GPU node for it)."""
+    fp = fingerprint if fingerprint is not None else inductor.environment_fingerprint(device_type)
+    uuids = pass_manager.uuids() if pass_manager else []
+    return KeyContext(config, compiler.compute_hash(config), fp, uuids)
+
+
+def model_device_type(model: torch.nn.Module) -> str:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device.type
+    return "cpu"
+
+
+class CompiledModel:
+    """A model compiled piecewise through the artifact cache. Call it like the model."""
+
+    def __init__(self, model: torch.nn.Module, backend: VcrBackend):
+        self.model = model
+        self.backend = backend
+        self._compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+
+    def __call__(self, *args: Any) -> Any:
+        mark_token_dims(args)
+        with dynamo_settings(), torch.no_grad():
+            return self._compiled(*args)
+
+    @property
+    def counter(self) -> CompilationCounter:
+        return self.backend.manager.counter
+
+    @property
+    def monitor(self) -> PerformanceMonitor:
+        return self.backend.manager.monitor
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.backend.plans[-1] if self.backend.plans else None
+
+
+def compile(model: torch.nn.Module, config: CompilationConfig | None = None, *,
+            store: ArtifactStore | None = None, counter: CompilationCounter | None = None,
+            monitor: PerformanceMonitor | None = None,
+            pass_manager: PostGradPassManager | None = None,
+            model_name: str = "<model>") -> CompiledModel:
+    """Compile `model` piecewise: the first call traces, then loads or compiles every unique
+    (piece, shape) through the cache at `config.cache_dir`. num_tokens (dim 0 of every tensor
+    argument) is dynamic."""
+    config = config or CompilationConfig()
+    device_type = model_device_type(model)
+    if device_type == "meta":
+        raise ValueError("compile() needs a model with weights; use plan_model() for a meta model")
+    compiler = make_compiler(config, pass_manager)
+    context = key_context(config, compiler, device_type, pass_manager=pass_manager)
+    manager = CompilerManager(config, compiler, store if store is not None else open_store(config),
+                              device_type, context.fingerprint_id, counter, monitor)
+    backend = VcrBackend(config, manager, context, device_type, model_name)
+    return CompiledModel(model, backend)
+
+
+def example_args(num_tokens: int = 8, device: str = "meta") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, positions) for a flat-token model."""
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    return ids, torch.arange(num_tokens, device=device)
+
+
+def plan_model(model: torch.nn.Module, config: CompilationConfig, *, device_type: str = "cuda",
+               fingerprint: dict[str, str] | None = None, args: Sequence[Any] | None = None,
+               pass_manager: PostGradPassManager | None = None) -> Plan:
+    """Plan without compiling: capture (a meta model works), split, canonicalize, key for
+    `device_type`. Keys equal those `compile()` computes on a device of that fingerprint."""
+    compiler = make_compiler(config, pass_manager)
+    context = key_context(config, compiler, device_type, fingerprint, pass_manager)
+    gm = capture(model, args if args is not None else example_args(device=model_device_type(model)))
+    return plan_graph(gm, config, context, device_type)

@@ -1,0 +1,197 @@
+"""Every `torch._inductor` call of the package, so a torch upgrade touches one file.
+
+Shipping recipe (see NOTES): static shapes compile from concrete example tensors; the dynamic
+shape compiles from symbolic fake inputs inside a tracing context; artifacts move as the bytes
+of `CompiledArtifact.save(format="binary")` and load through a temp file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .canonical import InputSpec
+
+# Inductor config keys that change with the machine running the compile, not with the code made.
+_UNHASHED_INDUCTOR_CONFIG = ("compile_threads", "worker_start_method", "cache_dir")
+
+
+def device_fingerprint(device_type: str) -> dict[str, str]:
+    """What of the target device changes the generated code."""
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "none"
+        return {"device_type": "cuda", "device_name": props.name,
+                "capability": f"{props.major}.{props.minor}", "cuda": str(torch.version.cuda),
+                "triton": triton_version}
+    if device_type == "cpu":
+        from torch._inductor import cpp_builder, cpu_vec_isa
+        cxx = cpp_builder.get_compiler_version_info(cpp_builder.get_cpp_compiler())
+        versions = [part for part in cxx.split("_") if " version " in part]
+        return {"device_type": "cpu", "isa": str(cpu_vec_isa.pick_vec_isa()),
+                "cxx": versions[-1].strip() if versions else cxx}
+    raise ValueError(f"device_type {device_type!r} is not supported; allowed: 'cpu', 'cuda'")
+
+
+@functools.cache
+def _torch_fingerprint() -> dict[str, str]:
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codecache import torch_key
+    from torch._functorch import config as functorch_config
+
+    inductor = {k: v for k, v in inductor_config.get_config_copy().items()
+                if k not in _UNHASHED_INDUCTOR_CONFIG}
+    return {
+        "torch": torch.__version__,
+        "torch_key": torch_key().hex(),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "arch": platform.machine(),
+        "inductor_config": _hash_config(inductor),
+        "functorch_config": _hash_config(functorch_config.get_config_copy()),
+    }
+
+
+def _hash_config(config: dict[str, Any]) -> str:
+    text = repr(sorted((k, repr(v)) for k, v in config.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def environment_fingerprint(device_type: str) -> dict[str, str]:
+    """Compiler and environment fingerprint: torch, Python, arch, Inductor config, device."""
+    return {**_torch_fingerprint(), **device_fingerprint(device_type)}
+
+
+def _fake_propagate(gm: fx.GraphModule, fake_inputs: Sequence[Any], fake_mode: Any) -> None:
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+def _artifact_bytes(artifact: Any) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="vcr-save-") as tmp:
+        path = os.path.join(tmp, "artifact.bin")
+        artifact.save(path=path, format="binary")
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def example_tensors(specs: Sequence[InputSpec], size: int, device: str) -> list[Any]:
+    """Concrete example inputs of the specs' shapes with every symbol set to `size`."""
+    def resolve(entry: int | str) -> int:
+        return entry if isinstance(entry, int) else int(eval(entry, {}, _symbol_values(entry, size)))
+
+    out: list[Any] = []
+    for spec in specs:
+        if spec.kind == "tensor":
+            out.append(torch.zeros_strided(tuple(map(resolve, spec.shape)), tuple(map(resolve, spec.stride)),
+                                           dtype=spec.torch_dtype, device=device)
+                       if hasattr(torch, "zeros_strided") else
+                       torch.empty_strided(tuple(map(resolve, spec.shape)), tuple(map(resolve, spec.stride)),
+                                           dtype=spec.torch_dtype, device=device).zero_())
+        elif spec.kind == "symint":
+            out.append(resolve(spec.expr))
+        else:
+            out.append(spec.value)
+    return out
+
+
+def _symbol_values(entry: str, size: int) -> dict[str, int]:
+    import re
+    return {name: size for name in re.findall(r"\bs\d+\b", entry)}
+
+
+def compile_static(gm: fx.GraphModule, specs: Sequence[InputSpec], size: int, device: str,
+                   options: dict[str, Any]) -> tuple[Callable, bytes]:
+    """Compile `gm` for every symbol equal to `size`; returns (callable, artifact bytes)."""
+    from torch._inductor import standalone_compile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs = example_tensors(specs, size, device)
+    fake_mode = FakeTensorMode()
+    with fake_mode:
+        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    _fake_propagate(gm, fakes, fake_mode)
+    with torch.no_grad():
+        artifact = standalone_compile(gm, inputs, dynamic_shapes="from_example_inputs",
+                                      options=dict(options))
+    return artifact, _artifact_bytes(artifact)
+
+
+def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
+                    options: dict[str, Any]) -> tuple[Callable, bytes, tuple[int, int | None]]:
+    """Compile `gm` with symbolic dims; returns (callable, bytes, (lo, hi)) where the artifact is
+    valid for lo <= s0 <= hi (hi None: unbounded) according to the guards it recorded."""
+    from torch._dynamo.source import ConstantSource
+    from torch._guards import TracingContext, tracing
+    from torch._inductor import standalone_compile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv()
+    fake_mode = FakeTensorMode(shape_env=shape_env)
+    symbols: dict[str, Any] = {}
+
+    def symbol(name: str) -> Any:
+        if name not in symbols:
+            symbols[name] = shape_env.create_symbol(8, source=ConstantSource(f"vcr_{name}"),
+                                                    dynamic_dim=DimDynamic.DYNAMIC)
+        return symbols[name]
+
+    def resolve(entry: int | str) -> Any:
+        if isinstance(entry, int):
+            return entry
+        import sympy
+        names = _symbol_values(entry, 0)
+        expr = sympy.sympify(entry, locals={n: symbol(n) for n in names})
+        return shape_env.create_symintnode(expr, hint=None)
+
+    fakes: list[Any] = []
+    with fake_mode:
+        for spec in specs:
+            if spec.kind == "tensor":
+                fakes.append(torch.empty_strided(tuple(map(resolve, spec.shape)),
+                                                 tuple(map(resolve, spec.stride)),
+                                                 dtype=spec.torch_dtype, device=device))
+            elif spec.kind == "symint":
+                fakes.append(resolve(spec.expr))
+            else:
+                fakes.append(spec.value)
+    _fake_propagate(gm, fakes, fake_mode)
+    with torch.no_grad(), tracing(TracingContext(fake_mode)):
+        artifact = standalone_compile(gm, fakes, dynamic_shapes="from_tracing_context",
+                                      options=dict(options))
+    lo, hi = 1, None
+    if "s0" in symbols:
+        value_range = shape_env.var_to_range.get(symbols["s0"])
+        if value_range is not None:
+            lo = int(value_range.lower)
+            upper = value_range.upper
+            hi = int(upper) if upper.is_number and upper.is_finite and upper < 2**62 else None
+    return artifact, _artifact_bytes(artifact), (lo, hi)
+
+
+def load_artifact(data: bytes) -> Callable:
+    """Load artifact bytes written by `compile_static` / `compile_dynamic`."""
+    from torch._inductor.standalone_compile import CompiledArtifact
+
+    with tempfile.TemporaryDirectory(prefix="vcr-load-") as tmp:
+        path = os.path.join(tmp, "artifact.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        return CompiledArtifact.load(path=path, format="binary")

@@ -1,0 +1,150 @@
+"""`CompilerManager`: load-or-compile each (piece, shape) through the three cache tiers.
+
+Tiers, fastest first: loaded callables in process memory, the node-local staging directory, the
+object store (the last two behind `ArtifactStore`). Counts go to `CompilationCounter`, times to
+`PerformanceMonitor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .canonical import CanonicalPiece
+from .compiler_interface import CompileResult, CompilerInterface, Guard
+from .config import CompilationConfig
+from .counters import CompilationCounter
+from .errors import ArtifactCorruptError, ArtifactNotFoundError, CompileError
+from .monitor import PerformanceMonitor
+from .store import Artifact, ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedPiece:
+    key: str
+    shape: int | str
+    fn: Callable
+    guard: Guard
+    source: str  # "memory" | "store" | "compiled"
+
+    def covers(self, size: int) -> bool:
+        lo, hi = self.guard
+        return size >= lo and (hi is None or size <= hi)
+
+
+class CompilerManager:
+    def __init__(self, config: CompilationConfig, compiler: CompilerInterface,
+                 store: ArtifactStore | None, device: str, fingerprint_id: str,
+                 counter: CompilationCounter | None = None,
+                 monitor: PerformanceMonitor | None = None):
+        self.config = config
+        self.compiler = compiler
+        self.store = None if config.disable_compile_cache else store
+        self.device = device
+        self.fingerprint_id = fingerprint_id
+        self.counter = counter if counter is not None else CompilationCounter()
+        self.monitor = monitor if monitor is not None else PerformanceMonitor()
+        self.loaded: dict[str, LoadedPiece] = {}
+        self._fetched: dict[str, Artifact] = {}
+
+    def artifact_meta(self, piece: CanonicalPiece, shape: int | str, result: CompileResult,
+                      seconds: float) -> dict:
+        return {"shape": shape, "guard": list(result.guard), "compiler": self.compiler.name,
+                "fingerprint": self.fingerprint_id, "torch": torch.__version__,
+                "compile_seconds": round(seconds, 4)}
+
+    def prefetch(self, keys: Iterable[str]) -> set[str]:
+        """Fetch the artifacts of `keys` in one batched request; returns the keys found."""
+        wanted = [k for k in dict.fromkeys(keys) if k not in self.loaded and k not in self._fetched]
+        if self.store is None or not wanted:
+            return set(self.loaded) | set(self._fetched)
+        with self.monitor.timed("fetch"):
+            found = self.store.fetch_many(wanted)
+        self._fetched.update(found)
+        return set(self.loaded) | set(self._fetched)
+
+    def load(self, key: str, piece: CanonicalPiece, shape: int | str) -> LoadedPiece | None:
+        """The loaded piece from memory or the store, or None on a miss (or a rejected artifact)."""
+        if key in self.loaded:
+            self.counter.num_cache_hits_memory += 1
+            return self.loaded[key]
+        if self.store is None:
+            return None
+        artifact = self._fetched.pop(key, None)
+        if artifact is None:
+            try:
+                with self.monitor.timed("fetch"):
+                    artifact = self.store.fetch(key)
+            except ArtifactNotFoundError:
+                return None
+            except ArtifactCorruptError as exc:
+                self.counter.num_artifacts_rejected += 1
+                logger.warning("rejected artifact %s: %s", key, exc)
+                return None
+        meta = artifact.meta
+        problem = self._meta_problem(meta, shape)
+        if problem:
+            self.counter.num_artifacts_rejected += 1
+            logger.warning("rejected artifact %s: %s", key, problem)
+            return None
+        start = time.perf_counter()
+        try:
+            fn = self.compiler.load(artifact.payload, piece.graph, shape, self.device)
+        except Exception as exc:  # a foreign or damaged artifact must not stop the model
+            self.counter.num_artifacts_rejected += 1
+            logger.warning("could not load artifact %s (%s: %s)", key, type(exc).__name__, exc)
+            return None
+        self.monitor.record("load", time.perf_counter() - start)
+        self.counter.num_cache_hits += 1
+        self.counter.num_artifacts_loaded += 1
+        self.counter.bytes_loaded += len(artifact.payload)
+        lo, hi = meta["guard"]
+        loaded = LoadedPiece(key, shape, fn, (int(lo), None if hi is None else int(hi)), "store")
+        self.loaded[key] = loaded
+        return loaded
+
+    def _meta_problem(self, meta: dict, shape: int | str) -> str:
+        if meta.get("compiler") != self.compiler.name:
+            return f"made by compiler {meta.get('compiler')!r}, expected {self.compiler.name!r}"
+        if meta.get("fingerprint") != self.fingerprint_id:
+            return (f"environment fingerprint {meta.get('fingerprint')!r} differs from this "
+                    f"process's {self.fingerprint_id!r} (other torch or device)")
+        if meta.get("shape") != shape:
+            return f"compiled for shape {meta.get('shape')!r}, expected {shape!r}"
+        if not isinstance(meta.get("guard"), list) or len(meta["guard"]) != 2:
+            return "has no guard range"
+        return ""
+
+    def compile(self, key: str, piece: CanonicalPiece, shape: int | str, publish: bool,
+                name: str = "") -> tuple[LoadedPiece, dict]:
+        """Compile, optionally publish; returns the loaded piece and the artifact's metadata."""
+        start = time.perf_counter()
+        try:
+            result = self.compiler.compile(piece.graph, piece.input_specs, shape, self.device)
+        except Exception as exc:
+            self.counter.num_compile_failures += 1
+            raise CompileError(f"compiling {name or key[:12]} for shape {shape!r} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        self.monitor.record("compile", seconds)
+        self.counter.num_backend_compilations += 1
+        if self.compiler.name == "eager":
+            self.counter.num_eager_compiles += 1
+        else:
+            self.counter.num_inductor_compiles += 1
+        meta = self.artifact_meta(piece, shape, result, seconds)
+        meta["bytes"] = len(result.artifact)
+        if publish and self.store is not None:
+            with self.monitor.timed("publish"):
+                if self.store.publish(key, result.artifact, meta):
+                    self.counter.num_artifacts_saved += 1
+                    self.counter.bytes_saved += len(result.artifact)
+        loaded = LoadedPiece(key, shape, result.fn, result.guard, "compiled")
+        self.loaded[key] = loaded
+        return loaded, meta

@@ -1,0 +1,121 @@
+"""Capture a model with dynamo, split it, canonicalize the pieces and key every (piece, shape)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .canonical import CanonicalPiece, canonicalize
+from .config import CompilationConfig
+from .keys import KeyContext, code_id
+from .splitting import SplitItem, split_graph
+
+
+@dataclass(frozen=True)
+class CompileTask:
+    """One unique (piece, shape) to compile."""
+
+    key: str
+    code_id: str
+    shape: int | str
+    piece: CanonicalPiece = field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"compile[{self.code_id}/{self.shape}]"
+
+
+@dataclass
+class PlannedPiece:
+    submod_name: str
+    graph_id: int
+    piece: CanonicalPiece
+    code_id: str
+    keys: dict[int | str, str]
+
+
+@dataclass
+class Plan:
+    split_gm: fx.GraphModule
+    items: list[SplitItem]
+    pieces: list[PlannedPiece]
+    shapes: tuple[int | str, ...]
+    key_context: KeyContext
+
+    def tasks(self) -> list[CompileTask]:
+        """Unique (piece, shape) tasks, in graph order; identical layers appear once."""
+        seen: dict[str, CompileTask] = {}
+        for planned in self.pieces:
+            for shape, key in planned.keys.items():
+                if key not in seen:
+                    seen[key] = CompileTask(key, planned.code_id, shape, planned.piece)
+        return list(seen.values())
+
+    @property
+    def keys(self) -> list[str]:
+        return [task.key for task in self.tasks()]
+
+    def summary(self) -> dict[str, Any]:
+        return {"pieces": len(self.pieces), "splitting_pieces": sum(i.is_splitting_graph for i in self.items),
+                "unique_pieces": len({p.code_id for p in self.pieces}), "shapes": list(self.shapes),
+                "tasks": len(self.tasks()), "fingerprint": self.key_context.fingerprint_id}
+
+
+def plan_graph(gm: fx.GraphModule, config: CompilationConfig, key_context: KeyContext,
+               device_type: str | None = None) -> Plan:
+    """Split `gm` (whole, for "dynamo_once"), canonicalize each compiled piece and key it."""
+    splitting_ops = config.splitting_ops if config.compilation_level == "piecewise" else ()
+    split_gm, items = split_graph(gm, splitting_ops)
+    pieces = []
+    for item in items:
+        if item.is_splitting_graph:
+            continue
+        piece = canonicalize(item.graph, device_type)
+        keys = {shape: key_context.key(piece.code, piece.input_specs, shape) for shape in config.shapes}
+        pieces.append(PlannedPiece(item.submod_name, item.graph_id, piece, code_id(piece.code), keys))
+    return Plan(split_gm, items, pieces, config.shapes, key_context)
+
+
+@contextlib.contextmanager
+def dynamo_settings():
+    """Size-oblivious tracing of num_tokens (see `mark_token_dims`). Each compile gets its own backend, so dynamo sees a recompile per `compile()`/`capture()`
+    of one model class; lift the recompile limit so it never silently falls back to eager."""
+    from torch.fx.experimental import _config as shape_config
+
+    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20), \
+            shape_config.patch(backed_size_oblivious=True):
+        yield
+
+
+def mark_token_dims(args: Sequence[Any]) -> None:
+    """num_tokens is dim 0 of every tensor argument. Traced size-oblivious (`dynamo_settings`),
+    so size 1 reuses the graph instead of dynamo specializing it, as vLLM does."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+            torch._dynamo.mark_dynamic(arg, 0)
+
+
+def run_dynamo(model: torch.nn.Module, backend: Callable, args: Sequence[Any]) -> Any:
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    mark_token_dims(args)
+    with dynamo_settings(), torch.no_grad():
+        return compiled(*args)
+
+
+def capture(model: torch.nn.Module, args: Sequence[Any]) -> fx.GraphModule:
+    """The dynamo graph of `model(*args)` with a dynamic num_tokens (works on the meta device)."""
+    graphs: list[fx.GraphModule] = []
+
+    def record(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    run_dynamo(model, record, args)
+    if len(graphs) != 1:
+        raise RuntimeError(f"expected dynamo to capture one graph, got {len(graphs)}")
+    return graphs[0]
