@@ -1,0 +1,58 @@
+"""Shared pytest fixtures.
+
+S3: one moto server per test session on 127.0.0.1, reset before each test that asks for a bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+# Dummy AWS credentials and no config files or instance metadata, so no test reads real
+# credentials or waits on the EC2 metadata endpoint. Set before anything imports botocore.
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+
+S3_TEST_BUCKET = "vcr-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL of a moto S3 server running in a thread for the whole session."""
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_store_options(s3_server: str) -> dict:
+    """fsspec storage_options that point s3fs at the moto server."""
+    return {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """Reset the moto server and create an empty bucket; returns its name ("vcr-test")."""
+    boto3 = pytest.importorskip("boto3")
+    req = urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=S3_TEST_BUCKET)
+    return S3_TEST_BUCKET

@@ -1,0 +1,440 @@
+"""Artifact store over fsspec: publish once, verify sha256 on every read, stage node-locally.
+
+Layout under the store root: `artifacts/<key[:2]>/<key>.vcra` plus small side files (manifest,
+stats) at validated relative paths. One object = one framed blob (magic, header length, JSON
+header with key/sha256/size/meta, payload) so the checksum is published atomically with the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.asyn import sync
+from fsspec.registry import known_implementations, registry
+from fsspec.utils import get_protocol
+
+from .errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, StoreError
+from .store_errors import translate, translate_errors
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"VCRA1\n"
+_LEN = struct.Struct(">I")
+_MAX_HEADER = 1 << 20
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+_RELPATH_RE = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+_SUFFIX = ".vcra"
+_COMMON_PROTOCOLS = "s3, gs/gcs, az/abfs, file (or a plain absolute path), memory"
+_S3 = ("s3", "s3a")
+_CONCURRENCY = 32
+# memory:// lives in this process only, so one lock makes its check-then-write publish exact.
+_MEMORY_LOCK = threading.Lock()
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a lowercase hex sha256 string; raise ValueError naming it otherwise."""
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise ValueError(f"invalid artifact key {key!r}: expected 64 lowercase hex characters")
+    return key
+
+
+def check_relpath(relpath: str) -> str:
+    """Return `relpath` if it stays under the root: [A-Za-z0-9._/-], no '..', not absolute."""
+    ok = isinstance(relpath, str) and _RELPATH_RE.fullmatch(relpath)
+    parts = relpath.split("/") if ok else []
+    if not ok or parts[0] == "artifacts" or any(p in (".", "..") for p in parts):
+        raise ValueError(f"invalid relative path {relpath!r}: use [A-Za-z0-9._-] segments "
+                         "joined by '/', no '.', '..', leading '/' or 'artifacts/'")
+    return relpath
+
+
+@dataclass(frozen=True)
+class Artifact:
+    key: str
+    payload: bytes
+    meta: dict = field(default_factory=dict)  # JSON-able: piece name, shape, fingerprint, ...
+
+
+def encode_artifact(key: str, payload: bytes, meta: dict | None = None) -> bytes:
+    """Frame `payload` as MAGIC | u32 header length | JSON header | payload."""
+    check_key(key)
+    payload = bytes(payload)
+    header = {"key": key, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload),
+              "meta": dict(meta or {})}
+    try:
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta of artifact {key} is not JSON-serializable: {e}") from e
+    return MAGIC + _LEN.pack(len(raw)) + raw + payload
+
+
+def decode_artifact(blob: bytes, expected_key: str) -> Artifact:
+    """Parse and verify a framed blob; ArtifactCorruptError names the key and what failed.
+
+    Unknown header fields are ignored so the header can grow (e.g. a signature).
+    """
+    def bad(why: str) -> ArtifactCorruptError:
+        return ArtifactCorruptError(f"artifact {expected_key} is corrupt: {why}")
+
+    blob = bytes(blob)
+    head = len(MAGIC) + _LEN.size
+    if len(blob) < head:
+        raise bad(f"truncated ({len(blob)} bytes, shorter than the frame header)")
+    if not blob.startswith(MAGIC):
+        raise bad(f"bad magic {blob[:len(MAGIC)]!r}")
+    (hlen,) = _LEN.unpack_from(blob, len(MAGIC))
+    if hlen > _MAX_HEADER or head + hlen > len(blob):
+        raise bad(f"truncated or bad header length {hlen}")
+    try:
+        header = json.loads(blob[head:head + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not UTF-8 JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    key, sha, size, meta = (header.get(f) for f in ("key", "sha256", "size", "meta"))
+    if not (isinstance(key, str) and isinstance(sha, str) and type(size) is int
+            and isinstance(meta, dict)):
+        raise bad("header lacks key/sha256/size/meta of the right types")
+    if key != expected_key:
+        raise bad(f"header names key {key!r}")
+    payload = blob[head + hlen:]
+    if len(payload) < size:
+        raise bad(f"truncated payload ({len(payload)} of {size} bytes)")
+    if len(payload) > size:
+        raise bad(f"{len(payload) - size} bytes of trailing garbage after the payload")
+    if hashlib.sha256(payload).hexdigest() != sha:
+        raise bad("sha256 mismatch")
+    return Artifact(key=key, payload=payload, meta=meta)
+
+
+def _filesystem_class(url: str) -> tuple[str, type]:
+    """Resolve the protocol of `url`; ConfigError for unknown protocols or missing packages."""
+    if "::" in url:
+        raise ConfigError(f"store url {url!r}: chained URLs are not supported (the store does its "
+                          "own verified local staging); give a single protocol")
+    protocol = get_protocol(url)
+    if protocol not in known_implementations and protocol not in registry:
+        raise ConfigError(f"store url {url!r}: unknown protocol {protocol!r}; "
+                          f"common ones are {_COMMON_PROTOCOLS}")
+    try:
+        return protocol, fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        hint = known_implementations.get(protocol, {}).get("err") or str(e)
+        raise ConfigError(f"store url {url!r}: protocol {protocol!r} needs an optional "
+                          f"package: {hint}") from e
+
+
+class ArtifactStore:
+    """Publish-once artifact store at `url` with a node-local, verified staging directory."""
+
+    def __init__(self, url: str, storage_options: dict | None = None,
+                 staging_dir: str | None = None, timeout_s: float = 30.0):
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"store url must be a non-empty string, got {url!r}")
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.timeout_s = float(timeout_s)
+        self._protocol, cls = _filesystem_class(url)
+        self._root = cls._strip_protocol(url).rstrip("/")
+        if staging_dir is None:
+            tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+            staging_dir = os.path.join(os.path.expanduser("~/.cache/vllm_compile_ray/staging"), tag)
+        self.staging_dir = os.path.abspath(staging_dir)
+        self._fs_obj: Any = None
+        self._fs_lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Callable[..., ArtifactStore], tuple]:
+        # Only the configuration travels; each process builds its own filesystem lazily.
+        return (ArtifactStore, (self.url, self.storage_options, self.staging_dir, self.timeout_s))
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r}, staging_dir={self.staging_dir!r})"
+
+    # ---- filesystem and paths ----
+    @property
+    def _fs(self) -> Any:
+        with self._fs_lock:
+            if self._fs_obj is None:
+                self._fs_obj = self._make_fs()
+            return self._fs_obj
+
+    def _make_fs(self) -> Any:
+        opts = dict(self.storage_options)
+        if self._protocol not in _S3:
+            return fsspec.filesystem(self._protocol, **opts)
+        cfg = dict(opts.get("config_kwargs") or {})
+        cfg.setdefault("connect_timeout", 5)
+        cfg.setdefault("read_timeout", self.timeout_s)
+        cfg.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+        opts["config_kwargs"] = cfg
+        # Own instance: s3fs's outer retry loop (5 tries on top of botocore's) would multiply a
+        # frozen server's read timeout; botocore's retries above are the only ones we want.
+        fs = fsspec.filesystem(self._protocol, skip_instance_cache=True, **opts)
+        fs.retries = 1
+        return fs
+
+    def _path(self, key: str) -> str:
+        return f"{self._root}/artifacts/{key[:2]}/{key}{_SUFFIX}"
+
+    def _side_path(self, relpath: str) -> str:
+        return f"{self._root}/{check_relpath(relpath)}"
+
+    def _staged_path(self, key: str) -> str:
+        return os.path.join(self.staging_dir, key[:2], key + _SUFFIX)
+
+    def _gather(self, fn: Callable[[str], Any], afn_name: str, paths: list[str]) -> list[Any]:
+        """Run one call per path concurrently (async backends) or in turn; exceptions returned."""
+        fs = self._fs
+        if not getattr(fs, "async_impl", False):
+            return [_call(fn, p) for p in paths]
+        afn = getattr(fs, afn_name)
+
+        async def run() -> list[Any]:
+            sem = asyncio.Semaphore(_CONCURRENCY)
+
+            async def one(p: str) -> Any:
+                async with sem:
+                    return await afn(p)
+            return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
+        return sync(fs.loop, run)
+
+    # ---- access ----
+    def check_access(self, write: bool = True) -> None:
+        """Fail fast with a clear StoreError if the store is unreachable, missing or unwritable."""
+        with translate_errors(self.url, "check_access"):
+            fs = self._fs
+            if self._protocol in _S3:
+                bucket = self._root.split("/", 1)[0]
+                try:
+                    fs.call_s3("head_bucket", Bucket=bucket)
+                except FileNotFoundError as e:
+                    msg = f"bucket {bucket!r} does not exist (store {self.url!r})"
+                    raise StoreError(msg) from e
+            else:
+                fs.exists(self._root)  # a round trip: reachability and credentials
+            if write:
+                probe = self._side_path(f".vcr-access-probe-{uuid.uuid4().hex}")
+                self._put(probe, b"", overwrite=True)
+                fs.rm_file(probe)
+
+    # ---- artifacts ----
+    def contains(self, key: str) -> bool:
+        """True if staged locally or present remotely (the staged copy is verified on fetch)."""
+        if os.path.exists(self._staged_path(check_key(key))):
+            return True
+        with translate_errors(self.url, "contains", key):
+            return bool(self._fs.exists(self._path(key)))
+
+    def contains_many(self, keys: list[str]) -> dict[str, bool]:
+        """`contains` for many keys, remote lookups issued concurrently."""
+        out = {k: os.path.exists(self._staged_path(check_key(k))) for k in keys}
+        todo = [k for k, hit in out.items() if not hit]
+        results = self._gather(self._fs.exists, "_exists", [self._path(k) for k in todo])
+        with translate_errors(self.url, "contains_many"):
+            for k, r in zip(todo, results):
+                if isinstance(r, BaseException):
+                    raise r
+                out[k] = bool(r)
+        return out
+
+    def publish(self, key: str, payload: bytes, meta: dict | None = None) -> bool:
+        """Store once: True if this call stored `key`, False if it was already there."""
+        blob = encode_artifact(key, payload, meta)
+        with translate_errors(self.url, "publish", key):
+            stored = self._create(self._path(key), blob)
+        if stored:
+            self._stage(key, blob)
+        return stored
+
+    def _create(self, path: str, blob: bytes) -> bool:
+        """Write `blob` at `path` unless something is there; never overwrite."""
+        fs = self._fs
+        if self._protocol == "file":
+            return _link_new(path, blob)
+        if self._protocol == "memory":
+            with _MEMORY_LOCK:
+                if fs.exists(path):
+                    return False
+                fs.pipe_file(path, blob)
+                return True
+        if fs.exists(path):  # S3 conditional put still uploads the whole body: check first
+            return False
+        try:
+            fs.pipe_file(path, blob, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def fetch(self, key: str) -> Artifact:
+        """The verified artifact: from staging if intact, else from the store (then staged)."""
+        art = self._read_staged(check_key(key))
+        if art is not None:
+            return art
+        with translate_errors(self.url, "fetch", key):
+            blob = self._fs.cat_file(self._path(key))
+        art = decode_artifact(blob, key)
+        self._stage(key, blob)
+        return art
+
+    def fetch_many(self, keys: list[str]) -> dict[str, Artifact]:
+        """Fetch many; missing keys are absent from the result, corrupt ones raise."""
+        out: dict[str, Artifact] = {}
+        for k in dict.fromkeys(keys):
+            art = self._read_staged(check_key(k))
+            if art is not None:
+                out[k] = art
+        todo = [k for k in dict.fromkeys(keys) if k not in out]
+        results = self._gather(self._fs.cat_file, "_cat_file", [self._path(k) for k in todo])
+        for k, r in zip(todo, results):
+            if isinstance(r, BaseException):
+                err = translate(r, self.url, "fetch_many", k)
+                if isinstance(err, ArtifactNotFoundError):
+                    continue  # missing keys are simply absent (a missing bucket is not this)
+                if err is r:
+                    raise r
+                raise err from r
+            out[k] = decode_artifact(r, k)
+            self._stage(k, r)
+        return out
+
+    def delete(self, key: str) -> None:
+        """Remove the artifact from the store and this node's staging dir (no error if absent)."""
+        path = self._path(check_key(key))
+        # Already gone is fine: delete is idempotent (S3 itself does not report a missing key).
+        with translate_errors(self.url, "delete", key), suppress(FileNotFoundError):
+            self._fs.rm_file(path)
+        with translate_errors(self.staging_dir, "unstage", key), suppress(FileNotFoundError):
+            os.unlink(self._staged_path(key))
+
+    def list_keys(self) -> list[str]:
+        """All artifact keys in the store (a full listing: slow on S3; for verify/gc tools)."""
+        prefix = f"{self._root}/artifacts"
+        with translate_errors(self.url, "list_keys"):
+            try:
+                paths = self._fs.find(prefix)
+            except FileNotFoundError:
+                paths = []
+            self._fs.invalidate_cache(prefix)
+        names = (p.rsplit("/", 1)[-1] for p in paths)
+        return sorted(n[:-len(_SUFFIX)] for n in names
+                      if n.endswith(_SUFFIX) and _KEY_RE.fullmatch(n[:-len(_SUFFIX)]))
+
+    def read_raw(self, key: str) -> bytes:
+        """The stored object's bytes, unverified (tools and fault-injection tests)."""
+        with translate_errors(self.url, "read_raw", check_key(key)):
+            return self._fs.cat_file(self._path(key))
+
+    def write_raw(self, key: str, data: bytes) -> None:
+        """Overwrite the stored object with `data`, unverified (tools and fault-injection tests)."""
+        with translate_errors(self.url, "write_raw", check_key(key)):
+            self._put(self._path(key), bytes(data), overwrite=True)
+
+    # ---- side files ----
+    def put_file(self, relpath: str, data: bytes, overwrite: bool = True) -> None:
+        """Write a side file; with overwrite=False an existing file raises StoreConflictError."""
+        path = self._side_path(relpath)
+        with translate_errors(self.url, "put_file", relpath):
+            self._put(path, bytes(data), overwrite)
+
+    def _put(self, path: str, data: bytes, overwrite: bool) -> None:
+        if not overwrite:
+            if not self._create(path, data):
+                raise FileExistsError(f"{path} exists and overwrite=False")
+        elif self._protocol == "file":
+            _replace(path, data, fsync=True)
+        else:
+            self._fs.pipe_file(path, data)  # one PUT on object stores: atomic
+
+    def get_file(self, relpath: str) -> bytes:
+        """Read a side file; ArtifactNotFoundError if missing."""
+        with translate_errors(self.url, "get_file", relpath):
+            return self._fs.cat_file(self._side_path(relpath))
+
+    def exists_file(self, relpath: str) -> bool:
+        with translate_errors(self.url, "exists_file", relpath):
+            return bool(self._fs.exists(self._side_path(relpath)))
+
+    # ---- staging ----
+    def _read_staged(self, key: str) -> Artifact | None:
+        path = self._staged_path(key)
+        with translate_errors(self.staging_dir, "read staged", key):
+            try:
+                with open(path, "rb") as f:
+                    blob = f.read()
+            except FileNotFoundError:
+                return None  # not staged on this node
+        try:
+            return decode_artifact(blob, key)
+        except ArtifactCorruptError as e:
+            log.warning("deleting corrupt staged copy %s and refetching: %s", path, e)
+            # A concurrent reader may have removed it first.
+            with translate_errors(self.staging_dir, "unstage", key), suppress(FileNotFoundError):
+                os.unlink(path)
+            return None
+
+    def _stage(self, key: str, blob: bytes) -> None:
+        with translate_errors(self.staging_dir, "stage", key):
+            _replace(self._staged_path(key), blob, fsync=False)
+
+
+def _call(fn: Callable[[str], Any], arg: str) -> Any:
+    """fn(arg), or the exception it raised (for the caller to re-raise or map)."""
+    try:
+        return fn(arg)
+    except Exception as e:
+        return e
+
+
+def _tmp_write(path: str, data: bytes, fsync: bool) -> str:
+    """Write `data` to a fresh temp file next to `path`; return the temp file's name."""
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _replace(path: str, data: bytes, fsync: bool) -> None:
+    """Atomically replace `path` (readers see the old or the new file, never a partial one)."""
+    tmp = _tmp_write(path, data, fsync)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _link_new(path: str, data: bytes) -> bool:
+    """Create `path` with `data` atomically unless it exists (a hard link never replaces)."""
+    tmp = _tmp_write(path, data, fsync=True)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
