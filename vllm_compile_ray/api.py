@@ -84,8 +84,11 @@ def compile(model: torch.nn.Module, config: CompilationConfig | None = None, *,
         raise ValueError("compile() needs a model with weights; use plan_model() for a meta model")
     compiler = make_compiler(config, pass_manager)
     context = key_context(config, compiler, device_type, pass_manager=pass_manager)
-    manager = CompilerManager(config, compiler, store if store is not None else open_store(config),
-                              device_type, context.fingerprint_id, counter, monitor)
+    store = store if store is not None else open_store(config)
+    if not config.disable_compile_cache:  # fail here, clearly, not at the first forward
+        store.check_access(write=config.on_miss == "compile_and_publish")
+    manager = CompilerManager(config, compiler, store, device_type, context.fingerprint_id,
+                              counter, monitor)
     backend = VcrBackend(config, manager, context, device_type, model_name)
     return CompiledModel(model, backend)
 

@@ -65,7 +65,16 @@ class CompilerManager:
         if self.store is None or not wanted:
             return set(self.loaded) | set(self._fetched)
         with self.monitor.timed("fetch"):
-            found = self.store.fetch_many(wanted)
+            try:
+                found = self.store.fetch_many(wanted)
+            except ArtifactCorruptError:
+                # One bad object fails the batch; fetch each so it is rejected alone in load().
+                found = {}
+                for key in wanted:
+                    try:
+                        found[key] = self.store.fetch(key)
+                    except (ArtifactNotFoundError, ArtifactCorruptError):
+                        pass
         self._fetched.update(found)
         return set(self.loaded) | set(self._fetched)
 

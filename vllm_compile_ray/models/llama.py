@@ -250,11 +250,17 @@ class VocabParallelEmbedding(nn.Module):
         self.part, self.tp_size = part, tp_size
         self.weight = nn.Parameter(torch.empty(part.local, hidden_size, dtype=dtype),
                                    requires_grad=False)
+        # [start, end) as a buffer, not Python ints: constants would be baked into the traced
+        # code and give every rank its own cache key for the first piece.
+        self.register_buffer("shard_range", self.range_tensor(), persistent=False)
+
+    def range_tensor(self) -> Tensor:
+        return torch.tensor([self.part.start, self.part.start + self.part.local], dtype=torch.long)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
-        start, end = self.part.start, self.part.start + self.part.local
+        start, end = self.shard_range[0], self.shard_range[1]
         mask = (input_ids >= start) & (input_ids < end)  # [T]
         x = F.embedding(torch.where(mask, input_ids - start, 0), self.weight)
         return ops.all_reduce(x.masked_fill(~mask.unsqueeze(-1), 0))
@@ -465,3 +471,5 @@ def init_weights(model: LlamaForCausalLM, seed: int) -> None:
                 g = torch.Generator().manual_seed(param_seed(seed, f"{mod_name}.{pname}"))
                 full = torch.empty(shape).normal_(0.0, INIT_STD, generator=g)
                 getattr(mod, pname).copy_(mod.shard(pname, full))
+        if isinstance(mod, VocabParallelEmbedding):
+            mod.shard_range.copy_(mod.range_tensor())

@@ -1,0 +1,59 @@
+"""InductorPass hashing and the PostGradPassManager."""
+
+import torch.fx as fx
+
+import vllm_compile_ray as vcr
+from vllm_compile_ray.passes import CallableInductorPass, InductorPass, PostGradPassManager
+from test_keys import CFG, cpu_fingerprint
+from vllm_compile_ray.api import example_args, plan_model
+
+
+class CountNodes(InductorPass):
+    seen: list[int] = []
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.seen.append(len(graph.nodes))
+
+
+class Noop(InductorPass):
+    def __call__(self, graph: fx.Graph) -> None:
+        pass
+
+
+def test_hash_source_is_cached_and_instances_hash_as_their_class() -> None:
+    InductorPass.hash_source.cache_clear()
+    a, b = CountNodes(), CountNodes()
+    assert a.uuid() == b.uuid()
+    assert InductorPass.hash_source.cache_info().hits >= 1
+    assert a.uuid() == InductorPass.hash_source(CountNodes)
+    assert a.uuid() != Noop().uuid()
+
+
+def test_manager_applies_in_order_with_timings_and_uuid() -> None:
+    order = []
+
+    def first(graph):
+        order.append("first")
+
+    def second(graph):
+        order.append("second")
+
+    manager = PostGradPassManager()
+    manager.add(first)
+    manager.add(CallableInductorPass(second))
+    manager(fx.Graph())
+    assert order == ["first", "second"]
+    assert set(manager.timings) == {"first", "second"}
+    uuid = manager.uuid()
+    manager.add(Noop())
+    assert manager.uuid() != uuid and len(manager.uuids()) == 3
+
+
+def test_registered_passes_are_part_of_the_key() -> None:
+    model = vcr.models.build("llama-tiny", device="meta", num_layers=2)
+    plain = plan_model(model, CFG, device_type="cpu", fingerprint=cpu_fingerprint(), args=example_args())
+    manager = PostGradPassManager()
+    manager.add(Noop())
+    with_pass = plan_model(model, CFG, device_type="cpu", fingerprint=cpu_fingerprint(),
+                           args=example_args(), pass_manager=manager)
+    assert set(plain.keys).isdisjoint(with_pass.keys)
