@@ -13,6 +13,7 @@ from .backend import VcrBackend
 from .compiler_interface import CompilerInterface, make_compiler
 from .config import CompilationConfig
 from .counters import CompilationCounter
+from .errors import VcrError
 from .keys import KeyContext
 from .manager import CompilerManager
 from .monitor import PerformanceMonitor
@@ -54,8 +55,14 @@ class CompiledModel:
 
     def __call__(self, *args: Any) -> Any:
         mark_token_dims(args)
-        with dynamo_settings(), torch.no_grad():
-            return self._compiled(*args)
+        try:
+            with dynamo_settings(), torch.no_grad():
+                return self._compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, VcrError):  # dynamo wraps our errors; hand back the clear one
+                raise inner.with_traceback(None) from None
+            raise
 
     @property
     def counter(self) -> CompilationCounter:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs vllm_compile_ray and its test tools on a fresh machine. On a CPU-only machine torch is
+# pinned to the local CPU build first: an unpinned torch would pull several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip install -q --disable-pip-version-check"
+if ! python -c "import torch" 2>/dev/null; then
+  $PIP "torch==2.13.0"
+fi
+$PIP -e ".[test]"
