@@ -12,6 +12,7 @@ from .counters import CompilationCounter
 from .errors import (ArtifactCorruptError, ArtifactNotFoundError, CacheMissError, CompileError,
                      ConfigError, StoreError, StorePermissionError, StoreUnavailableError,
                      UnknownModelError, VcrError)
+from .load import StartupReport, load
 from .manager import CompilerManager
 from .monitor import PerformanceMonitor
 from .passes import InductorPass, PostGradPassManager
@@ -24,7 +25,7 @@ __all__ = [
     "CanonicalPiece", "CompilationConfig", "CompilationCounter", "CompileError", "CompileResult",
     "CompileTask", "CompiledModel", "CompilerInterface", "CompilerManager", "ConfigError",
     "EagerAdaptor", "InductorPass", "InductorStandaloneAdaptor", "InputSpec", "PerformanceMonitor",
-    "Plan", "PostGradPassManager", "SplitItem", "StoreError", "StorePermissionError",
-    "StoreUnavailableError", "UnknownModelError", "VcrBackend", "VcrError", "compile", "models",
+    "Plan", "PostGradPassManager", "SplitItem", "StartupReport", "StoreError", "StorePermissionError",
+    "StoreUnavailableError", "UnknownModelError", "VcrBackend", "VcrError", "compile", "load", "models",
     "open_store", "plan_model", "split_graph",
 ]

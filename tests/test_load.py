@@ -1,0 +1,327 @@
+"""load(): a TP rank's startup from the shared cache.
+
+Tiers: pure (keys per rank, device guard, report); in-process through a moto S3 server (miss
+policies, node-shared staging); real 2-rank TP runs over gloo (EagerAdaptor, then Inductor); one
+real local Ray for the stats push.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vllm_compile_ray as vcr
+from vllm_compile_ray.errors import ConfigError
+from vllm_compile_ray.load import (StartupReport, check_device, format_reports, push_report,
+                                   rank_device_env)
+from vllm_compile_ray.staging import SharedStaging
+from vllm_compile_ray.store import ArtifactStore
+
+EAGER = dict(backend="eager", use_inductor=False)
+SIZES = (3, 4, 7)  # 4: static artifact; 3, 7: the dynamic one
+
+
+def s3_config(bucket: str, options: dict, staging: Path, **kw) -> vcr.CompilationConfig:
+    opts = {**options, "config_kwargs": {"connect_timeout": 5, "read_timeout": 10,
+                                         "retries": {"max_attempts": 1}}}
+    return vcr.CompilationConfig(cache_dir=f"s3://{bucket}/cache-{uuid.uuid4().hex[:8]}",
+                                 storage_options=opts, staging_dir=str(staging),
+                                 store_timeout_s=10, **kw)
+
+
+def inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + n)
+    return torch.randint(0, 512, (n,), generator=g), torch.arange(n)
+
+
+def fill(cfg: vcr.CompilationConfig, num_layers: int, tp_size: int = 2) -> list[str]:
+    """Warm the cache the way a warm job would: compile at rank 0 and publish (keys carry no
+    rank, so one rank's artifacts serve all)."""
+    model = vcr.models.build("llama-tiny", tp_size=tp_size, rank=0, num_layers=num_layers)
+    compiled = vcr.compile(model, cfg.replace(on_miss="compile_and_publish"),
+                           model_name="llama-tiny")
+    compiled(*inputs(4))
+    assert compiled.counter.num_artifacts_saved == len(compiled.plan.keys)
+    return compiled.plan.keys
+
+
+# ------------------------------------------------------------------------------------ pure tier
+
+
+def test_ranks_compute_identical_keys() -> None:
+    cfg = vcr.CompilationConfig(compile_sizes=[1, 4], **EAGER)
+    plans = [vcr.plan_model(vcr.models.build("llama-tiny", tp_size=2, rank=r, device="meta"),
+                            cfg, device_type="cpu") for r in range(2)]
+    assert plans[0].keys == plans[1].keys and len(plans[0].keys) == 9
+
+
+def test_device_guard_and_rank_env() -> None:
+    inductor = vcr.CompilationConfig()
+    check_device(torch.device("cuda:0"), inductor)
+    check_device(torch.device("cuda:3"), vcr.CompilationConfig(**EAGER))  # eager: no artifacts
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=3"):
+        check_device(torch.device("cuda:3"), inductor)
+    with pytest.raises(ConfigError, match="meta"):
+        check_device(torch.device("meta"), inductor)
+    assert rank_device_env(1) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert rank_device_env(1, "4,6") == {"CUDA_VISIBLE_DEVICES": "6"}
+    with pytest.raises(ConfigError, match="local_rank=2"):
+        rank_device_env(2, "4,6")
+
+
+def test_rank_arguments_are_checked(tmp_path: Path) -> None:
+    model = vcr.models.build("llama-tiny", tp_size=2, rank=1, num_layers=1)
+    cfg = vcr.CompilationConfig(cache_dir=str(tmp_path), **EAGER)
+    with pytest.raises(ConfigError, match="model.rank=1"):
+        vcr.load(model, cfg, rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="model.tp_size=2"):
+        vcr.load(model, cfg, rank=1, world_size=4)
+    with pytest.raises(ConfigError, match="must be < world_size"):
+        vcr.load(model, cfg, rank=2, world_size=2)
+
+
+def test_report_table_and_round_trip() -> None:
+    reports = [StartupReport(rank=r, model="llama-tiny", tasks=9, hits=9, pieces=3, key_s=0.003,
+                             fetch_s=0.009, warm_sizes=(4, 2)) for r in (1, 0)]
+    table = format_reports(reports)
+    lines = table.splitlines()
+    assert "llama-tiny" in lines[0] and "fetch(s)" in lines[1]
+    assert [line.split()[0] for line in lines[2:]] == ["0", "1"]
+    data = reports[0].to_dict()
+    assert data["key_ms_per_piece"] == pytest.approx(1.0) and data["lookup_ms_per_key"] == 1.0
+    assert StartupReport.from_dict(data) == reports[0]
+    assert push_report(reports[0]) is False  # no Ray in this process: nothing to push to
+
+
+# ------------------------------------------------------------------- in-process, moto S3 cache
+
+
+def test_miss_policies_error_then_publish_then_nothing(tmp_path: Path, s3_bucket: str,
+                                                       s3_store_options: dict) -> None:
+    model = vcr.models.build("llama-tiny", num_layers=2)
+    cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "stage-a", compile_sizes=[4], **EAGER)
+
+    counter = vcr.CompilationCounter()
+    start = time.perf_counter()
+    with pytest.raises(vcr.CacheMissError) as info:
+        vcr.load(model, cfg.replace(on_miss="error"), model_name="llama-tiny", counter=counter)
+    assert time.perf_counter() - start < 30
+    message, missing = str(info.value), info.value.missing_keys
+    assert len(missing) == 6  # 3 unique pieces x (dynamic, 4)
+    assert all(key in message for key in missing)
+    assert f"vcr warm --model llama-tiny --sizes 4 --cache {cfg.cache_dir}" in message
+    assert counter.num_backend_compilations == 0
+
+    first = vcr.load(model, cfg.replace(on_miss="compile_and_publish"), model_name="llama-tiny")
+    r = first.report
+    assert (r.misses, r.compiles, r.hits, r.tasks) == (6, 6, 0, 6)
+    assert first.counter.num_artifacts_saved == 6
+
+    # A second start on another node (fresh staging dir): everything from the store.
+    cfg_b = cfg.replace(on_miss="error", staging_dir=str(tmp_path / "stage-b"))
+    second = vcr.load(model, cfg_b, model_name="llama-tiny")
+    r = second.report
+    assert (r.misses, r.compiles, r.hits, r.downloaded, r.staged) == (0, 0, 6, 6, 0)
+    assert r.keys_id == first.report.keys_id and r.bytes_loaded > 0
+    assert r.warm_sizes == (4, 1)  # trace at 4, then one size the dynamic artifact takes
+    # A restart on that node reads its staging dir and downloads nothing.
+    third = vcr.load(model, cfg_b, model_name="llama-tiny")
+    assert (third.report.downloaded, third.report.staged, third.report.compiles) == (0, 6, 0)
+    assert third.counter.num_cache_hits_staging == 6
+    for n in SIZES:
+        torch.testing.assert_close(third(*inputs(n)), model(*inputs(n)), rtol=0, atol=0)
+    with third.counter.expect(num_backend_compilations=0, num_fallback_eager_calls=0):
+        third(*inputs(5))
+
+
+def test_on_miss_eager_runs_eagerly_and_counts(tmp_path: Path, s3_bucket: str,
+                                               s3_store_options: dict) -> None:
+    model = vcr.models.build("llama-tiny", num_layers=2)
+    cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "stage", compile_sizes=[4],
+                    on_miss="eager", **EAGER)
+    compiled = vcr.load(model, cfg, model_name="llama-tiny")
+    r = compiled.report
+    assert (r.misses, r.compiles, r.hits) == (6, 0, 0)
+    assert r.eager_fallbacks == 3  # the trace call at size 4: each of the 3 pieces ran eagerly
+    with compiled.counter.expect(num_fallback_eager_calls=3, num_backend_compilations=0):
+        out = compiled(*inputs(7))
+    torch.testing.assert_close(out, model(*inputs(7)), rtol=0, atol=0)
+    assert ArtifactStore(cfg.cache_dir, cfg.storage_options).list_keys() == []
+
+
+def test_on_miss_compile_compiles_locally_without_publishing(tmp_path: Path) -> None:
+    model = vcr.models.build("llama-tiny", num_layers=1)
+    cfg = vcr.CompilationConfig(cache_dir=f"file://{tmp_path}/cache", compile_sizes=[4],
+                                staging_dir=str(tmp_path / "stage"), on_miss="compile", **EAGER)
+    r = vcr.load(model, cfg).report
+    assert (r.misses, r.compiles) == (r.tasks, r.tasks)
+    assert ArtifactStore(cfg.cache_dir).list_keys() == []
+
+
+def test_manifest_keys_are_fetched_while_tracing(tmp_path: Path) -> None:
+    manifest = pytest.importorskip("vllm_compile_ray.manifest")
+    model = vcr.models.build("llama-tiny", tp_size=2, rank=1, num_layers=2)
+    cfg = vcr.CompilationConfig(cache_dir=f"file://{tmp_path}/cache", compile_sizes=[4],
+                                staging_dir=str(tmp_path / "stage"), on_miss="error", **EAGER)
+    warm = vcr.compile(model, cfg.replace(on_miss="compile_and_publish",
+                                          staging_dir=str(tmp_path / "warm")))
+    warm(*inputs(4))
+    plan, store = warm.plan, ArtifactStore(cfg.cache_dir)
+    fp_id = plan.key_context.fingerprint_id
+    rows = [manifest.make_row(key=t.key, model="llama-tiny", tp_size=2, piece=t.code_id,
+                              shape=t.shape, bytes=1, sha256="", compile_seconds=0.0, node="n",
+                              torch=torch.__version__, fingerprint={}, fingerprint_id=fp_id)
+            for t in plan.tasks()]
+    other = dict(rows[0], key="ab" * 32, shape="16")  # a shape this config does not use
+    manifest.update_manifest(store, "llama-tiny", fp_id, rows + [other])
+
+    r = vcr.load(model, cfg, rank=1, world_size=2, model_name="llama-tiny").report
+    assert (r.manifest_keys, r.prefetched_unused, r.hits, r.downloaded) == (6, 0, 6, 6)
+
+
+# ---------------------------------------------------------------------- node-shared staging
+
+
+def _published(tmp_path: Path, n: int = 2) -> tuple[ArtifactStore, list[str]]:
+    remote = ArtifactStore(f"file://{tmp_path}/remote", staging_dir=str(tmp_path / "publisher"))
+    keys = [f"{i:02x}" * 32 for i in range(1, n + 1)]
+    for key in keys:
+        remote.publish(key, os.urandom(4096), {"shape": 4})
+    return ArtifactStore(remote.url, staging_dir=str(tmp_path / "node")), keys
+
+
+def test_second_rank_waits_and_reuses_the_staged_download(tmp_path: Path) -> None:
+    store, keys = _published(tmp_path)
+    rank0, rank1 = SharedStaging(store), SharedStaging(ArtifactStore(store.url,
+                                                                    staging_dir=store.staging_dir))
+    # rank0 is mid-download of keys[0]: it holds that key's lock.
+    import fcntl
+    os.makedirs(os.path.dirname(rank0.lock_path(keys[0])), exist_ok=True)
+    fd = os.open(rank0.lock_path(keys[0]), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    result: dict = {}
+    waiter = threading.Thread(target=lambda: result.update(rank1.fetch_many(keys)))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive(), "rank1 must wait for the key rank0 is downloading"
+    assert rank1.stats.downloaded == 1  # the free key went out at once, in the first batch
+    rank0.store.fetch(keys[0])  # rank0's download lands in the shared staging dir
+    os.close(fd)
+    waiter.join(10)
+    assert sorted(result) == keys
+    assert (rank1.stats.downloaded, rank1.stats.staged, rank1.stats.waited) == (1, 1, 1)
+
+
+def test_crashed_download_is_never_taken_for_a_valid_file(tmp_path: Path) -> None:
+    store, keys = _published(tmp_path, 1)
+    staged = store._staged_path(keys[0])
+    os.makedirs(os.path.dirname(staged), exist_ok=True)
+    Path(staged + ".tmp-crashed.part").write_bytes(b"half")  # a temp file a crash left behind
+    Path(staged).write_bytes(store.read_raw(keys[0])[:100])  # a truncated copy, worst case
+    staging = SharedStaging(store)
+    found = staging.fetch_many(keys)
+    assert list(found) == keys and len(found[keys[0]].payload) == 4096
+    assert (staging.stats.downloaded, staging.stats.staged) == (1, 0)
+    again = SharedStaging(store)
+    again.fetch_many(keys)
+    assert (again.stats.downloaded, again.stats.staged) == (0, 1)
+
+
+# ------------------------------------------------------------------- real 2-rank TP over gloo
+
+
+def _tp_rank(rank: int, world: int, cfg_json: str, num_layers: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank,
+                            world_size=world)
+    try:
+        cfg = vcr.CompilationConfig.from_json(cfg_json)
+        model = vcr.models.build("llama-tiny", tp_size=world, rank=rank, num_layers=num_layers)
+        compiled = vcr.load(model, cfg, rank=rank, world_size=world, model_name="llama-tiny")
+        with torch.no_grad():
+            eager = {n: model(*inputs(n)) for n in SIZES}  # all_reduce live: the eager TP run
+        before = compiled.counter.clone()
+        outs = {n: compiled(*inputs(n)) for n in SIZES}
+        torch.save({"report": compiled.report.to_dict(), "counter": compiled.counter.to_dict(),
+                    "serve": compiled.counter.diff(before), "eager": eager, "out": outs},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_tp(cfg: vcr.CompilationConfig, num_layers: int, tmp_path: Path, keys: list[str]) -> None:
+    mp.spawn(_tp_rank, args=(2, cfg.to_json(), num_layers, str(tmp_path)), nprocs=2)
+    ref = vcr.models.build("llama-tiny", num_layers=num_layers)  # tp=1 equals the TP run
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank, res in enumerate(results):
+        rep, counter = res["report"], res["counter"]
+        assert rep["rank"] == rank and rep["tasks"] == len(keys)
+        assert counter["num_backend_compilations"] == 0, (rank, counter)
+        assert counter["num_inductor_compiles"] == counter["num_eager_compiles"] == 0
+        assert (rep["misses"], rep["hits"], rep["eager_fallbacks"]) == (0, len(keys), 0)
+        assert res["serve"].get("num_fallback_eager_calls", 0) == 0
+        for n in SIZES:
+            torch.testing.assert_close(res["out"][n], res["eager"][n], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(res["out"][n], ref(*inputs(n)), atol=1e-5, rtol=1e-4)
+    assert results[0]["report"]["keys_id"] == results[1]["report"]["keys_id"]
+    # One node, one staging dir: each artifact downloaded once, the other rank found it staged.
+    assert sum(r["report"]["downloaded"] for r in results) == len(keys)
+    assert sum(r["report"]["staged"] for r in results) == len(keys)
+
+
+def test_tp2_ranks_pull_from_s3_and_compile_nothing(tmp_path: Path, s3_bucket: str,
+                                                    s3_store_options: dict) -> None:
+    cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "node-stage", compile_sizes=[4],
+                    on_miss="error", **EAGER)
+    keys = fill(cfg.replace(staging_dir=str(tmp_path / "warm-stage")), num_layers=2)
+    _run_tp(cfg, 2, tmp_path, keys)
+
+
+@pytest.mark.inductor
+def test_tp2_ranks_pull_inductor_artifacts(tmp_path: Path, s3_bucket: str,
+                                           s3_store_options: dict,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # faster on 2 cores (NOTES)
+    cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "node-stage", compile_sizes=[4],
+                    on_miss="error")
+    keys = fill(cfg.replace(staging_dir=str(tmp_path / "warm-stage")), num_layers=1)
+    assert len(keys) == 4  # 2 pieces x (dynamic, 4)
+    _run_tp(cfg, 1, tmp_path, keys)
+
+
+# ------------------------------------------------------------------------------ real Ray
+
+
+@pytest.mark.ray
+def test_report_reaches_the_stats_actor(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from vllm_compile_ray.load import STATS_ACTOR, STATS_NAMESPACE
+
+    class FakeStats:  # defined here so Ray ships it by value (workers cannot import tests/)
+        def __init__(self) -> None:
+            self.reports: list[dict] = []
+
+        def add_startup_report(self, report: dict) -> None:
+            self.reports.append(report)
+
+        def startup_reports(self) -> list[dict]:
+            return self.reports
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ray.remote(FakeStats).options(name=STATS_ACTOR, namespace=STATS_NAMESPACE,
+                                               num_cpus=0).remote()
+        model = vcr.models.build("llama-tiny", num_layers=1)
+        cfg = vcr.CompilationConfig(cache_dir=str(tmp_path), compile_sizes=[2], **EAGER)
+        compiled = vcr.load(model, cfg, model_name="llama-tiny")
+        got = ray.get(actor.startup_reports.remote())
+        assert [StartupReport.from_dict(r) for r in got] == [compiled.report]
+    finally:
+        ray.shutdown()
