@@ -24,6 +24,10 @@ os.environ.update({
     "AWS_EC2_METADATA_DISABLED": "true",
 })
 
+# Ray reads this when `ray` is first imported: keep every Ray node of the tests on loopback
+# (NOTES: "Ray 2.60"); subprocesses (ray start, jobs) inherit it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 S3_TEST_BUCKET = "vcr-test"
 
 

@@ -19,6 +19,7 @@ from .passes import InductorPass, PostGradPassManager
 from .plan import CompileTask, Plan
 from .splitting import SplitItem, split_graph
 from .store import ArtifactStore
+from .warm import WarmSummary, warm
 
 __all__ = [
     "ArtifactCorruptError", "ArtifactNotFoundError", "ArtifactStore", "CacheMissError",
@@ -26,6 +27,6 @@ __all__ = [
     "CompileTask", "CompiledModel", "CompilerInterface", "CompilerManager", "ConfigError",
     "EagerAdaptor", "InductorPass", "InductorStandaloneAdaptor", "InputSpec", "PerformanceMonitor",
     "Plan", "PostGradPassManager", "SplitItem", "StartupReport", "StoreError", "StorePermissionError",
-    "StoreUnavailableError", "UnknownModelError", "VcrBackend", "VcrError", "compile", "load", "models",
-    "open_store", "plan_model", "split_graph",
+    "StoreUnavailableError", "UnknownModelError", "VcrBackend", "VcrError", "WarmSummary", "compile",
+    "load", "models", "open_store", "plan_model", "split_graph", "warm",
 ]

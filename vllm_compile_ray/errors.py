@@ -56,3 +56,7 @@ class CacheMissError(VcrError, LookupError):
     def __init__(self, message: str, missing_keys: list[str]):
         super().__init__(message)
         self.missing_keys = list(missing_keys)
+
+
+class ClusterResourceError(VcrError, RuntimeError):
+    """No node of the Ray cluster has the resources a task asks for; the message names them."""

@@ -74,6 +74,16 @@ def environment_fingerprint(device_type: str) -> dict[str, str]:
     return {**_torch_fingerprint(), **device_fingerprint(device_type)}
 
 
+def set_compile_threads(threads: int) -> None:
+    """Inductor's parallel compile workers for this process (a Ray task sets it from its CPUs).
+
+    Left out of the environment fingerprint (`_UNHASHED_INDUCTOR_CONFIG`), so keys do not change.
+    """
+    from torch._inductor import config as inductor_config
+
+    inductor_config.compile_threads = max(1, int(threads))
+
+
 def _fake_propagate(gm: fx.GraphModule, fake_inputs: Sequence[Any], fake_mode: Any) -> None:
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 

@@ -1,0 +1,236 @@
+"""warm() on a real local Ray instance with two fake GPUs (`ray.init(num_gpus=2)`).
+
+Compiles use the EagerAdaptor (device "cpu": CPU compiles running in fake-GPU slots), except one
+small real-Inductor test. One Ray instance serves the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_compile_ray import CompilationConfig, manifest, models, plan_model
+from vllm_compile_ray.api import open_store
+from vllm_compile_ray.compile_task import Faults
+from vllm_compile_ray.errors import ClusterResourceError
+from vllm_compile_ray.warm import WarmSummary, warm
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = (1, 2, 4)
+SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5}  # 4 slots
+
+
+def eager(cache_dir: str, **kw) -> CompilationConfig:
+    return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=SIZES,
+                             cache_dir=cache_dir, **kw)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    tmp = tempfile.mkdtemp(prefix="vcr", dir="/tmp")  # short: Ray puts sockets under it
+    with pytest.MonkeyPatch.context() as mp:
+        # A private RAY_TMPDIR: `ray.init` neither attaches to another cluster on this shared
+        # machine (via /tmp/ray/ray_current_cluster) nor lets others attach to this one.
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.setenv("RAY_metrics_report_interval_ms", "1000")
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def warmed(ray_local, tmp_path_factory) -> tuple[CompilationConfig, WarmSummary, list[str]]:
+    """One warm run of llama-tiny shared by the tests that inspect its outcome."""
+    config = eager(str(tmp_path_factory.mktemp("cache")))
+    lines: list[str] = []
+    return config, warm("llama-tiny", config, progress=lines.append, **SLOT), lines
+
+
+def test_embedded_default_starts_and_stops_ray(tmp_path, monkeypatch) -> None:
+    """No address and no Ray running: warm() starts Ray in-process and shuts it down. First in the
+    module, before the shared instance exists."""
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="vcr", dir="/tmp"))
+    assert not ray.is_initialized()
+    config = eager(str(tmp_path)).replace(compile_sizes=(2,))
+    summary = warm("llama-tiny", config, device_type="cpu", progress=None)
+    assert (summary.compiled, summary.total) == (6, 6) and summary.ok
+    assert not ray.is_initialized()
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_tp8_preset_tasks_equal_unique_pieces_times_shapes() -> None:
+    config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 8, 64))
+    plan = plan_model(models.build("llama-3-8b", 8, 0, device="meta", num_layers=4), config,
+                      device_type="cpu")
+    unique = {p.code_id for p in plan.pieces}
+    assert len(unique) == 3  # first layer's piece, middle layers (identical), last + lm head
+    assert len(plan.tasks()) == len(unique) * len(config.shapes) == 12
+    # Every rank has the same pieces (one artifact serves all ranks).
+    rank3 = plan_model(models.build("llama-3-8b", 8, 3, device="meta", num_layers=4), config,
+                       device_type="cpu", fingerprint=plan.key_context.fingerprint)
+    assert rank3.keys == plan.keys
+
+
+def test_every_unique_task_compiled_once(warmed) -> None:
+    config, summary, lines = warmed
+    assert summary.ok and summary.total == 3 * (1 + len(SIZES))
+    assert (summary.compiled, summary.cached, summary.failed, summary.timed_out) == (summary.total, 0, 0, 0)
+    assert len({r["key"] for r in summary.rows}) == summary.total
+    store = open_store(config)
+    assert all(store.contains_many([r["key"] for r in summary.rows]).values())
+    snap = json.loads(store.get_file(summary.stats_path.removeprefix(store.url + "/")))
+    assert snap["counter"]["num_eager_compiles"] == summary.total
+    assert snap["counter"]["num_artifacts_saved"] == summary.total
+    assert 1 <= snap["max_concurrent"] <= 4 and snap["running"] == 0
+    assert snap["status"] == {"compiled": summary.total}
+    # Plain progress lines, one per task, then the summary.
+    progress = [line for line in lines if re.match(r"compiled \d+/12 compile\[[0-9a-f]{10}/\w+\] ", line)]
+    assert len(progress) == 12 and "12/12" in progress[-1]
+    # Longest expected first: the dynamic compiles were submitted before the static sizes.
+    assert lines[0].startswith("planned llama-tiny tp=1: 3 unique pieces x 4 shapes = 12 tasks")
+
+
+def test_workers_are_reused(warmed) -> None:
+    _, summary, _ = warmed
+    pids = {r["pid"] for r in summary.rows}
+    assert len(pids) <= 4 < summary.total  # at most one worker per slot, each ran several tasks
+
+
+def test_second_run_compiles_nothing(warmed) -> None:
+    config, first, _ = warmed
+    again = warm("llama-tiny", config, progress=None, **SLOT)
+    assert (again.compiled, again.cached, again.total) == (0, first.total, first.total)
+    assert again.fingerprint_id == first.fingerprint_id
+
+
+def test_manifest_lists_every_artifact(warmed) -> None:
+    config, summary, _ = warmed
+    store = open_store(config)
+    table = manifest.read_manifest(store, "llama-tiny", summary.fingerprint_id)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert set(rows) == {r["key"] for r in summary.rows}
+    for key, row in rows.items():
+        payload = store.fetch(key).payload
+        assert row["bytes"] == len(payload) and len(row["sha256"]) == 64
+        assert row["model"] == "llama-tiny" and row["tp_size"] == 1
+        assert row["torch"] == torch.__version__ and row["node"] == "127.0.0.1"
+    assert summary.manifest_path.endswith(manifest.manifest_path("llama-tiny", summary.fingerprint_id))
+    assert [e["rows"] for e in manifest.list_manifests(store)] == [summary.total]
+
+
+def _scrape(pattern: str, timeout_s: float = 30.0) -> list[tuple[str, float]]:
+    """Series of the head node's Prometheus endpoint matching `pattern`, waited for."""
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    deadline = time.time() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        found = [(m.group(1), float(m.group(2)))
+                 for m in re.finditer(rf"^({pattern}(?:\{{[^}}]*\}})?) (\S+)$", text, re.M)]
+        if found or time.time() > deadline:
+            return found
+        time.sleep(1.0)
+
+
+def test_metrics_endpoint_shows_the_counters(warmed) -> None:
+    _, summary, _ = warmed
+    compiled = _scrape(r"ray_vcr_compiles_total")
+    assert sum(v for name, v in compiled if 'status="compiled"' in name) >= summary.total
+    assert sum(v for _, v in _scrape(r"ray_vcr_bytes_published_total")) > 0
+    assert sum(v for _, v in _scrape(r"ray_vcr_compile_seconds_count")) >= summary.total
+    remaining = _scrape(r"ray_vcr_tasks_remaining")
+    assert any(f'run="{summary.run_id}"' in name and v == 0 for name, v in remaining), remaining
+
+
+def test_killed_worker_task_is_retried_and_counted_once(ray_local, tmp_path) -> None:
+    config = eager(str(tmp_path / "cache")).replace(compile_sizes=(2,), compile_dynamic=False)
+    (tmp_path / "markers").mkdir()
+    faults = Faults(crash_once="compile[*/2]", marker_dir=str(tmp_path / "markers"))
+    summary = warm("llama-tiny", config, faults=faults, progress=None, **SLOT)
+    assert (summary.compiled, summary.failed, summary.total) == (3, 0, 3)
+    assert len(list((tmp_path / "markers").iterdir())) == 3  # every task's worker died once
+    assert all(r["retries"] == 1 for r in summary.rows)
+    snap = json.loads(open_store(config).get_file(summary.stats_path.removeprefix(
+        open_store(config).url + "/")))
+    assert snap["counter"]["num_eager_compiles"] == 3 and snap["retried_tasks"] == 3
+
+
+def test_infeasible_request_fails_fast_naming_the_resource(ray_local, tmp_path) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ClusterResourceError, match=r"needs 4 GPU \(largest node has 2\)"):
+        warm("llama-tiny", eager(str(tmp_path)), device_type="cpu", gpus_per_compile=4, progress=None)
+    with pytest.raises(ClusterResourceError, match="1 compile_node"):
+        warm("llama-tiny", eager(str(tmp_path)), resources={"compile_node": 1}, progress=None, **SLOT)
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.inductor
+def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
+    """A tiny one-piece model compiled by Inductor in a Ray task; the artifact loads and runs."""
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 8)
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.proj(self.embed(ids))) + positions[:, None]
+
+    config = CompilationConfig(compile_sizes=(4,), compile_dynamic=False, cache_dir=str(tmp_path))
+    summary = warm(Tiny(), config, model_name="tiny", progress=None, **SLOT)
+    assert (summary.compiled, summary.total) == (1, 1), summary.errors
+    row = summary.rows[0]
+    assert row["bytes"] > 1000 and row["seconds"] > 0
+    assert manifest.read_manifest(open_store(config), "tiny", summary.fingerprint_id).num_rows == 1
+
+
+def test_job_main_exit_codes(ray_local, tmp_path) -> None:
+    """jobs/warm_cache.py: 0 when everything compiled, 1 when a compile failed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("warm_cache", REPO / "jobs" / "warm_cache.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    common = ["--model", "llama-tiny", "--sizes", "2", "--no-dynamic", "--device", "cpu",
+              "--gpus-per-compile", "0.5", "--cpus-per-compile", "0.5", "--cache", str(tmp_path)]
+    assert job.main(common + ["--backend", "eager"]) == 0
+    # An Inductor option that does not exist fails every compile (after one retry each).
+    out = tmp_path / "summary.json"
+    assert job.main(common + ["--backend", "inductor", "--inductor-config", '{"no_such_option": 1}',
+                              "--summary-json", str(out)]) == 1
+    summary = json.loads(out.read_text())
+    assert summary["failed"] == 3 and not summary["ok"]
+    assert all("no_such_option" in e for e in summary["errors"].values()), summary["errors"]
+
+def test_failed_and_timed_out_compiles_are_recorded(ray_local, tmp_path) -> None:
+    """Last in the module: cancelling a timed-out task kills its worker."""
+    config = eager(str(tmp_path), max_compile_time=3.0).replace(compile_sizes=(1,))
+    faults = Faults(fail="compile[*/1]", sleep="compile[*/dynamic]", sleep_s=60)
+    lines: list[str] = []
+    start = time.perf_counter()
+    summary = warm("llama-tiny", config, faults=faults, compile_retries=1, progress=lines.append, **SLOT)
+    assert time.perf_counter() - start < 30
+    assert not summary.ok
+    assert (summary.failed, summary.timed_out, summary.compiled) == (3, 3, 0)
+    assert all("injected compile failure" in e for n, e in summary.errors.items() if n.endswith("/1]"))
+    assert all("max_compile_time=3s" in e for n, e in summary.errors.items() if n.endswith("/dynamic]"))
+    assert all(r["compile_attempts"] == 2 for r in summary.rows if r["status"] == "failed")
+    assert sum(line.startswith("TIMED OUT") for line in lines) == 3
+    assert not any(open_store(config).contains_many([r["key"] for r in summary.rows]).values())
+

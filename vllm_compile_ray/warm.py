@@ -1,0 +1,380 @@
+"""`warm`: compile every unique (piece, shape) of a model into the shared cache with Ray.
+
+The driver plans on the meta device (no weights, no GPU), drops what the cache already has,
+submits the rest longest-expected-first with a bounded number in flight, and writes the manifest
+and the stats snapshot. Bytes go from the compile tasks straight to the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from . import manifest, metrics, models
+from .api import example_args, key_context, model_device_type, open_store
+from .compile_task import (CompileTaskError, Faults, TaskContext, compile_remote,
+                           fingerprint_remote)
+from .compiler_interface import make_compiler
+from .config import CompilationConfig
+from .errors import ClusterResourceError, ConfigError, VcrError
+from .plan import CompileTask, Plan, capture, plan_graph
+from .stats import get_stats_actor
+from .store import ArtifactStore
+
+logger = logging.getLogger(__name__)
+_POLL_S = 1.0  # how often the driver checks running tasks against max_compile_time
+
+
+@dataclass
+class WarmSummary:
+    model: str
+    tp_size: int
+    fingerprint_id: str
+    total: int  # unique (piece, shape) tasks of the plan: unique_pieces x len(shapes)
+    compiled: int
+    cached: int  # already in the cache (at plan time or when the task started)
+    failed: int
+    timed_out: int
+    wall_s: float  # compile phase: first submit to last result
+    plan_s: float
+    task_s_sum: float  # sum of the compile seconds of the tasks
+    run_id: str = ""
+    unique_pieces: int = 0
+    shapes: list[int | str] = field(default_factory=list)
+    max_concurrent: int = 0
+    manifest_path: str = ""
+    stats_path: str = ""
+    errors: dict[str, str] = field(default_factory=dict)  # task name -> error
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.timed_out == 0
+
+    @property
+    def speedup(self) -> float:
+        """Sum of task times over wall time: the parallel speedup over compiling them in turn."""
+        return self.task_s_sum / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok, "speedup": round(self.speedup, 3)}
+
+    def format(self) -> str:
+        lines = [f"warm {self.model} tp={self.tp_size} fingerprint {self.fingerprint_id}: "
+                 f"{self.compiled} compiled, {self.cached} cached, {self.failed} failed, "
+                 f"{self.timed_out} timed out of {self.total}",
+                 f"wall {self.wall_s:.1f}s, task sum {self.task_s_sum:.1f}s, speedup "
+                 f"{self.speedup:.2f}x, max {self.max_concurrent} at once, plan {self.plan_s:.1f}s",
+                 f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
+        lines += [f"error {name}: {err}" for name, err in sorted(self.errors.items())]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The resources of one compile task."""
+
+    gpus: float
+    cpus: float
+    resources: dict[str, float]
+
+    def needs(self) -> dict[str, float]:
+        wanted = {"GPU": self.gpus, "CPU": self.cpus, **self.resources}
+        return {k: v for k, v in wanted.items() if v > 0}
+
+    def options(self) -> dict[str, Any]:
+        return {"num_gpus": self.gpus, "num_cpus": self.cpus, "resources": dict(self.resources)}
+
+
+def cluster_capacity(request: _Request, nodes: list[dict[str, Any]] | None = None) -> int:
+    """How many compile tasks the alive nodes can run at once; ClusterResourceError (naming the
+    missing resource) if no node can run one. Does not wait for an autoscaler to add nodes."""
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    needs = request.needs()
+    have = [n.get("Resources", {}) for n in nodes]
+    capacity = sum(min((math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in needs.items()), default=64)
+                   for res in have)
+    if capacity:
+        return capacity
+    missing = [f"{v:g} {k} (largest node has {max((res.get(k, 0.0) for res in have), default=0):g})"
+               for k, v in needs.items() if all(res.get(k, 0.0) < v for res in have)]
+    what = ", ".join(missing) or " + ".join(f"{v:g} {k}" for k, v in needs.items()) + " on one node"
+    raise ClusterResourceError(
+        f"no node of the Ray cluster can run a compile task: it needs {what}; {len(nodes)} alive "
+        f"node(s) with {ray.cluster_resources() if nodes else {}} in all. Add GPU nodes, or lower "
+        "gpus_per_compile / cpus_per_compile (gpus_per_compile=0 compiles on CPUs).")
+
+
+def order_tasks(tasks: list[CompileTask]) -> list[CompileTask]:
+    """Longest expected first: dynamic shapes, then static sizes descending; bigger pieces first."""
+    def cost(task: CompileTask) -> tuple[int, int, int]:
+        size = 1 << 30 if task.shape == "dynamic" else int(task.shape)
+        return (-size, -len(task.piece.graph.graph.nodes), 0)
+    return sorted(tasks, key=cost)
+
+
+def _connect(address: str | None, runtime_env: dict | None) -> bool:
+    """Connect to Ray unless connected; True if this call connected (and must `ray.shutdown()`:
+    that stops an in-process instance it started, or only disconnects from a cluster).
+    address None: RAY_ADDRESS (set inside `ray job submit`) or else a new in-process Ray."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, runtime_env=runtime_env)
+    return True
+
+
+def _plan(model: str | torch.nn.Module, config: CompilationConfig, tp_size: int,
+          num_layers: int | None, device_type: str, fingerprint: dict[str, str] | None,
+          request: _Request) -> Plan:
+    """Capture on meta while a compile node computes the target fingerprint, then key."""
+    fp_ref = None
+    if fingerprint is None:
+        fp_ref = fingerprint_remote.options(name="vcr_fingerprint", **request.options()).remote(
+            device_type)
+    module = models.build(model, tp_size, 0, device="meta", num_layers=num_layers) \
+        if isinstance(model, str) else model
+    gm = capture(module, example_args(device=model_device_type(module)))
+    if fp_ref is not None:
+        try:
+            fingerprint = ray.get(fp_ref)
+        except ray.exceptions.RayError as exc:
+            raise VcrError(f"a compile node could not compute the environment fingerprint for "
+                           f"device_type={device_type!r}: {exc}") from exc
+    context = key_context(config, make_compiler(config), device_type, fingerprint)
+    return plan_graph(gm, config, context, device_type)
+
+
+def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, *,
+         tp_size: int = 1, num_layers: int | None = None, model_name: str | None = None,
+         device_type: str = "cuda", address: str | None = None,
+         max_in_flight: int | None = None, gpus_per_compile: float | None = None,
+         cpus_per_compile: float = 1.0, resources: dict[str, float] | None = None,
+         max_retries: int = 3, compile_retries: int = 1,
+         fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
+         faults: Faults | None = None,
+         progress: Callable[[str], None] | None = print) -> WarmSummary:
+    """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
+
+    model: a preset name (built on meta) or an nn.Module (named by `model_name`).
+    device_type: the compile target ("cuda", or "cpu" for CPU compiles and fake-GPU tests).
+    gpus_per_compile: GPU fraction per task (default 0.25 for cuda, 0 for cpu); several compiles
+    share a GPU. cpus_per_compile also sets Inductor's compile threads in the task.
+    max_retries: Ray retries of a task whose worker died; compile_retries: retries of a compile
+    that raised. A compile running past `config.max_compile_time` is cancelled ("timed_out").
+    address: a Ray cluster; None connects to RAY_ADDRESS or starts Ray in-process (and stops it).
+    fingerprint: the target environment fingerprint; None asks a compile node for it.
+    faults: test hooks (see `compile_task.Faults`).
+    """
+    config = config or CompilationConfig()
+    if device_type not in ("cuda", "cpu"):
+        raise ConfigError(f"device_type={device_type!r} is invalid: allowed 'cuda', 'cpu'")
+    if gpus_per_compile is None:
+        gpus_per_compile = 0.25 if device_type == "cuda" else 0.0
+    if gpus_per_compile < 0 or cpus_per_compile < 0:
+        raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
+                          f"{cpus_per_compile!r} are invalid: must be >= 0")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
+    name = model if isinstance(model, str) else (model_name or type(model).__name__)
+    say = progress or (lambda line: None)
+    request = _Request(float(gpus_per_compile), float(cpus_per_compile), dict(resources or {}))
+    store = open_store(config)
+    store.check_access(write=True)  # a wrong bucket or credentials fail here, not in every task
+    owned = _connect(address, runtime_env)
+    try:
+        capacity = cluster_capacity(request)
+        if "://" not in store.url or store.url.startswith("file://"):
+            if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+                logger.warning("cache %s is a local path: every node must see the same "
+                               "filesystem there (use s3:// or a shared mount)", store.url)
+        return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
+                     max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
+                     faults or Faults(), say)
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, store: ArtifactStore,
+          tp_size: int, num_layers: int | None, device_type: str, request: _Request,
+          max_in_flight: int, max_retries: int, compile_retries: int,
+          fingerprint: dict[str, str] | None, faults: Faults,
+          say: Callable[[str], None]) -> WarmSummary:
+    run_id = uuid.uuid4().hex[:12]
+    t0 = time.perf_counter()
+    plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint, request)
+    fp_id = plan.key_context.fingerprint_id
+    tasks = plan.tasks()
+    present = store.contains_many([t.key for t in tasks])
+    todo = order_tasks([t for t in tasks if not present[t.key]])
+    plan_s = time.perf_counter() - t0
+    summary = plan.summary()
+    say(f"planned {name} tp={tp_size}: {summary['unique_pieces']} unique pieces x "
+        f"{len(plan.shapes)} shapes = {len(tasks)} tasks; {len(tasks) - len(todo)} cached, "
+        f"{len(todo)} to compile (fingerprint {fp_id}, run {run_id}, {plan_s:.1f}s)")
+
+    stats = get_stats_actor()
+    ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults)
+    rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
+                                   "shape": str(t.shape), "status": "cached", "seconds": 0.0}
+                                  for t in tasks if present[t.key]]
+    start = time.perf_counter()
+    rows += _Dispatcher(ctx, stats, request, max_retries, say).run(todo, max_in_flight)
+    wall_s = time.perf_counter() - start if todo else 0.0
+
+    snap = ray.get(stats.snapshot.remote(run_id))
+    manifest_rows = _manifest_rows(store, plan, name, tp_size, rows)
+    manifest.update_manifest(store, name, fp_id, manifest_rows)
+    store.put_file(manifest.stats_path(name, fp_id), json.dumps(snap, indent=1, default=str).encode())
+    by_status = {s: [r for r in rows if r["status"] == s]
+                 for s in ("compiled", "cached", "failed", "timed_out")}
+    result = WarmSummary(
+        model=name, tp_size=tp_size, fingerprint_id=fp_id, total=len(tasks),
+        compiled=len(by_status["compiled"]), cached=len(by_status["cached"]),
+        failed=len(by_status["failed"]), timed_out=len(by_status["timed_out"]),
+        wall_s=round(wall_s, 3), plan_s=round(plan_s, 3),
+        task_s_sum=round(sum(r.get("seconds", 0.0) for r in by_status["compiled"]), 3),
+        run_id=run_id, unique_pieces=summary["unique_pieces"], shapes=list(plan.shapes),
+        max_concurrent=snap["max_concurrent"],
+        manifest_path=f"{store.url}/{manifest.manifest_path(name, fp_id)}",
+        stats_path=f"{store.url}/{manifest.stats_path(name, fp_id)}",
+        errors={r["name"]: r.get("error", "") for r in by_status["failed"] + by_status["timed_out"]},
+        rows=sorted(rows, key=lambda r: r["name"]))
+    say(result.format())
+    return result
+
+
+class _Dispatcher:
+    """Keeps up to `max_in_flight` compile tasks submitted, collects their rows, cancels the ones
+    running past `max_compile_time`, and prints a progress line per finished task."""
+
+    def __init__(self, ctx: TaskContext, stats: ray.actor.ActorHandle, request: _Request,
+                 max_retries: int, say: Callable[[str], None]):
+        self.ctx, self.stats, self.say = ctx, stats, say
+        self.options = {"max_retries": max_retries, "retry_exceptions": False, **request.options()}
+        self.node_ips: dict[str, str] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.total = 0
+
+    def run(self, todo: list[CompileTask], max_in_flight: int) -> list[dict[str, Any]]:
+        run_id, self.total = self.ctx.run_id, len(todo)
+        ctx_ref = ray.put(self.ctx)
+        piece_refs = {t.code_id: ray.put(t.piece) for t in todo}  # once per piece, not per task
+        pending = list(todo)
+        in_flight: dict[ray.ObjectRef, CompileTask] = {}
+        metrics.set_remaining(run_id, len(todo))
+        last_poll = time.perf_counter()
+        while pending or in_flight:
+            while pending and len(in_flight) < max_in_flight:
+                task = pending.pop(0)
+                ref = compile_remote.options(name=task.name, **self.options).remote(
+                    piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape)
+                in_flight[ref] = task
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
+            if ready:
+                ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
+            for ref in ready:
+                task = in_flight.pop(ref)
+                row = _result(ref, task)
+                if "task_id" not in row:  # Ray gave up on it (worker died past max_retries, ...)
+                    row = self._finish_here(ref, row)
+                self._record(task, row)
+            if in_flight and time.perf_counter() - last_poll >= _POLL_S:
+                last_poll = time.perf_counter()
+                for ref, task in _overdue(self.stats, run_id, in_flight,
+                                          self.ctx.config.max_compile_time):
+                    if ray.wait([ref], timeout=0)[0]:
+                        continue  # finished meanwhile: collected next round
+                    ray.cancel(ref, force=True)
+                    del in_flight[ref]
+                    limit = self.ctx.config.max_compile_time
+                    row = {"name": task.name, "key": task.key, "code_id": task.code_id,
+                           "shape": str(task.shape), "status": "timed_out", "seconds": 0.0,
+                           "error": f"cancelled after max_compile_time={limit:g}s"}
+                    self._record(task, self._finish_here(ref, row))
+        return self.rows
+
+    def _finish_here(self, ref: ray.ObjectRef, row: dict[str, Any]) -> dict[str, Any]:
+        """Report a row the task itself could not; returns the row the stats actor kept (the
+        task's own, if it finished after all)."""
+        kept = ray.get(self.stats.finish.remote(self.ctx.run_id, ref.task_id().hex(), row))
+        if kept["status"] == row["status"]:
+            metrics.record_task(row["status"])
+        return kept
+
+    def _record(self, task: CompileTask, row: dict[str, Any]) -> None:
+        node_id = row.get("node_id", "")
+        if node_id and node_id not in self.node_ips:  # the address Ray advertises for the node
+            self.node_ips.update((n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes())
+        row["node_ip"] = self.node_ips.get(node_id, "")
+        self.rows.append(row)
+        metrics.set_remaining(self.ctx.run_id, self.total - len(self.rows))
+        word = {"compiled": "compiled", "cached": "cached", "failed": "FAILED",
+                "timed_out": "TIMED OUT"}[row["status"]]
+        detail = f" {row['error']}" if row["status"] in ("failed", "timed_out") else ""
+        self.say(f"{word} {len(self.rows)}/{self.total} {task.name} {row.get('seconds', 0.0):.1f}s "
+                 f"on node {node_id[:8] or '?'} ({row['node_ip'] or '?'}){detail}")
+
+
+def _result(ref: ray.ObjectRef, task: CompileTask) -> dict[str, Any]:
+    """The task's row; a failure of Ray itself (worker died past max_retries, unschedulable)
+    becomes a "failed" row naming the error."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, CompileTaskError):
+            return exc.cause.row
+        error = f"{type(exc.cause).__name__}: {exc.cause}"
+    except ray.exceptions.RayError as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        error = f"{type(exc).__name__}: {first_line}"
+    return {"name": task.name, "key": task.key, "code_id": task.code_id, "shape": str(task.shape),
+            "status": "failed", "seconds": 0.0, "error": error}
+
+
+def _overdue(stats: ray.actor.ActorHandle, run_id: str, in_flight: dict[ray.ObjectRef, CompileTask],
+             limit: float) -> list[tuple[ray.ObjectRef, CompileTask]]:
+    """In-flight tasks whose current attempt started more than `limit` seconds ago (queued tasks
+    have not started and never count)."""
+    running = ray.get(stats.running_since.remote(run_id))
+    now = time.time()
+    return [(ref, task) for ref, task in in_flight.items()
+            if now - running.get(ref.task_id().hex(), now) > limit]
+
+
+def _manifest_rows(store: ArtifactStore, plan: Plan, model: str, tp_size: int,
+                   rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for what this run compiled, plus cached artifacts the manifest does not list yet
+    (their metadata is fetched: a one-time repair for artifacts published by other paths)."""
+    ctx = plan.key_context
+    listed = set(manifest.read_manifest(store, model, ctx.fingerprint_id).column("key").to_pylist())
+    common = {"model": model, "tp_size": tp_size, "fingerprint": ctx.fingerprint,
+              "fingerprint_id": ctx.fingerprint_id}
+    out = [manifest.make_row(key=r["key"], piece=r["code_id"], shape=r["shape"], bytes=r["bytes"],
+                             sha256=r["sha256"], compile_seconds=r["seconds"],
+                             node=r.get("node_ip", ""), torch=r.get("torch", torch.__version__),
+                             **common)
+           for r in rows if r["status"] == "compiled"]
+    unlisted = [r for r in rows if r["status"] == "cached" and r["key"] not in listed]
+    if unlisted:
+        found = store.fetch_many([r["key"] for r in unlisted])
+        for r in unlisted:
+            art = found.get(r["key"])
+            if art is None:
+                continue
+            out.append(manifest.make_row(
+                key=r["key"], piece=r["code_id"], shape=r["shape"], bytes=len(art.payload),
+                sha256=hashlib.sha256(art.payload).hexdigest(),
+                compile_seconds=float(art.meta.get("compile_seconds", 0.0)), node="",
+                torch=str(art.meta.get("torch", "")), **common))
+    return out
