@@ -30,7 +30,9 @@ SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5}
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:  # not 8265: other clusters on this machine may hold it
+    # Not Ray's fixed defaults (8265, agent 52365): other clusters on this machine may hold them,
+    # and a head whose job agent cannot bind answers "No available agent to submit job".
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -52,7 +54,7 @@ def cluster() -> Iterator[tuple[object, set[str], str]]:
         ray._raylet.Config.initialize("")
         cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
             "num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": _free_port()})
+            "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port()})
         try:
             gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1, resources={"vcr_gpu_node": 1},
                                           labels={"vcr/role": "compile"}) for _ in range(2)]
@@ -88,10 +90,18 @@ def test_jobs_api_warms_the_s3_cache(cluster, s3_bucket, s3_store_options, tmp_p
         "--device", "cpu", "--backend", "eager", "--gpus-per-compile", "0.5",
         "--cpus-per-compile", "0.5", "--cache", cache,
         "--storage-options", json.dumps(s3_store_options)])
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={
-        "working_dir": str(REPO),
-        "excludes": ["**/__pycache__", "*.egg-info", ".git", "notebooks", "benchmarks"],
-        "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+    runtime_env = {"working_dir": str(REPO),
+                   "excludes": ["**/__pycache__", "*.egg-info", ".git", "notebooks", "benchmarks"],
+                   "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
+    deadline = time.time() + 60
+    while True:  # the head's job agent registers a few seconds after the dashboard answers
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(1)
     deadline = time.time() + 240
     while (status := client.get_job_status(job_id)) not in JobStatus.__members__.values() or \
             not status.is_terminal():
