@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="4", help="comma-separated compile sizes")
     p.add_argument("--no-dynamic", action="store_true", help="static sizes only")
     p.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
+    p.add_argument("--inductor-config", default="{}",
+                   help='JSON Inductor options, e.g. \'{"max_autotune": true}\'')
     p.add_argument("--cache", default="s3", choices=["s3", "file"],
                    help="shared cache: moto S3 server (needs moto) or a file:// directory")
     p.add_argument("--repeats", type=int, default=1, help="runs of each load mode")
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         "TORCHINDUCTOR_COMPILE_THREADS", "1" if (os.cpu_count() or 1) <= 4 else ""))
     env = {k: v for k, v in env.items() if v}
     base = {"compile_sizes": sizes, "compile_dynamic": not args.no_dynamic,
-            "backend": args.backend, "use_inductor": args.backend == "inductor"}
+            "backend": args.backend, "use_inductor": args.backend == "inductor",
+            "inductor_compile_config": json.loads(args.inductor_config)}
 
     def spec(mode: str, cache_dir: str, storage_options: dict, on_miss: str) -> dict:
         config = {**base, "cache_dir": cache_dir, "storage_options": storage_options,
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                 "num_layers": args.num_layers, "device": args.device}
 
     print(f"bench_load: {args.model} x{args.num_layers} layers on {args.device}, sizes {sizes}"
-          f"{'' if args.no_dynamic else ' + dynamic'}, backend {args.backend}, shared cache "
+          f"{'' if args.no_dynamic else ' + dynamic'}, backend {args.backend}"
+          f"{' ' + args.inductor_config if args.inductor_config != '{}' else ''}, shared cache "
           f"{url}", flush=True)
     results = [run_child(spec("cold", url, options, "compile_and_publish"), env, workdir)]
     keys, nbytes = copy_to_local(url, options, f"file://{workdir}/local")
