@@ -221,11 +221,11 @@ def test_job_main_exit_codes(ray_local, tmp_path) -> None:
 def test_failed_and_timed_out_compiles_are_recorded(ray_local, tmp_path) -> None:
     """Last in the module: cancelling a timed-out task kills its worker."""
     config = eager(str(tmp_path), max_compile_time=3.0).replace(compile_sizes=(1,))
-    faults = Faults(fail="compile[*/1]", sleep="compile[*/dynamic]", sleep_s=60)
+    faults = Faults(fail="compile[*/1]", sleep="compile[*/dynamic]", sleep_s=600)
     lines: list[str] = []
     start = time.perf_counter()
     summary = warm("llama-tiny", config, faults=faults, compile_retries=1, progress=lines.append, **SLOT)
-    assert time.perf_counter() - start < 30
+    assert time.perf_counter() - start < 120  # cancelled, not slept out (600 s)
     assert not summary.ok
     assert (summary.failed, summary.timed_out, summary.compiled) == (3, 3, 0)
     assert all("injected compile failure" in e for n, e in summary.errors.items() if n.endswith("/1]"))
