@@ -1,5 +1,6 @@
 """InductorPass hashing and the PostGradPassManager."""
 
+import pytest
 import torch.fx as fx
 
 import vllm_compile_ray as vcr
@@ -57,3 +58,22 @@ def test_registered_passes_are_part_of_the_key() -> None:
     with_pass = plan_model(model, CFG, device_type="cpu", fingerprint=cpu_fingerprint(),
                            args=example_args(), pass_manager=manager)
     assert set(plain.keys).isdisjoint(with_pass.keys)
+
+
+@pytest.mark.inductor
+def test_post_grad_passes_run_inside_a_real_inductor_compile(tmp_path) -> None:
+    """The manager is installed as Inductor's post-grad pass, next to user Inductor options."""
+    import torch
+
+    graphs = []
+    manager = PostGradPassManager()
+    manager.add(lambda graph: graphs.append(len(graph.nodes)))
+    cfg = vcr.CompilationConfig(inductor_compile_config={"max_autotune": False, "epilogue_fusion": True},
+                                cache_dir=str(tmp_path))
+    model = vcr.models.build("llama-tiny", num_layers=1)
+    compiled = vcr.compile(model, cfg, pass_manager=manager)
+    ids, pos = torch.randint(0, 512, (3,)), torch.arange(3)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
+    assert compiled.counter.num_inductor_compiles == 2 and len(graphs) == 2
+    assert list(manager.timings) == ["<lambda>"] and len(manager.timings["<lambda>"]) == 2

@@ -69,10 +69,14 @@ class InductorStandaloneAdaptor(CompilerInterface):
     name = "inductor_standalone"
 
     def __init__(self, config: CompilationConfig, pass_manager: PostGradPassManager | None = None):
-        self.options: dict[str, Any] = dict(config.inductor_compile_config)
+        # standalone_compile hands `options` to compile_fx as keyword arguments; Inductor config
+        # values (max_autotune, ...) travel inside its `config_patches`.
+        patches: dict[str, Any] = dict(config.inductor_compile_config)
+        patches.update(patches.pop("config_patches", None) or {})
         self.pass_manager = pass_manager
         if pass_manager:
-            self.options["post_grad_custom_post_pass"] = pass_manager
+            patches["post_grad_custom_post_pass"] = pass_manager
+        self.options: dict[str, Any] = {"config_patches": patches} if patches else {}
 
     def compute_hash(self, config: CompilationConfig) -> str:
         return digest({"compiler": self.name, "options": config.inductor_compile_config,
