@@ -8,3 +8,11 @@ if ! python -c "import torch" 2>/dev/null; then
   $PIP "torch==2.13.0"
 fi
 $PIP -e ".[test]"
+# Headless Chromium for the dashboard screenshot (tests/test_dashboard.py); CI runs as root.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  else
+    echo "setup.sh: chromium is missing and this is not root: the dashboard screenshot test will skip" >&2
+  fi
+fi
