@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -274,6 +275,7 @@ def local_cluster() -> Iterator[tuple[dict[str, str], Path]]:
     finally:
         stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.mark.ray
