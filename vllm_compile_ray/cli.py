@@ -5,8 +5,8 @@ Environment and flags are read here, at the edge, and passed down as config obje
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -139,7 +139,6 @@ def warm(**opts: Any) -> None:
                       cpus_per_compile=opts["cpus_per_compile"], max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
                       progress=lambda line: click.echo(line))
-    click.echo(summary.format())
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items() if k != "rows"},
                                        sort_keys=True, default=str))
     if opts["summary_json"]:
@@ -343,6 +342,16 @@ def gc(cache: str, storage_options: dict, keep_fingerprint: tuple[str, ...],
     for key, what in drop:
         click.echo(f"{verb} {key} ({what})")
     click.echo(f"{len(drop)} artifacts {'deleted' if yes else 'to delete (dry run; --yes deletes)'}")
+
+
+def parse_warm_args(argv: list[str]) -> argparse.Namespace:
+    """The options of `vcr warm` (and of jobs/warm_cache.py) parsed without running anything."""
+    try:
+        ctx = warm.make_context("warm", list(argv))
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(2) from None
+    return argparse.Namespace(**ctx.params)
 
 
 def main(argv: list[str] | None = None) -> int:
