@@ -120,6 +120,24 @@ def input_spec(value: Any, namer: _SymbolNamer, device_type: str | None) -> Inpu
     raise TypeError(f"unsupported piece input {type(value).__name__}: {value!r}")
 
 
+def structure(piece: fx.GraphModule, device_type: str | None = None) -> tuple:
+    """Everything `canonicalize` builds its result from: ops, targets, argument structure with
+    nodes by position, and input specs. Equal structures canonicalize equally, so a plan
+    canonicalizes each distinct layer once (the pickle round trip is the costly part)."""
+    position: dict[fx.Node, str] = {}
+    namer = _SymbolNamer()
+    parts: list[Any] = []
+    for index, node in enumerate(piece.graph.nodes):
+        position[node] = f"%{index}"
+        if node.op == "placeholder":
+            parts.append(input_spec(_example_value(node), namer, device_type))
+            continue
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: position[n])
+        target = id(node.target) if callable(node.target) else node.target
+        parts.append((node.op, target, repr(args)))
+    return tuple(parts)
+
+
 def canonicalize(piece: fx.GraphModule, device_type: str | None = None) -> CanonicalPiece:
     """Rebuild `piece` in a fresh graph: placeholders arg0..argN, other nodes named by target.
 

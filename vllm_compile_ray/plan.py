@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonical import CanonicalPiece, canonicalize
+from .canonical import CanonicalPiece, canonicalize, structure
 from .config import CompilationConfig
 from .keys import KeyContext, code_id
 from .splitting import SplitItem, split_graph
@@ -72,12 +72,20 @@ def plan_graph(gm: fx.GraphModule, config: CompilationConfig, key_context: KeyCo
     splitting_ops = config.splitting_ops if config.compilation_level == "piecewise" else ()
     split_gm, items = split_graph(gm, splitting_ops)
     pieces = []
+    seen: dict[tuple, PlannedPiece] = {}  # identical layers: canonicalize and key once
     for item in items:
         if item.is_splitting_graph:
             continue
-        piece = canonicalize(item.graph, device_type)
-        keys = {shape: key_context.key(piece.code, piece.input_specs, shape) for shape in config.shapes}
-        pieces.append(PlannedPiece(item.submod_name, item.graph_id, piece, code_id(piece.code), keys))
+        signature = structure(item.graph, device_type)
+        twin = seen.get(signature)
+        if twin is None:
+            piece = canonicalize(item.graph, device_type)
+            keys = {shape: key_context.key(piece.code, piece.input_specs, shape)
+                    for shape in config.shapes}
+            twin = seen[signature] = PlannedPiece(item.submod_name, item.graph_id, piece,
+                                                  code_id(piece.code), keys)
+        pieces.append(PlannedPiece(item.submod_name, item.graph_id, twin.piece, twin.code_id,
+                                   twin.keys))
     return Plan(split_gm, items, pieces, config.shapes, key_context)
 
 

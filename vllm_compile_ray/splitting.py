@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.fx.passes.split_module import split_module
 
 
@@ -43,7 +44,11 @@ def split_graph(gm: fx.GraphModule, splitting_ops: tuple[str, ...] | list[str]
             subgraph_id += 1
         else:
             node_to_subgraph[node] = subgraph_id
-    split_gm = split_module(gm, None, lambda node: node_to_subgraph[node], keep_original_order=True)
+    # Lazy graph modules: the pieces' Python code is generated on first call, not here (code
+    # generation was most of the planning time; compiled pieces are never called as fx code).
+    with _use_lazy_graph_module(True):
+        split_gm = split_module(gm, None, lambda node: node_to_subgraph[node],
+                                keep_original_order=True)
     items = []
     names = [name for (name, _) in split_gm.named_modules() if "." not in name and name]
     for name in names:
