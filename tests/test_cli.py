@@ -1,0 +1,135 @@
+"""The `vcr` CLI end to end: warm (embedded Ray), ls, stats, verify, gc, load, plan, and clear
+errors with non-zero exit codes for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_compile_ray import cli, manifest
+from vllm_compile_ray.api import open_store
+from vllm_compile_ray.config import CompilationConfig
+
+TINY = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu", "--backend", "eager"]
+
+
+def vcr(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory) -> str:
+    """A cache warmed by `vcr warm` on an embedded in-process Ray (sizes 1,2 + dynamic)."""
+    cache = str(tmp_path_factory.mktemp("cli") / "cache")
+    code = cli.main(["warm", *TINY, "--sizes", "1,2", "--cache", cache,
+                     "--gpus-per-compile", "0", "--cpus-per-compile", "0.5"])
+    assert code == 0
+    return cache
+
+
+def test_help_lists_commands_and_examples(capsys) -> None:
+    code, out, _ = vcr(capsys, "--help")
+    assert code == 0
+    for command in ("warm", "load", "plan", "ls", "stats", "verify", "gc"):
+        assert command in out
+        code, text, _ = vcr(capsys, command, "--help")
+        assert code == 0 and "Examples:" in text and f"vcr {command}" in text
+
+
+def test_plan_counts_tasks_without_compiling(capsys) -> None:
+    code, out, _ = vcr(capsys, "plan", *TINY, "--sizes", "1,2", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["summary"]["unique_pieces"] == 3 and len(data["tasks"]) == 9
+    assert {t["uses"] for t in data["tasks"]} == {1}  # 2 layers: first and last piece differ, no middle
+
+
+def test_ls_lists_the_manifest(capsys, warmed) -> None:
+    code, out, _ = vcr(capsys, "ls", "--cache", warmed, "--json")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 9 and {r["model"] for r in rows} == {"llama-tiny"}
+    code, out, _ = vcr(capsys, "ls", "--cache", warmed, "--shape", "dynamic")
+    assert code == 0 and out.count("dynamic") == 3 and "piece" in out.splitlines()[0]
+
+
+def test_stats_from_the_stored_snapshot(capsys, warmed) -> None:
+    code, out, _ = vcr(capsys, "stats", "--cache", warmed, "--model", "llama-tiny")
+    assert code == 0
+    assert json.loads(out)["status"] == {"compiled": 9}
+    code, _, err = vcr(capsys, "stats", "--cache", warmed, "--model", "llama-9000")
+    assert code == 1 and "no manifest for model 'llama-9000'" in err
+
+
+def test_load_pulls_with_zero_compiles(capsys, warmed) -> None:
+    code, out, _ = vcr(capsys, "load", *TINY, "--sizes", "1,2", "--cache", warmed, "--on-miss", "error")
+    assert code == 0, out
+    assert "hits" in out and "compiles" in out
+    header, row = [line.split() for line in out.splitlines() if line.split()][1:3]
+    report = dict(zip(header, row))
+    assert report["compiles"] == "0" and report["hits"] == "9" and report["misses"] == "0", out
+
+
+def test_load_cold_cache_fails_with_the_warm_command(capsys, tmp_path) -> None:
+    code, _, err = vcr(capsys, "load", *TINY, "--sizes", "2", "--cache", str(tmp_path / "empty"))
+    assert code == 1
+    assert "missing" in err and "vcr warm --model llama-tiny" in err
+
+
+def test_verify_reports_corruption(capsys, warmed, tmp_path) -> None:
+    code, out, _ = vcr(capsys, "verify", "--cache", warmed)
+    assert code == 0 and "9 artifacts: 9 ok, 0 corrupt" in out
+    store = open_store(CompilationConfig(cache_dir=warmed))
+    key = store.list_keys()[0]
+    raw = bytearray(store.read_raw(key))
+    raw[-1] ^= 0xFF
+    store.write_raw(key, bytes(raw))
+    try:
+        code, out, _ = vcr(capsys, "verify", "--cache", warmed)
+        assert code == 1 and f"corrupt {key}" in out and "sha256 mismatch" in out
+    finally:
+        raw[-1] ^= 0xFF
+        store.write_raw(key, bytes(raw))
+
+
+def test_gc_is_a_dry_run_unless_yes(capsys, tmp_path, warmed) -> None:
+    import shutil
+    cache = str(tmp_path / "copy")
+    shutil.copytree(warmed, cache)
+    store = open_store(CompilationConfig(cache_dir=cache, staging_dir=str(tmp_path / "stage")))
+    code, out, _ = vcr(capsys, "gc", "--cache", cache, "--keep-fingerprint", "another-gpu")
+    assert code == 0 and "9 artifacts to delete (dry run" in out
+    assert len(store.list_keys()) == 9
+    code, out, _ = vcr(capsys, "gc", "--cache", cache, "--keep-fingerprint", "another-gpu", "--yes")
+    assert code == 0 and "9 artifacts deleted" in out
+    assert store.list_keys() == []
+    entry = manifest.list_manifests(store)[0]
+    assert manifest.read_manifest(store, entry["model"], entry["fingerprint_id"]).num_rows == 0
+    code, _, err = vcr(capsys, "gc", "--cache", cache)
+    assert code == 2 and "--keep-fingerprint and/or --older-than-days" in err
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["warm", "--model", "llama-tiny", "--sizes", "1,x"], 2, "comma-separated positive ints"),
+    (["warm", "--model", "llama-tiny", "--storage-options", "[1]"], 2, "expected a JSON object"),
+    (["warm", "--model", "llama-tiny", "--device", "tpu"], 2, "'cuda', 'cpu'"),
+    (["warm", "--sizes", "1"], 2, "Missing option '--model'"),
+    (["plan", "--model", "llama-9000", "--device", "cpu"], 1, "llama-tiny"),
+    (["plan", "--model", "llama-tiny", "--device", "cpu", "--sizes", "0"], 2, "compile_sizes"),
+    (["plan", "--model", "llama-tiny", "--device", "cpu", "--tp", "3"], 2, "tp_size"),
+    (["ls", "--cache", "nosuch://x"], 2, "unknown protocol 'nosuch'"),
+    (["nosuchcommand"], 2, "No such command"),
+])
+def test_bad_input_exits_non_zero_with_a_clear_message(capsys, argv, code, needle) -> None:
+    actual, out, err = vcr(capsys, *argv)
+    assert actual == code, (out, err)
+    assert needle in out + err
+
+
+def test_console_entry_point_exit_code() -> None:
+    proc = subprocess.run([sys.executable, "-m", "vllm_compile_ray", "plan", "--model", "nope",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "vcr: error:" in proc.stderr and "Traceback" not in proc.stderr
