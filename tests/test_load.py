@@ -302,22 +302,11 @@ def test_tp2_ranks_pull_inductor_artifacts(tmp_path: Path, s3_bucket: str,
 @pytest.mark.ray
 def test_report_reaches_the_stats_actor(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
-    from vllm_compile_ray.load import STATS_ACTOR, STATS_NAMESPACE
-
-    class FakeStats:  # defined here so Ray ships it by value (workers cannot import tests/)
-        def __init__(self) -> None:
-            self.reports: list[dict] = []
-
-        def add_startup_report(self, report: dict) -> None:
-            self.reports.append(report)
-
-        def startup_reports(self) -> list[dict]:
-            return self.reports
+    from vllm_compile_ray.stats import get_stats_actor
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        actor = ray.remote(FakeStats).options(name=STATS_ACTOR, namespace=STATS_NAMESPACE,
-                                               num_cpus=0).remote()
+        actor = get_stats_actor()  # the warm job's actor: named, namespaced, detached
         model = vcr.models.build("llama-tiny", num_layers=1)
         cfg = vcr.CompilationConfig(cache_dir=str(tmp_path), compile_sizes=[2], **EAGER)
         compiled = vcr.load(model, cfg, model_name="llama-tiny")

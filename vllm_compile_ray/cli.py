@@ -120,6 +120,8 @@ def cli() -> None:
               help="GPU fraction per compile task [default: 0.25 for cuda, 0 for cpu]")
 @click.option("--cpus-per-compile", type=float, default=1.0, show_default=True,
               help="CPUs per compile task; also Inductor's compile threads")
+@click.option("--resources", callback=_json_dict, default="",
+              help='extra Ray resources per compile task as JSON, e.g. {"H100": 0.25} to pin one GPU type')
 @click.option("--max-in-flight", type=int, default=None, help="compile tasks in flight at once")
 @click.option("--max-retries", type=int, default=3, show_default=True,
               help="Ray retries of a task whose worker died")
@@ -136,7 +138,8 @@ def warm(**opts: Any) -> None:
                       num_layers=opts["num_layers"], device_type=opts["device"],
                       address=opts["address"], max_in_flight=opts["max_in_flight"],
                       gpus_per_compile=opts["gpus_per_compile"],
-                      cpus_per_compile=opts["cpus_per_compile"], max_retries=opts["max_retries"],
+                      cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or None,
+                      max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
                       progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items() if k != "rows"},

@@ -146,7 +146,8 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             raise CompileTaskError(recorded)
         return recorded
     row: dict[str, Any] = {"name": name, "key": key, "shape": str(shape), "code_id": code_id,
-                           **_where(), "seconds": 0.0, "bytes": 0, "sha256": "", "error": ""}
+                           **_where(), "seconds": 0.0, "bytes": 0, "sha256": "", "error": "",
+                           "started_at": time.time()}
     counter, monitor = CompilationCounter(), PerformanceMonitor()
     start = time.perf_counter()
     if own != ctx.fingerprint_id:
@@ -159,6 +160,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     else:
         row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
     row["wall_s"] = round(time.perf_counter() - start, 4)
+    row["finished_at"] = time.time()
     row["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     metrics.record_task(row["status"], row["seconds"], row["bytes"] if row.get("published") else 0)
     row = ray.get(stats.finish.remote(ctx.run_id, task_id, row, counter.to_dict(), monitor.to_dict()))

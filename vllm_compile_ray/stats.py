@@ -81,6 +81,7 @@ class StatsActor:
 
     def __init__(self) -> None:
         self.runs: dict[str, CompileStats] = {}
+        self.startup: list[dict[str, Any]] = []
 
     def _run(self, run_id: str) -> CompileStats:
         if run_id not in self.runs:
@@ -111,6 +112,14 @@ class StatsActor:
         if run_id is not None:
             return self._run(run_id).snapshot()
         return {rid: stats.snapshot() for rid, stats in self.runs.items()}
+
+    def add_startup_report(self, report: dict[str, Any]) -> None:
+        """A TP rank's startup report (load.StartupReport.to_dict()); the newest _MAX_RUNS kept."""
+        self.startup.append(dict(report))
+        del self.startup[:-_MAX_RUNS * 64]
+
+    def startup_reports(self) -> list[dict[str, Any]]:
+        return list(self.startup)
 
     def runs_list(self) -> list[str]:
         return sorted(self.runs, key=lambda r: self.runs[r].created_at)

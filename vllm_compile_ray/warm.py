@@ -235,9 +235,10 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     snap = ray.get(stats.snapshot.remote(run_id))
     manifest_rows = _manifest_rows(store, plan, name, tp_size, rows)
     manifest.update_manifest(store, name, fp_id, manifest_rows)
-    store.put_file(manifest.stats_path(name, fp_id), json.dumps(snap, indent=1, default=str).encode())
     by_status = {s: [r for r in rows if r["status"] == s]
                  for s in ("compiled", "cached", "failed", "timed_out")}
+    snap["summary"] = {"total": len(tasks), **{s: len(r) for s, r in by_status.items()}}
+    store.put_file(manifest.stats_path(name, fp_id), json.dumps(snap, indent=1, default=str).encode())
     result = WarmSummary(
         model=name, tp_size=tp_size, fingerprint_id=fp_id, total=len(tasks),
         compiled=len(by_status["compiled"]), cached=len(by_status["cached"]),
