@@ -61,9 +61,12 @@ def test_registered_passes_are_part_of_the_key() -> None:
 
 
 @pytest.mark.inductor
-def test_post_grad_passes_run_inside_a_real_inductor_compile(tmp_path) -> None:
+def test_post_grad_passes_run_inside_a_real_inductor_compile(tmp_path, monkeypatch) -> None:
     """The manager is installed as Inductor's post-grad pass, next to user Inductor options."""
     import torch
+
+    # A fresh Inductor cache: an FX-graph cache hit from an earlier run would skip the passes.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
     graphs = []
     manager = PostGradPassManager()
