@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import inductor
+from . import inductor, signing
 from .backend import VcrBackend
 from .compiler_interface import CompilerInterface, make_compiler
 from .config import CompilationConfig
@@ -25,8 +25,12 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_compil
 
 
 def open_store(config: CompilationConfig) -> ArtifactStore:
+    """The config's store, with its signing key loaded (from a file or the environment: here,
+    at the edge; the store then carries the key to Ray tasks)."""
+    signer, verifier = signing.from_config(config)
     return ArtifactStore(config.cache_dir or DEFAULT_CACHE_DIR, config.storage_options,
-                         staging_dir=config.staging_dir or None, timeout_s=config.store_timeout_s)
+                         staging_dir=config.staging_dir or None, timeout_s=config.store_timeout_s,
+                         signer=signer, verifier=verifier)
 
 
 def key_context(config: CompilationConfig, compiler: CompilerInterface, device_type: str,

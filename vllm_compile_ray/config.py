@@ -14,6 +14,7 @@ COMPILATION_LEVELS = ("piecewise", "dynamo_once")
 BACKENDS = ("inductor", "eager")
 FALLBACKS = ("eager", "compile")
 MISS_POLICIES = ("error", "compile", "compile_and_publish", "eager")
+SIGNING_SCHEMES = ("", "hmac-sha256", "ed25519")
 DEFAULT_SPLITTING_OPS = ("vcr::attention",)
 
 _OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*::[A-Za-z_][A-Za-z0-9_.]*$")
@@ -54,6 +55,11 @@ class CompilationConfig:
     storage_options: dict = field(default_factory=dict)
     staging_dir: str = ""
     store_timeout_s: float = 30.0
+    # Artifact signing (see signing.py): "" off; the key comes from a file or an env var
+    # (read by `api.open_store`, at the edge). Not hashed: signing does not change compiled code.
+    signing_scheme: str = ""
+    signing_key_file: str = ""
+    signing_key_env: str = ""
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -104,6 +110,27 @@ class CompilationConfig:
                 raise _fail("cache_dir", self.cache_dir, "expected an fsspec URL such as s3://bucket/prefix")
         if not isinstance(self.storage_options, dict):
             raise _fail("storage_options", self.storage_options, "must be a dict of fsspec options")
+        self._check_signing()
+
+    def _check_signing(self) -> None:
+        for name in ("signing_scheme", "signing_key_file", "signing_key_env"):
+            if not isinstance(getattr(self, name), str):
+                raise _fail(name, getattr(self, name), "must be a string")
+        if self.signing_scheme not in SIGNING_SCHEMES:
+            raise _fail("signing_scheme", self.signing_scheme, f"allowed: {SIGNING_SCHEMES}")
+        sources = [n for n in ("signing_key_file", "signing_key_env") if getattr(self, n)]
+        if self.signing_scheme and len(sources) != 1:
+            raise _fail("signing_scheme", self.signing_scheme,
+                        f"needs exactly one key source, signing_key_file or signing_key_env "
+                        f"(got {sources or 'neither'})")
+        if sources and not self.signing_scheme:
+            raise _fail(sources[0], getattr(self, sources[0]),
+                        f"a signing key needs signing_scheme (one of {SIGNING_SCHEMES[1:]})")
+        if self.signing_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
+                                                     self.signing_key_env):
+            raise _fail("signing_key_env", self.signing_key_env,
+                        "must be an environment variable name (the key itself never goes in "
+                        "the config)")
 
     @staticmethod
     def _str_tuple(name: str, value: Any, pattern: re.Pattern, allowed: str) -> tuple[str, ...]:

@@ -46,6 +46,11 @@ class ArtifactCorruptError(StoreError):
     """A stored artifact failed verification (truncated, bit-flipped, foreign or forged)."""
 
 
+class ArtifactSignatureError(ArtifactCorruptError):
+    """An artifact or manifest row is unsigned or its signature does not verify (forged, altered,
+    or signed by another key) while signatures are required; it is never handed to a loader."""
+
+
 class CompileError(VcrError, RuntimeError):
     """A piece failed to compile."""
 

@@ -21,7 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ArtifactNotFoundError
+from . import signing
+from .errors import ArtifactCorruptError, ArtifactNotFoundError
 from .store import ArtifactStore
 
 SCHEMA = pa.schema([
@@ -38,6 +39,7 @@ SCHEMA = pa.schema([
     ("fingerprint_id", pa.string()),
     ("fingerprint", pa.string()),  # canonical JSON of the environment fingerprint
     ("created_at", pa.timestamp("ms", tz="UTC")),
+    ("signature", pa.string()),  # signing.sign_manifest, when the store has a signer; else null
 ])
 INDEX_PATH = "manifests/index.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -89,17 +91,31 @@ def _shape_order(shape: str) -> tuple[int, int]:
 
 def read_manifest(store: ArtifactStore, model: str, fingerprint_id: str) -> pa.Table:
     """The manifest's rows (an empty table with the schema if there is none yet)."""
+    path = manifest_path(model, fingerprint_id)
     try:
-        data = store.get_file(manifest_path(model, fingerprint_id))
+        data = store.get_file(path)
     except ArtifactNotFoundError:
         return empty()
-    return pq.read_table(pa.BufferReader(data)).cast(SCHEMA)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+        if "signature" not in table.column_names:  # written before manifests were signed
+            table = table.append_column("signature", pa.nulls(table.num_rows, pa.string()))
+        table = table.cast(SCHEMA)
+    except (pa.ArrowException, ValueError) as exc:
+        raise ArtifactCorruptError(f"manifest {store.url}/{path} is corrupt or not a manifest "
+                                   f"of this schema: {exc}") from None
+    # Keys must be artifact keys; with a verifier, every row must carry a valid signature.
+    signing.verify_manifest(table, store.verifier, where=f"manifest {store.url}/{path}")
+    return table
 
 
 def write_manifest(store: ArtifactStore, model: str, fingerprint_id: str, table: pa.Table) -> str:
     """Replace the manifest with `table` and list it in the index; returns its relative path."""
     buf = io.BytesIO()
-    pq.write_table(table.cast(SCHEMA), buf, compression="zstd")
+    table = table.cast(SCHEMA)
+    if store.signer is not None:
+        table = signing.sign_manifest(table, store.signer)
+    pq.write_table(table, buf, compression="zstd")
     path = manifest_path(model, fingerprint_id)
     store.put_file(path, buf.getvalue())
     _update_index(store, {"model": model, "fingerprint_id": fingerprint_id, "path": path,
@@ -121,7 +137,17 @@ def list_manifests(store: ArtifactStore) -> list[dict[str, Any]]:
         index = json.loads(store.get_file(INDEX_PATH))
     except ArtifactNotFoundError:
         return []
-    return sorted(index.get("manifests", []), key=lambda e: (e["model"], e["fingerprint_id"]))
+    except ValueError as exc:
+        raise ArtifactCorruptError(f"manifest index {store.url}/{INDEX_PATH} is not JSON: "
+                                   f"{exc}") from None
+    entries = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("model"), str)
+            and isinstance(e.get("fingerprint_id"), str) for e in entries):
+        raise ArtifactCorruptError(f"manifest index {store.url}/{INDEX_PATH} is malformed: "
+                                   "expected {\"manifests\": [{\"model\": str, "
+                                   "\"fingerprint_id\": str, ...}]}")
+    return sorted(entries, key=lambda e: (e["model"], e["fingerprint_id"]))
 
 
 def _update_index(store: ArtifactStore, entry: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.asyn import sync
@@ -29,6 +29,9 @@ from fsspec.utils import get_protocol
 
 from .errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, StoreError
 from .store_errors import translate, translate_errors
+
+if TYPE_CHECKING:  # signing imports this module (check_key); only the types are needed here
+    from .signing import Signer, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,24 @@ _S3 = ("s3", "s3a")
 _CONCURRENCY = 32
 # memory:// lives in this process only, so one lock makes its check-then-write publish exact.
 _MEMORY_LOCK = threading.Lock()
+# aiohttp starts its read timeout only once a request body is written, and botocore sends PUTs
+# with "Expect: 100-continue", which aiohttp awaits with no timeout: a frozen S3 server hung a
+# publish forever (tests/test_faults.py). Writes on async backends therefore get an overall
+# deadline (fsspec `sync(timeout=)`): 4 x timeout_s plus the body at this many bytes/s.
+_MIN_WRITE_RATE = 1 << 20
+# Named parameters of s3fs.S3FileSystem, the listing-cache options it forwards to fsspec, and
+# `profile` (its other **kwargs go to aiobotocore's AioSession). Anything else fails late, at the
+# first request, as a bare TypeError, or is silently ignored: check up front.
+_S3_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "anon": bool, "endpoint_url": str, "key": str, "secret": str, "token": str, "use_ssl": bool,
+    "client_kwargs": dict, "requester_pays": bool, "default_block_size": int,
+    "default_fill_cache": bool, "default_cache_type": str, "version_aware": bool,
+    "config_kwargs": dict, "s3_additional_kwargs": dict, "session": object, "username": str,
+    "password": str, "cache_regions": bool, "asynchronous": bool, "loop": object,
+    "max_concurrency": int, "fixed_upload_size": bool, "local_expiry_check": bool,
+    "use_listings_cache": bool, "listings_expiry_time": (int, float),
+    "max_paths": int, "skip_instance_cache": bool, "profile": str,
+}
 
 
 def check_key(key: str) -> str:
@@ -69,23 +90,31 @@ class Artifact:
     meta: dict = field(default_factory=dict)  # JSON-able: piece name, shape, fingerprint, ...
 
 
-def encode_artifact(key: str, payload: bytes, meta: dict | None = None) -> bytes:
-    """Frame `payload` as MAGIC | u32 header length | JSON header | payload."""
+def encode_artifact(key: str, payload: bytes, meta: dict | None = None,
+                    signer: Signer | None = None) -> bytes:
+    """Frame `payload` as MAGIC | u32 header length | JSON header | payload; with a signer the
+    header carries a "signature" over key, sha256, size and meta."""
     check_key(key)
     payload = bytes(payload)
     header = {"key": key, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload),
               "meta": dict(meta or {})}
     try:
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if signer is not None:  # sign the meta as readers will decode it (tuples -> lists, ...)
+            header["meta"] = json.loads(raw)["meta"]
+            header["signature"] = signer.sign_artifact(key, header["sha256"], header["size"],
+                                                       header["meta"])
+            raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta of artifact {key} is not JSON-serializable: {e}") from e
     return MAGIC + _LEN.pack(len(raw)) + raw + payload
 
 
-def decode_artifact(blob: bytes, expected_key: str) -> Artifact:
+def decode_artifact(blob: bytes, expected_key: str, verifier: Verifier | None = None) -> Artifact:
     """Parse and verify a framed blob; ArtifactCorruptError names the key and what failed.
 
-    Unknown header fields are ignored so the header can grow (e.g. a signature).
+    With a verifier, an unsigned or forged header raises ArtifactSignatureError (a subclass).
+    Unknown header fields are ignored so the header can grow.
     """
     def bad(why: str) -> ArtifactCorruptError:
         return ArtifactCorruptError(f"artifact {expected_key} is corrupt: {why}")
@@ -111,6 +140,8 @@ def decode_artifact(blob: bytes, expected_key: str) -> Artifact:
         raise bad("header lacks key/sha256/size/meta of the right types")
     if key != expected_key:
         raise bad(f"header names key {key!r}")
+    if verifier is not None:  # before anything else trusts the header
+        verifier.verify_artifact(key, sha, size, meta, header.get("signature"))
     payload = blob[head + hlen:]
     if len(payload) < size:
         raise bad(f"truncated payload ({len(payload)} of {size} bytes)")
@@ -142,15 +173,25 @@ class ArtifactStore:
     """Publish-once artifact store at `url` with a node-local, verified staging directory."""
 
     def __init__(self, url: str, storage_options: dict | None = None,
-                 staging_dir: str | None = None, timeout_s: float = 30.0):
+                 staging_dir: str | None = None, timeout_s: float = 30.0,
+                 signer: Signer | None = None, verifier: Verifier | None = None):
+        """signer: signs what this store publishes. verifier: when set, every artifact read
+        (remote or staged) must carry its valid signature, else ArtifactSignatureError."""
         if not isinstance(url, str) or not url:
             raise ConfigError(f"store url must be a non-empty string, got {url!r}")
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise ConfigError(f"storage_options must be a dict of fsspec options, got "
+                              f"{type(storage_options).__name__} {storage_options!r}")
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.timeout_s = float(timeout_s)
+        self.signer = signer
+        self.verifier = verifier
         self._protocol, cls = _filesystem_class(url)
+        if self._protocol in _S3:
+            _check_s3_options(url, self.storage_options)
         self._root = cls._strip_protocol(url).rstrip("/")
         if staging_dir is None:
             tag = hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -161,7 +202,8 @@ class ArtifactStore:
 
     def __reduce__(self) -> tuple[Callable[..., ArtifactStore], tuple]:
         # Only the configuration travels; each process builds its own filesystem lazily.
-        return (ArtifactStore, (self.url, self.storage_options, self.staging_dir, self.timeout_s))
+        return (ArtifactStore, (self.url, self.storage_options, self.staging_dir, self.timeout_s,
+                                self.signer, self.verifier))
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r}, staging_dir={self.staging_dir!r})"
@@ -228,6 +270,10 @@ class ArtifactStore:
                     raise StoreError(msg) from e
             else:
                 fs.exists(self._root)  # a round trip: reachability and credentials
+            if write and self.verifier is not None and self.signer is None:
+                raise ConfigError(f"store {self.url!r} verifies signatures but holds no signing "
+                                  f"key (key id {self.verifier.key_id} is a public key): it cannot "
+                                  "publish; give the private key, or on_miss='compile'/'error'")
             if write:
                 probe = self._side_path(f".vcr-access-probe-{uuid.uuid4().hex}")
                 self._put(probe, b"", overwrite=True)
@@ -235,17 +281,17 @@ class ArtifactStore:
 
     # ---- artifacts ----
     def contains(self, key: str) -> bool:
-        """True if staged locally or present remotely (the staged copy is verified on fetch)."""
-        if os.path.exists(self._staged_path(check_key(key))):
-            return True
-        with translate_errors(self.url, "contains", key):
+        """True if the shared store holds `key`. Staged copies do not count: they outlive a
+        wiped or garbage-collected store, and a warm run that trusted them skipped keys the store
+        no longer had (tests/test_faults.py). Loaders read staged copies through `fetch`."""
+        with translate_errors(self.url, "contains", check_key(key)):
             return bool(self._fs.exists(self._path(key)))
 
     def contains_many(self, keys: list[str]) -> dict[str, bool]:
         """`contains` for many keys, remote lookups issued concurrently."""
-        out = {k: os.path.exists(self._staged_path(check_key(k))) for k in keys}
-        todo = [k for k, hit in out.items() if not hit]
+        todo = list(dict.fromkeys(check_key(k) for k in keys))
         results = self._gather(self._fs.exists, "_exists", [self._path(k) for k in todo])
+        out: dict[str, bool] = {}
         with translate_errors(self.url, "contains_many"):
             for k, r in zip(todo, results):
                 if isinstance(r, BaseException):
@@ -254,13 +300,40 @@ class ArtifactStore:
         return out
 
     def publish(self, key: str, payload: bytes, meta: dict | None = None) -> bool:
-        """Store once: True if this call stored `key`, False if it was already there."""
-        blob = encode_artifact(key, payload, meta)
+        """Store once: True if this call stored `key`, False if a good artifact was already there.
+
+        An object already at `key` that fails verification (truncated, bit-flipped, unsigned or
+        forged) is replaced: nobody can load it, and publish-once would otherwise keep it forever.
+        """
+        if self.verifier is not None and self.signer is None:
+            raise ConfigError(f"store {self.url!r} verifies signatures but holds no signing key: "
+                              f"it cannot publish {key}")
+        blob = encode_artifact(key, payload, meta, signer=self.signer)
         with translate_errors(self.url, "publish", key):
             stored = self._create(self._path(key), blob)
+            if not stored and self._is_bad(key):
+                self._put(self._path(key), blob, overwrite=True)
+                stored = True
         if stored:
             self._stage(key, blob)
         return stored
+
+    def _is_bad(self, key: str) -> bool:
+        """True if the stored object at `key` fails verification (logged: it is replaced)."""
+        try:
+            decode_artifact(self._fs.cat_file(self._path(key)), key, self.verifier)
+        except FileNotFoundError:
+            return False  # deleted meanwhile: leave it to the next publish
+        except ArtifactCorruptError as e:
+            log.warning("replacing the artifact stored at %s: %s", key, e)
+            return True
+        return False
+
+    def _write_deadline(self, nbytes: int) -> dict[str, float]:
+        """`timeout=` for a sync write call on async backends (see _MIN_WRITE_RATE)."""
+        if not getattr(self._fs, "async_impl", False):
+            return {}
+        return {"timeout": 4 * self.timeout_s + nbytes / _MIN_WRITE_RATE}
 
     def _create(self, path: str, blob: bytes) -> bool:
         """Write `blob` at `path` unless something is there; never overwrite."""
@@ -276,7 +349,7 @@ class ArtifactStore:
         if fs.exists(path):  # S3 conditional put still uploads the whole body: check first
             return False
         try:
-            fs.pipe_file(path, blob, mode="create")
+            fs.pipe_file(path, blob, mode="create", **self._write_deadline(len(blob)))
         except FileExistsError:
             return False
         return True
@@ -288,7 +361,7 @@ class ArtifactStore:
             return art
         with translate_errors(self.url, "fetch", key):
             blob = self._fs.cat_file(self._path(key))
-        art = decode_artifact(blob, key)
+        art = decode_artifact(blob, key, self.verifier)
         self._stage(key, blob)
         return art
 
@@ -309,7 +382,7 @@ class ArtifactStore:
                 if err is r:
                     raise r
                 raise err from r
-            out[k] = decode_artifact(r, k)
+            out[k] = decode_artifact(r, k, self.verifier)
             self._stage(k, r)
         return out
 
@@ -358,8 +431,8 @@ class ArtifactStore:
                 raise FileExistsError(f"{path} exists and overwrite=False")
         elif self._protocol == "file":
             _replace(path, data, fsync=True)
-        else:
-            self._fs.pipe_file(path, data)  # one PUT on object stores: atomic
+        else:  # one PUT on object stores: atomic
+            self._fs.pipe_file(path, data, **self._write_deadline(len(data)))
 
     def get_file(self, relpath: str) -> bytes:
         """Read a side file; ArtifactNotFoundError if missing."""
@@ -380,7 +453,7 @@ class ArtifactStore:
             except FileNotFoundError:
                 return None  # not staged on this node
         try:
-            return decode_artifact(blob, key)
+            return decode_artifact(blob, key, self.verifier)
         except ArtifactCorruptError as e:
             log.warning("deleting corrupt staged copy %s and refetching: %s", path, e)
             # A concurrent reader may have removed it first.
@@ -391,6 +464,20 @@ class ArtifactStore:
     def _stage(self, key: str, blob: bytes) -> None:
         with translate_errors(self.staging_dir, "stage", key):
             _replace(self._staged_path(key), blob, fsync=False)
+
+
+def _check_s3_options(url: str, options: dict) -> None:
+    """ConfigError for storage options s3fs would ignore (typos) or choke on later (types)."""
+    unknown = sorted(set(options) - set(_S3_OPTION_TYPES))
+    if unknown:
+        raise ConfigError(f"storage_options for {url!r}: unknown s3 option(s) {unknown}; "
+                          f"allowed: {sorted(_S3_OPTION_TYPES)}")
+    for name, value in options.items():
+        want = _S3_OPTION_TYPES[name]
+        if isinstance(value, bool) and want in (int, (int, float)) or not isinstance(value, want):
+            names = want.__name__ if isinstance(want, type) else "/".join(t.__name__ for t in want)
+            raise ConfigError(f"storage_options[{name!r}] for {url!r} must be {names}, got "
+                              f"{type(value).__name__} {value!r}")
 
 
 def _call(fn: Callable[[str], Any], arg: str) -> Any:
