@@ -133,3 +133,24 @@ def test_console_entry_point_exit_code() -> None:
     proc = subprocess.run([sys.executable, "-m", "vllm_compile_ray", "plan", "--model", "nope",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "vcr: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_verify_with_a_signing_key_refuses_unsigned_artifacts(capsys, warmed, monkeypatch) -> None:
+    monkeypatch.setenv("VCR_TEST_SIGNING_KEY", "k" * 40)
+    code, out, err = vcr(capsys, "verify", "--cache", warmed, "--signing-scheme", "hmac-sha256",
+                         "--signing-key-env", "VCR_TEST_SIGNING_KEY")
+    assert code == 1 and "unsigned, and signatures are required" in err
+
+
+def test_signing_flags_are_validated(capsys, warmed) -> None:
+    code, _, err = vcr(capsys, "verify", "--cache", warmed, "--signing-scheme", "rsa")
+    assert code == 2 and "'hmac-sha256', 'ed25519'" in err
+    code, _, err = vcr(capsys, "verify", "--cache", warmed, "--signing-scheme", "hmac-sha256",
+                       "--signing-key-env", "VCR_NO_SUCH_VARIABLE")
+    assert code != 0 and "VCR_NO_SUCH_VARIABLE" in err
+
+
+def test_unknown_model_fails_before_ray_starts(capsys, tmp_path) -> None:
+    import ray
+    code, _, err = vcr(capsys, "warm", "--model", "llama-9000", "--device", "cpu", "--cache", str(tmp_path))
+    assert code == 1 and "llama-tiny" in err and not ray.is_initialized()

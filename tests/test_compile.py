@@ -152,6 +152,14 @@ def test_rejected_foreign_artifact_is_recompiled(tmp_path: Path) -> None:
     second = vcr.compile(tiny(2), cfg.replace(on_miss="compile"))
     with second.counter.expect(num_artifacts_rejected=1, num_backend_compilations=1):
         second(*inputs(2))
+    assert store.fetch(key).meta["fingerprint"] == "another-gpu"  # "compile" publishes nothing
+    third = vcr.compile(tiny(2), cfg)  # compile_and_publish replaces the foreign artifact
+    with third.counter.expect(num_artifacts_rejected=1, num_artifacts_saved=1):
+        third(*inputs(2))
+    assert store.fetch(key).meta["fingerprint"] == third.backend.key_context.fingerprint_id
+    fourth = vcr.compile(tiny(2), cfg.replace(on_miss="error"))
+    with fourth.counter.expect(num_artifacts_rejected=0, num_backend_compilations=0):
+        fourth(*inputs(2))
 
 
 # ---- bad input gets a clear error ----

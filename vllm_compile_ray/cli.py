@@ -51,7 +51,15 @@ def _json_dict(ctx: click.Context, param: click.Parameter, value: str) -> dict:
     return data
 
 
+SIGNING_HELP = ("artifact signing: hmac-sha256 (shared secret, >= 32 bytes) or ed25519 (private key "
+                "signs, public key verifies); loaders refuse unsigned or forged artifacts")
+
+
 def cache_options(fn: Callable) -> Callable:
+    fn = click.option("--signing-key-env", default="", help="env var holding the signing key")(fn)
+    fn = click.option("--signing-key-file", default="", help="file holding the signing key")(fn)
+    fn = click.option("--signing-scheme", type=click.Choice(["", "hmac-sha256", "ed25519"]),
+                      default="", help=SIGNING_HELP)(fn)
     fn = click.option("--storage-options", callback=_json_dict, envvar="VCR_STORAGE_OPTIONS",
                       default="", help="fsspec storage options as JSON [env VCR_STORAGE_OPTIONS]")(fn)
     fn = click.option("--cache", envvar="VCR_CACHE", default="",
@@ -92,12 +100,17 @@ def make_config(opts: dict[str, Any], **extra: Any) -> CompilationConfig:
         compile_sizes=opts["sizes"], compile_dynamic=not opts["no_dynamic"],
         inductor_compile_config=inductor_config, max_compile_time=opts["max_compile_time"],
         cache_dir=opts["cache"], storage_options=opts["storage_options"],
-        staging_dir=opts["staging_dir"], **extra)
+        staging_dir=opts["staging_dir"], **_signing(opts), **extra)
 
 
-def _store(cache: str, storage_options: dict):
+def _signing(opts: dict[str, Any]) -> dict[str, str]:
+    return {name: opts[name] for name in ("signing_scheme", "signing_key_file", "signing_key_env")}
+
+
+def _store(opts: dict[str, Any]):
     from .api import open_store
-    return open_store(CompilationConfig(cache_dir=cache, storage_options=storage_options))
+    return open_store(CompilationConfig(cache_dir=opts["cache"], storage_options=opts["storage_options"],
+                                        **_signing(opts)))
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -132,8 +145,10 @@ def cli() -> None:
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
+    from . import models
     from .warm import warm as warm_fn
 
+    models.get_config(opts["model"], opts["num_layers"])  # an unknown preset fails before Ray starts
     summary = warm_fn(opts["model"], make_config(opts), tp_size=opts["tp"],
                       num_layers=opts["num_layers"], device_type=opts["device"],
                       address=opts["address"], max_in_flight=opts["max_in_flight"],
@@ -216,11 +231,11 @@ def plan(**opts: Any) -> None:
 @click.option("--model", default=None, help="only this model")
 @click.option("--shape", default=None, help='only this shape ("dynamic" or a size)')
 @click.option("--json", "as_json", is_flag=True, help="print JSON rows")
-def ls(cache: str, storage_options: dict, model: str | None, shape: str | None, as_json: bool) -> None:
+def ls(model: str | None, shape: str | None, as_json: bool, **opts: Any) -> None:
     """List the cache's manifests as a table (no bucket listing)."""
     from . import manifest
 
-    store = _store(cache, storage_options)
+    store = _store(opts)
     rows: list[dict[str, Any]] = []
     for entry in manifest.list_manifests(store):
         if model and entry["model"] != model:
@@ -243,8 +258,7 @@ def ls(cache: str, storage_options: dict, model: str | None, shape: str | None, 
 @click.option("--model", default=None, help="read the stored snapshot of this model's last warm")
 @click.option("--address", default=None, help="read the live stats actor of this Ray cluster")
 @click.option("--run-id", default=None, help="one run of the live stats actor")
-def stats(cache: str, storage_options: dict, model: str | None, address: str | None,
-          run_id: str | None) -> None:
+def stats(model: str | None, address: str | None, run_id: str | None, **opts: Any) -> None:
     """Show compile statistics from the stats actor or a stored snapshot."""
     if address:
         import ray
@@ -260,7 +274,7 @@ def stats(cache: str, storage_options: dict, model: str | None, address: str | N
         raise click.UsageError("give --model (stored snapshot) or --address (live stats actor)")
     from . import manifest
 
-    store = _store(cache, storage_options)
+    store = _store(opts)
     entries = [e for e in manifest.list_manifests(store) if e["model"] == model]
     if not entries:
         raise click.ClickException(f"no manifest for model {model!r} in {store.url}")
@@ -272,13 +286,14 @@ def stats(cache: str, storage_options: dict, model: str | None, address: str | N
 @cli.command(epilog=_epilog("verify"))
 @cache_options
 @click.option("--delete-corrupt", is_flag=True, help="delete artifacts that fail verification")
-def verify(cache: str, storage_options: dict, delete_corrupt: bool) -> None:
-    """Re-hash every artifact; report corrupt ones, orphans (in no manifest) and missing ones."""
+def verify(delete_corrupt: bool, **opts: Any) -> None:
+    """Re-hash every artifact (and check its signature when a key is given); report corrupt ones,
+    orphans (in no manifest) and missing ones."""
     from . import manifest
     from .errors import ArtifactCorruptError
     from .store import decode_artifact
 
-    store = _store(cache, storage_options)
+    store = _store(opts)
     keys = store.list_keys()
     listed: dict[str, str] = {}
     for entry in manifest.list_manifests(store):
@@ -288,7 +303,7 @@ def verify(cache: str, storage_options: dict, delete_corrupt: bool) -> None:
     with click.progressbar(keys, label="verifying", file=sys.stderr) as bar:
         for key in bar:
             try:
-                decode_artifact(store.read_raw(key), key)
+                decode_artifact(store.read_raw(key), key, verifier=store.verifier)
             except ArtifactCorruptError as exc:
                 corrupt.append((key, str(exc)))
     orphans = sorted(set(keys) - set(listed))
@@ -314,8 +329,8 @@ def verify(cache: str, storage_options: dict, delete_corrupt: bool) -> None:
 @click.option("--older-than-days", type=float, default=None,
               help="drop artifacts created more than N days ago")
 @click.option("--yes", is_flag=True, help="delete for real (default: dry run)")
-def gc(cache: str, storage_options: dict, keep_fingerprint: tuple[str, ...],
-       older_than_days: float | None, yes: bool) -> None:
+def gc(keep_fingerprint: tuple[str, ...], older_than_days: float | None, yes: bool,
+       **opts: Any) -> None:
     """Drop entries for other torch/GPU fingerprints or older than N days (dry run by default)."""
     import time
 
@@ -323,7 +338,7 @@ def gc(cache: str, storage_options: dict, keep_fingerprint: tuple[str, ...],
 
     if not keep_fingerprint and older_than_days is None:
         raise click.UsageError("give --keep-fingerprint and/or --older-than-days")
-    store = _store(cache, storage_options)
+    store = _store(opts)
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     drop: list[tuple[str, str]] = []
     for entry in manifest.list_manifests(store):

@@ -52,6 +52,7 @@ class CompilerManager:
         self.monitor = monitor if monitor is not None else PerformanceMonitor()
         self.loaded: dict[str, LoadedPiece] = {}
         self._fetched: dict[str, Artifact] = {}
+        self.rejected: set[str] = set()  # keys whose stored artifact this process refused
 
     def artifact_meta(self, piece: CanonicalPiece, shape: int | str, result: CompileResult,
                       seconds: float) -> dict:
@@ -93,21 +94,18 @@ class CompilerManager:
             except ArtifactNotFoundError:
                 return None
             except ArtifactCorruptError as exc:
-                self.counter.num_artifacts_rejected += 1
-                logger.warning("rejected artifact %s: %s", key, exc)
+                self._reject(key, str(exc))
                 return None
         meta = artifact.meta
         problem = self._meta_problem(meta, shape)
         if problem:
-            self.counter.num_artifacts_rejected += 1
-            logger.warning("rejected artifact %s: %s", key, problem)
+            self._reject(key, problem)
             return None
         start = time.perf_counter()
         try:
             fn = self.compiler.load(artifact.payload, piece.graph, shape, self.device)
         except Exception as exc:  # a foreign or damaged artifact must not stop the model
-            self.counter.num_artifacts_rejected += 1
-            logger.warning("could not load artifact %s (%s: %s)", key, type(exc).__name__, exc)
+            self._reject(key, f"could not load ({type(exc).__name__}: {exc})")
             return None
         self.monitor.record("load", time.perf_counter() - start)
         self.counter.num_cache_hits += 1
@@ -117,6 +115,11 @@ class CompilerManager:
         loaded = LoadedPiece(key, shape, fn, (int(lo), None if hi is None else int(hi)), "store")
         self.loaded[key] = loaded
         return loaded
+
+    def _reject(self, key: str, why: str) -> None:
+        self.counter.num_artifacts_rejected += 1
+        self.rejected.add(key)
+        logger.warning("rejected artifact %s: %s", key, why)
 
     def _meta_problem(self, meta: dict, shape: int | str) -> str:
         if meta.get("compiler") != self.compiler.name:
@@ -150,6 +153,9 @@ class CompilerManager:
         meta = self.artifact_meta(piece, shape, result, seconds)
         meta["bytes"] = len(result.artifact)
         if publish and self.store is not None:
+            if key in self.rejected:  # the key names this environment: what is stored is wrong
+                self.store.delete(key)
+                self.rejected.discard(key)
             with self.monitor.timed("publish"):
                 if self.store.publish(key, result.artifact, meta):
                     self.counter.num_artifacts_saved += 1
