@@ -150,8 +150,14 @@ def _scrape(pattern: str, timeout_s: float = 30.0) -> list[tuple[str, float]]:
 
 def test_metrics_endpoint_shows_the_counters(warmed) -> None:
     _, summary, _ = warmed
-    compiled = _scrape(r"ray_vcr_compiles_total")
-    assert sum(v for name, v in compiled if 'status="compiled"' in name) >= summary.total
+    deadline = time.monotonic() + 30  # each worker exports on its own report interval
+    while True:
+        compiled = _scrape(r"ray_vcr_compiles_total")
+        done = sum(v for name, v in compiled if 'status="compiled"' in name)
+        if done >= summary.total or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert done >= summary.total
     assert sum(v for _, v in _scrape(r"ray_vcr_bytes_published_total")) > 0
     assert sum(v for _, v in _scrape(r"ray_vcr_compile_seconds_count")) >= summary.total
     remaining = _scrape(r"ray_vcr_tasks_remaining")

@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import ArtifactCorruptError, ArtifactSignatureError, ConfigError
 from .keys import canonical_json
-from .store import check_key
+from .artifact import check_key
 
 SCHEMES = ("hmac-sha256", "ed25519")
 MIN_HMAC_KEY_BYTES = 32

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
-import re
-import struct
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -28,18 +24,16 @@ from fsspec.registry import known_implementations, registry
 from fsspec.utils import get_protocol
 
 from .errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, StoreError
+from .artifact import (MAGIC, Artifact, check_key, check_relpath, decode_artifact,  # noqa: F401
+                       encode_artifact, KEY_RE as _KEY_RE)
+from .s3_options import check_s3_options as _check_s3_options
 from .store_errors import translate, translate_errors
 
-if TYPE_CHECKING:  # signing imports this module (check_key); only the types are needed here
+if TYPE_CHECKING:  # only the types; the store never signs or verifies itself
     from .signing import Signer, Verifier
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"VCRA1\n"
-_LEN = struct.Struct(">I")
-_MAX_HEADER = 1 << 20
-_KEY_RE = re.compile(r"[0-9a-f]{64}")
-_RELPATH_RE = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 _SUFFIX = ".vcra"
 _COMMON_PROTOCOLS = "s3, gs/gcs, az/abfs, file (or a plain absolute path), memory"
 _S3 = ("s3", "s3a")
@@ -51,105 +45,6 @@ _MEMORY_LOCK = threading.Lock()
 # publish forever (tests/test_faults.py). Writes on async backends therefore get an overall
 # deadline (fsspec `sync(timeout=)`): 4 x timeout_s plus the body at this many bytes/s.
 _MIN_WRITE_RATE = 1 << 20
-# Named parameters of s3fs.S3FileSystem, the listing-cache options it forwards to fsspec, and
-# `profile` (its other **kwargs go to aiobotocore's AioSession). Anything else fails late, at the
-# first request, as a bare TypeError, or is silently ignored: check up front.
-_S3_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
-    "anon": bool, "endpoint_url": str, "key": str, "secret": str, "token": str, "use_ssl": bool,
-    "client_kwargs": dict, "requester_pays": bool, "default_block_size": int,
-    "default_fill_cache": bool, "default_cache_type": str, "version_aware": bool,
-    "config_kwargs": dict, "s3_additional_kwargs": dict, "session": object, "username": str,
-    "password": str, "cache_regions": bool, "asynchronous": bool, "loop": object,
-    "max_concurrency": int, "fixed_upload_size": bool, "local_expiry_check": bool,
-    "use_listings_cache": bool, "listings_expiry_time": (int, float),
-    "max_paths": int, "skip_instance_cache": bool, "profile": str,
-}
-
-
-def check_key(key: str) -> str:
-    """Return `key` if it is a lowercase hex sha256 string; raise ValueError naming it otherwise."""
-    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-        raise ValueError(f"invalid artifact key {key!r}: expected 64 lowercase hex characters")
-    return key
-
-
-def check_relpath(relpath: str) -> str:
-    """Return `relpath` if it stays under the root: [A-Za-z0-9._/-], no '..', not absolute."""
-    ok = isinstance(relpath, str) and _RELPATH_RE.fullmatch(relpath)
-    parts = relpath.split("/") if ok else []
-    if not ok or parts[0] == "artifacts" or any(p in (".", "..") for p in parts):
-        raise ValueError(f"invalid relative path {relpath!r}: use [A-Za-z0-9._-] segments "
-                         "joined by '/', no '.', '..', leading '/' or 'artifacts/'")
-    return relpath
-
-
-@dataclass(frozen=True)
-class Artifact:
-    key: str
-    payload: bytes
-    meta: dict = field(default_factory=dict)  # JSON-able: piece name, shape, fingerprint, ...
-
-
-def encode_artifact(key: str, payload: bytes, meta: dict | None = None,
-                    signer: Signer | None = None) -> bytes:
-    """Frame `payload` as MAGIC | u32 header length | JSON header | payload; with a signer the
-    header carries a "signature" over key, sha256, size and meta."""
-    check_key(key)
-    payload = bytes(payload)
-    header = {"key": key, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload),
-              "meta": dict(meta or {})}
-    try:
-        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        if signer is not None:  # sign the meta as readers will decode it (tuples -> lists, ...)
-            header["meta"] = json.loads(raw)["meta"]
-            header["signature"] = signer.sign_artifact(key, header["sha256"], header["size"],
-                                                       header["meta"])
-            raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta of artifact {key} is not JSON-serializable: {e}") from e
-    return MAGIC + _LEN.pack(len(raw)) + raw + payload
-
-
-def decode_artifact(blob: bytes, expected_key: str, verifier: Verifier | None = None) -> Artifact:
-    """Parse and verify a framed blob; ArtifactCorruptError names the key and what failed.
-
-    With a verifier, an unsigned or forged header raises ArtifactSignatureError (a subclass).
-    Unknown header fields are ignored so the header can grow.
-    """
-    def bad(why: str) -> ArtifactCorruptError:
-        return ArtifactCorruptError(f"artifact {expected_key} is corrupt: {why}")
-
-    blob = bytes(blob)
-    head = len(MAGIC) + _LEN.size
-    if len(blob) < head:
-        raise bad(f"truncated ({len(blob)} bytes, shorter than the frame header)")
-    if not blob.startswith(MAGIC):
-        raise bad(f"bad magic {blob[:len(MAGIC)]!r}")
-    (hlen,) = _LEN.unpack_from(blob, len(MAGIC))
-    if hlen > _MAX_HEADER or head + hlen > len(blob):
-        raise bad(f"truncated or bad header length {hlen}")
-    try:
-        header = json.loads(blob[head:head + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not UTF-8 JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    key, sha, size, meta = (header.get(f) for f in ("key", "sha256", "size", "meta"))
-    if not (isinstance(key, str) and isinstance(sha, str) and type(size) is int
-            and isinstance(meta, dict)):
-        raise bad("header lacks key/sha256/size/meta of the right types")
-    if key != expected_key:
-        raise bad(f"header names key {key!r}")
-    if verifier is not None:  # before anything else trusts the header
-        verifier.verify_artifact(key, sha, size, meta, header.get("signature"))
-    payload = blob[head + hlen:]
-    if len(payload) < size:
-        raise bad(f"truncated payload ({len(payload)} of {size} bytes)")
-    if len(payload) > size:
-        raise bad(f"{len(payload) - size} bytes of trailing garbage after the payload")
-    if hashlib.sha256(payload).hexdigest() != sha:
-        raise bad("sha256 mismatch")
-    return Artifact(key=key, payload=payload, meta=meta)
 
 
 def _filesystem_class(url: str) -> tuple[str, type]:
@@ -464,20 +359,6 @@ class ArtifactStore:
     def _stage(self, key: str, blob: bytes) -> None:
         with translate_errors(self.staging_dir, "stage", key):
             _replace(self._staged_path(key), blob, fsync=False)
-
-
-def _check_s3_options(url: str, options: dict) -> None:
-    """ConfigError for storage options s3fs would ignore (typos) or choke on later (types)."""
-    unknown = sorted(set(options) - set(_S3_OPTION_TYPES))
-    if unknown:
-        raise ConfigError(f"storage_options for {url!r}: unknown s3 option(s) {unknown}; "
-                          f"allowed: {sorted(_S3_OPTION_TYPES)}")
-    for name, value in options.items():
-        want = _S3_OPTION_TYPES[name]
-        if isinstance(value, bool) and want in (int, (int, float)) or not isinstance(value, want):
-            names = want.__name__ if isinstance(want, type) else "/".join(t.__name__ for t in want)
-            raise ConfigError(f"storage_options[{name!r}] for {url!r} must be {names}, got "
-                              f"{type(value).__name__} {value!r}")
 
 
 def _call(fn: Callable[[str], Any], arg: str) -> Any:

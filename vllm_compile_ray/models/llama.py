@@ -315,7 +315,6 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        t = x.shape[0]
         x = x.unflatten(-1, (-1, self.head_dim))  # [T, heads, D]; never reshape(t, -1, ..): dynamo guards t != 1
         x1, x2 = x.chunk(2, dim=-1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
