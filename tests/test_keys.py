@@ -64,6 +64,7 @@ def test_same_keys_in_a_fresh_process() -> None:
         "m = vcr.models.build('llama-tiny', device='meta', num_layers=4)\n"
         "p = plan_model(m, vcr.CompilationConfig(compile_sizes=[1, 2, 4]), device_type='cpu')\n"
         "print(json.dumps(p.keys))\n")
+    # A bare environment: no CI variable (torch defaults some checks from it), another hash seed.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
     assert json.loads(out.stdout.strip().splitlines()[-1]) == meta_plan(CFG).keys

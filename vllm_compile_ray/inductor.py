@@ -21,8 +21,11 @@ import torch.fx as fx
 
 from .canonical import InputSpec
 
-# Inductor config keys that change with the machine running the compile, not with the code made.
+# Config keys that change with the machine or process running the compile, not with the code
+# made: they stay out of the fingerprint, else two hosts (or CI and a laptop) never share keys.
 _UNHASHED_INDUCTOR_CONFIG = ("compile_threads", "worker_start_method", "cache_dir")
+# A consistency check whose default follows the CI environment variable (torch/_functorch/config.py).
+_UNHASHED_FUNCTORCH_CONFIG = ("error_on_custom_op_aliasing",)
 
 
 def device_fingerprint(device_type: str) -> dict[str, str]:
@@ -60,7 +63,8 @@ def _torch_fingerprint() -> dict[str, str]:
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "arch": platform.machine(),
         "inductor_config": _hash_config(inductor),
-        "functorch_config": _hash_config(functorch_config.get_config_copy()),
+        "functorch_config": _hash_config({k: v for k, v in functorch_config.get_config_copy().items()
+                                          if k not in _UNHASHED_FUNCTORCH_CONFIG}),
     }
 
 
