@@ -4,7 +4,6 @@ errors with non-zero exit codes for bad input."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -55,7 +55,6 @@ def test_split_at_the_splitting_op() -> None:
         assert ("vcrtest.mix" in targets) == item.is_splitting_graph
         if item.is_splitting_graph:
             assert targets == ["vcrtest.mix"]  # splitting ops stay alone, run eagerly
-    x, s = torch.randn(6, 8), torch.rand(6)
     args = [a for a in gm.graph.nodes if a.op == "placeholder"]
     assert len(args) > 2  # weights are lifted as inputs
 

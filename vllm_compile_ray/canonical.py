@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +81,6 @@ class CanonicalPiece:
 def _symbols_in(entry: object) -> list[str]:
     if not isinstance(entry, str) or not entry:
         return []
-    import re
     return re.findall(r"\bs\d+\b", entry)
 
 

@@ -106,18 +106,21 @@ def _artifact_bytes(artifact: Any) -> bytes:
 
 
 def example_tensors(specs: Sequence[InputSpec], size: int, device: str) -> list[Any]:
-    """Concrete example inputs of the specs' shapes with every symbol set to `size`."""
+    """Concrete example inputs of the specs' shapes with every symbol set to `size` (zeros:
+    values never matter to the compile, and zero indices are valid for embeddings)."""
+    import sympy
+
     def resolve(entry: int | str) -> int:
-        return entry if isinstance(entry, int) else int(eval(entry, {}, _symbol_values(entry, size)))
+        if isinstance(entry, int):
+            return entry
+        return int(sympy.sympify(entry).subs(_symbol_values(entry, size)))
 
     out: list[Any] = []
     for spec in specs:
         if spec.kind == "tensor":
-            out.append(torch.zeros_strided(tuple(map(resolve, spec.shape)), tuple(map(resolve, spec.stride)),
-                                           dtype=spec.torch_dtype, device=device)
-                       if hasattr(torch, "zeros_strided") else
-                       torch.empty_strided(tuple(map(resolve, spec.shape)), tuple(map(resolve, spec.stride)),
-                                           dtype=spec.torch_dtype, device=device).zero_())
+            shape, stride = tuple(map(resolve, spec.shape)), tuple(map(resolve, spec.stride))
+            out.append(torch.empty_strided(shape, stride, dtype=spec.torch_dtype,
+                                           device=device).zero_())
         elif spec.kind == "symint":
             out.append(resolve(spec.expr))
         else:
