@@ -44,6 +44,9 @@ def parse_args() -> argparse.Namespace:
                         "CPUs per compile = CPUs / workers (cpu)")
     p.add_argument("--gpus-per-compile", type=float, default=None,
                    help="override the GPU fraction per compile (e.g. for a remote --address)")
+    p.add_argument("--cpus-per-compile", type=float, default=None,
+                   help="CPUs (= Inductor compile threads) per compile task (default: 1 for "
+                        "cuda, CPUs / workers for cpu)")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     return p.parse_args()
@@ -84,6 +87,8 @@ def main() -> int:
     else:
         per_compile = {"gpus_per_compile": 0.0,
                        "cpus_per_compile": (os.cpu_count() or 1) / args.workers}
+    if args.cpus_per_compile is not None:
+        per_compile["cpus_per_compile"] = args.cpus_per_compile
     result: dict = {"model": args.model, "tp": args.tp, "num_layers": args.num_layers,
                     "sizes": list(sizes), "dynamic": not args.no_dynamic, "device": args.device,
                     "backend": args.backend, "max_autotune": args.max_autotune,
