@@ -290,45 +290,6 @@ def test_damaged_staged_copy_is_refetched(s3: MotoProcess, tmp_path: Path) -> No
 
 # ---------------------------------------------------------------- Ray: workers, drivers, races
 
-def _sleeping_worker(name_part: str, timeout_s: float = 60.0) -> int:
-    """The pid of a Ray worker of this test process running a task whose name contains
-    `name_part` (Ray titles a worker `ray::<task name>`) while the task sleeps in `Faults.sleep`:
-    its main thread in nanosleep with no child process (a fresh worker's fingerprint probe also
-    polls in nanosleep, while waiting for its compiler subprocess)."""
-    me = os.getpid()
-
-    def snapshot() -> dict[int, tuple[int, str, str]]:
-        procs = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                        errors="replace")
-                    procs[int(entry.name)] = (ppid, title, (entry / "wchan").read_text())
-                except (OSError, IndexError, ValueError):
-                    continue
-        return procs
-
-    def mine(pid: int, procs: dict) -> bool:  # other Ray instances share this host
-        while pid > 1 and pid in procs:
-            pid = procs[pid][0]
-            if pid == me:
-                return True
-        return False
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        procs = snapshot()
-        parents = {ppid for ppid, _, _ in procs.values()}
-        for pid, (_, title, wchan) in procs.items():
-            if (title.startswith("ray::") and name_part in title and "nanosleep" in wchan
-                    and pid not in parents and mine(pid, procs)):
-                return pid
-        time.sleep(0.05)
-    raise AssertionError(f"no Ray worker sleeping in {name_part!r} within {timeout_s:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """A local Ray instance (2 CPUs, no GPUs) with a private temp dir; yields its address."""
@@ -355,13 +316,20 @@ def test_worker_killed_mid_compile_is_retried_and_counted_once(ray_head, tmp_pat
 
     config = vcr.CompilationConfig(compile_sizes=(2,), compile_dynamic=False,
                                    cache_dir=str(tmp_path / "cache"), **EAGER)
-    # Each task sits 3 s in its compile phase; one is SIGKILLed there.
-    faults = Faults(sleep="compile[*/2]", sleep_s=3.0)
+    # Each task sits 3 s in its compile phase (after the stats actor saw it start, announced by
+    # a sleeping-<pid> file); one is SIGKILLed there.
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    faults = Faults(sleep="compile[*/2]", sleep_s=3.0, marker_dir=str(markers))
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
         summary=warm("llama-tiny", config, num_layers=2, faults=faults, **WARM)))
     thread.start()
-    os.kill(_sleeping_worker("/2]"), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not list(markers.glob("sleeping-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = int(sorted(markers.glob("sleeping-*"))[0].name.removeprefix("sleeping-"))
+    os.kill(victim, signal.SIGKILL)
     thread.join(timeout=120)
     summary = result["summary"]
     assert (summary.compiled, summary.failed, summary.total) == (3, 0, 3), summary.errors

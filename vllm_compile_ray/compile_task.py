@@ -40,7 +40,9 @@ class Faults:
     fail: str = ""  # every compile attempt raises CompileError
     sleep: str = ""  # sleep `sleep_s` before compiling (to outlast max_compile_time)
     sleep_s: float = 0.0
-    marker_dir: str = ""  # crash_once markers, one file per task id; must be shared by all nodes
+    marker_dir: str = ""  # crash_once markers, one file per task id, and sleeping-<pid> files
+    # written as a `sleep` starts (so a test can kill exactly a worker that is mid-compile);
+    # must be shared by all nodes
 
     def __post_init__(self) -> None:
         if self.crash_once and not self.marker_dir:
@@ -52,6 +54,8 @@ class Faults:
 
     def before_compile(self, name: str) -> None:
         if self._hit(self.sleep, name):
+            if self.marker_dir:
+                open(os.path.join(self.marker_dir, f"sleeping-{os.getpid()}"), "w").close()
             time.sleep(self.sleep_s)
         if self._hit(self.fail, name):
             raise CompileError(f"injected compile failure in {name}")
