@@ -479,3 +479,22 @@ def test_translate_errors_maps_backend_failures() -> None:
     assert "bucket 'b' does not exist" in str(translate(_boto_errors()[9][0], "s3://b/p", "x"))
     bug = TypeError("a bug")
     assert translate(bug, "s3://b/p", "fetch") is bug  # programming errors pass through
+
+
+def test_fetch_many_can_collect_corrupt_objects_instead_of_raising(make_store: MakeStore) -> None:
+    store = make_store()
+    good, bad = "a" * 64, "b" * 64
+    store.publish(good, b"good", {})
+    store.publish(bad, b"bad", {})
+    raw = bytearray(store.read_raw(bad))
+    raw[-1] ^= 0xFF
+    store.write_raw(bad, bytes(raw))
+    import shutil
+    shutil.rmtree(store.staging_dir, ignore_errors=True)  # force the remote read
+    rejected: dict = {}
+    found = store.fetch_many([good, bad, "c" * 64], rejected=rejected)
+    assert list(found) == [good] and list(rejected) == [bad]
+    assert isinstance(rejected[bad], ArtifactCorruptError)
+    assert not os.path.exists(os.path.join(store.staging_dir, bad[:2], bad + ".vcra"))
+    with pytest.raises(ArtifactCorruptError):
+        store.fetch_many([good, bad])

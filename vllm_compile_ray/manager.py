@@ -66,16 +66,8 @@ class CompilerManager:
         if self.store is None or not wanted:
             return set(self.loaded) | set(self._fetched)
         with self.monitor.timed("fetch"):
-            try:
-                found = self.store.fetch_many(wanted)
-            except ArtifactCorruptError:
-                # One bad object fails the batch; fetch each so it is rejected alone in load().
-                found = {}
-                for key in wanted:
-                    try:
-                        found[key] = self.store.fetch(key)
-                    except (ArtifactNotFoundError, ArtifactCorruptError):
-                        pass
+            # A corrupt object stays out of the batch; load() fetches it alone and rejects it.
+            found = self.store.fetch_many(wanted, rejected={})
         self._fetched.update(found)
         return set(self.loaded) | set(self._fetched)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .counters import CompilationCounter
-from .errors import ArtifactCorruptError, ArtifactNotFoundError
+from .errors import ArtifactCorruptError
 from .store import Artifact, ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class SharedStaging:
         caller traces; `fetch_many` then takes them from memory."""
         def run() -> None:
             try:
-                self._prefetched.update(self._fetch_many(list_keys()))
+                self._prefetched.update(self._fetch_many(list_keys(), {}))
             except Exception as exc:  # noqa: BLE001 (the foreground fetch retries every key)
                 logger.warning("background prefetch failed, fetching on demand: %s: %s",
                                type(exc).__name__, exc)
@@ -79,27 +79,31 @@ class SharedStaging:
     def unused_prefetched(self) -> int:
         return len(self._prefetched)
 
-    def fetch_many(self, keys: Iterable[str]) -> dict[str, Artifact]:
-        """Verified artifacts of `keys` (missing ones absent), downloading each at most once per
-        node: keys no other process is fetching go out in one batched request; keys another
-        process holds are read from staging once it is done (or fetched here if it failed)."""
+    def fetch_many(self, keys: Iterable[str],
+                   rejected: dict[str, ArtifactCorruptError] | None = None) -> dict[str, Artifact]:
+        """Verified artifacts of `keys` (missing and corrupt ones absent: corrupt ones are counted
+        and, with `rejected`, recorded there), downloading each at most once per node: keys no
+        other process is fetching go out in one batched request; keys another process holds are
+        read from staging once it is done (or fetched here if it failed)."""
         if self._prefetch_thread is not None:
             self._prefetch_thread.join()
         keys = sorted(set(keys))
         out = {k: self._prefetched.pop(k) for k in keys if k in self._prefetched}
-        out.update(self._fetch_many([k for k in keys if k not in out]))
+        out.update(self._fetch_many([k for k in keys if k not in out],
+                                    {} if rejected is None else rejected))
         return out
 
-    def _fetch_many(self, keys: list[str]) -> dict[str, Artifact]:
+    def _fetch_many(self, keys: list[str], rejected: dict[str, ArtifactCorruptError]
+                    ) -> dict[str, Artifact]:
         keys = sorted(set(keys))
         out: dict[str, Artifact] = {}
         with _locks(self, keys, wait=False) as mine:
-            out.update(self._fetch_held(mine))
+            out.update(self._fetch_held(mine, rejected))
         busy = [k for k in keys if k not in mine]
         if busy:
             self.stats.waited += len(busy)
             with _locks(self, busy, wait=True):  # sorted order: no lock cycle between ranks
-                out.update(self._fetch_held(busy))
+                out.update(self._fetch_held(busy, rejected))
         return out
 
     def fetch(self, key: str) -> Artifact:
@@ -124,26 +128,19 @@ class SharedStaging:
             return None
         return st.st_ino, st.st_mtime_ns
 
-    def _fetch_held(self, keys: list[str]) -> dict[str, Artifact]:
+    def _fetch_held(self, keys: list[str], rejected: dict[str, ArtifactCorruptError]
+                    ) -> dict[str, Artifact]:
         if not keys:
             return {}
         before = {k: self._staged_stat(k) for k in keys}
-        try:
-            found = self.store.fetch_many(keys)
-        except ArtifactCorruptError:
-            # One bad object fails the whole batch; the good ones are staged by now, so take the
-            # keys one by one and treat each corrupt one as a miss.
-            found = {}
-            for key in keys:
-                try:
-                    found[key] = self.store.fetch(key)
-                except ArtifactNotFoundError:
-                    continue
-                except ArtifactCorruptError as exc:
-                    self.stats.rejected += 1
-                    if self.counter is not None:
-                        self.counter.num_artifacts_rejected += 1
-                    logger.warning("rejected artifact %s: %s", key, exc)
+        bad: dict[str, ArtifactCorruptError] = {}
+        found = self.store.fetch_many(keys, rejected=bad)
+        rejected.update(bad)
+        for key, exc in bad.items():  # a corrupt object is a miss, not a failed batch
+            self.stats.rejected += 1
+            if self.counter is not None:
+                self.counter.num_artifacts_rejected += 1
+            logger.warning("rejected artifact %s: %s", key, exc)
         for key, artifact in found.items():
             self._count(key, artifact, before[key])
         return found

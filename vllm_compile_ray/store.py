@@ -260,8 +260,10 @@ class ArtifactStore:
         self._stage(key, blob)
         return art
 
-    def fetch_many(self, keys: list[str]) -> dict[str, Artifact]:
-        """Fetch many; missing keys are absent from the result, corrupt ones raise."""
+    def fetch_many(self, keys: list[str], rejected: dict[str, ArtifactCorruptError] | None = None
+                   ) -> dict[str, Artifact]:
+        """Fetch many; missing keys are absent from the result. A corrupt one raises, or, when
+        `rejected` is given, is recorded there (key -> error) while the rest still arrive."""
         out: dict[str, Artifact] = {}
         for k in dict.fromkeys(keys):
             art = self._read_staged(check_key(k))
@@ -277,7 +279,13 @@ class ArtifactStore:
                 if err is r:
                     raise r
                 raise err from r
-            out[k] = decode_artifact(r, k, self.verifier)
+            try:
+                out[k] = decode_artifact(r, k, self.verifier)
+            except ArtifactCorruptError as exc:
+                if rejected is None:
+                    raise
+                rejected[k] = exc
+                continue
             self._stage(k, r)
         return out
 
