@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import struct
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
@@ -24,6 +26,7 @@ class CompileResult:
     fn: Callable
     artifact: bytes
     guard: Guard  # (lo, hi): the runtime sizes the callable is valid for; hi None means unbounded
+    info: dict = field(default_factory=dict)  # JSON-able facts for the artifact's metadata
 
 
 class CompilerInterface(ABC):
@@ -63,12 +66,46 @@ class EagerAdaptor(CompilerInterface):
         return graph
 
 
+# An Inductor artifact with autotune results: MAGIC | u64 standalone length | standalone bytes |
+# Mega-Cache bytes. Without results the artifact is the standalone bytes alone.
+_TUNED_MAGIC = b"VCRT1\n"
+_U64 = struct.Struct(">Q")
+
+
+def pack_tuned(standalone: bytes, tuning: bytes) -> bytes:
+    if not tuning:
+        return standalone
+    return _TUNED_MAGIC + _U64.pack(len(standalone)) + standalone + tuning
+
+
+def unpack_tuned(payload: bytes) -> tuple[bytes, bytes]:
+    """(standalone bytes, autotune Mega-Cache bytes or b"")."""
+    if not payload.startswith(_TUNED_MAGIC):
+        return payload, b""
+    head = len(_TUNED_MAGIC) + _U64.size
+    if len(payload) < head:
+        raise ValueError("tuned Inductor artifact is truncated before its length field")
+    (n,) = _U64.unpack_from(payload, len(_TUNED_MAGIC))
+    if head + n > len(payload):
+        raise ValueError(f"tuned Inductor artifact is truncated: standalone part of {n} bytes, "
+                         f"{len(payload) - head} present")
+    return payload[head:head + n], payload[head + n:]
+
+
 class InductorStandaloneAdaptor(CompilerInterface):
-    """Compiles with `torch._inductor.standalone_compile`; artifacts are its binary format."""
+    """Compiles with `torch._inductor.standalone_compile`; artifacts are its binary format.
+
+    On CUDA (with `config.ship_autotune`) each fresh artifact runs once on zero inputs so Triton's
+    runtime autotuning happens in the compile task, and its results travel inside the artifact:
+    a loader's first call then runs the tuned kernels instead of benchmarking every config.
+    """
 
     name = "inductor_standalone"
 
     def __init__(self, config: CompilationConfig, pass_manager: PostGradPassManager | None = None):
+        self.ship_autotune = config.ship_autotune
+        # The dynamic artifact serves sizes outside compile_sizes; tune it at the largest listed.
+        self.dynamic_tune_size = max(config.compile_sizes, default=8)
         # standalone_compile hands `options` to compile_fx as keyword arguments; Inductor config
         # values (max_autotune, ...) travel inside its `config_patches`.
         patches: dict[str, Any] = dict(config.inductor_compile_config)
@@ -85,12 +122,27 @@ class InductorStandaloneAdaptor(CompilerInterface):
     def compile(self, graph, input_specs, shape, device) -> CompileResult:
         if shape == "dynamic":
             fn, data, guard = inductor.compile_dynamic(graph, input_specs, device, self.options)
-            return CompileResult(fn, data, guard)
-        fn, data = inductor.compile_static(graph, input_specs, int(shape), device, self.options)
-        return CompileResult(fn, data, (int(shape), int(shape)))
+            size = max(guard[0], self.dynamic_tune_size)
+            if guard[1] is not None:
+                size = min(size, guard[1])
+        else:
+            fn, data = inductor.compile_static(graph, input_specs, int(shape), device, self.options)
+            size = int(shape)
+            guard = (size, size)
+        result = CompileResult(fn, data, guard)
+        if self.ship_autotune and device.split(":")[0] == "cuda":
+            start = time.perf_counter()
+            tuning, kernels = inductor.tune_once(fn, inductor.example_tensors(input_specs, size, device))
+            result.artifact = pack_tuned(data, tuning)
+            result.info = {"tuned_kernels": kernels,
+                           "tune_seconds": round(time.perf_counter() - start, 4)}
+        return result
 
     def load(self, artifact, graph, shape, device) -> Callable:
-        return inductor.load_artifact(artifact)
+        standalone, tuning = unpack_tuned(artifact)
+        if tuning:  # before the kernels load: they read their tuned config when created
+            inductor.load_tuning(tuning)
+        return inductor.load_artifact(standalone)
 
 
 def make_compiler(config: CompilationConfig, pass_manager: PostGradPassManager | None = None

@@ -60,12 +60,16 @@ class CompilationConfig:
     signing_scheme: str = ""
     signing_key_file: str = ""
     signing_key_env: str = ""
+    # CUDA: run each fresh Inductor artifact once so Triton's runtime autotune results travel
+    # inside it (a loader's first call then does not re-tune). Not hashed: same compiled code.
+    ship_autotune: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         if self.compilation_level not in COMPILATION_LEVELS:
             raise _fail("compilation_level", self.compilation_level, f"allowed: {COMPILATION_LEVELS}")
-        for name in ("use_inductor", "compile_dynamic", "disable_compile_cache", "debug_compile"):
+        for name in ("use_inductor", "compile_dynamic", "disable_compile_cache", "debug_compile",
+                     "ship_autotune"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "must be True or False")
         backend = self.backend or ("inductor" if self.use_inductor else "eager")

@@ -203,6 +203,34 @@ def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
     return artifact, _artifact_bytes(artifact), (lo, hi)
 
 
+def tune_once(fn: Callable, inputs: Sequence[Any]) -> tuple[bytes, int]:
+    """Run a freshly compiled CUDA artifact once so Triton's runtime autotuning (pointwise and
+    reduction configs, coordinate descent) happens now; return its results as Mega-Cache bytes
+    and how many kernels they cover ((b"", 0) when nothing was tuned).
+
+    Inductor keeps these results beside the kernel sources (`<kernel>.best_config`), outside the
+    standalone artifact, so a loader without them autotunes again at its first call.
+    """
+    from torch.compiler._cache import CacheArtifactManager
+
+    with CacheArtifactManager.with_fresh_cache():
+        with torch.no_grad():
+            fn(*inputs)
+        torch.cuda.synchronize()
+        saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return b"", 0
+    data, info = saved
+    return data, len(getattr(info, "autotune_artifacts", ()))
+
+
+def load_tuning(data: bytes) -> int:
+    """Put autotune results from `tune_once` into this process's Inductor cache, where kernels
+    loaded afterwards find them; returns how many kernels they cover."""
+    info = torch.compiler.load_cache_artifacts(data)
+    return len(getattr(info, "autotune_artifacts", ())) if info is not None else 0
+
+
 def load_artifact(data: bytes) -> Callable:
     """Load artifact bytes written by `compile_static` / `compile_dynamic`."""
     from torch._inductor.standalone_compile import CompiledArtifact

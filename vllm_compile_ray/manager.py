@@ -58,7 +58,7 @@ class CompilerManager:
                       seconds: float) -> dict:
         return {"shape": shape, "guard": list(result.guard), "compiler": self.compiler.name,
                 "fingerprint": self.fingerprint_id, "torch": torch.__version__,
-                "compile_seconds": round(seconds, 4)}
+                "compile_seconds": round(seconds, 4), **result.info}
 
     def prefetch(self, keys: Iterable[str]) -> set[str]:
         """Fetch the artifacts of `keys` in one batched request; returns the keys found."""

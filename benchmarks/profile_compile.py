@@ -1,0 +1,76 @@
+"""Where one (piece, shape) compile spends its time: Inductor's phase timers and a profile.
+
+    python benchmarks/profile_compile.py --model llama-3-8b --shape 512 --max-autotune
+
+Compiles the plan's biggest piece (or --piece N in plan order) for one shape in this process,
+cold Inductor cache, then prints the compile seconds, the runtime-autotune seconds (the first
+call, `ship_autotune`), Inductor's `compile_times()` and the top functions by cumulative time.
+It answers which part of the longest warm task sets the floor of a Ray fan-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import tempfile
+import time
+
+from vllm_compile_ray import CompilationConfig, models
+from vllm_compile_ray.api import example_args, key_context
+from vllm_compile_ray.compiler_interface import make_compiler
+from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads
+from vllm_compile_ray.plan import capture, plan_graph
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--shape", default="512", help='a size, or "dynamic"')
+    p.add_argument("--piece", type=int, default=None, help="index among unique pieces (default: biggest)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--max-autotune", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="Inductor compile threads (0: default)")
+    p.add_argument("--top", type=int, default=30)
+    args = p.parse_args()
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vcr-prof-"))
+    if args.threads:
+        set_compile_threads(args.threads)
+    shape = args.shape if args.shape == "dynamic" else int(args.shape)
+    options = {"max_autotune": True, "coordinate_descent_tuning": True} if args.max_autotune else {}
+    config = CompilationConfig(compile_sizes=(shape,) if shape != "dynamic" else (),
+                               inductor_compile_config=options)
+    compiler = make_compiler(config)
+    module = models.build(args.model, args.tp, 0, device="meta", num_layers=args.num_layers)
+    plan = plan_graph(capture(module, example_args(device="meta")), config,
+                      key_context(config, compiler, args.device, environment_fingerprint(args.device)),
+                      args.device)
+    tasks = [t for t in plan.tasks() if t.shape == shape]
+    task = (tasks[args.piece] if args.piece is not None
+            else max(tasks, key=lambda t: len(t.piece.graph.graph.nodes)))
+    print(f"profiling {task.name}: {len(task.piece.graph.graph.nodes)} nodes, "
+          f"options {options or 'default'}", flush=True)
+
+    import torch._dynamo.utils as dynamo_utils
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    result = compiler.compile(task.piece.graph, task.piece.input_specs, shape, args.device)
+    profiler.disable()
+    total = time.perf_counter() - start
+    print(f"compile + first-call tuning {total:.2f} s; artifact {len(result.artifact) / 1e6:.2f} MB; "
+          f"{result.info}")
+    print(dynamo_utils.compile_times(repr="str", aggregate=True))
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+    print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()

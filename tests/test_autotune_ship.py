@@ -1,0 +1,90 @@
+"""Runtime autotune results travel inside Inductor artifacts (the GPU half is measured by
+benchmarks/bench_load.py: a loaded artifact's first call runs tuned kernels).
+
+Here: the framing, and that the Mega-Cache bytes a compile task would attach land where
+Inductor's kernels look for them (`<cache_dir>/<xx>/<hash>.best_config`) before loading."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vllm_compile_ray as vcr
+from vllm_compile_ray import inductor
+from vllm_compile_ray.compiler_interface import (
+    InductorStandaloneAdaptor,
+    pack_tuned,
+    unpack_tuned,
+)
+
+BEST = {"XBLOCK": 128, "num_warps": 4, "num_stages": 1, "configs_hash": "c0ffee",
+        "found_by_coordesc": True, "time_taken_ms": 12}
+
+
+def tuning_bytes(entries: dict[str, dict]) -> bytes:
+    """Mega-Cache bytes holding `entries` as Inductor's autotune cache artifacts, recorded the way
+    Inductor's AutotuneCache records them when a kernel is tuned."""
+    from torch._inductor.runtime.autotune_cache import AutotuneCacheArtifact
+    from torch.compiler._cache import CacheArtifactManager
+
+    with CacheArtifactManager.with_fresh_cache():
+        for key, best in entries.items():
+            CacheArtifactManager.record_artifact(AutotuneCacheArtifact.type(), key, best)
+        data, info = torch.compiler.save_cache_artifacts()
+    assert len(info.autotune_artifacts) == len(entries)
+    return data
+
+
+def test_pack_round_trip_and_plain_artifacts_pass_through() -> None:
+    assert pack_tuned(b"standalone", b"") == b"standalone"
+    assert unpack_tuned(b"standalone") == (b"standalone", b"")
+    packed = pack_tuned(b"standalone", b"tuning")
+    assert packed != b"standalone"
+    assert unpack_tuned(packed) == (b"standalone", b"tuning")
+
+
+@pytest.mark.parametrize("cut", [3, 9, 20])
+def test_truncated_tuned_artifact_is_refused(cut: int) -> None:
+    packed = pack_tuned(b"x" * 16, b"tuning")
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_tuned(packed[:cut] if cut > 6 else packed[:6] + b"\0" * cut)
+
+
+def test_load_puts_best_configs_where_kernels_look(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    entries = {"ab/abcdef.best_config": BEST, "cd/cdef01.best_config": {**BEST, "XBLOCK": 64}}
+    assert inductor.load_tuning(tuning_bytes(entries)) == 2
+    for rel, best in entries.items():
+        assert json.loads((tmp_path / "inductor" / rel).read_text()) == best
+
+
+def test_adaptor_loads_tuning_before_the_artifact(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adaptor writes the results first (kernels read them when created), then hands the
+    standalone bytes, unchanged, to Inductor's loader."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    seen: list[tuple[bytes, bool]] = []
+    best = tmp_path / "inductor" / "ab" / "abcdef.best_config"
+
+    def fake_loader(data: bytes):  # stands in for CompiledArtifact.load; records what it got
+        seen.append((data, best.exists()))
+        return "loaded"
+
+    monkeypatch.setattr(inductor, "load_artifact", fake_loader)
+    adaptor = InductorStandaloneAdaptor(vcr.CompilationConfig())
+    payload = pack_tuned(b"standalone-bytes", tuning_bytes({"ab/abcdef.best_config": BEST}))
+    assert adaptor.load(payload, None, 4, "cuda") == "loaded"
+    assert seen == [(b"standalone-bytes", True)]
+
+
+def test_ship_autotune_is_a_bool_and_not_hashed() -> None:
+    with pytest.raises(vcr.ConfigError, match="ship_autotune"):
+        vcr.CompilationConfig(ship_autotune="yes")
+    assert "ship_autotune" not in vcr.CompilationConfig().hashed_fields()
+
+
+def test_dynamic_artifacts_tune_at_the_largest_listed_size() -> None:
+    assert InductorStandaloneAdaptor(vcr.CompilationConfig(compile_sizes=[4, 64])).dynamic_tune_size == 64
+    assert InductorStandaloneAdaptor(vcr.CompilationConfig()).dynamic_tune_size == 8
