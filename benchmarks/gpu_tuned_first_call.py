@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_tuned_first_call.py --sizes 64 --num-layers 2
 
-Process A compiles llama-3-8b-shaped pieces with max-autotune + coordinate descent into a file
+Process A compiles llama-3-8b-shaped pieces with max-autotune (--options) into a file
 cache (`ship_autotune` on, or off with --no-ship). Process B, with an empty Inductor and Triton
 cache, loads them and runs every shape once. B reports its first-call seconds, the tuning Inductor
 did during that call (benchmark_all_configs and coordinate descent seconds, from
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIONS = {"max_autotune": True, "coordinate_descent_tuning": True}
 
 
 def count(root: Path, pattern: str) -> int:
@@ -90,6 +89,7 @@ def main() -> None:
     p.add_argument("--sizes", default="64")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--no-ship", action="store_true")
+    p.add_argument("--options", default='{"max_autotune": true}', help="Inductor options (JSON)")
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script only")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -99,7 +99,7 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="vcr-tuned-"))
     config = {"compile_sizes": [int(s) for s in args.sizes.split(",")],
-              "inductor_compile_config": OPTIONS, "cache_dir": f"file://{work}/cache",
+              "inductor_compile_config": json.loads(args.options), "cache_dir": f"file://{work}/cache",
               "ship_autotune": not args.no_ship}
     for mode, on_miss in (("compile", "compile_and_publish"), ("load", "error")):
         spec = {"mode": mode, "num_layers": args.num_layers, "model": args.model, "device": args.device,
