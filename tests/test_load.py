@@ -98,6 +98,9 @@ def test_report_table_and_round_trip() -> None:
     data = reports[0].to_dict()
     assert data["key_ms_per_piece"] == pytest.approx(1.0) and data["lookup_ms_per_key"] == 1.0
     assert StartupReport.from_dict(data) == reports[0]
+    # with the warm job's manifest, the lookup is the manifest read, not the data transfer
+    listed = StartupReport(tasks=9, fetch_s=0.9, lookup_s=0.018, manifest_keys=9)
+    assert listed.lookup_ms_per_key == pytest.approx(2.0)
     assert push_report(reports[0]) is False  # no Ray in this process: nothing to push to
 
 
@@ -185,6 +188,7 @@ def test_manifest_keys_are_fetched_while_tracing(tmp_path: Path) -> None:
 
     r = vcr.load(model, cfg, rank=1, world_size=2, model_name="llama-tiny").report
     assert (r.manifest_keys, r.prefetched_unused, r.hits, r.downloaded) == (6, 0, 6, 6)
+    assert 0 < r.lookup_s < 10 and r.lookup_ms_per_key == pytest.approx(1e3 * r.lookup_s / 6)
 
 
 # ---------------------------------------------------------------------- node-shared staging
