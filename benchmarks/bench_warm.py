@@ -1,12 +1,16 @@
 """Ray fan-out vs serial in-process compilation of the same (piece, shape) tasks, in one run.
 
     python benchmarks/bench_warm.py --model llama-3-8b --num-layers 4 \\
-        --sizes 1,2,4,8,16,32,64,128,256,512 --device cuda --max-autotune --workers 8
+        --sizes 1,2,4,8,16,32,64,128,256,512 --device cuda --max-autotune --workers 8,16
 
 Both modes compile every unique task of the plan from cold Inductor caches (each gets its own
-TORCHINDUCTOR_CACHE_DIR) into its own fresh artifact store. Serial: one loop in this process
-(torch already imported). Ray: `warm()` on an in-process Ray (or --address), wall time from the
-first submit, including worker start-up. Prints one JSON line and the ratio serial / Ray.
+TORCHINDUCTOR_CACHE_DIR, Triton's cache lives inside it) into its own fresh artifact store.
+Serial: plan, then one loop in this process (torch already imported). Ray: `warm()` on an
+in-process Ray (or --address), once per --workers entry. Two ratios per Ray run:
+  end to end   serial (plan + loop) / Ray (plan + compile phase + manifest), Ray start excluded;
+               the compile workers start while the driver plans
+  compile      serial loop / Ray compile phase (first submit to last result)
+Prints one JSON line per run and the ratios.
 """
 
 from __future__ import annotations
@@ -38,22 +42,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-dynamic", action="store_true")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--backend", choices=("inductor", "eager"), default="inductor")
-    p.add_argument("--max-autotune", action="store_true")
-    p.add_argument("--workers", type=int, default=8,
-                   help="compiles at once: GPU fraction per compile = GPUs / workers (cuda), "
-                        "CPUs per compile = CPUs / workers (cpu)")
+    p.add_argument("--max-autotune", action="store_true", help='Inductor {"max_autotune": true}')
+    p.add_argument("--coordesc", action="store_true", help="and coordinate_descent_tuning")
+    p.add_argument("--workers", default="8",
+                   help="compiles at once, one Ray run per comma-separated entry: GPU fraction "
+                        "per compile = GPUs / workers (cuda), CPUs per compile = CPUs / workers (cpu)")
     p.add_argument("--gpus-per-compile", type=float, default=None,
                    help="override the GPU fraction per compile (e.g. for a remote --address)")
-    p.add_argument("--cpus-per-compile", type=float, default=None,
-                   help="CPUs (= Inductor compile threads) per compile task (default: 1 for "
-                        "cuda, CPUs / workers for cpu)")
+    p.add_argument("--cpus-per-compile", default=None,
+                   help="CPUs (= Inductor compile threads) per compile task, one value or one "
+                        "per --workers entry (default: 1 for cuda, CPUs / workers for cpu)")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     return p.parse_args()
 
 
-def serial(config: CompilationConfig, args: argparse.Namespace) -> tuple[float, int, list[float]]:
-    """(seconds, tasks, per-task seconds) compiling every task in turn in this process."""
+def serial(config: CompilationConfig, args: argparse.Namespace
+           ) -> tuple[float, float, int, list[float]]:
+    """(plan seconds, loop seconds, tasks, per-task seconds) compiling every task in turn here."""
+    planned = time.perf_counter()
     fp = environment_fingerprint(args.device)
     compiler = make_compiler(config)
     module = models.build(args.model, args.tp, 0, device="meta", num_layers=args.num_layers)
@@ -68,59 +75,85 @@ def serial(config: CompilationConfig, args: argparse.Namespace) -> tuple[float, 
         t0 = time.perf_counter()
         manager.compile(task.key, task.piece, task.shape, publish=True, name=task.name)
         per_task.append(round(time.perf_counter() - t0, 3))
-    return time.perf_counter() - start, len(tasks), per_task
+    return start - planned, time.perf_counter() - start, len(tasks), per_task
+
+
+def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> dict[str, float]:
+    if args.gpus_per_compile is not None:
+        out = {"gpus_per_compile": args.gpus_per_compile, "cpus_per_compile": 1.0}
+    elif args.device == "cuda":
+        out = {"gpus_per_compile": torch.cuda.device_count() / workers, "cpus_per_compile": 1.0}
+    else:
+        out = {"gpus_per_compile": 0.0, "cpus_per_compile": (os.cpu_count() or 1) / workers}
+    if cpus is not None:
+        out["cpus_per_compile"] = cpus
+    return out
 
 
 def main() -> int:
     args = parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
-    options = {"max_autotune": True, "coordinate_descent_tuning": True} if args.max_autotune else {}
+    options = {"max_autotune": True} if args.max_autotune else {}
+    if args.coordesc:
+        options["coordinate_descent_tuning"] = True
+    workers = [int(w) for w in args.workers.split(",")]
+    cpus = [float(c) for c in args.cpus_per_compile.split(",")] if args.cpus_per_compile else [None]
+    if len(cpus) == 1:
+        cpus = cpus * len(workers)
+    if len(cpus) != len(workers):
+        raise SystemExit(f"--cpus-per-compile has {len(cpus)} values for {len(workers)} --workers "
+                         "entries: give one value or one per entry")
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
                              inductor_compile_config=options)
-    if args.gpus_per_compile is not None:
-        per_compile = {"gpus_per_compile": args.gpus_per_compile, "cpus_per_compile": 1.0}
-    elif args.device == "cuda":
-        gpus = torch.cuda.device_count()
-        per_compile = {"gpus_per_compile": gpus / args.workers, "cpus_per_compile": 1.0}
-    else:
-        per_compile = {"gpus_per_compile": 0.0,
-                       "cpus_per_compile": (os.cpu_count() or 1) / args.workers}
-    if args.cpus_per_compile is not None:
-        per_compile["cpus_per_compile"] = args.cpus_per_compile
-    result: dict = {"model": args.model, "tp": args.tp, "num_layers": args.num_layers,
+    common: dict = {"model": args.model, "tp": args.tp, "num_layers": args.num_layers,
                     "sizes": list(sizes), "dynamic": not args.no_dynamic, "device": args.device,
-                    "backend": args.backend, "max_autotune": args.max_autotune,
-                    "workers": args.workers, **per_compile}
+                    "backend": args.backend, "options": options}
     if args.device == "cuda":
-        result["gpu"] = torch.cuda.get_device_name(0)
-        result["gpus"] = torch.cuda.device_count()
+        common.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count())
+    common["host_cpus"] = os.cpu_count()
 
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
-    summary = warm(args.model, base.replace(cache_dir=os.path.join(root, "ray-cache")),
-                   tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
-                   address=args.address, max_in_flight=args.workers,
-                   runtime_env={"env_vars": {
-                       "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "ray-inductor")}},
-                   progress=lambda line: print(line, flush=True), **per_compile)
-    result.update(ray_wall_s=summary.wall_s, ray_plan_s=summary.plan_s,
-                  ray_task_s_sum=summary.task_s_sum, ray_compiled=summary.compiled,
-                  ray_failed=summary.failed + summary.timed_out, max_concurrent=summary.max_concurrent,
-                  longest_task_s=max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
-                  worker_pids=len({r["pid"] for r in summary.rows if "pid" in r}))
+    runs = []
+    for i, (n, c) in enumerate(zip(workers, cpus)):
+        resources = per_compile(args, n, c)
+        summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
+                       tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
+                       address=args.address, max_in_flight=n,
+                       runtime_env={"env_vars": {
+                           "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}},
+                       progress=lambda line: print(line, flush=True), **resources)
+        runs.append({"workers": n, **resources, "ray_total_s": summary.total_s,
+                     "ray_wall_s": summary.wall_s, "ray_plan_s": summary.plan_s,
+                     "ray_task_s_sum": summary.task_s_sum, "ray_compiled": summary.compiled,
+                     "ray_failed": summary.failed + summary.timed_out,
+                     "max_concurrent": summary.max_concurrent, "prestarted": summary.prestarted,
+                     "ran_in_prestarted": summary.ran_in_prestarted,
+                     "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
+                     "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
+                     "ok": summary.ok})
     if not args.skip_serial:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
         if args.device == "cpu":
             set_compile_threads(1)  # faster than the default on small CPU hosts (NOTES)
-        seconds, n, per_task = serial(base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
-        result.update(serial_s=round(seconds, 3), serial_tasks=n, serial_per_task_s=per_task,
-                      ratio=round(seconds / summary.wall_s, 2) if summary.wall_s else None)
-    print("result " + json.dumps(result), flush=True)
-    if "ratio" in result:
-        print(f"serial {result['serial_s']:.1f}s / ray {summary.wall_s:.1f}s = {result['ratio']}x "
-              f"({n} tasks, {args.workers} workers)")
-    return 0 if summary.ok else 1
+        plan_s, loop_s, n_tasks, per_task = serial(
+            base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
+        common.update(serial_plan_s=round(plan_s, 3), serial_s=round(loop_s, 3),
+                      serial_tasks=n_tasks, serial_per_task_s=per_task)
+        for run in runs:
+            run["ratio_end_to_end"] = round((plan_s + loop_s) / run["ray_total_s"], 2)
+            run["ratio_compile"] = round(loop_s / run["ray_wall_s"], 2) if run["ray_wall_s"] else None
+    for run in runs:
+        print("result " + json.dumps({**common, **run}), flush=True)
+    for run in runs:
+        if "ratio_end_to_end" in run:
+            print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs: end to end serial "
+                  f"{common['serial_plan_s'] + common['serial_s']:.1f}s / ray {run['ray_total_s']:.1f}s"
+                  f" = {run['ratio_end_to_end']}x; compile phase {common['serial_s']:.1f}s / "
+                  f"{run['ray_wall_s']:.1f}s = {run['ratio_compile']}x ({common['serial_tasks']} tasks, "
+                  f"longest Ray task {run['longest_task_s']:.1f}s)")
+    return 0 if all(run["ok"] for run in runs) else 1
 
 
 if __name__ == "__main__":

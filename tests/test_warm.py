@@ -199,8 +199,10 @@ def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
             return torch.relu(self.proj(self.embed(ids))) + positions[:, None]
 
     config = CompilationConfig(compile_sizes=(4,), compile_dynamic=False, cache_dir=str(tmp_path))
-    summary = warm(Tiny(), config, model_name="tiny", progress=None, **SLOT)
+    summary = warm(Tiny(), config, model_name="tiny", progress=None, max_in_flight=1, **SLOT)
     assert (summary.compiled, summary.total) == (1, 1), summary.errors
+    # Inductor: the worker started (imports, fingerprint) while the driver planned, then compiled
+    assert (summary.prestarted, summary.ran_in_prestarted) == (1, 1)
     row = summary.rows[0]
     assert row["bytes"] > 1000 and row["seconds"] > 0
     assert manifest.read_manifest(open_store(config), "tiny", summary.fingerprint_id).num_rows == 1

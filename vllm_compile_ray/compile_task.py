@@ -106,6 +106,25 @@ def fingerprint(device_type: str) -> dict[str, str]:
     return _local_fingerprint(device_type)
 
 
+def start_worker(backend: str, cpus: float, fingerprint_of: str = "") -> dict[str, Any]:
+    """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor imports,
+    the torch fingerprint, Inductor's compile pool. With `fingerprint_of` (a device type) also
+    return this node's environment fingerprint, which starts CUDA; otherwise CUDA stays untouched
+    (CUDA binds a process to the GPUs it starts with, and Ray may give the worker other GPUs for
+    its first compile). Returns {"pid", "fingerprint" (or None)}."""
+    if backend == "inductor":
+        import torch._inductor.compile_fx  # noqa: F401  (the heavy imports of a first compile)
+        import torch._inductor.select_algorithm  # noqa: F401
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pass
+        inductor.torch_fingerprint()
+        inductor.set_compile_threads(int(cpus))
+        inductor.warm_compile_pool()
+    return {"pid": os.getpid(), "fingerprint": fingerprint(fingerprint_of) if fingerprint_of else None}
+
+
 def task_name(code_id: str, shape: int | str) -> str:
     """As `CompileTask.name`: the dashboard's task table reads as progress."""
     return f"compile[{code_id}/{shape}]"
@@ -206,4 +225,4 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
 # Measured: with max_calls=0, 8 fake-GPU tasks ran in 4 worker processes (one per concurrent slot),
 # and a second batch reused the same pids; without it every task started a new process.
 compile_remote = ray.remote(max_calls=0)(compile_piece)
-fingerprint_remote = ray.remote(max_calls=0)(fingerprint)
+start_worker_remote = ray.remote(max_calls=0)(start_worker)

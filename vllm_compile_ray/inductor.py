@@ -50,7 +50,8 @@ def device_fingerprint(device_type: str) -> dict[str, str]:
 
 
 @functools.cache
-def _torch_fingerprint() -> dict[str, str]:
+def torch_fingerprint() -> dict[str, str]:
+    """The device-independent part of `environment_fingerprint` (cached per process)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.codecache import torch_key
     from torch._functorch import config as functorch_config
@@ -75,7 +76,7 @@ def _hash_config(config: dict[str, Any]) -> str:
 
 def environment_fingerprint(device_type: str) -> dict[str, str]:
     """Compiler and environment fingerprint: torch, Python, arch, Inductor config, device."""
-    return {**_torch_fingerprint(), **device_fingerprint(device_type)}
+    return {**torch_fingerprint(), **device_fingerprint(device_type)}
 
 
 def set_compile_threads(threads: int) -> None:
@@ -86,6 +87,15 @@ def set_compile_threads(threads: int) -> None:
     from torch._inductor import config as inductor_config
 
     inductor_config.compile_threads = max(1, int(threads))
+
+
+def warm_compile_pool() -> None:
+    """Start Inductor's parallel compile workers now (a no-op with one compile thread)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    warm = getattr(AsyncCompile, "warm_pool", None)
+    if warm is not None:
+        warm()
 
 
 def _fake_propagate(gm: fx.GraphModule, fake_inputs: Sequence[Any], fake_mode: Any) -> None:

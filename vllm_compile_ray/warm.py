@@ -23,7 +23,7 @@ import torch
 from . import manifest, metrics, models
 from .api import example_args, key_context, model_device_type, open_store
 from .compile_task import (CompileTaskError, Faults, TaskContext, compile_remote,
-                           fingerprint_remote)
+                           start_worker_remote)
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
 from .errors import ClusterResourceError, ConfigError, VcrError
@@ -48,10 +48,13 @@ class WarmSummary:
     wall_s: float  # compile phase: first submit to last result
     plan_s: float
     task_s_sum: float  # sum of the compile seconds of the tasks
+    total_s: float = 0.0  # plan + compile phase + manifest (Ray start-up and connect excluded)
     run_id: str = ""
     unique_pieces: int = 0
     shapes: list[int | str] = field(default_factory=list)
     max_concurrent: int = 0
+    prestarted: int = 0  # workers started while planning
+    ran_in_prestarted: int = 0  # compile tasks that ran in one of them
     manifest_path: str = ""
     stats_path: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # task name -> error
@@ -74,7 +77,8 @@ class WarmSummary:
                  f"{self.compiled} compiled, {self.cached} cached, {self.failed} failed, "
                  f"{self.timed_out} timed out of {self.total}",
                  f"wall {self.wall_s:.1f}s, task sum {self.task_s_sum:.1f}s, speedup "
-                 f"{self.speedup:.2f}x, max {self.max_concurrent} at once, plan {self.plan_s:.1f}s",
+                 f"{self.speedup:.2f}x, max {self.max_concurrent} at once, plan {self.plan_s:.1f}s, "
+                 f"total {self.total_s:.1f}s",
                  f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
         lines += [f"error {name}: {err}" for name, err in sorted(self.errors.items())]
         return "\n".join(lines)
@@ -135,18 +139,15 @@ def _connect(address: str | None, runtime_env: dict | None) -> bool:
 
 def _plan(model: str | torch.nn.Module, config: CompilationConfig, tp_size: int,
           num_layers: int | None, device_type: str, fingerprint: dict[str, str] | None,
-          request: _Request) -> Plan:
-    """Capture on meta while a compile node computes the target fingerprint, then key."""
-    fp_ref = None
-    if fingerprint is None:
-        fp_ref = fingerprint_remote.options(name="vcr_fingerprint", **request.options()).remote(
-            device_type)
+          fp_ref: ray.ObjectRef | None) -> Plan:
+    """Capture on meta while a compile node computes the target fingerprint (`fp_ref`, a
+    `start_worker` task, when `fingerprint` is None), then key."""
     module = models.build(model, tp_size, 0, device="meta", num_layers=num_layers) \
         if isinstance(model, str) else model
     gm = capture(module, example_args(device=model_device_type(module)))
-    if fp_ref is not None:
+    if fingerprint is None:
         try:
-            fingerprint = ray.get(fp_ref)
+            fingerprint = ray.get(fp_ref)["fingerprint"]
         except ray.exceptions.RayError as exc:
             raise VcrError(f"a compile node could not compute the environment fingerprint for "
                            f"device_type={device_type!r}: {exc}") from exc
@@ -161,7 +162,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          cpus_per_compile: float = 1.0, resources: dict[str, float] | None = None,
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
-         faults: Faults | None = None,
+         faults: Faults | None = None, prestart: bool | None = None,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -174,6 +175,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     address: a Ray cluster; None connects to RAY_ADDRESS or starts Ray in-process (and stops it).
     fingerprint: the target environment fingerprint; None asks a compile node for it.
     faults: test hooks (see `compile_task.Faults`).
+    prestart: start the compile workers (imports, compile pool) while the driver plans; None:
+    with the inductor backend (the eager adaptor's workers start in well under a second).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -197,9 +200,12 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
             if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
                 logger.warning("cache %s is a local path: every node must see the same "
                                "filesystem there (use s3:// or a shared mount)", store.url)
+        if prestart is None:
+            prestart = config.backend == "inductor"
+        workers = min(max_in_flight or capacity, capacity) if prestart else 0
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
-                     faults or Faults(), say)
+                     faults or Faults(), say, workers)
     finally:
         if owned:
             ray.shutdown()
@@ -209,10 +215,19 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           tp_size: int, num_layers: int | None, device_type: str, request: _Request,
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
-          say: Callable[[str], None]) -> WarmSummary:
+          say: Callable[[str], None], prestart: int) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
-    plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint, request)
+    # Worker start-ups, all at once, so Ray starts that many workers while the driver plans; the
+    # first also computes the fingerprint. The compile tasks go out once they are done, so they
+    # find those workers idle (workers are reused: max_calls=0) instead of starting others.
+    count = max(prestart, 1 if fingerprint is None else 0)
+    starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
+        config.backend, request.cpus, device_type if i == 0 and fingerprint is None else "")
+        for i in range(count)]
+    plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
+                 starts[0] if starts else None)
+    prestarted = _started_pids(starts)
     fp_id = plan.key_context.fingerprint_id
     tasks = plan.tasks()
     present = store.contains_many([t.key for t in tasks])
@@ -246,13 +261,27 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         wall_s=round(wall_s, 3), plan_s=round(plan_s, 3),
         task_s_sum=round(sum(r.get("seconds", 0.0) for r in by_status["compiled"]), 3),
         run_id=run_id, unique_pieces=summary["unique_pieces"], shapes=list(plan.shapes),
-        max_concurrent=snap["max_concurrent"],
+        max_concurrent=snap["max_concurrent"], prestarted=len(prestarted),
+        ran_in_prestarted=sum(1 for r in by_status["compiled"] if r.get("pid") in prestarted),
+        total_s=round(time.perf_counter() - t0, 3),
         manifest_path=f"{store.url}/{manifest.manifest_path(name, fp_id)}",
         stats_path=f"{store.url}/{manifest.stats_path(name, fp_id)}",
         errors={r["name"]: r.get("error", "") for r in by_status["failed"] + by_status["timed_out"]},
         rows=sorted(rows, key=lambda r: r["name"]))
     say(result.format())
     return result
+
+
+def _started_pids(refs: list[ray.ObjectRef]) -> set[int]:
+    """Wait for the worker start-ups; the pids of those that worked (a failed start-up is logged:
+    its cause shows again in the compiles)."""
+    pids = set()
+    for ref in refs:
+        try:
+            pids.add(ray.get(ref)["pid"])
+        except ray.exceptions.RayError as exc:
+            logger.warning("a compile worker's start-up failed: %s", exc)
+    return pids
 
 
 class _Dispatcher:
