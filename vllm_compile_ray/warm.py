@@ -219,15 +219,14 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Worker start-ups, all at once, so Ray starts that many workers while the driver plans; the
-    # first also computes the fingerprint. The compile tasks go out once they are done, so they
-    # find those workers idle (workers are reused: max_calls=0) instead of starting others.
+    # first also computes the fingerprint. They hold the compile slots, so each compile task
+    # waits for a started worker to go idle and runs there (workers are reused: max_calls=0).
     count = max(prestart, 1 if fingerprint is None else 0)
     starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
         config.backend, request.cpus, device_type if i == 0 and fingerprint is None else "")
         for i in range(count)]
     plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
                  starts[0] if starts else None)
-    prestarted = _started_pids(starts)
     fp_id = plan.key_context.fingerprint_id
     tasks = plan.tasks()
     present = store.contains_many([t.key for t in tasks])
@@ -246,6 +245,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     start = time.perf_counter()
     rows += _Dispatcher(ctx, stats, request, max_retries, say).run(todo, max_in_flight)
     wall_s = time.perf_counter() - start if todo else 0.0
+    prestarted = _started_pids(starts)
 
     snap = ray.get(stats.snapshot.remote(run_id))
     manifest_rows = _manifest_rows(store, plan, name, tp_size, rows)
@@ -273,10 +273,13 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
 
 
 def _started_pids(refs: list[ray.ObjectRef]) -> set[int]:
-    """Wait for the worker start-ups; the pids of those that worked (a failed start-up is logged:
-    its cause shows again in the compiles)."""
+    """Pids of the workers whose start-up finished; one still running is cancelled (a failed one
+    is logged: its cause shows again in the compiles)."""
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+    for ref in pending:
+        ray.cancel(ref)
     pids = set()
-    for ref in refs:
+    for ref in done:
         try:
             pids.add(ray.get(ref)["pid"])
         except ray.exceptions.RayError as exc:
