@@ -100,3 +100,61 @@ def test_compiled_toy_matches_eager_with_eager_backend(tmp_path) -> None:
             torch.testing.assert_close(compiled(x, s), model(x, s))
     assert compiled.counter.num_graphs_seen == 1
     assert compiled.plan.summary()["unique_pieces"] == 3
+
+
+def split_module_reference(gm, ops, monkeypatch):
+    """split_graph through torch's split_module (the splitter's fallback) for comparison."""
+    from vllm_compile_ray import splitting
+
+    with monkeypatch.context() as m:
+        m.setattr(splitting, "_split_by_structure", lambda *args: None)
+        return split_graph(gm, ops)
+
+
+def test_splitter_matches_split_module_and_shares_identical_layers(monkeypatch) -> None:
+    import vllm_compile_ray as vcr
+    from vllm_compile_ray.api import example_args
+
+    for gm in (toy_graph(4)[1],
+               capture(vcr.models.build("llama-tiny", device="meta", num_layers=4), example_args())):
+        ops = ["vcrtest::mix"] if "vcrtest" in gm.code else ["vcr::attention"]
+        ref_gm, ref = split_module_reference(gm, ops, monkeypatch)
+        new_gm, new = split_graph(gm, ops)
+        assert new_gm.code == ref_gm.code  # the same calls, inputs and outputs at the top level
+        assert [(i.submod_name, i.is_splitting_graph) for i in new] == \
+            [(i.submod_name, i.is_splitting_graph) for i in ref]
+        for a, b in zip(ref, new):
+            if not a.is_splitting_graph:
+                ca, cb = canonicalize(a.graph, "cpu"), canonicalize(b.graph, "cpu")
+                assert (ca.code, ca.input_specs) == (cb.code, cb.input_specs)
+        pieces = [i for i in new if not i.is_splitting_graph]
+        assert len({id(i.graph) for i in pieces}) == 3  # first, middle (one module), last
+        assert len({id(i.graph) for i in ref if not i.is_splitting_graph}) == len(pieces)
+
+
+def test_split_graph_computes_what_the_graph_computes() -> None:
+    """Shared modules for identical layers still run each layer on its own inputs."""
+    _, gm = toy_graph(4, tokens=5)
+    split_gm, _ = split_graph(gm, ["vcrtest::mix"])
+    torch.manual_seed(0)
+    args = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta["example_value"]
+            args.append(torch.randn([int(d) for d in value.shape]) if isinstance(value, torch.Tensor)
+                        else int(value))
+    with torch.no_grad():
+        expected, got = gm(*args), split_gm(*args)
+    assert torch.equal(expected[0], got[0])
+
+
+def test_graphs_with_global_state_use_split_module() -> None:
+    from vllm_compile_ray.splitting import _split_by_structure
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.call_function(torch._C._set_grad_enabled, (False,))
+    y = graph.call_function(torch.relu, (x,))
+    graph.output(y)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert _split_by_structure(gm, {n: 0 for n in graph.nodes}) is None

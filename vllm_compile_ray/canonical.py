@@ -124,17 +124,32 @@ def structure(piece: fx.GraphModule, device_type: str | None = None) -> tuple:
     """Everything `canonicalize` builds its result from: ops, targets, argument structure with
     nodes by position, and input specs. Equal structures canonicalize equally, so a plan
     canonicalizes each distinct layer once (the pickle round trip is the costly part)."""
+    nodes = list(piece.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    body = [n for n in nodes if n.op not in ("placeholder", "output")]
+    output = next(n for n in nodes if n.op == "output")
+    return structure_of(inputs, body, output.args[0], device_type)
+
+
+def structure_of(inputs: list[fx.Node], body: list[fx.Node], result: Any,
+                 device_type: str | None = None) -> tuple:
+    """`structure` of the piece whose placeholders carry the metadata of `inputs`, whose nodes
+    are `body` in order and which returns `result`: the splitter computes it on the whole graph
+    before building a piece, so identical layers need only one piece built. For a piece graph
+    whose placeholders come first and its output last, both give the same tuple."""
     position: dict[fx.Node, str] = {}
     namer = _SymbolNamer()
     parts: list[Any] = []
-    for index, node in enumerate(piece.graph.nodes):
-        position[node] = f"%{index}"
-        if node.op == "placeholder":
-            parts.append(input_spec(_example_value(node), namer, device_type))
-            continue
+    for node in inputs:
+        position[node] = f"%{len(position)}"
+        parts.append(input_spec(_example_value(node), namer, device_type))
+    for node in body:
+        position[node] = f"%{len(position)}"
         args = fx.node.map_arg((node.args, node.kwargs), lambda n: position[n])
         target = id(node.target) if callable(node.target) else node.target
         parts.append((node.op, target, repr(args)))
+    args = fx.node.map_arg(((result,), {}), lambda n: position[n])
+    parts.append(("output", "output", repr(args)))
     return tuple(parts)
 
 

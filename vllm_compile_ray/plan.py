@@ -73,10 +73,13 @@ def plan_graph(gm: fx.GraphModule, config: CompilationConfig, key_context: KeyCo
     split_gm, items = split_graph(gm, splitting_ops)
     pieces = []
     seen: dict[tuple, PlannedPiece] = {}  # identical layers: canonicalize and key once
+    signatures: dict[int, tuple] = {}  # the splitter builds one module for identical layers
     for item in items:
         if item.is_splitting_graph:
             continue
-        signature = structure(item.graph, device_type)
+        signature = signatures.get(id(item.graph))
+        if signature is None:
+            signature = signatures[id(item.graph)] = structure(item.graph, device_type)
         twin = seen.get(signature)
         if twin is None:
             piece = canonicalize(item.graph, device_type)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.fx._lazy_graph_module import _use_lazy_graph_module
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 from torch.fx.passes.split_module import split_module
+
+from .canonical import structure_of
+
+# Nodes whose global effect (grad mode, autocast) split_module carries across pieces.
+_GLOBAL_STATE = (torch.amp._enter_autocast, torch.amp._exit_autocast, torch._C._set_grad_enabled)
 
 
 @dataclass
@@ -47,12 +54,126 @@ def split_graph(gm: fx.GraphModule, splitting_ops: tuple[str, ...] | list[str]
     # Lazy graph modules: the pieces' Python code is generated on first call, not here (code
     # generation was most of the planning time; compiled pieces are never called as fx code).
     with _use_lazy_graph_module(True):
-        split_gm = split_module(gm, None, lambda node: node_to_subgraph[node],
-                                keep_original_order=True)
+        split = _split_by_structure(gm, node_to_subgraph)
+        if split is None:
+            split_gm = split_module(gm, None, lambda node: node_to_subgraph[node],
+                                    keep_original_order=True)
+            names = [name for (name, _) in split_gm.named_children()]
+        else:
+            split_gm, names = split
     items = []
-    names = [name for (name, _) in split_gm.named_modules() if "." not in name and name]
     for name in names:
         graph_id = int(name.replace("submod_", ""))
         items.append(SplitItem(name, graph_id, graph_id in split_ids, getattr(split_gm, name)))
     items.sort(key=lambda item: item.graph_id)
     return split_gm, items
+
+
+@dataclass
+class _Part:
+    nodes: list[fx.Node] = field(default_factory=list)
+    inputs: dict[fx.Node, None] = field(default_factory=dict)  # ordered sets
+    outputs: dict[fx.Node, None] = field(default_factory=dict)
+
+
+def _split_by_structure(gm: fx.GraphModule, part_of: dict[fx.Node, int]
+                        ) -> tuple[fx.GraphModule, list[str]] | None:
+    """`split_module(gm, ..., keep_original_order=True)`'s result, built faster: pieces of equal
+    structure (identical layers) share one graph module, built once. Inputs and outputs of each
+    piece come in split_module's order, so piece code and keys are the same. None for graphs
+    this does not handle (attributes, submodules, grad or autocast regions): use split_module.
+    """
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    nodes = list(gm.graph.nodes)
+    if any(n.op in ("get_attr", "call_module") or n.target in _GLOBAL_STATE for n in nodes):
+        return None
+    symbol_node: dict[sympy.Symbol, fx.Node] = {}  # where each size symbol is bound, first wins
+    parts: dict[int, _Part] = {}  # in graph order
+    for node in nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, (torch.SymInt, torch.SymFloat)) and \
+                isinstance(value.node.expr, sympy.Symbol):
+            symbol_node.setdefault(value.node.expr, node)
+        if node.op not in ("placeholder", "output"):
+            parts.setdefault(part_of[node], _Part()).nodes.append(node)
+    if not parts:
+        return None
+
+    def use(value: fx.Node, user: int | None) -> None:  # split_module's cross-partition use
+        defined = part_of.get(value)
+        if defined == user:
+            return
+        if defined is not None:
+            parts[defined].outputs.setdefault(value)
+        if user is None:
+            return
+        parts[user].inputs.setdefault(value)
+        example = value.meta.get("example_value")
+        if example is not None:  # the symbols in its sizes come along as inputs too
+            for symbol in sorted(free_symbols(example), key=str):
+                bound = symbol_node.get(symbol)
+                if bound is None:
+                    raise LookupError(symbol)
+                parts[user].inputs.setdefault(bound)
+                if bound.op != "placeholder" and part_of.get(bound) is not None:
+                    parts[part_of[bound]].outputs.setdefault(bound)
+
+    try:
+        for node in nodes:
+            if node.op == "output":
+                fx.node.map_arg(node.args[0], lambda n: use(n, None))
+            elif node.op != "placeholder":
+                fx.node.map_arg((node.args, node.kwargs), lambda n, p=part_of[node]: use(n, p))
+    except LookupError:  # a symbol without a binding node: leave it to split_module
+        return None
+
+    base = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            default = node.args[0] if node.args else inspect.Signature.empty
+            env[node] = base.placeholder(node.target, type_expr=node.type, default_value=default)
+            env[node].meta = node.meta.copy()
+    root = torch.nn.Module()
+    built: dict[tuple, fx.GraphModule] = {}
+    names = []
+    for pid, part in parts.items():
+        inputs, outputs = list(part.inputs), list(part.outputs)
+        result = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        try:
+            signature = structure_of(inputs, part.nodes, result)
+        except TypeError:  # an input that is no tensor, SymInt or int: a piece of its own
+            signature = ("unshared", pid)
+        if signature not in built:
+            built[signature] = _piece_module(inputs, part.nodes, outputs)
+        name = f"submod_{pid}"
+        root.add_module(name, built[signature])
+        names.append(name)
+        call = base.call_module(name, tuple(env[n] for n in inputs))
+        if len(outputs) == 1:
+            env[outputs[0]] = call
+        else:
+            for i, value in enumerate(outputs):
+                env[value] = base.call_function(operator.getitem, (call, i))
+    output = nodes[-1]
+    base.output(fx.node.map_arg(output.args[0], lambda n: env[n]))
+    return _make_graph_module(root, base), names
+
+
+def _piece_module(inputs: list[fx.Node], body: list[fx.Node], outputs: list[fx.Node]
+                  ) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name, type_expr=node.type)
+        env[node].meta = node.meta.copy()
+    for node in body:
+        new = graph.create_node(node.op, node.target, fx.node.map_arg(node.args, env.__getitem__),
+                                fx.node.map_arg(node.kwargs, env.__getitem__), type_expr=node.type)
+        new.meta = node.meta.copy()
+        env[node] = new
+    values = [env[n] for n in outputs]
+    graph.output(values[0] if len(values) == 1 else tuple(values))
+    return _make_graph_module(torch.nn.Module(), graph)
