@@ -88,3 +88,24 @@ def test_ship_autotune_is_a_bool_and_not_hashed() -> None:
 def test_dynamic_artifacts_tune_at_the_largest_listed_size() -> None:
     assert InductorStandaloneAdaptor(vcr.CompilationConfig(compile_sizes=[4, 64])).dynamic_tune_size == 64
     assert InductorStandaloneAdaptor(vcr.CompilationConfig()).dynamic_tune_size == 8
+
+
+def test_failed_tuning_ships_the_artifact_untuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runtime autotuning that fails (out of memory, a driver error) costs the loaders their
+    first-call tuning, never the artifact: it is published as compiled, with the error noted."""
+    monkeypatch.setattr(inductor, "compile_static", lambda *a: ("fn", b"standalone-bytes"))
+    monkeypatch.setattr(inductor, "example_tensors", lambda *a: [])
+
+    def out_of_memory(fn, inputs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(inductor, "tune_once", out_of_memory)
+    adaptor = InductorStandaloneAdaptor(vcr.CompilationConfig())
+    result = adaptor.compile(None, [], 4, "cuda")
+    assert result.artifact == b"standalone-bytes" and result.guard == (4, 4)
+    assert result.info == {"tune_error": "RuntimeError: CUDA out of memory"}
+    monkeypatch.setattr(inductor, "tune_once", lambda fn, inputs: (b"tuning", 3))
+    tuned = adaptor.compile(None, [], 4, "cuda")
+    assert unpack_tuned(tuned.artifact) == (b"standalone-bytes", b"tuning")
+    assert tuned.info["tuned_kernels"] == 3
+    assert adaptor.compile(None, [], 4, "cpu").info == {}  # no runtime autotuning on CPU
