@@ -176,7 +176,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     fingerprint: the target environment fingerprint; None asks a compile node for it.
     faults: test hooks (see `compile_task.Faults`).
     prestart: start the compile workers (imports, compile pool) while the driver plans; None:
-    with the inductor backend (the eager adaptor's workers start in well under a second).
+    with the inductor backend (eager compiles take milliseconds: there a worker per slot started
+    ahead would mostly add start-ups a small run never needs).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
