@@ -122,21 +122,22 @@ class InductorStandaloneAdaptor(CompilerInterface):
                        "passes": self.pass_manager.uuid() if self.pass_manager else None})
 
     def compile(self, graph, input_specs, shape, device) -> CompileResult:
+        inputs = None
         if shape == "dynamic":
             fn, data, guard = inductor.compile_dynamic(graph, input_specs, device, self.options)
-            size = max(guard[0], self.dynamic_tune_size)
-            if guard[1] is not None:
-                size = min(size, guard[1])
         else:
-            fn, data = inductor.compile_static(graph, input_specs, int(shape), device, self.options)
-            size = int(shape)
-            guard = (size, size)
+            inputs = inductor.example_tensors(input_specs, int(shape), device)
+            fn, data = inductor.compile_static(graph, inputs, self.options)
+            guard = (int(shape), int(shape))
         result = CompileResult(fn, data, guard)
         if self.ship_autotune and device.split(":")[0] == "cuda":
             start = time.perf_counter()
             try:
-                tuning, kernels = inductor.tune_once(
-                    fn, inductor.example_tensors(input_specs, size, device))
+                if inputs is None:  # dynamic: tune at the largest listed size inside its guard
+                    size = max(guard[0], self.dynamic_tune_size)
+                    size = size if guard[1] is None else min(size, guard[1])
+                    inputs = inductor.example_tensors(input_specs, size, device)
+                tuning, kernels = inductor.tune_once(fn, inputs)
             except Exception as exc:  # the artifact is good without them: loaders tune instead
                 logger.warning("runtime autotuning of a %s artifact failed, shipping it "
                                "untuned: %s: %s", shape, type(exc).__name__, exc)

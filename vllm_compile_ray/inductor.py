@@ -143,13 +143,13 @@ def _symbol_values(entry: str, size: int) -> dict[str, int]:
     return {name: size for name in re.findall(r"\bs\d+\b", entry)}
 
 
-def compile_static(gm: fx.GraphModule, specs: Sequence[InputSpec], size: int, device: str,
-                   options: dict[str, Any]) -> tuple[Callable, bytes]:
-    """Compile `gm` for every symbol equal to `size`; returns (callable, artifact bytes)."""
+def compile_static(gm: fx.GraphModule, inputs: Sequence[Any], options: dict[str, Any]
+                   ) -> tuple[Callable, bytes]:
+    """Compile `gm` for the shapes of `inputs` (`example_tensors` of the piece's specs at one
+    size); returns (callable, artifact bytes)."""
     from torch._inductor import standalone_compile
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    inputs = example_tensors(specs, size, device)
     fake_mode = FakeTensorMode()
     with fake_mode:
         fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
