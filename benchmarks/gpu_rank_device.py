@@ -1,15 +1,17 @@
-"""One artifact serves every rank: a rank on GPU 1 runs artifacts compiled on GPU 0.
+"""One artifact serves every rank: ranks on other GPUs run artifacts compiled on GPU 0.
 
 Needs a machine with at least 2 GPUs. Self-checking: prints each step, exits 1 on a failure.
 
-  1. compile  (CUDA_VISIBLE_DEVICES=<gpu0>) compiles one TP rank's pieces with Inductor and
-              publishes them to a file:// cache
+  1. compile  (CUDA_VISIBLE_DEVICES=<gpu0>) compiles one TP rank's pieces with Inductor (runtime
+              autotune results shipped) and publishes them to a file:// cache
   2. ranks    two processes, rank r with CUDA_VISIBLE_DEVICES=<gpu r> (`rank_device_env`), NCCL
               all-reduce live: each `vcr.load`s from the cache; zero compiles on both, output
               equal to the eager TP run, rank 1 on another physical GPU than the compile
-  3. guard    one process seeing both GPUs with the model on cuda:1: `load` refuses it
-  4. why      same process, the guard bypassed: an artifact compiled on cuda:0 run directly on
-              cuda:1 tensors (informational: shows what the guard prevents; never fails the run)
+  3. visible  one process seeing both GPUs: a model on cuda:1, then one on cuda:0, each
+              `vcr.load`ed with on_miss="error": the artifacts (compiled for index 0) are
+              retargeted to index 1 by the loader; zero compiles, output equal to eager on each
+              GPU, no kernel autotuned at the first call, and (where nvidia-smi lists processes)
+              no CUDA context opened on GPU 0 before the cuda:0 model
 
     python benchmarks/gpu_rank_device.py [--gpus 0,1] [--model llama-tiny] [--num-layers 2]
 """
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--sizes", default="4", help="compile sizes (plus dynamic)")
+    p.add_argument("--work", help="keep the cache and staging here (default: a temp dir)")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -102,54 +105,87 @@ def step_rank(spec: dict) -> dict:
         dist.destroy_process_group()
 
 
-def step_guard(spec: dict) -> dict:
+def contexts_on(gpu_uuid_: str) -> bool | None:
+    """Whether this process holds a CUDA context on the GPU (None: nvidia-smi cannot tell)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if "," in line]
+    if not any(pid == str(os.getpid()) for pid, _ in rows):
+        return None  # this process is not listed at all (PID namespace): no answer
+    return any(pid == str(os.getpid()) and gpu_uuid_ in uuid for pid, uuid in rows)
+
+
+def step_visible(spec: dict) -> dict:
     import torch
+    from torch._inductor.runtime import triton_heuristics
 
     import vllm_compile_ray as vcr
-    from vllm_compile_ray import inductor
-    from vllm_compile_ray.api import example_args
-    from vllm_compile_ray.store import ArtifactStore
 
-    model = vcr.models.build(spec["model"], tp_size=2, rank=1, num_layers=spec["num_layers"],
-                             device="cuda:1")
-    cfg = config(spec, "error", spec["work"] + "/stage-guard")
-    out: dict = {}
-    try:
-        vcr.load(model, cfg, rank=1, world_size=2, model_name=spec["model"], report=False)
-        out["guard"] = "load() accepted a model on cuda:1"
-    except vcr.ConfigError as exc:
-        out["guard"] = "refused"
-        out["guard_message"] = str(exc)
+    autotuned: list[str] = []  # kernels that benchmark configs at their first call
+    original = triton_heuristics.CachingAutotuner.autotune_to_one_config
 
-    # What the guard prevents: run one compiled piece (static size 4) on cuda:1 tensors.
-    plan = vcr.plan_model(model, cfg, device_type="cuda", args=example_args(8, "cuda:1"))
-    task = next(t for t in plan.tasks() if t.shape == spec["sizes"][0])
-    artifact = ArtifactStore(cfg.cache_dir, staging_dir=cfg.staging_dir).fetch(task.key)
-    args = inductor.example_tensors(task.piece.input_specs, task.shape, "cuda:1")
-    g = torch.Generator(device="cuda:1").manual_seed(0)
-    args = [a.normal_(generator=g) if isinstance(a, torch.Tensor) and a.is_floating_point()
-            else a for a in args]
-    try:
-        fn = inductor.load_artifact(artifact.payload)
-        got = fn(*args)
-        torch.cuda.synchronize(1)
-        want = task.piece.graph(*args)
-        got = got if isinstance(got, (list, tuple)) else [got]
-        diff = max((a - b).abs().max().item() for a, b in zip(got, want))
-        out["unguarded"] = f"ran; max abs diff vs eager {diff:.3g}"
-    except Exception as exc:  # noqa: BLE001 (the observation is the point)
-        out["unguarded"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    def counting(self, *args, **kwargs):
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        from vllm_compile_ray import inductor
+
+        filename = getattr(self, "filename", None)
+        where = "?"
+        if filename and os.path.exists(filename):
+            key = inductor.autotune_key(open(filename).read())
+            found = [d for d in (cache_dir(), os.path.join(cache_dir(), "vcr-cuda1"))
+                     if os.path.exists(os.path.join(d, key))]
+            where = f"{filename}: result {key} in {found}"
+        autotuned.append(f"{getattr(self.fn, '__name__', '?')} ({where})")
+        return original(self, *args, **kwargs)
+
+    triton_heuristics.CachingAutotuner.autotune_to_one_config = counting
+    uuid0 = str(torch.cuda.get_device_properties(0).uuid)
+    out: dict = {"devices": {}}
+    gpu0_contexts: dict[str, bool | None] = {}  # after each stage of the cuda:1 model
+    for rank, device in ((1, "cuda:1"), (0, "cuda:0")):
+        model = vcr.models.build(spec["model"], tp_size=2, rank=rank,
+                                 num_layers=spec["num_layers"], device=device)
+        if device == "cuda:1":
+            gpu0_contexts["build"] = contexts_on(uuid0)
+        compiled = vcr.load(model, config(spec, "error", spec["work"] + "/stage-visible"),
+                            rank=rank, world_size=2, model_name=spec["model"], report=False)
+        if device == "cuda:1":
+            gpu0_contexts["load"] = contexts_on(uuid0)
+        vocab = model.config.vocab_size
+        diffs, outs_on = {}, set()
+        with torch.no_grad():
+            for n in SIZES:
+                eager = model(*inputs(n, vocab, device))
+                got = compiled(*inputs(n, vocab, device))
+                outs_on.add(str(got.device))
+                diffs[n] = (got - eager).abs().max().item()
+        torch.cuda.synchronize(device)
+        out["devices"][device] = {
+            "report": compiled.report.to_dict(), "max_abs_diff": diffs,
+            "compiles": compiled.counter.num_backend_compilations, "outputs_on": sorted(outs_on),
+            "autotuned_at_first_call": list(autotuned),
+            "context_on_gpu0": {**gpu0_contexts, "calls": contexts_on(uuid0)}
+            if device == "cuda:1" else None}
+        autotuned.clear()
     return out
 
 
-STEPS = {"compile": step_compile, "rank": step_rank, "guard": step_guard}
+STEPS = {"compile": step_compile, "rank": step_rank, "visible": step_visible}
 
 
 # --------------------------------------------------------------------------------- the driver
 
 
 def spawn(step: str, spec: dict, visible: str) -> subprocess.Popen:
+    # Each process its own Inductor cache: what it finds there came with the artifacts.
+    inductor_dir = Path(spec["work"]) / f"inductor-{step}-{spec.get('rank', 0)}"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible,
+           "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = Path(spec["work"]) / f"{step}-{spec.get('rank', 0)}.json"
     spec = {**spec, "out": str(out)}
@@ -183,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(gpus) < 2:
         print("needs two GPUs: --gpus A,B")
         return 1
-    work = tempfile.mkdtemp(prefix="vcr-gpu-rank-")
+    work = args.work or tempfile.mkdtemp(prefix="vcr-gpu-rank-")
+    os.makedirs(work, exist_ok=True)
     spec = {"model": args.model, "num_layers": args.num_layers, "work": work,
             "sizes": [int(s) for s in args.sizes.split(",")], "cache": f"file://{work}/cache"}
     ok = True
@@ -221,14 +258,25 @@ def main(argv: list[str] | None = None) -> int:
     check(ranks[1]["uuid"] != compiled["uuid"] and ranks[0]["uuid"] != ranks[1]["uuid"],
           f"rank 1 ran on GPU {ranks[1]['uuid']}, not the compiling GPU")
 
-    print("3. guard: both GPUs visible, model on cuda:1", flush=True)
-    guard = collect(spawn("guard", spec, ",".join(gpus[:2])), spec, "guard")
-    if guard is None:
+    print("3. one process, both GPUs visible: a model on cuda:1, then one on cuda:0",
+          flush=True)
+    visible = collect(spawn("visible", spec, ",".join(gpus[:2])), spec, "visible")
+    if visible is None:
         return 1
-    check(guard["guard"] == "refused", f"load() {guard['guard']}: "
-          f"{guard.get('guard_message', '')[:160]}")
-    print(f"4. without the guard, an artifact compiled for cuda:0 run on cuda:1 tensors: "
-          f"{guard['unguarded']}")
+    for device, res in visible["devices"].items():
+        rep_d = res["report"]
+        check(res["compiles"] == 0 and rep_d["hits"] == rep_d["tasks"] > 0,
+              f"{device}: 0 compiles, {rep_d['hits']} artifacts from the cache "
+              f"(load {rep_d['load_s']:.2f} s, first calls {rep_d['first_call_s']:.2f} s)")
+        check(res["outputs_on"] == [device] and max(res["max_abs_diff"].values()) < 1e-3,
+              f"{device}: outputs on {res['outputs_on']}, vs eager max abs diff "
+              f"{res['max_abs_diff']}")
+        check(not res["autotuned_at_first_call"],
+              f"{device}: kernels autotuned at their first call: "
+              f"{res['autotuned_at_first_call'] or 'none'}")
+    gpu0 = visible["devices"]["cuda:1"]["context_on_gpu0"]
+    check(True not in gpu0.values(), f"CUDA context on GPU 0 while only the cuda:1 model ran "
+          f"(after build, load, calls; None: nvidia-smi cannot tell): {gpu0}")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

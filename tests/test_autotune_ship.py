@@ -72,10 +72,10 @@ def test_adaptor_loads_tuning_before_the_artifact(tmp_path: Path,
         seen.append((data, best.exists()))
         return "loaded"
 
-    monkeypatch.setattr(inductor, "load_artifact", fake_loader)
+    monkeypatch.setattr(inductor, "_load_binary", fake_loader)
     adaptor = InductorStandaloneAdaptor(vcr.CompilationConfig())
     payload = pack_tuned(b"standalone-bytes", tuning_bytes({"ab/abcdef.best_config": BEST}))
-    assert adaptor.load(payload, None, 4, "cuda") == "loaded"
+    assert adaptor.load(payload, None, 4, "cuda:0") == "loaded"
     assert seen == [(b"standalone-bytes", True)]
 
 

@@ -63,14 +63,10 @@ def test_ranks_compute_identical_keys() -> None:
     assert plans[0].keys == plans[1].keys and len(plans[0].keys) == 9
 
 
-def test_device_guard_and_rank_env() -> None:
-    inductor = vcr.CompilationConfig()
-    check_device(torch.device("cuda:0"), inductor)
-    check_device(torch.device("cuda:3"), vcr.CompilationConfig(**EAGER))  # eager: no artifacts
-    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=3"):
-        check_device(torch.device("cuda:3"), inductor)
+def test_device_check_and_rank_env() -> None:
+    check_device(torch.device("cuda:3"))  # artifacts are retargeted to any GPU index
     with pytest.raises(ConfigError, match="meta"):
-        check_device(torch.device("meta"), inductor)
+        check_device(torch.device("meta"))
     assert rank_device_env(1) == {"CUDA_VISIBLE_DEVICES": "1"}
     assert rank_device_env(1, "4,6") == {"CUDA_VISIBLE_DEVICES": "6"}
     with pytest.raises(ConfigError, match="local_rank=2"):

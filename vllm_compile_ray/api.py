@@ -43,10 +43,15 @@ def key_context(config: CompilationConfig, compiler: CompilerInterface, device_t
     return KeyContext(config, compiler.compute_hash(config), fp, uuids)
 
 
-def model_device_type(model: torch.nn.Module) -> str:
+def model_device(model: torch.nn.Module) -> str:
+    """Where the model's weights are ("cuda:1", "cpu", ...; "cpu" for a model without any)."""
     for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device.type
+        return str(tensor.device)
     return "cpu"
+
+
+def model_device_type(model: torch.nn.Module) -> str:
+    return torch.device(model_device(model)).type
 
 
 class CompiledModel:
@@ -98,8 +103,9 @@ def compile(model: torch.nn.Module, config: CompilationConfig | None = None, *,
     store = store if store is not None else open_store(config)
     if not config.disable_compile_cache:  # fail here, clearly, not at the first forward
         store.check_access(write=config.on_miss == "compile_and_publish")
-    manager = CompilerManager(config, compiler, store, device_type, context.fingerprint_id,
-                              counter, monitor)
+    # The manager compiles for and loads onto the model's own device (cuda:i included).
+    manager = CompilerManager(config, compiler, store, model_device(model),
+                              context.fingerprint_id, counter, monitor)
     backend = VcrBackend(config, manager, context, device_type, model_name)
     return CompiledModel(model, backend)
 

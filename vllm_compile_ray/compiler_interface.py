@@ -149,10 +149,20 @@ class InductorStandaloneAdaptor(CompilerInterface):
         return result
 
     def load(self, artifact, graph, shape, device) -> Callable:
+        """Load for `device`; on CUDA the artifact runs on that GPU whichever index it was
+        compiled on (no index: the current device)."""
         standalone, tuning = unpack_tuned(artifact)
-        if tuning:  # before the kernels load: they read their tuned config when created
-            inductor.load_tuning(tuning)
-        return inductor.load_artifact(standalone)
+        return inductor.load_artifact(standalone, tuning, cuda_index(device))
+
+
+def cuda_index(device: str) -> int | None:
+    """The CUDA device index `device` names ("cuda": the current one; None off CUDA)."""
+    import torch
+
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return None
+    return parsed.index if parsed.index is not None else torch.cuda.current_device()
 
 
 def make_compiler(config: CompilationConfig, pass_manager: PostGradPassManager | None = None

@@ -9,10 +9,10 @@ same keys and one artifact serves them all). All artifacts come in one batched, 
 verified and staged node-locally once per node (`staging.SharedStaging`), then load; misses follow
 `config.on_miss`. With warmup=True each compiled shape runs once before `load` returns.
 
-CUDA: Inductor's generated code pins device index 0 (`_DeviceGuard(0)`, `get_raw_stream(0)`, and
-its own cache keys the index too), so a rank must see its GPU as cuda:0. Ray GPU workers do
-(`CUDA_VISIBLE_DEVICES`); other launchers set it per rank with `rank_device_env`. `load` refuses
-an Inductor model on cuda:i, i != 0, instead of running kernels on the wrong GPU.
+CUDA: keys and artifacts carry no device index either. An artifact compiled on one GPU runs on a
+model on any other: the loader rewrites the index Inductor's generated code names (see
+`inductor.retarget`), so a rank may keep every GPU visible and put its model on cuda:i.
+Launchers that give each rank one visible GPU can build its environment with `rank_device_env`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from . import keys as keys_mod
-from .api import CompiledModel, compile as compile_model, example_args, open_store
+from .api import CompiledModel, compile as compile_model, example_args, model_device, open_store
 from .backend import VcrBackend
 from .config import CompilationConfig
 from .counters import CompilationCounter
@@ -157,7 +157,7 @@ def push_report(report: StartupReport, timeout_s: float = 10.0) -> bool:
 
 
 def rank_device_env(local_rank: int, visible: str | None = None) -> dict[str, str]:
-    """Environment for a rank process so that its GPU is cuda:0 (what artifacts expect).
+    """Environment for a rank process that sees only its own GPU (as cuda:0).
 
     visible: the parent's CUDA_VISIBLE_DEVICES (None: all GPUs, numbered 0..n-1). For launchers;
     Ray GPU workers already get this from Ray.
@@ -169,22 +169,9 @@ def rank_device_env(local_rank: int, visible: str | None = None) -> dict[str, st
     return {"CUDA_VISIBLE_DEVICES": devices[local_rank].strip() if devices else str(local_rank)}
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def check_device(device: torch.device, config: CompilationConfig) -> None:
-    """Refuse a model that Inductor artifacts cannot serve correctly on this device."""
+def check_device(device: torch.device) -> None:
     if device.type == "meta":
         raise ConfigError("load() needs a model with weights, not one on the meta device")
-    if device.type == "cuda" and (device.index or 0) != 0 and config.backend == "inductor":
-        raise ConfigError(
-            f"model is on {device}, but compiled artifacts run on cuda:0 (Inductor pins device "
-            f"index 0 in generated code). Start each rank with its GPU as the only visible one, "
-            f"e.g. CUDA_VISIBLE_DEVICES={device.index} (see load.rank_device_env), "
-            f"and put the model on cuda:0; Ray GPU workers do this by default")
 
 
 def check_rank(model: torch.nn.Module, rank: int, world_size: int) -> None:
@@ -243,8 +230,8 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     start = time.perf_counter()
     config = config or CompilationConfig()
     check_rank(model, rank, world_size)
-    device = model_device(model)
-    check_device(device, config)
+    device = torch.device(model_device(model))
+    check_device(device)
     counter = counter if counter is not None else CompilationCounter()
     monitor = monitor if monitor is not None else PerformanceMonitor()
     before, samples_before = counter.clone(), {k: len(v) for k, v in monitor.samples.items()}
