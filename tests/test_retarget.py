@@ -1,4 +1,4 @@
-"""Moving an Inductor artifact to another GPU index (`inductor.retarget`).
+"""Moving an Inductor artifact to another GPU index (retarget.py).
 
 The CUDA wrapper is real Inductor output (tests/data/cuda_wrapper_h200.py.txt: the dynamic-shape
 first piece of llama-tiny, compiled on an H200 as cuda:0, torch 2.11). The byte-level tests run
@@ -9,6 +9,7 @@ retargeted code on a second GPU is benchmarks/gpu_rank_device.py's job (step 3).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from vllm_compile_ray import inductor
+from vllm_compile_ray import inductor, retarget
 from vllm_compile_ray.compiler_interface import cuda_index
 
 from test_autotune_ship import BEST, tuning_bytes
@@ -35,38 +36,52 @@ def indices(code: str) -> set[str]:
 
 def test_every_index_site_of_real_cuda_code_moves() -> None:
     assert indices(WRAPPER) == {"0"}
-    moved = inductor.retarget_source(WRAPPER, 3)
+    moved = retarget.retarget_source(WRAPPER, 3)
     assert indices(moved) == {"3"}
     for site in ("torch.cuda._DeviceGuard(3)", "torch.cuda.set_device(3)",
                  "stream0 = get_raw_stream(3)", "DeviceProperties(type='cuda', index=3,"):
         assert site in moved
     # Nothing else changes: same lines, and back to 0 gives the original text.
     assert len(moved.splitlines()) == len(WRAPPER.splitlines())
-    assert inductor.retarget_source(moved, 0) == WRAPPER
+    assert retarget.retarget_source(moved, 0) == WRAPPER
     # Each kernel's source (what its module file and autotune key derive from) moves the same
     # way inside the wrapper as on its own.
     before, after = KERNELS.findall(WRAPPER), KERNELS.findall(moved)
     assert len(before) == len(after) > 0
     for (name, src), (name2, src2) in zip(before, after):
-        assert name == name2 and src2 == inductor.retarget_source(src, 3) != src
+        assert name == name2 and src2 == retarget.retarget_source(src, 3) != src
 
 
 def test_autotune_keys_follow_kernel_sources() -> None:
-    renames = inductor.tuning_renames(WRAPPER, 1)
+    renames = retarget.tuning_renames(WRAPPER, 1)
     kernels = {src for _, src in KERNELS.findall(WRAPPER)}
     assert len(renames) == len(kernels)
     for src in kernels:
-        old, new = inductor.autotune_key(src), inductor.autotune_key(inductor.retarget_source(src, 1))
+        old = retarget.autotune_key(src)
+        new = retarget.autotune_key(retarget.retarget_source(src, 1))
         assert renames[old] == new != old
         assert re.fullmatch(r"\w\w/\w+\.best_config", new)
-    assert inductor.tuning_renames(WRAPPER, 0) == {k: k for k in renames}
+    assert retarget.tuning_renames(WRAPPER, 0) == {k: k for k in renames}
 
 
 def test_device_index_of_artifact_bytes() -> None:
-    assert inductor.compiled_device_index(WRAPPER.encode()) == 0
-    assert inductor.compiled_device_index(b"no cuda code here") is None
+    assert retarget.compiled_device_index(WRAPPER.encode()) == 0
+    assert retarget.compiled_device_index(b"no cuda code here") is None
     with pytest.raises(ValueError, match=r"CUDA devices \[0, 1\]"):
-        inductor.compiled_device_index(b"_DeviceGuard(0) ... _DeviceGuard(1)")
+        retarget.compiled_device_index(b"_DeviceGuard(0) ... _DeviceGuard(1)")
+
+
+def test_retargeted_loads_use_a_cache_dir_per_index(tmp_path, monkeypatch) -> None:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with retarget.cache_dir_for(2):
+        assert cache_dir() == str(tmp_path / "vcr-cuda2")
+    assert cache_dir() == str(tmp_path)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    with pytest.raises(RuntimeError), retarget.cache_dir_for(1):
+        raise RuntimeError("a failed load")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
 def test_cuda_index_of_a_device_string() -> None:
@@ -89,15 +104,15 @@ def cpu_artifact() -> tuple[bytes, list[torch.Tensor]]:
 
 
 def _graphs(data: bytes) -> tuple[list, dict]:
-    caches = inductor._read_caches(inductor._read_chunks(data)[-1])
+    caches = retarget._read_caches(retarget._read_chunks(data)[-1])
     return [pickle.loads(a.content) for a in caches["inductor"]], caches
 
 
 def test_retargeted_bytes_still_load_and_run(cpu_artifact) -> None:
     """Re-serializing the artifact's caches keeps it a valid artifact of this torch."""
     data, args = cpu_artifact
-    assert inductor.compiled_device_index(data) is None  # CPU code: nothing to move
-    moved, tuning = inductor.retarget(data, b"", 2)
+    assert retarget.compiled_device_index(data) is None  # CPU code: nothing to move
+    moved, tuning = retarget.retarget(data, b"", 2)
     assert tuning == b"" and moved != data
     want = _Piece()(*args)[0]
     assert torch.allclose(inductor._load_binary(moved)(*args)[0], want)
@@ -114,7 +129,7 @@ def test_retarget_moves_code_binaries_and_tuning(cpu_artifact, tmp_path, monkeyp
     from torch.compiler._cache import CacheArtifactFactory
 
     data, _ = cpu_artifact
-    chunks = inductor._read_chunks(data)
+    chunks = retarget._read_chunks(data)
     (graph,), caches = _graphs(data)
     graph.source_code, graph.device_idxs = WRAPPER, type(graph.device_idxs)([0])
     graph._triton_bundle = TritonBundle([TritonKernelArtifacts("kernelhash", 0, [])],
@@ -123,24 +138,24 @@ def test_retarget_moves_code_binaries_and_tuning(cpu_artifact, tmp_path, monkeyp
                                                       pickle.dumps(graph))]
     kernels = list(dict.fromkeys(src for _, src in KERNELS.findall(WRAPPER)))  # listed twice
     assert len(kernels) >= 3
-    inside = CacheArtifactFactory.create("autotune", inductor.autotune_key(kernels[0]),
+    inside = CacheArtifactFactory.create("autotune", retarget.autotune_key(kernels[0]),
                                          json.dumps(BEST).encode())
     caches.setdefault("autotune", []).append(inside)
-    chunks[-1] = inductor._write_caches(caches)
-    cuda_like = inductor._write_chunks(chunks)
-    shipped = tuning_bytes({inductor.autotune_key(k): BEST for k in kernels[1:]})
-    assert inductor.compiled_device_index(cuda_like) == 0
+    chunks[-1] = retarget._write_caches(caches)
+    cuda_like = retarget._write_chunks(chunks)
+    shipped = tuning_bytes({retarget.autotune_key(k): BEST for k in kernels[1:]})
+    assert retarget.compiled_device_index(cuda_like) == 0
 
-    moved, moved_tuning = inductor.retarget(cuda_like, shipped, 1)
-    assert inductor.compiled_device_index(moved) == 1
+    moved, moved_tuning = retarget.retarget(cuda_like, shipped, 1)
+    assert retarget.compiled_device_index(moved) == 1
     (new,), new_caches = _graphs(moved)
-    assert new.source_code == inductor.retarget_source(WRAPPER, 1)
+    assert new.source_code == retarget.retarget_source(WRAPPER, 1)
     assert new.cache_key == get_hash(new.source_code.strip()) != graph.cache_key
     assert set(new.device_idxs) == {1}
     assert [k.device for k in new._triton_bundle.kernel_artifacts] == [1]
     assert new._triton_bundle.static_autotuners == []
     def moved_key(kernel: str) -> str:
-        return inductor.autotune_key(inductor.retarget_source(kernel, 1))
+        return retarget.autotune_key(retarget.retarget_source(kernel, 1))
 
     assert [a.key for a in new_caches["autotune"]] == [moved_key(kernels[0])]
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))

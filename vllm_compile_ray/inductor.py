@@ -4,21 +4,17 @@ Shipping recipe (see NOTES): static shapes compile from concrete example tensors
 shape compiles from symbolic fake inputs inside a tracing context; artifacts move as the bytes
 of `CompiledArtifact.save(format="binary")` and load through a temp file.
 
-Device index: generated CUDA code names the GPU it was compiled on (`_DeviceGuard(0)`,
-`get_raw_stream(0)`, `DeviceProperties(index=0)` in every kernel). `load_artifact` moves an
-artifact to the loader's GPU by rewriting those sites (`retarget`), so keys and artifacts carry no
-device index and one artifact serves the ranks on every GPU.
+Device index: generated CUDA code names the GPU it was compiled on; `load_artifact` moves an
+artifact to the loader's GPU first (retarget.py, the other module that reads Inductor's
+internals), so keys and artifacts carry no device index and one artifact serves every GPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
-import pickle
 import platform
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -257,15 +253,15 @@ def load_artifact(data: bytes, tuning: bytes = b"", device_index: int | None = N
     An artifact compiled on another GPU index is retargeted first (`retarget`) and loads into an
     Inductor cache directory of its own per index, so one process can hold a piece on two GPUs.
     """
-    from torch._inductor.runtime.cache_dir_utils import cache_dir, temporary_cache_dir
+    from . import retarget
 
-    source = compiled_device_index(data)
+    source = retarget.compiled_device_index(data)
     if device_index is None or source is None or source == device_index:
         if tuning:  # before the kernels load: they read their tuned config when created
             load_tuning(tuning)
         return _load_binary(data)
-    data, tuning = retarget(data, tuning, device_index)
-    with temporary_cache_dir(os.path.join(cache_dir(), f"vcr-cuda{device_index}")):
+    data, tuning = retarget.retarget(data, tuning, device_index)
+    with retarget.cache_dir_for(device_index):
         if tuning:
             load_tuning(tuning)
         return _load_binary(data)
@@ -279,129 +275,3 @@ def _load_binary(data: bytes) -> Callable:
         with open(path, "wb") as f:
             f.write(data)
         return CompiledArtifact.load(path=path, format="binary")
-
-
-# Every place Inductor's CUDA codegen writes the compile-time device index: the wrapper's device
-# guard, set_device and stream, `device(type='cuda', index=N)` values, and each kernel's
-# `DeviceProperties(type='cuda', index=N, ...)` (the GPU its binary is loaded onto).
-_INDEX_SITES = re.compile(r"(_DeviceGuard\(|set_device\(|get_raw_stream\(|type='cuda', index=|"
-                          r"['\"]cuda:)(\d+)(?=[)'\",])")
-_GUARD_INDEX = re.compile(rb"_DeviceGuard\((\d+)\)")
-_KERNEL_SOURCE = re.compile(r"async_compile\.triton\('\w+', '''(.*?)'''", re.S)
-
-
-def compiled_device_index(data: bytes) -> int | None:
-    """The CUDA index an artifact's generated code runs on (None: no CUDA device code)."""
-    found = {int(i) for i in _GUARD_INDEX.findall(data)}
-    if len(found) > 1:
-        raise ValueError(f"artifact code runs on CUDA devices {sorted(found)}; only a piece on "
-                         f"one device can move to another")
-    return found.pop() if found else None
-
-
-def retarget_source(code: str, index: int) -> str:
-    """Generated code (wrapper or kernel) with every device index site set to `index`."""
-    return _INDEX_SITES.sub(lambda m: f"{m[1]}{index}", code)
-
-
-def retarget(data: bytes, tuning: bytes, index: int) -> tuple[bytes, bytes]:
-    """(artifact, autotune results) moved to CUDA device `index`.
-
-    In each compiled graph the wrapper and kernel sources are rewritten (`retarget_source`), the
-    wrapper gets the file name of its new source, bundled Triton binaries are filed under the new
-    index, and statically launched kernels (pickled with the old index) are dropped, so kernels
-    load from those binaries. Autotune results are keyed by kernel source: each moves to its
-    kernel's new key.
-    """
-    from torch._inductor.codecache import get_hash
-
-    chunks = _read_chunks(data)  # the standalone format: length-prefixed fields, caches last
-    caches = _read_caches(chunks[-1])
-    renamed: dict[str, str] = {}  # autotune key of a kernel's old source -> of its new source
-    for artifact_type, artifacts in caches.items():
-        if artifact_type != "inductor":
-            continue
-        for n, artifact in enumerate(artifacts):
-            graph = pickle.loads(artifact.content)
-            old_code = graph.source_code
-            graph.source_code = retarget_source(old_code, index)
-            graph.cache_key = get_hash(graph.source_code.strip())
-            graph.device_idxs = type(graph.device_idxs)([index])
-            bundle = getattr(graph, "_triton_bundle", None)
-            if bundle is not None:
-                graph._triton_bundle = dataclasses.replace(
-                    bundle, static_autotuners=[],
-                    kernel_artifacts=[dataclasses.replace(k, device=index)
-                                      for k in bundle.kernel_artifacts])
-            renamed.update(tuning_renames(old_code, index))
-            artifacts[n] = type(artifact)(artifact.key, pickle.dumps(graph))
-    # The artifact's own caches hold autotune results too (of kernels it shares with artifacts
-    # compiled before it in the same process): they move like the shipped ones.
-    chunks[-1] = _write_caches(_rename_autotune(caches, renamed))
-    tuning = _write_caches(_rename_autotune(_read_caches(tuning), renamed)) if tuning else tuning
-    return _write_chunks(chunks), tuning
-
-
-def _rename_autotune(caches: dict[str, list[Any]], renamed: dict[str, str]
-                     ) -> dict[str, list[Any]]:
-    """Each autotune entry keyed `renamed.get(key, key)`; the other entries as they are."""
-    if "autotune" in caches:
-        caches["autotune"] = [type(a)(renamed.get(a.key, a.key), a.content)
-                              for a in caches["autotune"]]
-    return caches
-
-
-def tuning_renames(kernel_code: str, index: int) -> dict[str, str]:
-    """Autotune key of each kernel in generated code -> the key of its retargeted source."""
-    return {autotune_key(k): autotune_key(retarget_source(k, index))
-            for k in _KERNEL_SOURCE.findall(kernel_code)}
-
-
-def autotune_key(kernel_source: str) -> str:
-    """Where Inductor files a kernel's autotune result, relative to its cache dir
-    (`<xx>/<hash>.best_config`): derived from the kernel module's file name, the hash of its
-    source, by the AutotuneCache a kernel of that file would open."""
-    from torch._inductor.codecache import get_hash, get_path
-    from torch._inductor.runtime.autotune_cache import AutotuneCache
-
-    filename = get_path(get_hash(kernel_source.strip()), "py")[2]
-    cache = AutotuneCache.create({"autotune_local_cache": True}, filename, "")
-    if cache is None or not cache.local_cache:
-        raise ValueError("Inductor's local autotune cache is off (autotune_local_cache)")
-    return os.path.join(*str(cache.local_cache[1]).split(os.sep)[-2:])
-
-
-def _read_chunks(data: bytes) -> list[bytes]:
-    from torch.utils._appending_byte_serializer import BytesReader
-
-    reader, chunks = BytesReader(data), []
-    while not reader.is_finished():
-        chunks.append(reader.read_bytes())
-    return chunks
-
-
-def _write_chunks(chunks: list[bytes]) -> bytes:
-    from torch.utils._appending_byte_serializer import BytesWriter
-
-    writer = BytesWriter()
-    for chunk in chunks:
-        writer.write_bytes(chunk)
-    return writer.to_bytes()
-
-
-def _read_caches(data: bytes) -> dict[str, list[Any]]:
-    from torch.compiler._cache import CacheArtifactManager
-
-    caches = CacheArtifactManager.deserialize(data)
-    if caches is None:
-        raise ValueError("the artifact's Inductor caches could not be read (other torch?)")
-    return caches
-
-
-def _write_caches(caches: dict[str, list[Any]]) -> bytes:
-    from torch.compiler._cache import _serialize_single_cache
-    from torch.utils._appending_byte_serializer import AppendingByteSerializer
-
-    serializer = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
-    serializer.extend(caches.items())
-    return serializer.to_bytes()
