@@ -52,6 +52,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpus-per-compile", default=None,
                    help="CPUs (= Inductor compile threads) per compile task, one value or one "
                         "per --workers entry (default: 1 for cuda, CPUs / workers for cpu)")
+    p.add_argument("--precompile-threads", default="all",
+                   help="threads each compile task gives max-autotune's GEMM template "
+                        "precompilation, one value or one per --workers entry: 'all' (Inductor's "
+                        "default: every core of the node) or 'cpus' (the task's CPUs)")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     return p.parse_args()
@@ -103,6 +107,11 @@ def main() -> int:
     if len(cpus) != len(workers):
         raise SystemExit(f"--cpus-per-compile has {len(cpus)} values for {len(workers)} --workers "
                          "entries: give one value or one per entry")
+    precompile = args.precompile_threads.split(",")
+    precompile = precompile * len(workers) if len(precompile) == 1 else precompile
+    if len(precompile) != len(workers) or not set(precompile) <= {"all", "cpus"}:
+        raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all' or 'cpus', "
+                         "once or once per --workers entry")
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -116,15 +125,17 @@ def main() -> int:
 
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
-    for i, (n, c) in enumerate(zip(workers, cpus)):
+    for i, (n, c, pre) in enumerate(zip(workers, cpus, precompile)):
         resources = per_compile(args, n, c)
+        env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
+        if pre == "cpus":  # Inductor's select_algorithm sizes its precompile pool from this
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, int(resources["cpus_per_compile"])))
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
-                       address=args.address, max_in_flight=n,
-                       runtime_env={"env_vars": {
-                           "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}},
+                       address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
                        progress=lambda line: print(line, flush=True), **resources)
-        runs.append({"workers": n, **resources, "ray_total_s": summary.total_s,
+        runs.append({"workers": n, **resources, "precompile_threads": pre,
+                     "ray_total_s": summary.total_s,
                      "ray_wall_s": summary.wall_s, "ray_plan_s": summary.plan_s,
                      "ray_task_s_sum": summary.task_s_sum, "ray_compiled": summary.compiled,
                      "ray_failed": summary.failed + summary.timed_out,
@@ -150,7 +161,8 @@ def main() -> int:
         print("result " + json.dumps({**common, **run}), flush=True)
     for run in runs:
         if "ratio_end_to_end" in run:
-            print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs: end to end serial "
+            print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
+                  f"threads: {run['precompile_threads']}): end to end serial "
                   f"{common['serial_plan_s'] + common['serial_s']:.1f}s / ray {run['ray_total_s']:.1f}s"
                   f" = {run['ratio_end_to_end']}x; compile phase {common['serial_s']:.1f}s / "
                   f"{run['ray_wall_s']:.1f}s = {run['ratio_compile']}x ({common['serial_tasks']} tasks, "
