@@ -227,10 +227,11 @@ def tune_once(fn: Callable, inputs: Sequence[Any]) -> tuple[bytes, int]:
     """
     from torch.compiler._cache import CacheArtifactManager
 
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
     with CacheArtifactManager.with_fresh_cache():
         with torch.no_grad():
             fn(*inputs)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the inputs' GPU (None: current), no other
         saved = torch.compiler.save_cache_artifacts()
     if not saved:
         return b"", 0
