@@ -11,7 +11,7 @@ verified and staged node-locally once per node (`staging.SharedStaging`), then l
 
 CUDA: keys and artifacts carry no device index either. An artifact compiled on one GPU runs on a
 model on any other: the loader rewrites the index Inductor's generated code names (see
-`inductor.retarget`), so a rank may keep every GPU visible and put its model on cuda:i.
+retarget.py), so a rank may keep every GPU visible and put its model on cuda:i.
 Launchers that give each rank one visible GPU can build its environment with `rank_device_env`.
 """
 
