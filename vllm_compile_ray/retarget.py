@@ -61,23 +61,21 @@ def retarget(data: bytes, tuning: bytes, index: int) -> tuple[bytes, bytes]:
     chunks = _read_chunks(data)  # the standalone format: length-prefixed fields, caches last
     caches = _read_caches(chunks[-1])
     renamed: dict[str, str] = {}  # autotune key of a kernel's old source -> of its new source
-    for artifact_type, artifacts in caches.items():
-        if artifact_type != "inductor":
-            continue
-        for n, artifact in enumerate(artifacts):
-            graph = pickle.loads(artifact.content)
-            old_code = graph.source_code
-            graph.source_code = retarget_source(old_code, index)
-            graph.cache_key = get_hash(graph.source_code.strip())
-            graph.device_idxs = type(graph.device_idxs)([index])
-            bundle = getattr(graph, "_triton_bundle", None)
-            if bundle is not None:
-                graph._triton_bundle = dataclasses.replace(
-                    bundle, static_autotuners=[],
-                    kernel_artifacts=[dataclasses.replace(k, device=index)
-                                      for k in bundle.kernel_artifacts])
-            renamed.update(tuning_renames(old_code, index))
-            artifacts[n] = type(artifact)(artifact.key, pickle.dumps(graph))
+    graphs = caches.get("inductor", [])  # each a pickled CompiledFxGraph
+    for n, artifact in enumerate(graphs):
+        graph = pickle.loads(artifact.content)
+        old_code = graph.source_code
+        graph.source_code = retarget_source(old_code, index)
+        graph.cache_key = get_hash(graph.source_code.strip())
+        graph.device_idxs = type(graph.device_idxs)([index])
+        bundle = getattr(graph, "_triton_bundle", None)
+        if bundle is not None:
+            graph._triton_bundle = dataclasses.replace(
+                bundle, static_autotuners=[],
+                kernel_artifacts=[dataclasses.replace(k, device=index)
+                                  for k in bundle.kernel_artifacts])
+        renamed.update(tuning_renames(old_code, index))
+        graphs[n] = type(artifact)(artifact.key, pickle.dumps(graph))
     # The artifact's own caches hold autotune results too (of kernels it shares with artifacts
     # compiled before it in the same process): they move like the shipped ones.
     chunks[-1] = _write_caches(_rename_autotune(caches, renamed))
