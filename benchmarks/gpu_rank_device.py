@@ -12,8 +12,12 @@ Needs a machine with at least 2 GPUs. Self-checking: prints each step, exits 1 o
               retargeted to index 1 by the loader; zero compiles, output equal to eager on each
               GPU, no kernel autotuned at the first call, and (where nvidia-smi lists processes)
               no CUDA context opened on GPU 0 before the cuda:0 model
+  4. reverse  one process seeing both GPUs: a rank on cuda:1 compiles and publishes
+              (on_miss="compile_and_publish"; code for index 1), then a model on cuda:0 loads
+              those artifacts (retargeted 1 -> 0); outputs equal to eager on both
 
     python benchmarks/gpu_rank_device.py [--gpus 0,1] [--model llama-tiny] [--num-layers 2]
+                                         [--from-step 4]
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--sizes", default="4", help="compile sizes (plus dynamic)")
     p.add_argument("--work", help="keep the cache and staging here (default: a temp dir)")
+    p.add_argument("--from-step", type=int, default=1, choices=(1, 4),
+                   help="4: only step 4 (it builds its own cache)")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -195,7 +201,35 @@ def step_visible(spec: dict) -> dict:
     return out
 
 
-STEPS = {"compile": step_compile, "rank": step_rank, "visible": step_visible}
+def step_reverse(spec: dict) -> dict:
+    """Compile on cuda:1 of a process that sees both GPUs (a rank's on_miss="compile_and_publish"),
+    then load those artifacts for a model on cuda:0: the other direction of retargeting."""
+    import torch
+
+    import vllm_compile_ray as vcr
+
+    uuid0 = str(torch.cuda.get_device_properties(0).uuid)
+    spec = {**spec, "cache": f"file://{spec['work']}/cache-reverse"}
+    out: dict = {}
+    for device, on_miss in (("cuda:1", "compile_and_publish"), ("cuda:0", "error")):
+        rank = int(device.split(":")[1])
+        model = vcr.models.build(spec["model"], tp_size=2, rank=rank,
+                                 num_layers=spec["num_layers"], device=device)
+        compiled = vcr.load(model, config(spec, on_miss, spec["work"] + f"/stage-rev-{rank}"),
+                            rank=rank, world_size=2, model_name=spec["model"], report=False)
+        vocab = model.config.vocab_size
+        with torch.no_grad():
+            diffs = {n: relative_diff(compiled(*inputs(n, vocab, device)),
+                                      model(*inputs(n, vocab, device))) for n in SIZES}
+        rep = compiled.report.to_dict()
+        out[device] = {"compiles": compiled.counter.num_backend_compilations, "hits": rep["hits"],
+                       "tasks": rep["tasks"], "max_rel_diff": diffs,
+                       "context_on_gpu0": contexts_on(uuid0) if device == "cuda:1" else None}
+    return out
+
+
+STEPS = {"compile": step_compile, "rank": step_rank, "visible": step_visible,
+         "reverse": step_reverse}
 
 
 # --------------------------------------------------------------------------------- the driver
@@ -249,6 +283,29 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal ok
         ok &= bool(cond)
         print(f"  {'ok  ' if cond else 'FAIL'} {what}")
+
+    def step4() -> bool:
+        print("4. one process, both GPUs visible: compile on cuda:1, then load on cuda:0",
+              flush=True)
+        rev = collect(spawn("reverse", spec, ",".join(gpus[:2])), spec, "reverse")
+        if rev is None:
+            return False
+        one, zero = rev["cuda:1"], rev["cuda:0"]
+        check(one["compiles"] == one["tasks"] > 0 and one["context_on_gpu0"] is not True,
+              f"cuda:1 compiled {one['compiles']} of {one['tasks']} keys; CUDA context on GPU 0: "
+              f"{one['context_on_gpu0']}; max diff / max |eager| {one['max_rel_diff']}")
+        check(max(one["max_rel_diff"].values()) < TOLERANCE, "cuda:1 output equals eager")
+        check(zero["compiles"] == 0 and zero["hits"] == zero["tasks"] == one["tasks"]
+              and max(zero["max_rel_diff"].values()) < TOLERANCE,
+              f"cuda:0 loaded the cuda:1 artifacts: {zero['compiles']} compiles, "
+              f"{zero['hits']} hits, max diff / max |eager| {zero['max_rel_diff']}")
+        return True
+
+    if args.from_step == 4:
+        if not step4():
+            return 1
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
 
     from vllm_compile_ray.load import StartupReport, format_reports, rank_device_env
 
@@ -306,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu0 = visible["devices"]["cuda:1"]["context_on_gpu0"]
     check(True not in gpu0.values(), f"CUDA context on GPU 0 while only the cuda:1 model ran "
           f"(after build, load, calls; None: nvidia-smi cannot tell): {gpu0}")
+    if not step4():
+        return 1
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
