@@ -256,8 +256,9 @@ def load_artifact(data: bytes, tuning: bytes = b"", device_index: int | None = N
     """
     from . import retarget
 
-    source = retarget.compiled_device_index(data)
-    if device_index is None or source is None or source == device_index:
+    # Off CUDA (or when told to load as compiled) the bytes are not even scanned.
+    source = None if device_index is None else retarget.compiled_device_index(data)
+    if source is None or source == device_index:
         if tuning:  # before the kernels load: they read their tuned config when created
             load_tuning(tuning)
         return _load_binary(data)

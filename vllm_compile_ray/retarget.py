@@ -94,8 +94,8 @@ def _rename_autotune(caches: dict[str, list[Any]], renamed: dict[str, str]
 
 def tuning_renames(kernel_code: str, index: int) -> dict[str, str]:
     """Autotune key of each kernel in generated code -> the key of its retargeted source."""
-    return {autotune_key(k): autotune_key(retarget_source(k, index))
-            for k in _KERNEL_SOURCE.findall(kernel_code)}
+    kernels = dict.fromkeys(_KERNEL_SOURCE.findall(kernel_code))  # some are listed twice
+    return {autotune_key(k): autotune_key(retarget_source(k, index)) for k in kernels}
 
 
 def autotune_key(kernel_source: str) -> str:
