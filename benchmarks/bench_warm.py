@@ -56,6 +56,9 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node) or 'cpus' (the task's CPUs)")
+    p.add_argument("--tune-gemms", default="auto",
+                   help="GEMM tuning ahead of the compiles (on/off/auto), one value or one per "
+                        "--workers entry, e.g. --workers 12,12 --tune-gemms on,off")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     return p.parse_args()
@@ -112,6 +115,11 @@ def main() -> int:
     if len(precompile) != len(workers) or not set(precompile) <= {"all", "cpus"}:
         raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all' or 'cpus', "
                          "once or once per --workers entry")
+    tune = args.tune_gemms.split(",")
+    tune = tune * len(workers) if len(tune) == 1 else tune
+    if len(tune) != len(workers) or not set(tune) <= {"auto", "on", "off"}:
+        raise SystemExit(f"--tune-gemms {args.tune_gemms!r}: give auto, on or off, once or once "
+                         "per --workers entry")
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -125,7 +133,7 @@ def main() -> int:
 
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
-    for i, (n, c, pre) in enumerate(zip(workers, cpus, precompile)):
+    for i, (n, c, pre, tg) in enumerate(zip(workers, cpus, precompile, tune)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre == "cpus":  # Inductor's select_algorithm sizes its precompile pool from this
@@ -133,8 +141,13 @@ def main() -> int:
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
+                       tune_gemms={"auto": None, "on": True, "off": False}[tg],
                        progress=lambda line: print(line, flush=True), **resources)
-        runs.append({"workers": n, **resources, "precompile_threads": pre,
+        runs.append({"workers": n, **resources, "precompile_threads": pre, "tune_gemms": tg,
+                     "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
+                     "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
+                                           default=0.0),
+                     "gemm_benchmarked_in_compiles": summary.gemm_benchmarked,
                      "ray_total_s": summary.total_s,
                      "ray_wall_s": summary.wall_s, "ray_plan_s": summary.plan_s,
                      "ray_task_s_sum": summary.task_s_sum, "ray_compiled": summary.compiled,
@@ -162,7 +175,10 @@ def main() -> int:
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
-                  f"threads: {run['precompile_threads']}): end to end serial "
+                  f"threads: {run['precompile_threads']}, GEMM tuning {run['tune_gemms']}: "
+                  f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
+                  f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
+                  f"benchmarked in compiles): end to end serial "
                   f"{common['serial_plan_s'] + common['serial_s']:.1f}s / ray {run['ray_total_s']:.1f}s"
                   f" = {run['ratio_end_to_end']}x; compile phase {common['serial_s']:.1f}s / "
                   f"{run['ray_wall_s']:.1f}s = {run['ratio_compile']}x ({common['serial_tasks']} tasks, "

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from . import inductor, metrics
+from . import gemm_tuning, inductor, metrics
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -153,9 +153,12 @@ def _where() -> dict[str, Any]:
 
 
 def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: str,
-                  shape: int | str) -> dict[str, Any]:
+                  shape: int | str, gemm_timings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile one (piece, shape), publish it, report to the stats actor; returns its row.
 
+    gemm_timings: autotune timings of the piece's GEMMs from the run's tune tasks
+    (`gemm_tuning`), installed in this worker's Inductor cache before compiling. The row counts
+    the GEMM selections the compile still benchmarked itself ("gemm_benchmarked").
     Raises CompileTaskError (after reporting) when every compile attempt failed.
     """
     name = task_name(code_id, shape)
@@ -181,7 +184,12 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     elif ctx.store.contains(key):  # published since the driver checked (another warm run)
         row["status"] = "cached"
     else:
+        if ctx.config.backend == "inductor":
+            row["gemm_timings_installed"] = inductor.install_gemm_timings(gemm_timings or {})
+            benchmarked = inductor.gemm_benchmarks()
         row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
+        if ctx.config.backend == "inductor":
+            row["gemm_benchmarked"] = inductor.gemm_benchmarks() - benchmarked
     row["wall_s"] = round(time.perf_counter() - start, 4)
     row["finished_at"] = time.time()
     row["peak_rss_mb"] = round(_peak_rss_mb(), 1)
@@ -220,9 +228,35 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
     return {"status": "failed", "compile_attempts": len(errors), "error": errors[-1]}
 
 
+def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskContext
+              ) -> dict[str, Any]:
+    """Tune one GEMM problem at one shape (`gemm_tuning.tune`), report to the stats actor;
+    returns its row with the timings. Never raises: the compiles that wanted these timings
+    benchmark the GEMM themselves."""
+    name = f"tune[{problem.problem_id}/{shape}]"
+    task_id = ray.get_runtime_context().get_task_id()
+    _process_gpu_ids()  # before CUDA starts
+    stats = get_stats_actor()
+    _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))
+    if recorded is not None:  # an earlier attempt reported, then its worker died
+        return recorded
+    if ctx.config.backend == "inductor":
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        inductor.set_compile_threads(int(cpus))
+    options = make_compiler(ctx.config).options if ctx.config.backend == "inductor" else {}
+    row = {"name": name, "kind": "tune", "problem_id": problem.problem_id, "shape": str(shape),
+           **_where(), "started_at": time.time(),
+           **gemm_tuning.tune(problem, shape, options, ctx.device_type)}
+    row["finished_at"] = time.time()
+    timings = row.pop("timings")  # to the driver only: the stats snapshot keeps the row
+    kept = ray.get(stats.finish.remote(ctx.run_id, task_id, row))
+    return {**kept, "timings": timings if kept.get("pid") == row["pid"] else {}}
+
+
 # Ray makes GPU tasks single-use by default (max_calls=1, ray-project/ray#29624: frees GPU memory
 # held by frameworks). Compiles want the opposite: torch import and Triton start-up once per worker.
 # Measured: with max_calls=0, 8 fake-GPU tasks ran in 4 worker processes (one per concurrent slot),
 # and a second batch reused the same pids; without it every task started a new process.
 compile_remote = ray.remote(max_calls=0)(compile_piece)
 start_worker_remote = ray.remote(max_calls=0)(start_worker)
+tune_remote = ray.remote(max_calls=0)(tune_gemm)

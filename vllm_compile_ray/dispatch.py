@@ -9,16 +9,21 @@ from typing import Any
 
 import ray
 
-from . import metrics
-from .compile_task import CompileTaskError, TaskContext, compile_remote
+from . import inductor, metrics
+from .compile_task import CompileTaskError, TaskContext, compile_remote, tune_remote
+from .gemm_tuning import TuneTask
 from .plan import CompileTask
 
 _POLL_S = 1.0  # how often the driver checks running tasks against max_compile_time
 
 
 class Dispatcher:
-    """Keeps up to `max_in_flight` compile tasks submitted, collects their rows, cancels the ones
-    running past `max_compile_time`, and prints a progress line per finished task."""
+    """Keeps up to `max_in_flight` tasks submitted, collects their rows, cancels the ones running
+    past `max_compile_time`, and prints a progress line per finished task.
+
+    With GEMM tuning (`gemm_tuning`), tune tasks go first; a compile is submitted once every tune
+    task it needs has finished (tuned, failed or timed out), with the timings they found, so the
+    longest compiles start as soon as their GEMMs are tuned and never hold a slot waiting."""
 
     def __init__(self, ctx: TaskContext, stats: ray.actor.ActorHandle, resources: dict[str, Any],
                  max_retries: int, say: Callable[[str], None]):
@@ -26,21 +31,37 @@ class Dispatcher:
         self.options = {"max_retries": max_retries, "retry_exceptions": False, **resources}
         self.node_ips: dict[str, str] = {}
         self.rows: list[dict[str, Any]] = []
+        self.tune_rows: list[dict[str, Any]] = []
         self.total = 0
 
-    def run(self, todo: list[CompileTask], max_in_flight: int) -> list[dict[str, Any]]:
+    def run(self, todo: list[CompileTask], max_in_flight: int, tunes: list[TuneTask] = (),
+            needs: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+        """Compile `todo` (after `tunes`; `needs`: compile key -> names of the tune tasks whose
+        timings it wants); returns the compile rows (tune rows: `self.tune_rows`)."""
         run_id, self.total = self.ctx.run_id, len(todo)
         ctx_ref = ray.put(self.ctx)
         piece_refs = {t.code_id: ray.put(t.piece) for t in todo}  # once per piece, not per task
         pending = list(todo)
-        in_flight: dict[ray.ObjectRef, CompileTask] = {}
+        pending_tunes = list(tunes)
+        waiting = {t.key: set((needs or {}).get(t.key, ())) for t in todo}  # unfinished tunes
+        timings: dict[str, dict[str, Any]] = {}  # tune name -> its timings
+        in_flight: dict[ray.ObjectRef, CompileTask | TuneTask] = {}
         metrics.set_remaining(run_id, len(todo))
         last_poll = time.perf_counter()
-        while pending or in_flight:
-            while pending and len(in_flight) < max_in_flight:
-                task = pending.pop(0)
-                ref = compile_remote.options(name=task.name, **self.options).remote(
-                    piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape)
+        while pending or pending_tunes or in_flight:
+            while len(in_flight) < max_in_flight:
+                task = next((t for t in pending if not waiting[t.key]), None)
+                if task is not None:
+                    pending.remove(task)
+                    ref = compile_remote.options(name=task.name, **self.options).remote(
+                        piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape,
+                        _merged(timings, (needs or {}).get(task.key, ())))
+                elif pending_tunes:
+                    task = pending_tunes.pop(0)
+                    ref = tune_remote.options(name=task.name, **self.options).remote(
+                        task.problem, task.shape, ctx_ref)
+                else:
+                    break
                 in_flight[ref] = task
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
             if ready:
@@ -50,7 +71,7 @@ class Dispatcher:
                 row = _result(ref, task)
                 if "task_id" not in row:  # Ray gave up on it (worker died past max_retries, ...)
                     row = self._finish_here(ref, row)
-                self._record(task, row)
+                self._record(task, row, waiting, timings)
             if in_flight and time.perf_counter() - last_poll >= _POLL_S:
                 last_poll = time.perf_counter()
                 for ref, task in _overdue(self.stats, run_id, in_flight,
@@ -60,35 +81,60 @@ class Dispatcher:
                     ray.cancel(ref, force=True)
                     del in_flight[ref]
                     limit = self.ctx.config.max_compile_time
-                    row = {"name": task.name, "key": task.key, "code_id": task.code_id,
-                           "shape": str(task.shape), "status": "timed_out", "seconds": 0.0,
+                    row = {**_identity(task), "status": "timed_out", "seconds": 0.0,
                            "error": f"cancelled after max_compile_time={limit:g}s"}
-                    self._record(task, self._finish_here(ref, row))
+                    self._record(task, self._finish_here(ref, row), waiting, timings)
         return self.rows
 
     def _finish_here(self, ref: ray.ObjectRef, row: dict[str, Any]) -> dict[str, Any]:
         """Report a row the task itself could not; returns the row the stats actor kept (the
         task's own, if it finished after all)."""
         kept = ray.get(self.stats.finish.remote(self.ctx.run_id, ref.task_id().hex(), row))
-        if kept["status"] == row["status"]:
+        if kept["status"] == row["status"] and row.get("kind") != "tune":
             metrics.record_task(row["status"])
         return kept
 
-    def _record(self, task: CompileTask, row: dict[str, Any]) -> None:
+    def _record(self, task: CompileTask | TuneTask, row: dict[str, Any],
+                waiting: dict[str, set[str]], timings: dict[str, dict[str, Any]]) -> None:
         node_id = row.get("node_id", "")
         if node_id and node_id not in self.node_ips:  # the address Ray advertises for the node
             self.node_ips.update((n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes())
         row["node_ip"] = self.node_ips.get(node_id, "")
+        detail = f" {row.get('error', '')}" if row["status"] in ("failed", "timed_out") else ""
+        where = f"on node {node_id[:8] or '?'} ({row['node_ip'] or '?'})"
+        if isinstance(task, TuneTask):
+            timings[task.name] = row.pop("timings", None) or {}
+            for names in waiting.values():
+                names.discard(task.name)
+            self.tune_rows.append(row)
+            word = {"tuned": "tuned", "failed": "TUNE FAILED", "timed_out": "TUNE TIMED OUT"}
+            self.say(f"{word[row['status']]} {task.name} {row.get('seconds', 0.0):.1f}s "
+                     f"{where}{detail}")
+            return
         self.rows.append(row)
         metrics.set_remaining(self.ctx.run_id, self.total - len(self.rows))
         word = {"compiled": "compiled", "cached": "cached", "failed": "FAILED",
                 "timed_out": "TIMED OUT"}[row["status"]]
-        detail = f" {row['error']}" if row["status"] in ("failed", "timed_out") else ""
         self.say(f"{word} {len(self.rows)}/{self.total} {task.name} {row.get('seconds', 0.0):.1f}s "
-                 f"on node {node_id[:8] or '?'} ({row['node_ip'] or '?'}){detail}")
+                 f"{where}{detail}")
 
 
-def _result(ref: ray.ObjectRef, task: CompileTask) -> dict[str, Any]:
+def _identity(task: CompileTask | TuneTask) -> dict[str, Any]:
+    """The fields naming a task in a row the driver writes for it."""
+    if isinstance(task, TuneTask):
+        return {"name": task.name, "kind": "tune", "problem_id": task.problem.problem_id,
+                "shape": str(task.shape)}
+    return {"name": task.name, "key": task.key, "code_id": task.code_id, "shape": str(task.shape)}
+
+
+def _merged(timings: dict[str, dict[str, Any]], names: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        inductor.merge_timings(out, timings.get(name, {}))
+    return out
+
+
+def _result(ref: ray.ObjectRef, task: CompileTask | TuneTask) -> dict[str, Any]:
     """The task's row; a failure of Ray itself (worker died past max_retries, unschedulable)
     becomes a "failed" row naming the error."""
     try:
@@ -100,12 +146,12 @@ def _result(ref: ray.ObjectRef, task: CompileTask) -> dict[str, Any]:
     except ray.exceptions.RayError as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         error = f"{type(exc).__name__}: {first_line}"
-    return {"name": task.name, "key": task.key, "code_id": task.code_id, "shape": str(task.shape),
-            "status": "failed", "seconds": 0.0, "error": error}
+    return {**_identity(task), "status": "failed", "seconds": 0.0, "error": error}
 
 
-def _overdue(stats: ray.actor.ActorHandle, run_id: str, in_flight: dict[ray.ObjectRef, CompileTask],
-             limit: float) -> list[tuple[ray.ObjectRef, CompileTask]]:
+def _overdue(stats: ray.actor.ActorHandle, run_id: str,
+             in_flight: dict[ray.ObjectRef, CompileTask | TuneTask], limit: float
+             ) -> list[tuple[ray.ObjectRef, CompileTask | TuneTask]]:
     """In-flight tasks whose current attempt started more than `limit` seconds ago (queued tasks
     have not started and never count)."""
     running = ray.get(stats.running_since.remote(run_id))

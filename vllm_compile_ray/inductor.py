@@ -164,13 +164,11 @@ def compile_static(gm: fx.GraphModule, inputs: Sequence[Any], options: dict[str,
     return artifact, _artifact_bytes(artifact)
 
 
-def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
-                    options: dict[str, Any]) -> tuple[Callable, bytes, tuple[int, int | None]]:
-    """Compile `gm` with symbolic dims; returns (callable, bytes, (lo, hi)) where the artifact is
-    valid for lo <= s0 <= hi (hi None: unbounded) according to the guards it recorded."""
+def _symbolic_inputs(specs: Sequence[InputSpec], device: str
+                     ) -> tuple[Any, list[Any], dict[str, Any]]:
+    """(fake mode, fake inputs, symbols): the specs' inputs with one backed symbol per canonical
+    symbol (hint 8), made in a fake mode of their own."""
     from torch._dynamo.source import ConstantSource
-    from torch._guards import TracingContext, tracing
-    from torch._inductor import standalone_compile
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
@@ -203,13 +201,40 @@ def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
                 fakes.append(resolve(spec.expr))
             else:
                 fakes.append(spec.value)
+    return fake_mode, fakes, symbols
+
+
+def symbolic_values(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> dict[fx.Node, Any]:
+    """Fake value (symbolic sizes) of every node of `gm` run on the specs' inputs, on the meta
+    device (no GPU needed); the graph's own metadata is left alone."""
+    fake_mode, fakes, _ = _symbolic_inputs(specs, "meta")
+    values: dict[fx.Node, Any] = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            values[node] = result = super().run_node(node)
+            return result
+
+    with fake_mode, torch.no_grad():
+        Record(gm).run(*fakes)
+    return values
+
+
+def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
+                    options: dict[str, Any]) -> tuple[Callable, bytes, tuple[int, int | None]]:
+    """Compile `gm` with symbolic dims; returns (callable, bytes, (lo, hi)) where the artifact is
+    valid for lo <= s0 <= hi (hi None: unbounded) according to the guards it recorded."""
+    from torch._guards import TracingContext, tracing
+    from torch._inductor import standalone_compile
+
+    fake_mode, fakes, symbols = _symbolic_inputs(specs, device)
     _fake_propagate(gm, fakes, fake_mode)
     with torch.no_grad(), tracing(TracingContext(fake_mode)):
         artifact = standalone_compile(gm, fakes, dynamic_shapes="from_tracing_context",
                                       options=dict(options))
     lo, hi = 1, None
     if "s0" in symbols:
-        value_range = shape_env.var_to_range.get(symbols["s0"])
+        value_range = fake_mode.shape_env.var_to_range.get(symbols["s0"])
         if value_range is not None:
             lo = int(value_range.lower)
             upper = value_range.upper
@@ -277,3 +302,57 @@ def _load_binary(data: bytes) -> Callable:
         with open(path, "wb") as f:
             f.write(data)
         return CompiledArtifact.load(path=path, format="binary")
+
+
+def gemm_timings(compile_fn: Callable[[], Any]) -> tuple[dict[str, Any], int]:
+    """Run `compile_fn` (one compile) in a fresh, private Inductor cache; return the GEMM autotune
+    timings Inductor recorded there (its local autotune cache: op -> inputs key -> float32
+    matmul precision -> choice hash -> ms) and how many GEMM selections it benchmarked."""
+    from torch._inductor.codecache import PersistentCache
+    from torch._inductor.utils import fresh_cache
+
+    before = gemm_benchmarks()
+    with fresh_cache():
+        compile_fn()
+        timings = PersistentCache().get_local_cache()
+    return timings, gemm_benchmarks() - before
+
+
+def install_gemm_timings(timings: dict[str, Any]) -> int:
+    """Merge `gemm_timings` results into this process's Inductor autotune cache, where the next
+    compile's GEMM selections look first; returns how many choice timings were new."""
+    from torch._inductor.codecache import PersistentCache
+
+    cache = PersistentCache()
+    local = cache.get_local_cache()
+    added = merge_timings(local, timings)
+    if added:
+        cache.update_local_cache(local)
+    return added
+
+
+def merge_timings(into: dict[str, Any], timings: dict[str, Any]) -> int:
+    """Add the choice timings of `timings` missing from `into` (both `gemm_timings` results);
+    returns how many were added."""
+    added = 0
+    for op, by_inputs in timings.items():
+        for inputs, by_precision in by_inputs.items():
+            for precision, by_choice in by_precision.items():
+                have = into.setdefault(op, {}).setdefault(inputs, {}).setdefault(precision, {})
+                new = {c: t for c, t in by_choice.items() if c not in have}
+                have.update(new)
+                added += len(new)
+    return added
+
+
+def count_timings(timings: dict[str, Any]) -> int:
+    """How many choice timings a `gemm_timings` result holds."""
+    return sum(len(by_choice) for by_inputs in timings.values()
+               for by_precision in by_inputs.values() for by_choice in by_precision.values())
+
+
+def gemm_benchmarks() -> int:
+    """GEMM selections this process has benchmarked so far (Inductor's counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["select_algorithm_autotune"])

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 import torch
 
-from . import manifest, models
+from . import gemm_tuning, manifest, models
 from .api import example_args, key_context, model_device_type, open_store
 from .compile_task import Faults, TaskContext, start_worker_remote
 from .compiler_interface import make_compiler
@@ -58,15 +58,24 @@ class WarmSummary:
     stats_path: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # task name -> error
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # GEMM tuning ahead of the compiles (gemm_tuning.py): tune tasks run, failed (or timed out),
+    # their seconds, and the GEMM selections the compiles still benchmarked themselves.
+    tuned: int = 0
+    tune_failed: int = 0
+    tune_s_sum: float = 0.0
+    gemm_benchmarked: int = 0
+    tune_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """Every compile succeeded (a failed tune task only costs speed)."""
         return self.failed == 0 and self.timed_out == 0
 
     @property
     def speedup(self) -> float:
-        """Sum of task times over wall time: the parallel speedup over compiling them in turn."""
-        return self.task_s_sum / self.wall_s if self.wall_s > 0 else 0.0
+        """Sum of task times (compiles and tunes) over wall time: the parallel speedup over
+        running them in turn."""
+        return (self.task_s_sum + self.tune_s_sum) / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "speedup": round(self.speedup, 3)}
@@ -78,6 +87,9 @@ class WarmSummary:
                  f"wall {self.wall_s:.1f}s, task sum {self.task_s_sum:.1f}s, speedup "
                  f"{self.speedup:.2f}x, max {self.max_concurrent} at once, plan {self.plan_s:.1f}s, "
                  f"total {self.total_s:.1f}s",
+                 *([f"GEMM tuning: {self.tuned} tuned, {self.tune_failed} failed, "
+                    f"{self.tune_s_sum:.1f}s; compiles benchmarked {self.gemm_benchmarked} GEMMs "
+                    "themselves"] if self.tuned or self.tune_failed else []),
                  f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
         lines += [f"error {name}: {err}" for name, err in sorted(self.errors.items())]
         return "\n".join(lines)
@@ -162,6 +174,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
+         tune_gemms: bool | None = None,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -177,6 +190,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     prestart: start the compile workers (imports, compile pool) while the driver plans; None:
     with the inductor backend (eager compiles take milliseconds: there a worker per slot started
     ahead would mostly add start-ups a small run never needs).
+    tune_gemms: tune each unique GEMM problem as a task of its own before the compiles that use
+    it (`gemm_tuning`); None: with Inductor max-autotune on CUDA (`gemm_tuning.wanted`).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -186,6 +201,10 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     if gpus_per_compile < 0 or cpus_per_compile < 0:
         raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
                           f"{cpus_per_compile!r} are invalid: must be >= 0")
+    if tune_gemms and config.backend != "inductor":
+        raise ConfigError(f"tune_gemms=True needs the inductor backend (GEMM autotuning is "
+                          f"Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
+                          "backend='inductor'")
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
@@ -203,9 +222,11 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         if prestart is None:
             prestart = config.backend == "inductor"
         workers = min(max_in_flight or capacity, capacity) if prestart else 0
+        if tune_gemms is None:
+            tune_gemms = gemm_tuning.wanted(config, device_type)
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
-                     faults or Faults(), say, workers)
+                     faults or Faults(), say, workers, tune_gemms)
     finally:
         if owned:
             ray.shutdown()
@@ -215,7 +236,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           tp_size: int, num_layers: int | None, device_type: str, request: _Request,
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
-          say: Callable[[str], None], prestart: int) -> WarmSummary:
+          say: Callable[[str], None], prestart: int, tune_gemms: bool) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Worker start-ups, all at once, so Ray starts that many workers while the driver plans; the
@@ -231,11 +252,14 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     tasks = plan.tasks()
     present = store.contains_many([t.key for t in tasks])
     todo = order_tasks([t for t in tasks if not present[t.key]])
+    tunes, needs = gemm_tuning.tune_tasks(todo, device_type) if tune_gemms else ([], {})
     plan_s = time.perf_counter() - t0
     summary = plan.summary()
     say(f"planned {name} tp={tp_size}: {summary['unique_pieces']} unique pieces x "
         f"{len(plan.shapes)} shapes = {len(tasks)} tasks; {len(tasks) - len(todo)} cached, "
         f"{len(todo)} to compile (fingerprint {fp_id}, run {run_id}, {plan_s:.1f}s)")
+    if tunes:
+        say(f"tuning {len(tunes)} unique GEMM problems x shapes first")
 
     stats = get_stats_actor()
     ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults)
@@ -243,7 +267,9 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
     start = time.perf_counter()
-    rows += Dispatcher(ctx, stats, request.options(), max_retries, say).run(todo, max_in_flight)
+    dispatcher = Dispatcher(ctx, stats, request.options(), max_retries, say)
+    rows += dispatcher.run(todo, max_in_flight, tunes, needs)
+    tune_rows = dispatcher.tune_rows
     wall_s = time.perf_counter() - start if todo else 0.0
     prestarted = _started_pids(starts)
 
@@ -267,7 +293,12 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         manifest_path=f"{store.url}/{manifest.manifest_path(name, fp_id)}",
         stats_path=f"{store.url}/{manifest.stats_path(name, fp_id)}",
         errors={r["name"]: r.get("error", "") for r in by_status["failed"] + by_status["timed_out"]},
-        rows=sorted(rows, key=lambda r: r["name"]))
+        rows=sorted(rows, key=lambda r: r["name"]),
+        tuned=sum(1 for r in tune_rows if r["status"] == "tuned"),
+        tune_failed=sum(1 for r in tune_rows if r["status"] != "tuned"),
+        tune_s_sum=round(sum(r.get("seconds", 0.0) for r in tune_rows), 3),
+        gemm_benchmarked=sum(r.get("gemm_benchmarked", 0) for r in by_status["compiled"]),
+        tune_rows=sorted(tune_rows, key=lambda r: r["name"]))
     say(result.format())
     return result
 
