@@ -148,6 +148,8 @@ def main() -> int:
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
                                            default=0.0),
                      "gemm_benchmarked_in_compiles": summary.gemm_benchmarked,
+                     "benchmarked_by_task": {r["name"]: r["gemm_benchmarked"] for r in summary.rows
+                                             if r.get("gemm_benchmarked")},
                      "ray_total_s": summary.total_s,
                      "ray_wall_s": summary.wall_s, "ray_plan_s": summary.plan_s,
                      "ray_task_s_sum": summary.task_s_sum, "ray_compiled": summary.compiled,
