@@ -56,8 +56,8 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node) or 'cpus' (the task's CPUs)")
-    p.add_argument("--tune-gemms", default="auto",
-                   help="GEMM tuning ahead of the compiles (on/off/auto), one value or one per "
+    p.add_argument("--tune-gemms", default="off",
+                   help="GEMM tuning ahead of the compiles (on/off), one value or one per "
                         "--workers entry, e.g. --workers 12,12 --tune-gemms on,off")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
@@ -117,8 +117,8 @@ def main() -> int:
                          "once or once per --workers entry")
     tune = args.tune_gemms.split(",")
     tune = tune * len(workers) if len(tune) == 1 else tune
-    if len(tune) != len(workers) or not set(tune) <= {"auto", "on", "off"}:
-        raise SystemExit(f"--tune-gemms {args.tune_gemms!r}: give auto, on or off, once or once "
+    if len(tune) != len(workers) or not set(tune) <= {"on", "off"}:
+        raise SystemExit(f"--tune-gemms {args.tune_gemms!r}: give on or off, once or once "
                          "per --workers entry")
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
@@ -141,7 +141,7 @@ def main() -> int:
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
-                       tune_gemms={"auto": None, "on": True, "off": False}[tg],
+                       tune_gemms=tg == "on",
                        progress=lambda line: print(line, flush=True), **resources)
         runs.append({"workers": n, **resources, "precompile_threads": pre, "tune_gemms": tg,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,

@@ -242,3 +242,52 @@ def test_failed_and_timed_out_compiles_are_recorded(ray_local, tmp_path) -> None
     assert sum(line.startswith("TIMED OUT") for line in lines) == 3
     assert not any(open_store(config).contains_many([r["key"] for r in summary.rows]).values())
 
+
+
+class _TinyGemm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(self.embed(ids))) + positions[:, None]
+
+
+@pytest.mark.inductor
+def test_gemm_tuning_runs_before_the_compiles(ray_local, tmp_path) -> None:
+    """tune_gemms: the model's one GEMM is tuned by a task of its own, which finishes before the
+    compile that needs it starts; the compile installs its timings. A failed tune costs only
+    the speed-up: the compile still succeeds."""
+    from vllm_compile_ray import stats
+
+    config = CompilationConfig(compile_sizes=(8,), compile_dynamic=False,
+                               inductor_compile_config={"max_autotune": True},
+                               cache_dir=str(tmp_path / "a"))
+    lines: list[str] = []
+    summary = warm(_TinyGemm(), config, model_name="tiny-gemm", progress=lines.append,
+                   max_in_flight=2, tune_gemms=True, **SLOT)
+    assert summary.ok and (summary.compiled, summary.tuned, summary.tune_failed) == (1, 1, 0)
+    (tune,), (row,) = summary.tune_rows, summary.rows
+    assert tune["name"].startswith("tune[") and tune["name"].endswith("/8]")
+    assert tune["finished_at"] <= row["started_at"]
+    assert row["gemm_benchmarked"] == 0 and "gemm_timings_installed" in row
+    assert any(line.startswith(f"tuned {tune['name']}") for line in lines)
+    assert "GEMM tuning: 1 tuned, 0 failed" in summary.format()
+    recorded = {r["name"] for r in stats.snapshot(summary.run_id)["tasks"]}
+    assert recorded == {tune["name"], row["name"]}
+
+    failing = warm(_TinyGemm(), config.replace(cache_dir=str(tmp_path / "b")),
+                   model_name="tiny-gemm", progress=None, tune_gemms=True,
+                   faults=Faults(fail="tune[*"), **SLOT)
+    assert failing.ok and (failing.compiled, failing.tuned, failing.tune_failed) == (1, 0, 1)
+    assert "injected compile failure" in failing.tune_rows[0]["error"]
+    assert failing.rows[0]["gemm_timings_installed"] == 0
+
+
+def test_gemm_tuning_needs_inductor(tmp_path) -> None:
+    from vllm_compile_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tune_gemms=True needs the inductor backend"):
+        warm("llama-tiny", eager(str(tmp_path / "cache")), tune_gemms=True, progress=None, **SLOT)
+    assert not (tmp_path / "cache").exists()  # refused before the store or Ray is touched

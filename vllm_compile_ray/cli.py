@@ -142,10 +142,9 @@ def cli() -> None:
               help="retries of a compile that raised")
 @click.option("--address", default=None, envvar="RAY_ADDRESS",
               help="Ray cluster address [env RAY_ADDRESS; default: start Ray in this process]")
-@click.option("--tune-gemms", type=click.Choice(["auto", "on", "off"]), default="auto",
-              show_default=True,
-              help="tune each unique GEMM as a task of its own before the compiles that use it "
-                   "(auto: with max-autotune on cuda)")
+@click.option("--tune-gemms", is_flag=True,
+              help="tune each unique GEMM problem as a task of its own before the compiles that "
+                   "use it (with max-autotune on cuda)")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
@@ -160,7 +159,7 @@ def warm(**opts: Any) -> None:
                       cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or None,
                       max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
-                      tune_gemms={"auto": None, "on": True, "off": False}[opts["tune_gemms"]],
+                      tune_gemms=opts["tune_gemms"],
                       progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
                                         if k not in ("rows", "tune_rows")},

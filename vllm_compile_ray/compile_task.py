@@ -246,7 +246,8 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     options = make_compiler(ctx.config).options if ctx.config.backend == "inductor" else {}
     row = {"name": name, "kind": "tune", "problem_id": problem.problem_id, "shape": str(shape),
            **_where(), "started_at": time.time(),
-           **gemm_tuning.tune(problem, shape, options, ctx.device_type)}
+           **gemm_tuning.tune(problem, shape, options, ctx.device_type,
+                              before=lambda: ctx.faults.before_compile(name))}
     row["finished_at"] = time.time()
     timings = row.pop("timings")  # to the driver only: the stats snapshot keeps the row
     kept = ray.get(stats.finish.remote(ctx.run_id, task_id, row))

@@ -58,7 +58,9 @@ class Dispatcher:
                         _merged(timings, (needs or {}).get(task.key, ())))
                 elif pending_tunes:
                     task = pending_tunes.pop(0)
-                    ref = tune_remote.options(name=task.name, **self.options).remote(
+                    # A tune is optional: one attempt (a crash is not worth a new worker).
+                    ref = tune_remote.options(name=task.name, **{**self.options,
+                                                                 "max_retries": 0}).remote(
                         task.problem, task.shape, ctx_ref)
                 else:
                     break

@@ -174,7 +174,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
-         tune_gemms: bool | None = None,
+         tune_gemms: bool = False,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -191,7 +191,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     with the inductor backend (eager compiles take milliseconds: there a worker per slot started
     ahead would mostly add start-ups a small run never needs).
     tune_gemms: tune each unique GEMM problem as a task of its own before the compiles that use
-    it (`gemm_tuning`); None: with Inductor max-autotune on CUDA (`gemm_tuning.wanted`).
+    it (`gemm_tuning`; worth it with max-autotune on CUDA when GPUs outnumber the work: it halves
+    the longest compile, but adds work, see benchmarks/RESULTS.md).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -222,8 +223,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         if prestart is None:
             prestart = config.backend == "inductor"
         workers = min(max_in_flight or capacity, capacity) if prestart else 0
-        if tune_gemms is None:
-            tune_gemms = gemm_tuning.wanted(config, device_type)
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
                      faults or Faults(), say, workers, tune_gemms)
