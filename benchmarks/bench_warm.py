@@ -85,6 +85,25 @@ def serial(config: CompilationConfig, args: argparse.Namespace
     return start - planned, time.perf_counter() - start, len(tasks), per_task
 
 
+def overhead(summary) -> dict[str, float]:
+    """Where the compile phase's wall time goes besides compiling, from the task rows: Ray's lag
+    to the first task, per task the time before compiling (CUDA start, fingerprint, stats actor)
+    and after (publish, checksum, report), and the phase's tail after the last task ended."""
+    rows = [r for r in summary.rows if r.get("entered_at")]
+    if not rows:
+        return {}
+    pre = [r["started_at"] - r["entered_at"] for r in rows]
+    post = [r["wall_s"] - r["seconds"] for r in rows]
+    end = summary.phase_started_at + summary.wall_s
+    return {"first_task_lag_s": round(min(r["entered_at"] for r in rows) - summary.phase_started_at, 3),
+            "pre_mean_s": round(sum(pre) / len(pre), 3), "pre_max_s": round(max(pre), 3),
+            "post_mean_s": round(sum(post) / len(post), 3), "post_max_s": round(max(post), 3),
+            "tail_s": round(end - max(r["finished_at"] for r in rows), 3),
+            "longest_task_ends_at_s": round(max(r["finished_at"] for r in rows
+                                                if r["seconds"] == max(x["seconds"] for x in rows))
+                                            - summary.phase_started_at, 3)}
+
+
 def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> dict[str, float]:
     if args.gpus_per_compile is not None:
         out = {"gpus_per_compile": args.gpus_per_compile, "cpus_per_compile": 1.0}
@@ -148,6 +167,7 @@ def main() -> int:
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
                                            default=0.0),
                      "gemm_benchmarked_in_compiles": summary.gemm_benchmarked,
+                     "overhead": overhead(summary),
                      "benchmarked_by_task": {r["name"]: r["gemm_benchmarked"] for r in summary.rows
                                              if r.get("gemm_benchmarked")},
                      "ray_total_s": summary.total_s,

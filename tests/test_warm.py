@@ -186,20 +186,23 @@ def test_infeasible_request_fails_fast_naming_the_resource(ray_local, tmp_path) 
     assert time.perf_counter() - start < 10
 
 
+class _Tiny(torch.nn.Module):
+    """One piece, one GEMM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(self.embed(ids))) + positions[:, None]
+
+
 @pytest.mark.inductor
 def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
     """A tiny one-piece model compiled by Inductor in a Ray task; the artifact loads and runs."""
-    class Tiny(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(16, 8)
-            self.proj = torch.nn.Linear(8, 8)
-
-        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return torch.relu(self.proj(self.embed(ids))) + positions[:, None]
-
     config = CompilationConfig(compile_sizes=(4,), compile_dynamic=False, cache_dir=str(tmp_path))
-    summary = warm(Tiny(), config, model_name="tiny", progress=None, max_in_flight=1, **SLOT)
+    summary = warm(_Tiny(), config, model_name="tiny", progress=None, max_in_flight=1, **SLOT)
     assert (summary.compiled, summary.total) == (1, 1), summary.errors
     # Inductor: the worker started (imports, fingerprint) while the driver planned, then compiled
     assert (summary.prestarted, summary.ran_in_prestarted) == (1, 1)
@@ -244,16 +247,6 @@ def test_failed_and_timed_out_compiles_are_recorded(ray_local, tmp_path) -> None
 
 
 
-class _TinyGemm(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(16, 8)
-        self.proj = torch.nn.Linear(8, 8)
-
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.proj(self.embed(ids))) + positions[:, None]
-
-
 @pytest.mark.inductor
 def test_gemm_tuning_runs_before_the_compiles(ray_local, tmp_path) -> None:
     """tune_gemms: the model's one GEMM is tuned by a task of its own, which finishes before the
@@ -265,7 +258,7 @@ def test_gemm_tuning_runs_before_the_compiles(ray_local, tmp_path) -> None:
                                inductor_compile_config={"max_autotune": True},
                                cache_dir=str(tmp_path / "a"))
     lines: list[str] = []
-    summary = warm(_TinyGemm(), config, model_name="tiny-gemm", progress=lines.append,
+    summary = warm(_Tiny(), config, model_name="tiny-gemm", progress=lines.append,
                    max_in_flight=2, tune_gemms=True, **SLOT)
     assert summary.ok and (summary.compiled, summary.tuned, summary.tune_failed) == (1, 1, 0)
     (tune,), (row,) = summary.tune_rows, summary.rows
@@ -277,7 +270,7 @@ def test_gemm_tuning_runs_before_the_compiles(ray_local, tmp_path) -> None:
     recorded = {r["name"] for r in stats.snapshot(summary.run_id)["tasks"]}
     assert recorded == {tune["name"], row["name"]}
 
-    failing = warm(_TinyGemm(), config.replace(cache_dir=str(tmp_path / "b")),
+    failing = warm(_Tiny(), config.replace(cache_dir=str(tmp_path / "b")),
                    model_name="tiny-gemm", progress=None, tune_gemms=True,
                    faults=Faults(fail="tune[*"), **SLOT)
     assert failing.ok and (failing.compiled, failing.tuned, failing.tune_failed) == (1, 0, 1)

@@ -161,6 +161,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     the GEMM selections the compile still benchmarked itself ("gemm_benchmarked").
     Raises CompileTaskError (after reporting) when every compile attempt failed.
     """
+    entered_at = time.time()
     name = task_name(code_id, shape)
     task_id = ray.get_runtime_context().get_task_id()
     _process_gpu_ids()  # before CUDA starts
@@ -173,7 +174,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
         return recorded
     row: dict[str, Any] = {"name": name, "key": key, "shape": str(shape), "code_id": code_id,
                            **_where(), "seconds": 0.0, "bytes": 0, "sha256": "", "error": "",
-                           "started_at": time.time()}
+                           "entered_at": entered_at, "started_at": time.time()}
     counter, monitor = CompilationCounter(), PerformanceMonitor()
     start = time.perf_counter()
     if own != ctx.fingerprint_id:

@@ -12,6 +12,9 @@ timed, skips precompiling and benchmarking them and picks the fastest as it woul
 
 A timing that does not match (another layout in the piece, a choice set that differs) only costs
 the speed-up: Inductor benchmarks that GEMM itself, which the compile row reports.
+
+Measured (benchmarks/RESULTS.md): the longest llama-3-8b compile halves, but each tune is a small
+compile of its own, so a run's total work stays about the same: opt-in (`warm(tune_gemms=True)`).
 """
 
 from __future__ import annotations
