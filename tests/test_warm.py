@@ -284,3 +284,15 @@ def test_gemm_tuning_needs_inductor(tmp_path) -> None:
     with pytest.raises(ConfigError, match="tune_gemms=True needs the inductor backend"):
         warm("llama-tiny", eager(str(tmp_path / "cache")), tune_gemms=True, progress=None, **SLOT)
     assert not (tmp_path / "cache").exists()  # refused before the store or Ray is touched
+
+
+def test_tune_on_a_node_of_another_fingerprint_fails_without_tuning(ray_local, tmp_path) -> None:
+    """Timings measured on another GPU model would mislead the compiles: the tune refuses."""
+    config = CompilationConfig(compile_sizes=(8,), compile_dynamic=False,
+                               inductor_compile_config={"max_autotune": True},
+                               cache_dir=str(tmp_path))
+    summary = warm(_Tiny(), config, model_name="tiny-other", progress=None, tune_gemms=True,
+                   fingerprint={"device_type": "cpu", "isa": "elsewhere"}, **SLOT)
+    (tune,), (row,) = summary.tune_rows, summary.rows
+    assert tune["status"] == "failed" and "environment fingerprint" in tune["error"]
+    assert row["status"] == "failed" and not summary.ok

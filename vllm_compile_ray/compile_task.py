@@ -245,10 +245,17 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         inductor.set_compile_threads(int(cpus))
     options = make_compiler(ctx.config).options if ctx.config.backend == "inductor" else {}
+
+    def before() -> None:
+        own = fingerprint_hash(_local_fingerprint(ctx.device_type))
+        if own != ctx.fingerprint_id:  # timings of another GPU model would mislead the compiles
+            raise VcrError(f"this node's environment fingerprint {own} is not the plan's "
+                           f"{ctx.fingerprint_id}")
+        ctx.faults.before_compile(name)
+
     row = {"name": name, "kind": "tune", "problem_id": problem.problem_id, "shape": str(shape),
            **_where(), "started_at": time.time(),
-           **gemm_tuning.tune(problem, shape, options, ctx.device_type,
-                              before=lambda: ctx.faults.before_compile(name))}
+           **gemm_tuning.tune(problem, shape, options, ctx.device_type, before=before)}
     row["finished_at"] = time.time()
     timings = row.pop("timings")  # to the driver only: the stats snapshot keeps the row
     kept = ray.get(stats.finish.remote(ctx.run_id, task_id, row))
