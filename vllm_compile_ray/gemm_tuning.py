@@ -163,12 +163,13 @@ def tune(problem: GemmProblem, shape: int | str, options: dict[str, Any], device
             before()
         if shape == "dynamic":
             def compile_it() -> Any:
-                return inductor.compile_dynamic(piece.graph, piece.input_specs, device, options)
+                return inductor.compile_dynamic(piece.graph, piece.input_specs, device, options,
+                                                save=False)  # only its timings are wanted
         else:
             inputs = inductor.example_tensors(piece.input_specs, int(shape), device)
 
             def compile_it() -> Any:
-                return inductor.compile_static(piece.graph, inputs, options)
+                return inductor.compile_static(piece.graph, inputs, options, save=False)
         timings, benchmarked = inductor.gemm_timings(compile_it)
     except Exception as exc:  # reported in the row; the compiles benchmark this GEMM themselves
         return {"status": "failed", "timings": {}, "benchmarked": 0,

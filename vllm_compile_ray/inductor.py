@@ -147,10 +147,10 @@ def _symbol_values(entry: str, size: int) -> dict[str, int]:
     return {name: size for name in re.findall(r"\bs\d+\b", entry)}
 
 
-def compile_static(gm: fx.GraphModule, inputs: Sequence[Any], options: dict[str, Any]
-                   ) -> tuple[Callable, bytes]:
+def compile_static(gm: fx.GraphModule, inputs: Sequence[Any], options: dict[str, Any],
+                   save: bool = True) -> tuple[Callable, bytes]:
     """Compile `gm` for the shapes of `inputs` (`example_tensors` of the piece's specs at one
-    size); returns (callable, artifact bytes)."""
+    size); returns (callable, artifact bytes; b"" with save=False)."""
     from torch._inductor import standalone_compile
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -161,7 +161,7 @@ def compile_static(gm: fx.GraphModule, inputs: Sequence[Any], options: dict[str,
     with torch.no_grad():
         artifact = standalone_compile(gm, inputs, dynamic_shapes="from_example_inputs",
                                       options=dict(options))
-    return artifact, _artifact_bytes(artifact)
+    return artifact, _artifact_bytes(artifact) if save else b""
 
 
 def _symbolic_inputs(specs: Sequence[InputSpec], device: str
@@ -221,7 +221,8 @@ def symbolic_values(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> dict[fx.N
 
 
 def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
-                    options: dict[str, Any]) -> tuple[Callable, bytes, tuple[int, int | None]]:
+                    options: dict[str, Any], save: bool = True
+                    ) -> tuple[Callable, bytes, tuple[int, int | None]]:
     """Compile `gm` with symbolic dims; returns (callable, bytes, (lo, hi)) where the artifact is
     valid for lo <= s0 <= hi (hi None: unbounded) according to the guards it recorded."""
     from torch._guards import TracingContext, tracing
@@ -239,7 +240,7 @@ def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
             lo = int(value_range.lower)
             upper = value_range.upper
             hi = int(upper) if upper.is_number and upper.is_finite and upper < 2**62 else None
-    return artifact, _artifact_bytes(artifact), (lo, hi)
+    return artifact, _artifact_bytes(artifact) if save else b"", (lo, hi)
 
 
 def tune_once(fn: Callable, inputs: Sequence[Any]) -> tuple[bytes, int]:
