@@ -130,6 +130,17 @@ def task_name(code_id: str, shape: int | str) -> str:
     return f"compile[{code_id}/{shape}]"
 
 
+def _fingerprint_mismatch(ctx: TaskContext) -> str:
+    """Why this node must not compile (or tune) for the plan, or "" if its fingerprint matches."""
+    own = fingerprint_hash(_local_fingerprint(ctx.device_type))
+    if own == ctx.fingerprint_id:
+        return ""
+    where = _where()
+    return (f"node {where['node_id'][:8]} ({where['host']}) has environment fingerprint {own}, but "
+            f"the plan was made for {ctx.fingerprint_id}: compile nodes must match the fingerprint "
+            "node (same torch, Triton and GPU model); restrict placement with resources=")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -165,7 +176,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     name = task_name(code_id, shape)
     task_id = ray.get_runtime_context().get_task_id()
     _process_gpu_ids()  # before CUDA starts
-    own = fingerprint_hash(_local_fingerprint(ctx.device_type))  # seconds in a fresh worker
+    mismatch = _fingerprint_mismatch(ctx)  # seconds in a fresh worker
     stats = get_stats_actor()
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))  # max_compile_time from here
     if recorded is not None:  # an earlier attempt finished and reported, then its worker died
@@ -177,11 +188,8 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
                            "entered_at": entered_at, "started_at": time.time()}
     counter, monitor = CompilationCounter(), PerformanceMonitor()
     start = time.perf_counter()
-    if own != ctx.fingerprint_id:
-        row.update(status="failed", error=(
-            f"node {row['node_id'][:8]} ({row['host']}) has environment fingerprint {own}, but "
-            f"the plan was made for {ctx.fingerprint_id}: compile nodes must match the fingerprint "
-            "node (same torch, Triton and GPU model); restrict placement with resources="))
+    if mismatch:
+        row.update(status="failed", error=mismatch)
     elif ctx.store.contains(key):  # published since the driver checked (another warm run)
         row["status"] = "cached"
     else:
@@ -241,21 +249,19 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))
     if recorded is not None:  # an earlier attempt reported, then its worker died
         return recorded
-    if ctx.config.backend == "inductor":
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        inductor.set_compile_threads(int(cpus))
-    options = make_compiler(ctx.config).options if ctx.config.backend == "inductor" else {}
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    inductor.set_compile_threads(int(cpus))  # warm() tunes with the inductor backend only
 
     def before() -> None:
-        own = fingerprint_hash(_local_fingerprint(ctx.device_type))
-        if own != ctx.fingerprint_id:  # timings of another GPU model would mislead the compiles
-            raise VcrError(f"this node's environment fingerprint {own} is not the plan's "
-                           f"{ctx.fingerprint_id}")
+        mismatch = _fingerprint_mismatch(ctx)  # timings of another GPU would mislead compiles
+        if mismatch:
+            raise VcrError(mismatch)
         ctx.faults.before_compile(name)
 
     row = {"name": name, "kind": "tune", "problem_id": problem.problem_id, "shape": str(shape),
            **_where(), "started_at": time.time(),
-           **gemm_tuning.tune(problem, shape, options, ctx.device_type, before=before)}
+           **gemm_tuning.tune(problem, shape, make_compiler(ctx.config).options,
+                              ctx.device_type, before=before)}
     row["finished_at"] = time.time()
     timings = row.pop("timings")  # to the driver only: the stats snapshot keeps the row
     kept = ray.get(stats.finish.remote(ctx.run_id, task_id, row))

@@ -62,7 +62,7 @@ class GemmProblem:
 
 @dataclass(frozen=True)
 class TuneTask:
-    """One GEMM problem at one shape ("dynamic" or a size), and the compile tasks it serves."""
+    """One GEMM problem at one shape ("dynamic" or a size)."""
 
     problem: GemmProblem
     shape: int | str
