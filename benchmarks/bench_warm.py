@@ -10,7 +10,9 @@ in-process Ray (or --address), once per --workers entry. Two ratios per Ray run:
   end to end   serial (plan + loop) / Ray (plan + compile phase + manifest), Ray start excluded;
                the compile workers start while the driver plans
   compile      serial loop / Ray compile phase (first submit to last result)
-Prints one JSON line per run and the ratios.
+Prints one JSON line per run and the ratios, how busy the CPUs and GPUs were in each compile
+phase (`utilization.py`), and where the task seconds went: Inductor's phase timers summed over
+the tasks, serial against each Ray run (a phase that grows under Ray is where it loses).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import torch
 from vllm_compile_ray import CompilationConfig, models
 from vllm_compile_ray.api import example_args, key_context, open_store
 from vllm_compile_ray.compiler_interface import make_compiler
-from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads
+from vllm_compile_ray.inductor import environment_fingerprint, phase_times, set_compile_threads
 from vllm_compile_ray.manager import CompilerManager
 from vllm_compile_ray.plan import capture, plan_graph
 from vllm_compile_ray.warm import order_tasks, warm
+
+from utilization import Sampler
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,8 +69,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def serial(config: CompilationConfig, args: argparse.Namespace
-           ) -> tuple[float, float, int, list[float]]:
-    """(plan seconds, loop seconds, tasks, per-task seconds) compiling every task in turn here."""
+           ) -> tuple[float, float, int, list[float], dict[str, float], float]:
+    """(plan seconds, loop seconds, tasks, per-task seconds, Inductor phase seconds summed over
+    the tasks, loop start as time.time()) compiling every task in turn here."""
     planned = time.perf_counter()
     fp = environment_fingerprint(args.device)
     compiler = make_compiler(config)
@@ -76,13 +81,50 @@ def serial(config: CompilationConfig, args: argparse.Namespace
     store = open_store(config)
     manager = CompilerManager(config, compiler, store, args.device, plan.key_context.fingerprint_id)
     tasks = order_tasks(plan.tasks())
-    per_task = []
-    start = time.perf_counter()
+    per_task, phases = [], {}
+    start, started_at = time.perf_counter(), time.time()
     for task in tasks:
         t0 = time.perf_counter()
-        manager.compile(task.key, task.piece, task.shape, publish=True, name=task.name)
+        with phase_times() as task_phases:
+            _, meta = manager.compile(task.key, task.piece, task.shape, publish=True,
+                                      name=task.name)
+        task_phases["tune_s"] = float(meta.get("tune_seconds", 0.0))
+        add_phases(phases, task_phases)
         per_task.append(round(time.perf_counter() - t0, 3))
-    return start - planned, time.perf_counter() - start, len(tasks), per_task
+    return (start - planned, time.perf_counter() - start, len(tasks), per_task, phases,
+            started_at)
+
+
+def add_phases(into: dict[str, float], phases: dict[str, float]) -> None:
+    for name, seconds in phases.items():
+        into[name] = round(into.get(name, 0.0) + seconds, 3)
+
+
+def ray_phases(summary) -> dict[str, float]:
+    """Inductor phase seconds (and runtime tuning, publishing) summed over a Ray run's compiles."""
+    out: dict[str, float] = {}
+    for row in summary.rows:
+        if row.get("status") == "compiled":
+            add_phases(out, {**row.get("phases", {}), "tune_s": row.get("tune_s", 0.0),
+                             "publish_s": row.get("publish_s", 0.0)})
+    return out
+
+
+def print_phases(serial_phases: dict[str, float], runs: list[dict], top: int = 24) -> None:
+    """Phase seconds summed over the tasks: serial, then each Ray run with its ratio to serial."""
+    names = sorted(set(serial_phases) | {n for r in runs for n in r["phases"]},
+                   key=lambda n: -max([serial_phases.get(n, 0.0)] +
+                                      [r["phases"].get(n, 0.0) for r in runs]))[:top]
+    print(f"{'phase (s summed over tasks)':58} {'serial':>8} " +
+          " ".join(f"{'ray ' + str(r['workers']) + (' tuned' if r['tune_gemms'] == 'on' else ''):>16}"
+                   for r in runs))
+    for name in names:
+        base = serial_phases.get(name, 0.0)
+        cells = []
+        for r in runs:
+            value = r["phases"].get(name, 0.0)
+            cells.append(f"{value:8.1f} ({value / base:4.2f}x)" if base else f"{value:8.1f}       ")
+        print(f"{name[:58]:58} {base:8.1f} " + " ".join(f"{c:>16}" for c in cells))
 
 
 def overhead(summary) -> dict[str, float]:
@@ -152,6 +194,7 @@ def main() -> int:
 
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
+    sampler = Sampler().start()
     for i, (n, c, pre, tg) in enumerate(zip(workers, cpus, precompile, tune)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
@@ -167,7 +210,9 @@ def main() -> int:
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
                                            default=0.0),
                      "gemm_benchmarked_in_compiles": summary.gemm_benchmarked,
-                     "overhead": overhead(summary),
+                     "overhead": overhead(summary), "phases": ray_phases(summary),
+                     "busy": sampler.mean(summary.phase_started_at,
+                                          summary.phase_started_at + summary.wall_s),
                      "benchmarked_by_task": {r["name"]: r["gemm_benchmarked"] for r in summary.rows
                                              if r.get("gemm_benchmarked")},
                      "ray_total_s": summary.total_s,
@@ -175,6 +220,7 @@ def main() -> int:
                      "ray_task_s_sum": summary.task_s_sum, "ray_compiled": summary.compiled,
                      "ray_failed": summary.failed + summary.timed_out,
                      "max_concurrent": summary.max_concurrent, "prestarted": summary.prestarted,
+                     "prestart_s": summary.prestart_s,
                      "ran_in_prestarted": summary.ran_in_prestarted,
                      "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
@@ -183,8 +229,9 @@ def main() -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
         if args.device == "cpu":
             set_compile_threads(1)  # faster than the default on small CPU hosts (NOTES)
-        plan_s, loop_s, n_tasks, per_task = serial(
+        plan_s, loop_s, n_tasks, per_task, serial_phases, loop_at = serial(
             base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
+        common["serial_busy"] = sampler.mean(loop_at, loop_at + loop_s)
         # No fan-out beats its longest task: serial loop / longest serial task bounds the ratio.
         common.update(serial_plan_s=round(plan_s, 3), serial_s=round(loop_s, 3),
                       serial_tasks=n_tasks, serial_per_task_s=per_task,
@@ -192,8 +239,15 @@ def main() -> int:
         for run in runs:
             run["ratio_end_to_end"] = round((plan_s + loop_s) / run["ray_total_s"], 2)
             run["ratio_compile"] = round(loop_s / run["ray_wall_s"], 2) if run["ray_wall_s"] else None
+    sampler.stop()
     for run in runs:
         print("result " + json.dumps({**common, **run}), flush=True)
+    if not args.skip_serial:
+        print(f"busy in the serial loop: {common['serial_busy']}")
+        print_phases(serial_phases, runs)
+    for run in runs:
+        print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}): "
+              f"{run['busy']}; overhead {run['overhead']}")
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "

@@ -152,3 +152,65 @@ def test_a_failing_tune_returns_a_failed_row() -> None:
     row = gemm_tuning.tune(tunes[0].problem, 8, {}, "cpu", before=boom)
     assert row["status"] == "failed" and row["error"] == "RuntimeError: injected"
     assert row["timings"] == {}
+
+
+def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: float,
+                       shared: bool, out: str) -> None:
+    """A compile worker's GEMM lookup (in a process of its own: the locks are per process)."""
+    import json
+    import os
+    import time
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codecache import PersistentCache
+
+    if shared:
+        inductor.share_gemm_timings()
+    benchmarked: list[str] = []
+
+    def benchmark(chosen):
+        benchmarked.append(key)
+        time.sleep(delay)  # the others arrive while this one benchmarks
+        return {c: float(len(c.name)) for c in chosen}
+
+    with inductor_config.patch(max_autotune=True, autotune_local_cache=True):
+        timings = PersistentCache().lookup([_Choice(c) for c in choices], "mm", key, benchmark)
+    with open(out, "w") as f:
+        json.dump({"benchmarked": benchmarked, "timings": {c.name: t for c, t in timings.items()}}, f)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_workers_of_a_node_benchmark_a_gemm_once_and_keep_each_others_timings(tmp_path, shared):
+    """Three worker processes share an Inductor cache dir; two need the same GEMM key at once,
+    one another key. Shared: the same key is benchmarked once (the second waits and reads the
+    first's timings) and the file keeps both keys. Inductor alone: both benchmark it."""
+    import json
+    import multiprocessing
+    import time
+
+    spawn = multiprocessing.get_context("spawn")
+    cache = str(tmp_path / "inductor")
+    jobs = [("k1", ["a", "bb"], 3.0, 0.0), ("k1", ["a", "bb"], 0.1, 1.5),
+            ("k2", ["ccc"], 0.1, 1.5)]
+    procs = []
+    for i, (key, choices, delay, after) in enumerate(jobs):
+        time.sleep(after if i < 2 else 0.0)
+        procs.append(spawn.Process(target=_lookup_in_process, args=(
+            cache, key, choices, delay, shared, str(tmp_path / f"out{i}.json"))))
+        procs[-1].start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(3)]
+    assert all(o["timings"] == {c: float(len(c)) for c in jobs[i][1]} for i, o in enumerate(outs))
+    benchmarked = [o["benchmarked"] for o in outs]
+    [path] = (tmp_path / "inductor" / "cache").iterdir()  # Inductor's one timings file
+    on_disk = json.loads(path.read_text())["cache"]
+    precision = torch.get_float32_matmul_precision()
+    if shared:
+        assert benchmarked == [["k1"], [], ["k2"]]
+        assert set(on_disk["mm"]) == {"k1", "k2"}
+        assert on_disk["mm"]["k1"][precision] == {"a": 1.0, "bb": 2.0}
+    else:
+        assert benchmarked == [["k1"], ["k1"], ["k2"]]

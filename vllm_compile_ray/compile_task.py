@@ -106,12 +106,15 @@ def fingerprint(device_type: str) -> dict[str, str]:
     return _local_fingerprint(device_type)
 
 
-def start_worker(backend: str, cpus: float, fingerprint_of: str = "") -> dict[str, Any]:
+def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True
+                 ) -> dict[str, Any]:
     """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor imports,
-    the torch fingerprint, Inductor's compile pool. With `fingerprint_of` (a device type) also
-    return this node's environment fingerprint, which starts CUDA; otherwise CUDA stays untouched
-    (CUDA binds a process to the GPUs it starts with, and Ray may give the worker other GPUs for
-    its first compile). Returns {"pid", "fingerprint" (or None)}."""
+    the torch fingerprint, Inductor's compile pool, this node's environment fingerprint for
+    `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
+    context, Triton's compiler and launcher). CUDA binds the worker to the GPUs Ray gives this start-up, and the
+    worker keeps them for every later task (as it would from its first compile; rows report
+    both, see `_process_gpu_ids`). Returns {"pid", "fingerprint", "seconds"}."""
+    start = time.perf_counter()
     if backend == "inductor":
         import torch._inductor.compile_fx  # noqa: F401  (the heavy imports of a first compile)
         import torch._inductor.select_algorithm  # noqa: F401
@@ -122,7 +125,11 @@ def start_worker(backend: str, cpus: float, fingerprint_of: str = "") -> dict[st
         inductor.torch_fingerprint()
         inductor.set_compile_threads(int(cpus))
         inductor.warm_compile_pool()
-    return {"pid": os.getpid(), "fingerprint": fingerprint(fingerprint_of) if fingerprint_of else None}
+    found = fingerprint(device_type)
+    if backend == "inductor" and warm:
+        inductor.warm_device(device_type)
+    return {"pid": os.getpid(), "fingerprint": found,
+            "seconds": round(time.perf_counter() - start, 3)}
 
 
 def task_name(code_id: str, shape: int | str) -> str:
@@ -194,9 +201,12 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
         row["status"] = "cached"
     else:
         if ctx.config.backend == "inductor":
+            inductor.share_gemm_timings()  # with the node's other compile workers
             row["gemm_timings_installed"] = inductor.install_gemm_timings(gemm_timings or {})
             benchmarked = inductor.gemm_benchmarks()
-        row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
+        with inductor.phase_times() as phases:
+            row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
+        row["phases"] = phases
         if ctx.config.backend == "inductor":
             row["gemm_benchmarked"] = inductor.gemm_benchmarks() - benchmarked
     row["wall_s"] = round(time.perf_counter() - start, 4)
@@ -233,6 +243,8 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
                 "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
                 "published": counter.num_artifacts_saved > saved_before,
                 "compile_attempts": len(errors) + 1, "torch": meta["torch"],
+                "tune_s": float(meta.get("tune_seconds", 0.0)),
+                "publish_s": round(monitor.stats("publish")["total"], 4),
                 "error": "; ".join(errors)}
     return {"status": "failed", "compile_attempts": len(errors), "error": errors[-1]}
 

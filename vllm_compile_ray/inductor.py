@@ -17,7 +17,8 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -100,6 +101,28 @@ def warm_compile_pool() -> None:
     warm = getattr(AsyncCompile, "warm_pool", None)
     if warm is not None:
         warm()
+
+
+def warm_device(device_type: str) -> None:
+    """Pay a process's first-compile costs on the device now: one tiny compile and run in a
+    throwaway Inductor cache starts CUDA, Triton's driver, compiler and launcher, and Inductor's
+    code cache, which a worker's first real compile would otherwise pay. CUDA only (a CPU
+    compile shares nothing worth warming but the fingerprint)."""
+    if device_type != "cuda":
+        return
+    from torch._inductor.utils import fresh_cache
+
+    gm = fx.symbolic_trace(_Warm())
+    inputs = [torch.zeros(64, device="cuda")]
+    with fresh_cache():
+        fn, _ = compile_static(gm, inputs, {}, save=False)
+        fn(*inputs)
+    torch.cuda.synchronize()
+
+
+class _Warm(torch.nn.Module):
+    def forward(self, x: Any) -> Any:
+        return (x * 2 + 1).relu()
 
 
 def _fake_propagate(gm: fx.GraphModule, fake_inputs: Sequence[Any], fake_mode: Any) -> None:
@@ -346,6 +369,45 @@ def merge_timings(into: dict[str, Any], timings: dict[str, Any]) -> int:
     return added
 
 
+def share_gemm_timings() -> None:
+    """Make GEMM autotuning in this process cooperate with every process sharing its Inductor
+    cache directory (the compile workers of one node). Idempotent.
+
+    Inductor keeps GEMM timings in one file per cache directory and rewrites it whole from the
+    writer's own view, so concurrent compiles drop each other's timings, and two compiles that
+    need the same GEMM at the same shape (the layer and the last piece share three) both
+    benchmark it. With this, a lookup that would benchmark holds a lock per GEMM and input key and
+    re-reads the file first: the second compile waits for the first one's timings instead of
+    benchmarking again on the same GPU, as a single process would find them in its cache; and
+    each write merges into what the file holds under a lock of its own.
+    """
+    from filelock import FileLock
+    from torch._inductor.codecache import PersistentCache, get_lock_dir
+
+    if getattr(PersistentCache, "_vcr_shared", False):
+        return
+    lookup, update = PersistentCache.lookup, PersistentCache.update_local_cache
+
+    def shared_lookup(self: Any, choices: Any, op: str, inputs: str, benchmark: Any,
+                      hint_override: int | None = None) -> Any:
+        if benchmark is None:  # a cache check only
+            return lookup(self, choices, op, inputs, benchmark, hint_override)
+        key = hashlib.sha256(repr((op, inputs, hint_override,
+                                   torch.get_float32_matmul_precision())).encode()).hexdigest()
+        with FileLock(os.path.join(get_lock_dir(), f"vcr-gemm-{key[:32]}.lock")):
+            return lookup(self, choices, op, inputs, benchmark, hint_override)
+
+    def merged_update(self: Any, local_cache: dict[str, Any]) -> None:
+        with FileLock(os.path.join(get_lock_dir(), "vcr-gemm-timings.lock")):
+            current = self.get_local_cache()
+            merge_timings(current, local_cache)
+            update(self, current)
+
+    PersistentCache.lookup = shared_lookup
+    PersistentCache.update_local_cache = merged_update
+    PersistentCache._vcr_shared = True
+
+
 def count_timings(timings: dict[str, Any]) -> int:
     """How many choice timings a `gemm_timings` result holds."""
     return sum(len(by_choice) for by_inputs in timings.values()
@@ -357,3 +419,21 @@ def gemm_benchmarks() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["select_algorithm_autotune"])
+
+
+@contextmanager
+def phase_times() -> Iterator[dict[str, float]]:
+    """Seconds Inductor's phase timers (`dynamo_timed`: lowering, scheduling, GEMM template
+    precompiling and autotuning, wrapper codegen, saving ...) recorded in this process inside the
+    block, by phase name; nested phases count in their parents too. Filled when the block ends."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    before = {name: len(times) for name, times in compilation_time_metrics.items()}
+    out: dict[str, float] = {}
+    try:
+        yield out
+    finally:
+        for name, times in list(compilation_time_metrics.items()):
+            new = times[before.get(name, 0):]
+            if new:
+                out[name] = round(sum(new), 4)

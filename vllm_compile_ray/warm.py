@@ -53,6 +53,7 @@ class WarmSummary:
     shapes: list[int | str] = field(default_factory=list)
     max_concurrent: int = 0
     prestarted: int = 0  # workers started while planning
+    prestart_s: float = 0.0  # the longest of their start-ups (in the worker)
     ran_in_prestarted: int = 0  # compile tasks that ran in one of them
     manifest_path: str = ""
     stats_path: str = ""
@@ -188,7 +189,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     address: a Ray cluster; None connects to RAY_ADDRESS or starts Ray in-process (and stops it).
     fingerprint: the target environment fingerprint; None asks a compile node for it.
     faults: test hooks (see `compile_task.Faults`).
-    prestart: start the compile workers (imports, compile pool) while the driver plans; None:
+    prestart: start the compile workers (imports, compile pool, fingerprint, on CUDA a tiny
+    warm-up compile) while the driver plans; None:
     with the inductor backend (eager compiles take milliseconds: there a worker per slot started
     ahead would mostly add start-ups a small run never needs).
     tune_gemms: tune each unique GEMM problem as a task of its own before the compiles that use
@@ -239,12 +241,16 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           say: Callable[[str], None], prestart: int, tune_gemms: bool) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
+    # Created now, its process starts while the driver plans: the first compile tasks would
+    # otherwise wait seconds for it (measured: 8 s on a busy 16-core GPU host).
+    stats = get_stats_actor()
     # Worker start-ups, all at once, so Ray starts that many workers while the driver plans; the
-    # first also computes the fingerprint. They hold the compile slots, so each compile task
+    # first one's fingerprint keys the plan. They hold the compile slots, so each compile task
     # waits for a started worker to go idle and runs there (workers are reused: max_calls=0).
+    # The first one reports as soon as it has the fingerprint, without the warm-up compile.
     count = max(prestart, 1 if fingerprint is None else 0)
     starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
-        config.backend, request.cpus, device_type if i == 0 and fingerprint is None else "")
+        config.backend, request.cpus, device_type, warm=i > 0 or fingerprint is not None)
         for i in range(count)]
     plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
                  starts[0] if starts else None)
@@ -261,7 +267,6 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     if tunes:
         say(f"tuning {len(tunes)} unique GEMM problems x shapes first")
 
-    stats = get_stats_actor()
     ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
@@ -271,7 +276,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     rows += dispatcher.run(todo, max_in_flight, tunes, needs)
     tune_rows = dispatcher.tune_rows
     wall_s = time.perf_counter() - start if todo else 0.0
-    prestarted = _started_pids(starts)
+    prestarted = _started(starts)
 
     snap = ray.get(stats.snapshot.remote(run_id))
     manifest_rows = _manifest_rows(store, plan, name, tp_size, rows)
@@ -288,6 +293,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         task_s_sum=round(sum(r.get("seconds", 0.0) for r in by_status["compiled"]), 3),
         run_id=run_id, unique_pieces=summary["unique_pieces"], shapes=list(plan.shapes),
         max_concurrent=snap["max_concurrent"], prestarted=len(prestarted),
+        prestart_s=max(prestarted.values(), default=0.0),
         ran_in_prestarted=sum(1 for r in by_status["compiled"] if r.get("pid") in prestarted),
         total_s=round(time.perf_counter() - t0, 3),
         manifest_path=f"{store.url}/{manifest.manifest_path(name, fp_id)}",
@@ -303,19 +309,21 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     return result
 
 
-def _started_pids(refs: list[ray.ObjectRef]) -> set[int]:
-    """Pids of the workers whose start-up finished; one still running is cancelled (a failed one
-    is logged: its cause shows again in the compiles)."""
+def _started(refs: list[ray.ObjectRef]) -> dict[int, float]:
+    """Pid -> start-up seconds of the workers whose start-up finished; one still running is
+    cancelled (a failed one is logged: its cause shows again in the compiles)."""
     done, pending = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
     for ref in pending:
         ray.cancel(ref)
-    pids = set()
+    started = {}
     for ref in done:
         try:
-            pids.add(ray.get(ref)["pid"])
+            out = ray.get(ref)
         except ray.exceptions.RayError as exc:
             logger.warning("a compile worker's start-up failed: %s", exc)
-    return pids
+            continue
+        started[out["pid"]] = out["seconds"]
+    return started
 
 
 def _manifest_rows(store: ArtifactStore, plan: Plan, model: str, tp_size: int,
