@@ -167,6 +167,9 @@ def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: floa
 
     if shared:
         inductor.share_gemm_timings()
+    if key == "k2":  # another user of the same file, nested to another depth (pad_mm does this)
+        from torch._inductor.codecache import LocalCache
+        LocalCache().set_value("pad_mm", "some-key", value=True)
     benchmarked: list[str] = []
 
     def benchmark(chosen):
@@ -183,8 +186,9 @@ def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: floa
 @pytest.mark.parametrize("shared", [True, False])
 def test_workers_of_a_node_benchmark_a_gemm_once_and_keep_each_others_timings(tmp_path, shared):
     """Three worker processes share an Inductor cache dir; two need the same GEMM key at once,
-    one another key. Shared: the same key is benchmarked once (the second waits and reads the
-    first's timings) and the file keeps both keys. Inductor alone: both benchmark it."""
+    one another key (and writes another kind of entry). Shared: the same key is benchmarked once
+    (the second waits and reads the first's timings) and the file keeps every entry. Inductor
+    alone: both benchmark it."""
     import json
     import multiprocessing
     import time
@@ -210,7 +214,7 @@ def test_workers_of_a_node_benchmark_a_gemm_once_and_keep_each_others_timings(tm
     precision = torch.get_float32_matmul_precision()
     if shared:
         assert benchmarked == [["k1"], [], ["k2"]]
-        assert set(on_disk["mm"]) == {"k1", "k2"}
+        assert set(on_disk["mm"]) == {"k1", "k2"} and on_disk["pad_mm"] == {"some-key": True}
         assert on_disk["mm"]["k1"][precision] == {"a": 1.0, "bb": 2.0}
     else:
         assert benchmarked == [["k1"], ["k1"], ["k2"]]

@@ -112,17 +112,13 @@ def warm_device(device_type: str) -> None:
         return
     from torch._inductor.utils import fresh_cache
 
-    gm = fx.symbolic_trace(_Warm())
+    # (no annotations: a string one would land in the graph's globals and spoil its cache key)
+    gm = fx.symbolic_trace(lambda x: torch.relu(x * 2 + 1))
     inputs = [torch.zeros(64, device="cuda")]
     with fresh_cache():
         fn, _ = compile_static(gm, inputs, {}, save=False)
         fn(*inputs)
     torch.cuda.synchronize()
-
-
-class _Warm(torch.nn.Module):
-    def forward(self, x: Any) -> Any:
-        return (x * 2 + 1).relu()
 
 
 def _fake_propagate(gm: fx.GraphModule, fake_inputs: Sequence[Any], fake_mode: Any) -> None:
@@ -379,14 +375,15 @@ def share_gemm_timings() -> None:
     benchmark it. With this, a lookup that would benchmark holds a lock per GEMM and input key and
     re-reads the file first: the second compile waits for the first one's timings instead of
     benchmarking again on the same GPU, as a single process would find them in its cache; and
-    each write merges into what the file holds under a lock of its own.
+    each write to that file (GEMM timings and Inductor's other cached decisions) merges into
+    what it holds, under a lock of its own.
     """
     from filelock import FileLock
-    from torch._inductor.codecache import PersistentCache, get_lock_dir
+    from torch._inductor.codecache import CacheBase, PersistentCache, get_lock_dir
 
     if getattr(PersistentCache, "_vcr_shared", False):
         return
-    lookup, update = PersistentCache.lookup, PersistentCache.update_local_cache
+    lookup, update = PersistentCache.lookup, CacheBase.update_local_cache
 
     def shared_lookup(self: Any, choices: Any, op: str, inputs: str, benchmark: Any,
                       hint_override: int | None = None) -> Any:
@@ -398,14 +395,24 @@ def share_gemm_timings() -> None:
             return lookup(self, choices, op, inputs, benchmark, hint_override)
 
     def merged_update(self: Any, local_cache: dict[str, Any]) -> None:
-        with FileLock(os.path.join(get_lock_dir(), "vcr-gemm-timings.lock")):
+        # The file also holds other passes' entries (pad_mm, fusion decisions: CacheBase's
+        # other users), nested to other depths: merge generically, the writer's values win.
+        with FileLock(os.path.join(get_lock_dir(), "vcr-local-cache.lock")):
             current = self.get_local_cache()
-            merge_timings(current, local_cache)
+            _merge_nested(current, local_cache)
             update(self, current)
 
     PersistentCache.lookup = shared_lookup
-    PersistentCache.update_local_cache = merged_update
+    CacheBase.update_local_cache = merged_update
     PersistentCache._vcr_shared = True
+
+
+def _merge_nested(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge_nested(into[key], value)
+        else:
+            into[key] = value
 
 
 def count_timings(timings: dict[str, Any]) -> int:
