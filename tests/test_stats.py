@@ -65,3 +65,19 @@ def test_actor_class_keeps_runs_apart() -> None:
     assert actor.snapshot("r2")["running"] == 1
     assert set(actor.snapshot()) == {"r1", "r2"}
     assert actor.runs_list() == ["r1", "r2"]
+
+
+def test_snapshot_sums_the_compile_phases_over_tasks() -> None:
+    """Compile rows carry Inductor's phase seconds; the snapshot says where a run's time went."""
+    stats = CompileStats("run")
+    for i, phases in enumerate([{"GraphLowering.run": 1.5, "mm_template_autotuning": 4.0},
+                                {"GraphLowering.run": 0.5}, None]):
+        stats.start(f"t{i}")
+        stats.finish(f"t{i}", {"name": f"compile[a/{i}]", "status": "compiled",
+                               **({"phases": phases} if phases else {})})
+    snap = stats.snapshot()
+    assert snap["phases"] == {"mm_template_autotuning": 4.0, "GraphLowering.run": 2.0}
+    assert list(snap["phases"]) == ["mm_template_autotuning", "GraphLowering.run"]  # largest first
+    many = [{"phases": {f"p{i}": float(i) for i in range(40)}}]
+    from vllm_compile_ray.stats import top_phases
+    assert list(top_phases(many, top=3)) == ["p39", "p38", "p37"]

@@ -17,6 +17,7 @@ from .monitor import PerformanceMonitor
 STATS_ACTOR_NAME = "vcr_stats"
 STATS_NAMESPACE = "vllm_compile_ray"
 _MAX_RUNS = 32  # the detached actor outlives runs: keep the newest ones only
+_TOP_PHASES = 16
 
 
 class CompileStats:
@@ -73,7 +74,19 @@ class CompileStats:
         return {"run_id": self.run_id, "created_at": self.created_at, "counter": self.counter.to_dict(),
                 "timings": self.monitor.summary(), "status": self.status_counts(),
                 "max_concurrent": self.max_concurrent, "running": len(self.running),
-                "retried_tasks": sum(1 for r in rows if r["retries"]), "tasks": rows}
+                "retried_tasks": sum(1 for r in rows if r["retries"]),
+                "phases": top_phases(rows), "tasks": rows}
+
+
+def top_phases(rows: list[dict[str, Any]], top: int = _TOP_PHASES) -> dict[str, float]:
+    """Where the compiles' seconds went: each Inductor phase (the rows' "phases") summed over
+    the rows, the `top` largest, largest first. Nested phases count in their parents too."""
+    sums: dict[str, float] = {}
+    for row in rows:
+        for name, seconds in (row.get("phases") or {}).items():
+            sums[name] = sums.get(name, 0.0) + float(seconds)
+    largest = sorted(sums.items(), key=lambda kv: -kv[1])[:top]
+    return {name: round(seconds, 3) for name, seconds in largest}
 
 
 class StatsActor:
