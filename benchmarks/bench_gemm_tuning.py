@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from vllm_compile_ray import CompilationConfig, gemm_tuning, inductor, models
+from vllm_compile_ray import CompilationConfig, autotune_cache, gemm_tuning, inductor, models
 from vllm_compile_ray.api import example_args, key_context
 from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.plan import capture, plan_graph
@@ -64,11 +64,11 @@ def run_mode(args: argparse.Namespace) -> list[dict]:
     for task in the_plan.tasks():
         def compile_it(task=task):
             if args.mode == "tuned":
-                inductor.install_gemm_timings(timings)
+                autotune_cache.install_gemm_timings(timings)
             return compiler.compile(task.piece.graph, task.piece.input_specs, task.shape,
                                     args.device)
         start = time.perf_counter()
-        recorded, benchmarked = inductor.gemm_timings(compile_it)
+        recorded, benchmarked = autotune_cache.gemm_timings(compile_it)
         rows.append({"name": task.name, "seconds": round(time.perf_counter() - start, 3),
                      "benchmarked": benchmarked, "timings": recorded})
     return rows
@@ -108,7 +108,7 @@ def main() -> int:
     tune = phase("tune")
     merged: dict = {}
     for row in tune:
-        inductor.merge_timings(merged, row["timings"])
+        autotune_cache.merge_timings(merged, row["timings"])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(merged, f)
     tuned = phase("tuned", f.name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_compile_ray import CompilationConfig, gemm_tuning, inductor, models
+from vllm_compile_ray import CompilationConfig, autotune_cache, gemm_tuning, models
 from vllm_compile_ray.api import example_args, key_context
 from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.plan import capture, plan_graph
@@ -104,8 +104,8 @@ def test_installed_timings_are_what_inductors_gemm_lookup_reads() -> None:
         return {c: 1.0 for c in choices}
 
     def compile_fn() -> None:
-        assert inductor.install_gemm_timings(shipped) == 2
-        assert inductor.install_gemm_timings(shipped) == 0  # already there
+        assert autotune_cache.install_gemm_timings(shipped) == 2
+        assert autotune_cache.install_gemm_timings(shipped) == 0  # already there
         with inductor_config.patch(max_autotune=True, autotune_local_cache=True):
             cache = PersistentCache()
             hit = cache.lookup([_Choice("c1"), _Choice("c2")], "mm", "inputs-a", benchmark)
@@ -114,16 +114,16 @@ def test_installed_timings_are_what_inductors_gemm_lookup_reads() -> None:
             cache.lookup([_Choice("c1"), _Choice("c3")], "mm", "inputs-a", benchmark)
             assert calls == [2]
 
-    timings, _ = inductor.gemm_timings(compile_fn)
+    timings, _ = autotune_cache.gemm_timings(compile_fn)
     # what a tune task would ship: every timing of its private cache; on a partial miss Inductor
     # re-benchmarked the whole choice set (c1 measured again) and added c3
-    assert inductor.count_timings(timings) == 3
+    assert autotune_cache.count_timings(timings) == 3
     assert timings["mm"]["inputs-a"][precision] == {"c1": 1.0, "c2": 0.25, "c3": 1.0}
 
 
 def test_merge_keeps_existing_timings() -> None:
     into = {"mm": {"k": {"highest": {"a": 1.0}}}}
-    added = inductor.merge_timings(into, {"mm": {"k": {"highest": {"a": 9.0, "b": 2.0}}},
+    added = autotune_cache.merge_timings(into, {"mm": {"k": {"highest": {"a": 9.0, "b": 2.0}}},
                                           "addmm": {"j": {"highest": {"c": 3.0}}}})
     assert added == 2
     assert into == {"mm": {"k": {"highest": {"a": 1.0, "b": 2.0}}},
@@ -166,7 +166,7 @@ def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: floa
     from torch._inductor.codecache import PersistentCache
 
     if shared:
-        inductor.share_gemm_timings()
+        autotune_cache.share_gemm_timings()
     if key == "k2":  # another user of the same file, nested to another depth (pad_mm does this)
         from torch._inductor.codecache import LocalCache
         LocalCache().set_value("pad_mm", "some-key", value=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from . import gemm_tuning, inductor, metrics
+from . import autotune_cache, gemm_tuning, inductor, metrics
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -201,14 +201,14 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
         row["status"] = "cached"
     else:
         if ctx.config.backend == "inductor":
-            inductor.share_gemm_timings()  # with the node's other compile workers
-            row["gemm_timings_installed"] = inductor.install_gemm_timings(gemm_timings or {})
-            benchmarked = inductor.gemm_benchmarks()
+            autotune_cache.share_gemm_timings()  # with the node's other compile workers
+            row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
+            benchmarked = autotune_cache.gemm_benchmarks()
         with inductor.phase_times() as phases:
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
         if ctx.config.backend == "inductor":
-            row["gemm_benchmarked"] = inductor.gemm_benchmarks() - benchmarked
+            row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked
     row["wall_s"] = round(time.perf_counter() - start, 4)
     row["finished_at"] = time.time()
     row["peak_rss_mb"] = round(_peak_rss_mb(), 1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from . import inductor, metrics
+from . import autotune_cache, metrics
 from .compile_task import CompileTaskError, TaskContext, compile_remote, tune_remote
 from .gemm_tuning import TuneTask
 from .plan import CompileTask
@@ -132,7 +132,7 @@ def _identity(task: CompileTask | TuneTask) -> dict[str, Any]:
 def _merged(timings: dict[str, dict[str, Any]], names: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in names:
-        inductor.merge_timings(out, timings.get(name, {}))
+        autotune_cache.merge_timings(out, timings.get(name, {}))
     return out
 
 

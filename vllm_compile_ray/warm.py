@@ -195,8 +195,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     ahead would mostly add start-ups a small run never needs).
     tune_gemms: tune each unique GEMM problem as a task of its own before the compiles that use
     it (`gemm_tuning`). Compile workers of a node share GEMM timings anyway
-    (`inductor.share_gemm_timings`), so this adds work and a step to the critical path; measured
-    slower on 4×H200 (benchmarks/RESULTS.md): off by default.
+    (`autotune_cache.share_gemm_timings`), so this adds work and a step to the critical path;
+    measured slower on 4×H200 (benchmarks/RESULTS.md): off by default.
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
