@@ -155,7 +155,8 @@ def test_a_failing_tune_returns_a_failed_row() -> None:
 
 
 def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: float,
-                       shared: bool, out: str) -> None:
+                       shared: bool, out: str, local_cache: bool = True,
+                       lock_timeout: float | None = None) -> None:
     """A compile worker's GEMM lookup (in a process of its own: the locks are per process)."""
     import json
     import os
@@ -165,6 +166,8 @@ def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: floa
     from torch._inductor import config as inductor_config
     from torch._inductor.codecache import PersistentCache
 
+    if lock_timeout is not None:
+        autotune_cache.GEMM_LOCK_TIMEOUT_S = lock_timeout
     if shared:
         autotune_cache.share_gemm_timings()
     if key == "k2":  # another user of the same file, nested to another depth (pad_mm does this)
@@ -177,10 +180,11 @@ def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: floa
         time.sleep(delay)  # the others arrive while this one benchmarks
         return {c: float(len(c.name)) for c in chosen}
 
-    with inductor_config.patch(max_autotune=True, autotune_local_cache=True):
+    with inductor_config.patch(max_autotune=True, autotune_local_cache=local_cache):
         timings = PersistentCache().lookup([_Choice(c) for c in choices], "mm", key, benchmark)
     with open(out, "w") as f:
-        json.dump({"benchmarked": benchmarked, "timings": {c.name: t for c, t in timings.items()}}, f)
+        json.dump({"benchmarked": benchmarked, "timings": {c.name: t for c, t in timings.items()},
+                   "done_at": time.time()}, f)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -218,3 +222,30 @@ def test_workers_of_a_node_benchmark_a_gemm_once_and_keep_each_others_timings(tm
         assert on_disk["mm"]["k1"][precision] == {"a": 1.0, "bb": 2.0}
     else:
         assert benchmarked == [["k1"], ["k1"], ["k2"]]
+
+
+@pytest.mark.parametrize("case", ["no local cache", "stuck holder"])
+def test_a_compile_does_not_wait_where_waiting_cannot_help(tmp_path, case):
+    """With Inductor's local cache off there is no file to share timings through, and a holder
+    past GEMM_LOCK_TIMEOUT_S is taken for stuck: in both cases the second compile benchmarks the
+    GEMM itself and finishes long before the first (which benchmarks for 6 s)."""
+    import json
+    import multiprocessing
+    import time
+
+    spawn = multiprocessing.get_context("spawn")
+    cache = str(tmp_path / "inductor")
+    extra = {"local_cache": False} if case == "no local cache" else {"lock_timeout": 0.5}
+    first = spawn.Process(target=_lookup_in_process, args=(
+        cache, "k1", ["a"], 6.0, True, str(tmp_path / "out0.json")), kwargs=extra)
+    first.start()
+    time.sleep(2.0)
+    second = spawn.Process(target=_lookup_in_process, args=(
+        cache, "k1", ["a"], 0.1, True, str(tmp_path / "out1.json")), kwargs=extra)
+    second.start()
+    for p in (first, second):
+        p.join(120)
+        assert p.exitcode == 0
+    outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert [o["benchmarked"] for o in outs] == [["k1"], ["k1"]]
+    assert outs[1]["done_at"] < outs[0]["done_at"]

@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+# How long a compile waits for another worker's benchmark of the same GEMM before benchmarking
+# it itself (one GEMM benchmarks in seconds; a stuck holder must not stall the node's compiles).
+GEMM_LOCK_TIMEOUT_S = 120.0
+
 
 def gemm_timings(compile_fn: Callable[[], Any]) -> tuple[dict[str, Any], int]:
     """Run `compile_fn` (one compile) in a fresh, private Inductor cache; return the GEMM autotune
@@ -70,7 +74,8 @@ def share_gemm_timings() -> None:
     each write to that file (GEMM timings and Inductor's other cached decisions) merges into
     what it holds, under a lock of its own.
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
+    from torch._inductor import config as inductor_config
     from torch._inductor.codecache import CacheBase, PersistentCache, get_lock_dir
 
     if getattr(PersistentCache, "_vcr_shared", False):
@@ -79,12 +84,20 @@ def share_gemm_timings() -> None:
 
     def shared_lookup(self: Any, choices: Any, op: str, inputs: str, benchmark: Any,
                       hint_override: int | None = None) -> Any:
-        if benchmark is None:  # a cache check only
+        # A cache check only, or no file to share through: nothing to wait for.
+        if benchmark is None or not inductor_config.autotune_local_cache:
             return lookup(self, choices, op, inputs, benchmark, hint_override)
         key = hashlib.sha256(repr((op, inputs, hint_override,
                                    torch.get_float32_matmul_precision())).encode()).hexdigest()
-        with FileLock(os.path.join(get_lock_dir(), f"vcr-gemm-{key[:32]}.lock")):
+        lock = FileLock(os.path.join(get_lock_dir(), f"vcr-gemm-{key[:32]}.lock"))
+        try:
+            lock.acquire(timeout=GEMM_LOCK_TIMEOUT_S)
+        except Timeout:  # the holder is stuck: benchmark here rather than wait on
             return lookup(self, choices, op, inputs, benchmark, hint_override)
+        try:
+            return lookup(self, choices, op, inputs, benchmark, hint_override)
+        finally:
+            lock.release()
 
     def merged_update(self: Any, local_cache: dict[str, Any]) -> None:
         # The file also holds other passes' entries (pad_mm, fusion decisions: CacheBase's
