@@ -214,8 +214,8 @@ def main() -> int:
                                            default=0.0),
                      "gemm_benchmarked_in_compiles": summary.gemm_benchmarked,
                      "overhead": overhead(summary), "phases": ray_phases(summary),
-                     "busy": sampler.mean(summary.phase_started_at,
-                                          summary.phase_started_at + summary.wall_s),
+                     "window": (summary.phase_started_at,
+                                summary.phase_started_at + summary.wall_s),
                      "benchmarked_by_task": {r["name"]: r["gemm_benchmarked"] for r in summary.rows
                                              if r.get("gemm_benchmarked")},
                      "ray_total_s": summary.total_s,
@@ -237,7 +237,6 @@ def main() -> int:
             set_compile_threads(1)  # faster than the default on small CPU hosts (NOTES)
         plan_s, loop_s, n_tasks, per_task, serial_phases, loop_at = serial(
             base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
-        common["serial_busy"] = sampler.mean(loop_at, loop_at + loop_s)
         # No fan-out beats its longest task: serial loop / longest serial task bounds the ratio
         # as long as Ray's tasks take as long as serial's (shared GEMM timings and one compile
         # thread per task made them shorter in the 2026-11-21 runs, see RESULTS.md).
@@ -248,6 +247,10 @@ def main() -> int:
             run["ratio_end_to_end"] = round((plan_s + loop_s) / run["ray_total_s"], 2)
             run["ratio_compile"] = round(loop_s / run["ray_wall_s"], 2) if run["ray_wall_s"] else None
     sampler.stop()
+    for run in runs:  # each window's mean once every sample covering it is in
+        run["busy"] = sampler.mean(*run.pop("window"))
+    if not args.skip_serial:
+        common["serial_busy"] = sampler.mean(loop_at, loop_at + loop_s)
     for run in runs:
         print("result " + json.dumps({**common, **run}), flush=True)
     if not args.skip_serial:

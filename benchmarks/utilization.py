@@ -72,16 +72,20 @@ class Sampler:
 
     def _run(self) -> None:
         busy, total = _cpu_times()
-        while not self._stop.wait(self.interval):
+        while True:
+            stopped = self._stop.wait(self.interval)  # a last sample when stopped
             gpus = self._gpus()
             now_busy, now_total = _cpu_times()
             share = (now_busy - busy) / max(1, now_total - total)
             busy, total = now_busy, now_total
             self.samples.append((time.time(), share, gpus))
+            if stopped:
+                return
 
     def mean(self, t0: float, t1: float) -> dict[str, float | list[float]]:
-        """{"cpu": mean share of all cores busy, "gpus": mean utilization per GPU} in [t0, t1]."""
-        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        """{"cpu": mean share of all cores busy, "gpus": mean utilization per GPU} over the
+        samples whose interval (each covers the `interval` before it) overlaps [t0, t1]."""
+        inside = [s for s in self.samples if t0 < s[0] < t1 + self.interval]
         if not inside:
             return {}
         gpus = [s[2] for s in inside if s[2]]

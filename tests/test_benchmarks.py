@@ -1,0 +1,51 @@
+"""The benchmark scripts run end to end on CPU (their numbers come from the GPU hosts, where a
+crash costs device time): `bench_warm.py` with the eager backend on an in-process Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
+    tmp = tempfile.mkdtemp(prefix="vb")  # short: Ray's socket paths live under TMPDIR
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
+        out = subprocess.run(
+            [sys.executable, "benchmarks/bench_warm.py", "--model", "llama-tiny", "--num-layers",
+             "2", "--sizes", "2", "--no-dynamic", "--device", "cpu", "--backend", "eager",
+             "--workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("result ")]
+    result = json.loads(line[len("result "):])
+    assert result["ray_compiled"] == result["serial_tasks"] == 3 and result["ok"]
+    assert 0 <= result["busy"]["cpu"] <= 1 and 0 <= result["serial_busy"]["cpu"] <= 1
+    assert set(result["overhead"]) >= {"first_task_lag_s", "pre_mean_s", "post_mean_s", "tail_s"}
+    assert result["ratio_compile"] > 0 and result["ratio_end_to_end"] > 0
+    assert "compile phase" in out.stdout and "busy in the serial loop" in out.stdout
+
+
+def test_sampler_sees_a_busy_core() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from utilization import Sampler
+    finally:
+        sys.path.pop(0)
+    sampler = Sampler(interval=0.1).start()
+    t0 = time.time()
+    while time.time() - t0 < 1.0:  # one core busy
+        pass
+    sampler.stop()
+    busy = sampler.mean(t0, time.time())
+    assert busy["cpu"] >= 0.9 / (os.cpu_count() or 1), busy  # at least this core, of all
+    assert sampler.mean(t0 - 100, t0 - 50) == {}  # no samples in that window
