@@ -149,6 +149,15 @@ def overhead(summary) -> dict[str, float]:
                                             - summary.phase_started_at, 3)}
 
 
+def workers_per_gpu(rows: list[dict]) -> dict[str, int]:
+    """Compile worker processes per GPU they are bound to (the GPUs of each one's first task)."""
+    pids: dict[str, set] = {}
+    for row in rows:
+        for gpu in row.get("process_gpu_ids", []):
+            pids.setdefault(str(gpu), set()).add(row["pid"])
+    return {gpu: len(p) for gpu, p in sorted(pids.items())}
+
+
 def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> dict[str, float]:
     if args.gpus_per_compile is not None:
         out = {"gpus_per_compile": args.gpus_per_compile, "cpus_per_compile": 1.0}
@@ -227,6 +236,7 @@ def main() -> int:
                      "ran_in_prestarted": summary.ran_in_prestarted,
                      "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
+                     "workers_per_gpu": workers_per_gpu(summary.rows),
                      "ok": summary.ok})
     if not args.skip_serial:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
