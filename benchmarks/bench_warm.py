@@ -32,6 +32,7 @@ from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.inductor import environment_fingerprint, phase_times, set_compile_threads
 from vllm_compile_ray.manager import CompilerManager
 from vllm_compile_ray.plan import capture, plan_graph
+from vllm_compile_ray.stats import top_phases
 from vllm_compile_ray.warm import order_tasks, warm
 
 from utilization import Sampler
@@ -84,33 +85,27 @@ def serial(config: CompilationConfig, args: argparse.Namespace
     store = open_store(config)
     manager = CompilerManager(config, compiler, store, args.device, plan.key_context.fingerprint_id)
     tasks = order_tasks(plan.tasks())
-    per_task, phases = [], {}
+    per_task, rows = [], []
     start, started_at = time.perf_counter(), time.time()
     for task in tasks:
         t0 = time.perf_counter()
-        with phase_times() as task_phases:
+        with phase_times() as phases:
             _, meta = manager.compile(task.key, task.piece, task.shape, publish=True,
                                       name=task.name)
-        task_phases["tune_s"] = float(meta.get("tune_seconds", 0.0))
-        add_phases(phases, task_phases)
+        rows.append({"phases": {**phases, "tune_s": float(meta.get("tune_seconds", 0.0))}})
         per_task.append(round(time.perf_counter() - t0, 3))
-    return (start - planned, time.perf_counter() - start, len(tasks), per_task, phases,
-            started_at)
+    return (start - planned, time.perf_counter() - start, len(tasks), per_task,
+            top_phases(rows, top=ALL), started_at)
 
 
-def add_phases(into: dict[str, float], phases: dict[str, float]) -> None:
-    for name, seconds in phases.items():
-        into[name] = round(into.get(name, 0.0) + seconds, 3)
+ALL = 1 << 30
 
 
 def ray_phases(summary) -> dict[str, float]:
     """Inductor phase seconds (and runtime tuning, publishing) summed over a Ray run's compiles."""
-    out: dict[str, float] = {}
-    for row in summary.rows:
-        if row.get("status") == "compiled":
-            add_phases(out, {**row.get("phases", {}), "tune_s": row.get("tune_s", 0.0),
-                             "publish_s": row.get("publish_s", 0.0)})
-    return out
+    return top_phases([{"phases": {**r.get("phases", {}), "tune_s": r.get("tune_s", 0.0),
+                                   "publish_s": r.get("publish_s", 0.0)}}
+                       for r in summary.rows if r.get("status") == "compiled"], top=ALL)
 
 
 def print_phases(serial_phases: dict[str, float], runs: list[dict], top: int = 24) -> None:

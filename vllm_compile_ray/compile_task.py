@@ -111,9 +111,10 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True
     """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor imports,
     the torch fingerprint, Inductor's compile pool, this node's environment fingerprint for
     `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
-    context, Triton's compiler and launcher). CUDA binds the worker to the GPUs Ray gives this start-up, and the
-    worker keeps them for every later task (as it would from its first compile; rows report
-    both, see `_process_gpu_ids`). Returns {"pid", "fingerprint", "seconds"}."""
+    context, Triton's compiler and launcher). CUDA binds the worker to the GPUs Ray gives this
+    start-up, and the worker keeps them for every later task (as it would from its first
+    compile; rows report both, see `_process_gpu_ids`). Returns {"pid", "fingerprint",
+    "seconds"}."""
     start = time.perf_counter()
     if backend == "inductor":
         import torch._inductor.compile_fx  # noqa: F401  (the heavy imports of a first compile)
