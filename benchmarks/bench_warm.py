@@ -62,8 +62,8 @@ def parse_args() -> argparse.Namespace:
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node) or 'cpus' (the task's CPUs)")
     p.add_argument("--tune-gemms", default="off",
-                   help="GEMM tuning ahead of the compiles (on/off), one value or one per "
-                        "--workers entry, e.g. --workers 12,12 --tune-gemms on,off")
+                   help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
+                        "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-compile-threads", type=int, default=None,
@@ -114,8 +114,7 @@ def print_phases(serial_phases: dict[str, float], runs: list[dict], top: int = 2
                    key=lambda n: -max([serial_phases.get(n, 0.0)] +
                                       [r["phases"].get(n, 0.0) for r in runs]))[:top]
     print(f"{'phase (s summed over tasks)':58} {'serial':>8} " +
-          " ".join(f"{'ray ' + str(r['workers']) + (' tuned' if r['tune_gemms'] == 'on' else ''):>16}"
-                   for r in runs))
+          " ".join(f"{_label(r):>16}" for r in runs))
     for name in names:
         base = serial_phases.get(name, 0.0)
         cells = []
@@ -123,6 +122,10 @@ def print_phases(serial_phases: dict[str, float], runs: list[dict], top: int = 2
             value = r["phases"].get(name, 0.0)
             cells.append(f"{value:8.1f} ({value / base:4.2f}x)" if base else f"{value:8.1f}       ")
         print(f"{name[:58]:58} {base:8.1f} " + " ".join(f"{c:>16}" for c in cells))
+
+
+def _label(run: dict) -> str:
+    return f"ray {run['workers']}" + ("" if run["tune_gemms"] == "off" else f" {run['tune_gemms']}")
 
 
 def overhead(summary) -> dict[str, float]:
@@ -185,9 +188,10 @@ def main() -> int:
                          "once or once per --workers entry")
     tune = args.tune_gemms.split(",")
     tune = tune * len(workers) if len(tune) == 1 else tune
-    if len(tune) != len(workers) or not set(tune) <= {"on", "off"}:
-        raise SystemExit(f"--tune-gemms {args.tune_gemms!r}: give on or off, once or once "
-                         "per --workers entry")
+    tune = ["ahead" if t == "on" else t for t in tune]
+    if len(tune) != len(workers) or not set(tune) <= {"off", "ahead", "alongside"}:
+        raise SystemExit(f"--tune-gemms {args.tune_gemms!r}: give off, ahead (or on) or alongside, "
+                         "once or once per --workers entry")
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -210,7 +214,7 @@ def main() -> int:
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
-                       tune_gemms=tg == "on",
+                       tune_gemms=tg,
                        progress=lambda line: print(line, flush=True), **resources)
         runs.append({"workers": n, **resources, "precompile_threads": pre, "tune_gemms": tg,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,

@@ -131,9 +131,14 @@ def test_merge_keeps_existing_timings() -> None:
 
 
 @pytest.mark.inductor
-def test_tune_compiles_the_problem_and_reports() -> None:
+def test_tune_compiles_the_problem_and_reports(tmp_path, monkeypatch) -> None:
     """A real Inductor compile of one problem on CPU: a row, no exception; CPU has one choice
-    for a matmul whose weight is an input, so nothing was benchmarked."""
+    for a matmul whose weight is an input, so nothing was benchmarked. A private tune ("ahead")
+    leaves the process's Inductor cache as it was; a shared one ("alongside") compiles there,
+    with the node's GEMM lookups shared, so its timings stay where the compiles look."""
+    from torch._inductor.codecache import PersistentCache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "node"))
     todo = llama_tasks(sizes=(8,), dynamic=False, layers=2)
     tunes, _ = gemm_tuning.tune_tasks(todo, "cpu")
     plain = next(t for t in tunes if len(t.problem.piece.input_specs) == 2)
@@ -141,6 +146,12 @@ def test_tune_compiles_the_problem_and_reports() -> None:
     row = gemm_tuning.tune(plain.problem, 8, compiler.options, "cpu")
     assert row["status"] == "tuned", row["error"]
     assert row["benchmarked"] == 0 and row["choices"] == 0 and row["seconds"] > 0
+    assert not [p for p in (tmp_path / "node").rglob("*") if p.is_file()]
+
+    row = gemm_tuning.tune(plain.problem, 8, compiler.options, "cpu", shared=True)
+    assert row["status"] == "tuned", row["error"]
+    assert any((tmp_path / "node" / "fxgraph").iterdir())
+    assert getattr(PersistentCache, "_vcr_shared", False)
 
 
 def test_a_failing_tune_returns_a_failed_row() -> None:

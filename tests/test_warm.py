@@ -285,11 +285,44 @@ def test_gemm_tuning_runs_before_the_compiles(ray_local, tmp_path) -> None:
     assert failing.rows[0]["gemm_timings_installed"] == 0
 
 
+@pytest.mark.inductor
+def test_gemm_tuning_alongside_runs_tunes_and_compiles_at_once(ray_local, tmp_path) -> None:
+    """tune_gemms="alongside": the compile does not wait for its tune (held for 8 s here) and
+    gets no timings from the driver: it finds them in the node's Inductor cache, where the tune
+    benchmarks under the compiles' GEMM locks. The CLI takes the mode by name."""
+    config = CompilationConfig(compile_sizes=(8,), compile_dynamic=False,
+                               inductor_compile_config={"max_autotune": True},
+                               cache_dir=str(tmp_path / "a"))
+    lines: list[str] = []
+    summary = warm(_Tiny(), config, model_name="tiny-gemm", progress=lines.append,
+                   tune_gemms="alongside", faults=Faults(sleep="tune[*", sleep_s=8.0), **SLOT)
+    assert summary.ok and (summary.compiled, summary.tuned, summary.tune_failed) == (1, 1, 0)
+    (tune,), (row,) = summary.tune_rows, summary.rows
+    assert row["finished_at"] < tune["finished_at"]
+    assert row["gemm_timings_installed"] == 0
+    assert any("tuning 1 unique GEMM problems x shapes alongside the compiles" in line
+               for line in lines)
+
+
+@pytest.mark.parametrize("value", ["sideways", 2, None])
+def test_gemm_tuning_modes_are_named(tmp_path, value) -> None:
+    from vllm_compile_ray.errors import ConfigError
+
+    config = CompilationConfig(cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"tune_gemms=.* is invalid: allowed False/'off', "
+                                          r"True/'ahead', 'alongside'"):
+        warm("llama-tiny", config, tune_gemms=value, progress=None, **SLOT)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_gemm_tuning_needs_inductor(tmp_path) -> None:
     from vllm_compile_ray.errors import ConfigError
 
     with pytest.raises(ConfigError, match="tune_gemms=True needs the inductor backend"):
         warm("llama-tiny", eager(str(tmp_path / "cache")), tune_gemms=True, progress=None, **SLOT)
+    with pytest.raises(ConfigError, match="tune_gemms='alongside' needs the inductor backend"):
+        warm("llama-tiny", eager(str(tmp_path / "cache")), tune_gemms="alongside", progress=None,
+             **SLOT)
     assert not (tmp_path / "cache").exists()  # refused before the store or Ray is touched
 
 

@@ -20,14 +20,23 @@ import torch
 GEMM_LOCK_TIMEOUT_S = 120.0
 
 
-def gemm_timings(compile_fn: Callable[[], Any]) -> tuple[dict[str, Any], int]:
+def gemm_timings(compile_fn: Callable[[], Any], private: bool = True
+                 ) -> tuple[dict[str, Any], int]:
     """Run `compile_fn` (one compile) in a fresh, private Inductor cache; return the GEMM autotune
     timings Inductor recorded there (its local autotune cache: op -> inputs key -> float32
-    matmul precision -> choice hash -> ms) and how many GEMM selections it benchmarked."""
+    matmul precision -> choice hash -> ms) and how many GEMM selections it benchmarked.
+
+    private=False compiles in this process's Inductor cache instead, shared with the node's
+    compile workers (`share_gemm_timings`): the timings stay there, where their GEMM lookups
+    read them, and none are returned."""
     from torch._inductor.codecache import PersistentCache
     from torch._inductor.utils import fresh_cache
 
     before = gemm_benchmarks()
+    if not private:
+        share_gemm_timings()
+        compile_fn()
+        return {}, gemm_benchmarks() - before
     with fresh_cache():
         compile_fn()
         timings = PersistentCache().get_local_cache()

@@ -142,9 +142,10 @@ def cli() -> None:
               help="retries of a compile that raised")
 @click.option("--address", default=None, envvar="RAY_ADDRESS",
               help="Ray cluster address [env RAY_ADDRESS; default: start Ray in this process]")
-@click.option("--tune-gemms", is_flag=True,
-              help="tune each unique GEMM problem as a task of its own before the compiles that "
-                   "use it (with max-autotune on cuda)")
+@click.option("--tune-gemms", type=click.Choice(["off", "ahead", "alongside"]), default="off",
+              is_flag=False, flag_value="ahead", show_default=True,
+              help="tune each unique GEMM problem as a task of its own (max-autotune on cuda): "
+                   "'ahead' of the compiles that use it (the bare flag), or 'alongside' them")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""

@@ -250,11 +250,11 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
     return {"status": "failed", "compile_attempts": len(errors), "error": errors[-1]}
 
 
-def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskContext
-              ) -> dict[str, Any]:
-    """Tune one GEMM problem at one shape (`gemm_tuning.tune`), report to the stats actor;
-    returns its row with the timings. Never raises: the compiles that wanted these timings
-    benchmark the GEMM themselves."""
+def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskContext,
+              shared: bool = False) -> dict[str, Any]:
+    """Tune one GEMM problem at one shape (`gemm_tuning.tune`; shared: in the node's Inductor
+    cache, for "alongside" tuning), report to the stats actor; returns its row with the timings.
+    Never raises: the compiles that wanted these timings benchmark the GEMM themselves."""
     name = f"tune[{problem.problem_id}/{shape}]"
     task_id = ray.get_runtime_context().get_task_id()
     _process_gpu_ids()  # before CUDA starts
@@ -274,7 +274,7 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     row = {"name": name, "kind": "tune", "problem_id": problem.problem_id, "shape": str(shape),
            **_where(), "started_at": time.time(),
            **gemm_tuning.tune(problem, shape, make_compiler(ctx.config).options,
-                              ctx.device_type, before=before)}
+                              ctx.device_type, before=before, shared=shared)}
     row["finished_at"] = time.time()
     timings = row.pop("timings")  # to the driver only: the stats snapshot keeps the row
     kept = ray.get(stats.finish.remote(ctx.run_id, task_id, row))

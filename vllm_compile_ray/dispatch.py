@@ -21,9 +21,11 @@ class Dispatcher:
     """Keeps up to `max_in_flight` tasks submitted, collects their rows, cancels the ones running
     past `max_compile_time`, and prints a progress line per finished task.
 
-    With GEMM tuning (`gemm_tuning`), tune tasks go first; a compile is submitted once every tune
-    task it needs has finished (tuned, failed or timed out), with the timings they found, so the
-    longest compiles start as soon as their GEMMs are tuned and never hold a slot waiting."""
+    With GEMM tuning (`gemm_tuning`), each compile is queued after its tune tasks. "ahead": a
+    compile is submitted once every tune task it needs has finished (tuned, failed or timed out),
+    with the timings they found, so it starts as soon as its GEMMs are tuned and never holds a
+    slot waiting. "alongside": compiles do not wait; the tunes benchmark in their node's Inductor
+    cache, where the compiles' GEMM lookups wait for them (`autotune_cache.share_gemm_timings`)."""
 
     def __init__(self, ctx: TaskContext, stats: ray.actor.ActorHandle, resources: dict[str, Any],
                  max_retries: int, say: Callable[[str], None]):
@@ -35,35 +37,37 @@ class Dispatcher:
         self.total = 0
 
     def run(self, todo: list[CompileTask], max_in_flight: int, tunes: list[TuneTask] = (),
-            needs: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
-        """Compile `todo` (after `tunes`; `needs`: compile key -> names of the tune tasks whose
-        timings it wants); returns the compile rows (tune rows: `self.tune_rows`)."""
+            needs: dict[str, list[str]] | None = None, alongside: bool = False
+            ) -> list[dict[str, Any]]:
+        """Compile `todo` with `tunes` (`needs`: compile key -> names of the tune tasks whose
+        timings it wants; alongside: see the class); returns the compile rows (tune rows:
+        `self.tune_rows`)."""
         run_id, self.total = self.ctx.run_id, len(todo)
         ctx_ref = ray.put(self.ctx)
         piece_refs = {t.code_id: ray.put(t.piece) for t in todo}  # once per piece, not per task
-        pending = list(todo)
-        pending_tunes = list(tunes)
-        waiting = {t.key: set((needs or {}).get(t.key, ())) for t in todo}  # unfinished tunes
+        queue = _queue(todo, tunes, needs or {})
+        waiting = {t.key: set() if alongside else set((needs or {}).get(t.key, ()))
+                   for t in todo}  # unfinished tunes
         timings: dict[str, dict[str, Any]] = {}  # tune name -> its timings
         in_flight: dict[ray.ObjectRef, CompileTask | TuneTask] = {}
         metrics.set_remaining(run_id, len(todo))
         last_poll = time.perf_counter()
-        while pending or pending_tunes or in_flight:
+        while queue or in_flight:
             while len(in_flight) < max_in_flight:
-                task = next((t for t in pending if not waiting[t.key]), None)
-                if task is not None:
-                    pending.remove(task)
-                    ref = compile_remote.options(name=task.name, **self.options).remote(
-                        piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape,
-                        _merged(timings, (needs or {}).get(task.key, ())))
-                elif pending_tunes:
-                    task = pending_tunes.pop(0)
+                task = next((t for t in queue
+                             if isinstance(t, TuneTask) or not waiting[t.key]), None)
+                if task is None:
+                    break
+                queue.remove(task)
+                if isinstance(task, TuneTask):
                     # A tune is optional: one attempt (a crash is not worth a new worker).
                     ref = tune_remote.options(name=task.name, **{**self.options,
                                                                  "max_retries": 0}).remote(
-                        task.problem, task.shape, ctx_ref)
+                        task.problem, task.shape, ctx_ref, shared=alongside)
                 else:
-                    break
+                    ref = compile_remote.options(name=task.name, **self.options).remote(
+                        piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape,
+                        _merged(timings, (needs or {}).get(task.key, ())))
                 in_flight[ref] = task
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
             if ready:
@@ -127,6 +131,21 @@ def _identity(task: CompileTask | TuneTask) -> dict[str, Any]:
         return {"name": task.name, "kind": "tune", "problem_id": task.problem.problem_id,
                 "shape": str(task.shape)}
     return {"name": task.name, "key": task.key, "code_id": task.code_id, "shape": str(task.shape)}
+
+
+def _queue(todo: list[CompileTask], tunes: list[TuneTask], needs: dict[str, list[str]]
+           ) -> list[CompileTask | TuneTask]:
+    """Submission order: each compile (longest first) after those of its tunes not queued yet,
+    then any tune no compile names."""
+    by_name = {t.name: t for t in tunes}
+    queue: list[CompileTask | TuneTask] = []
+    for task in todo:
+        for name in needs.get(task.key, ()):
+            tune = by_name.pop(name, None)
+            if tune is not None:
+                queue.append(tune)
+        queue.append(task)
+    return queue + list(by_name.values())
 
 
 def _merged(timings: dict[str, dict[str, Any]], names: Any) -> dict[str, Any]:

@@ -13,8 +13,17 @@ timed, skips precompiling and benchmarking them and picks the fastest as it woul
 A timing that does not match (another layout in the piece, a choice set that differs) only costs
 the speed-up: Inductor benchmarks that GEMM itself, which the compile row reports.
 
-Measured (benchmarks/RESULTS.md): the longest llama-3-8b compile halves, but each tune is a small
-compile of its own, so a run's total work stays about the same: opt-in (`warm(tune_gemms=True)`).
+Two ways to run them (`warm(tune_gemms=...)`):
+- "ahead": tunes first, each in a private Inductor cache; the driver hands each compile the
+  timings of its GEMMs when they are all tuned. Works across nodes, but adds a step to the
+  critical path.
+- "alongside": tunes and compiles at once; each tune benchmarks in its node's Inductor cache
+  under the per-GEMM lock of `autotune_cache.share_gemm_timings`, so a compile that reaches that
+  GEMM waits for the tune's timings instead of benchmarking it, and the GEMMs of one long piece
+  are benchmarked side by side by several tunes rather than one after another by its compile.
+  Node-local: a compile on another node than a tune benchmarks that GEMM itself.
+
+Measured: benchmarks/RESULTS.md. Off by default.
 """
 
 from __future__ import annotations
@@ -151,11 +160,13 @@ def tune_tasks(todo: list[Any], device_type: str) -> tuple[list[TuneTask], dict[
 
 
 def tune(problem: GemmProblem, shape: int | str, options: dict[str, Any], device: str,
-         before: Callable[[], None] | None = None) -> dict[str, Any]:
+         before: Callable[[], None] | None = None, shared: bool = False) -> dict[str, Any]:
     """Compile the problem's graph for `shape` in a private Inductor cache; returns a row with
     the autotune timings it recorded ("timings"), the GEMM selections it benchmarked and its
-    seconds. Never raises: a failed tuning leaves the piece compiles to tune for themselves.
-    `before` runs first, inside the same error handling (fault injection in tests)."""
+    seconds. shared=True compiles in this process's Inductor cache, where the timings stay for
+    the node's compiles (none in the row: "alongside" tuning). Never raises: a failed tuning
+    leaves the piece compiles to tune for themselves. `before` runs first, inside the same error
+    handling (fault injection in tests)."""
     start = time.perf_counter()
     piece = problem.piece
     try:
@@ -170,7 +181,7 @@ def tune(problem: GemmProblem, shape: int | str, options: dict[str, Any], device
 
             def compile_it() -> Any:
                 return inductor.compile_static(piece.graph, inputs, options, save=False)
-        timings, benchmarked = autotune_cache.gemm_timings(compile_it)
+        timings, benchmarked = autotune_cache.gemm_timings(compile_it, private=not shared)
     except Exception as exc:  # reported in the row; the compiles benchmark this GEMM themselves
         return {"status": "failed", "timings": {}, "benchmarked": 0,
                 "seconds": round(time.perf_counter() - start, 4),

@@ -176,7 +176,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
-         tune_gemms: bool = False,
+         tune_gemms: bool | str = False,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -193,10 +193,11 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     warm-up compile) while the driver plans; None:
     with the inductor backend (eager compiles take milliseconds: there a worker per slot started
     ahead would mostly add start-ups a small run never needs).
-    tune_gemms: tune each unique GEMM problem as a task of its own before the compiles that use
-    it (`gemm_tuning`). Compile workers of a node share GEMM timings anyway
-    (`autotune_cache.share_gemm_timings`), so this adds work and a step to the critical path;
-    measured slower on 4×H200 (benchmarks/RESULTS.md): off by default.
+    tune_gemms: tune each unique GEMM problem as a task of its own (`gemm_tuning`): False
+    (default), "ahead" (or True: before the compiles that use it, timings handed to them) or
+    "alongside" (at the same time; a node's compiles wait for its tunes' timings, so one piece's
+    GEMMs are benchmarked side by side; give it slots for tunes and compiles together).
+    Measured on 4×H200 in benchmarks/RESULTS.md.
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -206,9 +207,10 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     if gpus_per_compile < 0 or cpus_per_compile < 0:
         raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
                           f"{cpus_per_compile!r} are invalid: must be >= 0")
-    if tune_gemms and config.backend != "inductor":
-        raise ConfigError(f"tune_gemms=True needs the inductor backend (GEMM autotuning is "
-                          f"Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
+    tune_mode = _tune_mode(tune_gemms)
+    if tune_mode and config.backend != "inductor":
+        raise ConfigError(f"tune_gemms={tune_gemms!r} needs the inductor backend (GEMM autotuning "
+                          f"is Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
                           "backend='inductor'")
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
@@ -229,7 +231,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         workers = min(max_in_flight or capacity, capacity) if prestart else 0
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
-                     faults or Faults(), say, workers, tune_gemms)
+                     faults or Faults(), say, workers, tune_mode)
     finally:
         if owned:
             ray.shutdown()
@@ -239,7 +241,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           tp_size: int, num_layers: int | None, device_type: str, request: _Request,
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
-          say: Callable[[str], None], prestart: int, tune_gemms: bool) -> WarmSummary:
+          say: Callable[[str], None], prestart: int, tune_mode: str | None) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Created now, its process starts while the driver plans: the first compile tasks would
@@ -259,14 +261,15 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     tasks = plan.tasks()
     present = store.contains_many([t.key for t in tasks])
     todo = order_tasks([t for t in tasks if not present[t.key]])
-    tunes, needs = gemm_tuning.tune_tasks(todo, device_type) if tune_gemms else ([], {})
+    tunes, needs = gemm_tuning.tune_tasks(todo, device_type) if tune_mode else ([], {})
     plan_s = time.perf_counter() - t0
     summary = plan.summary()
     say(f"planned {name} tp={tp_size}: {summary['unique_pieces']} unique pieces x "
         f"{len(plan.shapes)} shapes = {len(tasks)} tasks; {len(tasks) - len(todo)} cached, "
         f"{len(todo)} to compile (fingerprint {fp_id}, run {run_id}, {plan_s:.1f}s)")
     if tunes:
-        say(f"tuning {len(tunes)} unique GEMM problems x shapes first")
+        say(f"tuning {len(tunes)} unique GEMM problems x shapes "
+            + ("first" if tune_mode == "ahead" else "alongside the compiles"))
 
     ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
@@ -274,7 +277,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
                                   for t in tasks if present[t.key]]
     start, phase_started_at = time.perf_counter(), time.time()
     dispatcher = Dispatcher(ctx, stats, request.options(), max_retries, say)
-    rows += dispatcher.run(todo, max_in_flight, tunes, needs)
+    rows += dispatcher.run(todo, max_in_flight, tunes, needs, alongside=tune_mode == "alongside")
     tune_rows = dispatcher.tune_rows
     wall_s = time.perf_counter() - start if todo else 0.0
     prestarted = _started(starts)
@@ -308,6 +311,16 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         tune_rows=sorted(tune_rows, key=lambda r: r["name"]), phase_started_at=phase_started_at)
     say(result.format())
     return result
+
+
+def _tune_mode(tune_gemms: bool | str) -> str | None:
+    """None (no GEMM tuning), "ahead" or "alongside" from `warm(tune_gemms=...)`."""
+    modes = {False: None, "off": None, True: "ahead", "ahead": "ahead", "alongside": "alongside"}
+    try:
+        return modes[tune_gemms]
+    except (KeyError, TypeError):
+        raise ConfigError(f"tune_gemms={tune_gemms!r} is invalid: allowed False/'off', "
+                          "True/'ahead', 'alongside'") from None
 
 
 def _started(refs: list[ray.ObjectRef]) -> dict[int, float]:
