@@ -196,8 +196,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     tune_gemms: tune each unique GEMM problem as a task of its own (`gemm_tuning`): False
     (default), "ahead" (or True: before the compiles that use it, timings handed to them) or
     "alongside" (at the same time; a node's compiles wait for its tunes' timings, so one piece's
-    GEMMs are benchmarked side by side; give it slots for tunes and compiles together).
-    Measured on 4×H200 in benchmarks/RESULTS.md.
+    GEMMs are benchmarked side by side; give it slots for tunes and compiles together). Both
+    measured slower than none on 4×H200 (benchmarks/RESULTS.md).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
