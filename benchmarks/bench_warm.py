@@ -147,6 +147,32 @@ def overhead(summary) -> dict[str, float]:
                                             - summary.phase_started_at, 3)}
 
 
+_KEY_PHASES = ("GraphLowering.run", "Scheduler.__init__", "PythonWrapperCodegen.generate",
+               "async_compile.precompile")
+
+
+def critical_tasks(summary, top: int = 6) -> list[str]:
+    """One line per task that ended last or ran longest: when it started and ended in the
+    compile phase, its GEMM waits and selections, and Inductor's main phases."""
+    t0 = summary.phase_started_at
+    rows = [r for r in summary.rows if r.get("status") == "compiled"]
+    last = sorted(rows, key=lambda r: -r["finished_at"])[:top]
+    longest = sorted(rows, key=lambda r: -r["seconds"])[:top]
+    lines = []
+    for row in last + [r for r in longest if r not in last]:
+        phases = row.get("phases", {})
+        lines.append(
+            f"path {row['name']:34} {row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
+            f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
+            f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
+            f" select {row.get('gemm_select_s', 0):.1f}s; "
+            + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
+    for row in sorted(summary.tune_rows, key=lambda r: -r.get("finished_at", 0))[:3]:
+        lines.append(f"path {row['name']:34} {row.get('started_at', t0) - t0:5.1f}-"
+                     f"{row.get('finished_at', t0) - t0:5.1f}s tune {row.get('seconds', 0):5.1f}s")
+    return lines
+
+
 def workers_per_gpu(rows: list[dict]) -> dict[str, int]:
     """Compile worker processes per GPU they are bound to (the GPUs of each one's first task)."""
     pids: dict[str, set] = {}
@@ -236,6 +262,8 @@ def main() -> int:
                      "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
                      "workers_per_gpu": workers_per_gpu(summary.rows),
+                     "all_workers_per_gpu": workers_per_gpu(summary.rows + summary.tune_rows),
+                     "critical": critical_tasks(summary),
                      "ok": summary.ok})
     if not args.skip_serial:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
@@ -267,7 +295,10 @@ def main() -> int:
         print_phases(serial_phases, runs)
     for run in runs:
         print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}): "
-              f"{run['busy']}; overhead {run['overhead']}")
+              f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
+              f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
+              "or ran longest:")
+        print("\n".join(run.pop("critical")))
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "

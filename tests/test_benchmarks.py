@@ -37,6 +37,8 @@ def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
     assert abs(result["ratio_end_to_end"] - (result["serial_plan_s"] + result["serial_s"])
                / result["ray_total_s"]) <= 0.01
     assert "compile phase" in out.stdout and "busy in the serial loop" in out.stdout
+    # the tasks that ended last, each with its start and end in the compile phase
+    assert sum(x.startswith("path compile[") and "-" in x for x in out.stdout.splitlines()) == 3
 
 
 def test_sampler_sees_a_busy_core() -> None:

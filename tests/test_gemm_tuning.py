@@ -195,7 +195,7 @@ def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: floa
         timings = PersistentCache().lookup([_Choice(c) for c in choices], "mm", key, benchmark)
     with open(out, "w") as f:
         json.dump({"benchmarked": benchmarked, "timings": {c.name: t for c, t in timings.items()},
-                   "done_at": time.time()}, f)
+                   "done_at": time.time(), "seconds": autotune_cache.gemm_lookup_seconds()}, f)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -231,6 +231,12 @@ def test_workers_of_a_node_benchmark_a_gemm_once_and_keep_each_others_timings(tm
         assert benchmarked == [["k1"], [], ["k2"]]
         assert set(on_disk["mm"]) == {"k1", "k2"} and on_disk["pad_mm"] == {"some-key": True}
         assert on_disk["mm"]["k1"][precision] == {"a": 1.0, "bb": 2.0}
+        # the first benchmarked k1 for 3 s under its lock; the second came 1.5 s later and
+        # waited for it, then only read; k2 waited for no one
+        seconds = [o["seconds"] for o in outs]
+        assert seconds[0]["select"] >= 3.0 and seconds[0]["wait"] < 1.0
+        assert 0.5 < seconds[1]["wait"] < 3.0 and seconds[1]["select"] < 1.0
+        assert seconds[2]["wait"] < 1.0
     else:
         assert benchmarked == [["k1"], ["k1"], ["k2"]]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,10 @@ import torch
 # How long a compile waits for another worker's benchmark of the same GEMM before benchmarking
 # it itself (one GEMM benchmarks in seconds; a stuck holder must not stall the node's compiles).
 GEMM_LOCK_TIMEOUT_S = 120.0
+
+# Seconds this process spent in shared GEMM lookups (`share_gemm_timings`): waiting for the lock
+# (another worker benchmarking the same GEMM), and under it (a cache hit, or a benchmark here).
+_LOOKUP_SECONDS = {"wait": 0.0, "select": 0.0}
 
 
 def gemm_timings(compile_fn: Callable[[], Any], private: bool = True
@@ -99,14 +104,18 @@ def share_gemm_timings() -> None:
         key = hashlib.sha256(repr((op, inputs, hint_override,
                                    torch.get_float32_matmul_precision())).encode()).hexdigest()
         lock = FileLock(os.path.join(get_lock_dir(), f"vcr-gemm-{key[:32]}.lock"))
+        asked = time.perf_counter()
         try:
             lock.acquire(timeout=GEMM_LOCK_TIMEOUT_S)
         except Timeout:  # the holder is stuck: benchmark here rather than wait on
             return lookup(self, choices, op, inputs, benchmark, hint_override)
+        got = time.perf_counter()
+        _LOOKUP_SECONDS["wait"] += got - asked
         try:
             return lookup(self, choices, op, inputs, benchmark, hint_override)
         finally:
             lock.release()
+            _LOOKUP_SECONDS["select"] += time.perf_counter() - got
 
     def merged_update(self: Any, local_cache: dict[str, Any]) -> None:
         # The file also holds other passes' entries (pad_mm, fusion decisions: CacheBase's
@@ -133,6 +142,13 @@ def count_timings(timings: dict[str, Any]) -> int:
     """How many choice timings a `gemm_timings` result holds."""
     return sum(len(by_choice) for by_inputs in timings.values()
                for by_precision in by_inputs.values() for by_choice in by_precision.values())
+
+
+def gemm_lookup_seconds() -> dict[str, float]:
+    """Seconds this process has spent so far in GEMM selections shared with its node
+    (`share_gemm_timings`): "wait", for another worker's benchmark of the same GEMM; "select",
+    looking up or benchmarking under the GEMM's lock."""
+    return dict(_LOOKUP_SECONDS)
 
 
 def gemm_benchmarks() -> int:

@@ -177,7 +177,9 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
 
     gemm_timings: autotune timings of the piece's GEMMs from the run's tune tasks
     (`gemm_tuning`), installed in this worker's Inductor cache before compiling. The row counts
-    the GEMM selections the compile still benchmarked itself ("gemm_benchmarked").
+    the GEMM selections the compile still benchmarked itself ("gemm_benchmarked"), the seconds it
+    waited for other workers' benchmarks of the same GEMMs ("gemm_wait_s") and spent selecting
+    GEMMs under their locks ("gemm_select_s": lookups and its own benchmarks).
     Raises CompileTaskError (after reporting) when every compile attempt failed.
     """
     entered_at = time.time()
@@ -205,11 +207,14 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             autotune_cache.share_gemm_timings()  # with the node's other compile workers
             row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
             benchmarked = autotune_cache.gemm_benchmarks()
+            looked = autotune_cache.gemm_lookup_seconds()
         with inductor.phase_times() as phases:
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
         if ctx.config.backend == "inductor":
             row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked
+            row.update({f"gemm_{k}_s": round(v - looked[k], 4)
+                        for k, v in autotune_cache.gemm_lookup_seconds().items()})
     row["wall_s"] = round(time.perf_counter() - start, 4)
     row["finished_at"] = time.time()
     row["peak_rss_mb"] = round(_peak_rss_mb(), 1)
