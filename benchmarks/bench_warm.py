@@ -186,7 +186,9 @@ def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> d
     if args.gpus_per_compile is not None:
         out = {"gpus_per_compile": args.gpus_per_compile, "cpus_per_compile": 1.0}
     elif args.device == "cuda":
-        out = {"gpus_per_compile": torch.cuda.device_count() / workers, "cpus_per_compile": 1.0}
+        # Ray fits a GPU fraction below one within one GPU: 1/k gives k per GPU, 4/33 only 8
+        per_gpu = -(-workers // torch.cuda.device_count())
+        out = {"gpus_per_compile": 1 / per_gpu, "cpus_per_compile": 1.0}
     else:
         out = {"gpus_per_compile": 0.0, "cpus_per_compile": (os.cpu_count() or 1) / workers}
     if cpus is not None:

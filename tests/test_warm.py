@@ -187,6 +187,18 @@ def test_infeasible_request_fails_fast_naming_the_resource(ray_local, tmp_path) 
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.parametrize("gpus, cpus, slots", [(4 / 33, 1, 32), (1 / 8, 1, 32), (0.25, 0.75, 16),
+                                              (0.25, 3, 5), (1, 1, 4), (2, 1, 2), (0, 0.75, 85)])
+def test_capacity_counts_resources_as_ray_does(gpus, cpus, slots) -> None:
+    """A GPU fraction below one fits within one GPU, in Ray's units of 1/10000: 4 GPUs hold 8
+    tasks of 4/33 GPU each, not 33 (the 33rd waits for a slot)."""
+    from vllm_compile_ray.warm import _Request, cluster_capacity
+
+    nodes = [{"Alive": True, "Resources": {"GPU": 4.0, "CPU": 16.0 if cpus == 3 else 64.0}},
+             {"Alive": False, "Resources": {"GPU": 8.0, "CPU": 64.0}}]
+    assert cluster_capacity(_Request(gpus, cpus, {}), nodes) == slots
+
+
 class _Tiny(torch.nn.Module):
     """One piece, one GEMM."""
 

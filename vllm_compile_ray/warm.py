@@ -119,7 +119,7 @@ def cluster_capacity(request: _Request, nodes: list[dict[str, Any]] | None = Non
     nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
     needs = request.needs()
     have = [n.get("Resources", {}) for n in nodes]
-    capacity = sum(min((math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in needs.items()), default=64)
+    capacity = sum(min((_fits(res.get(k, 0.0), v, k) for k, v in needs.items()), default=64)
                    for res in have)
     if capacity:
         return capacity
@@ -130,6 +130,16 @@ def cluster_capacity(request: _Request, nodes: list[dict[str, Any]] | None = Non
         f"no node of the Ray cluster can run a compile task: it needs {what}; {len(nodes)} alive "
         f"node(s) with {ray.cluster_resources() if nodes else {}} in all. Add GPU nodes, or lower "
         "gpus_per_compile / cpus_per_compile (gpus_per_compile=0 compiles on CPUs).")
+
+
+def _fits(have: float, need: float, resource: str) -> int:
+    """How many requests of `need` a node's `have` of `resource` holds, as Ray counts: in units
+    of 1/10000, and a GPU fraction below one must fit within one GPU (so 4 GPUs hold 32 tasks
+    of 4/33 GPU: 8 of 0.1212 on each; measured with fake GPUs)."""
+    units = max(1, round(need * 10000))
+    if resource == "GPU" and units < 10000:
+        return math.floor(have + 1e-9) * (10000 // units)
+    return round(have * 10000) // units
 
 
 def order_tasks(tasks: list[CompileTask]) -> list[CompileTask]:
