@@ -162,7 +162,8 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
     for row in last + [r for r in longest if r not in last]:
         phases = row.get("phases", {})
         lines.append(
-            f"path {row['name']:34} {row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
+            f"path {row['name']:34} {row.get('submitted_at', t0) - t0:4.1f}>"
+            f"{row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
             f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
             f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
             f" select {row.get('gemm_select_s', 0):.1f}s; "
@@ -260,6 +261,8 @@ def main() -> int:
                      "ray_failed": summary.failed + summary.timed_out,
                      "max_concurrent": summary.max_concurrent, "prestarted": summary.prestarted,
                      "prestart_s": summary.prestart_s,
+                     "prestart_ready": summary.prestart_ready,
+                     "prestart_last_s": summary.prestart_last_s,
                      "ran_in_prestarted": summary.ran_in_prestarted,
                      "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),

@@ -220,6 +220,8 @@ def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
     # Inductor: the worker started (imports, fingerprint) while the driver planned, then compiled
     assert (summary.prestarted, summary.ran_in_prestarted) == (1, 1)
     assert summary.prestart_s > 0
+    # its fingerprint keyed the plan, so it had finished before the compile phase began
+    assert summary.prestart_ready == 1 and summary.prestart_last_s < 0
     row = summary.rows[0]
     assert row["bytes"] > 1000 and row["seconds"] > 0
     # where the compile's seconds went, by Inductor phase (benchmarks compare them with serial)

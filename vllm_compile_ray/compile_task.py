@@ -114,7 +114,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True
     context, Triton's compiler and launcher). CUDA binds the worker to the GPUs Ray gives this
     start-up, and the worker keeps them for every later task (as it would from its first
     compile; rows report both, see `_process_gpu_ids`). Returns {"pid", "fingerprint",
-    "seconds"}."""
+    "seconds", "finished_at"}."""
     start = time.perf_counter()
     if backend == "inductor":
         import torch._inductor.compile_fx  # noqa: F401  (the heavy imports of a first compile)
@@ -130,7 +130,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True
     if backend == "inductor" and warm:
         inductor.warm_device(device_type)
     return {"pid": os.getpid(), "fingerprint": found,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(time.perf_counter() - start, 3), "finished_at": time.time()}
 
 
 def task_name(code_id: str, shape: int | str) -> str:

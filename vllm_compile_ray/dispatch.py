@@ -50,6 +50,7 @@ class Dispatcher:
                    for t in todo}  # unfinished tunes
         timings: dict[str, dict[str, Any]] = {}  # tune name -> its timings
         in_flight: dict[ray.ObjectRef, CompileTask | TuneTask] = {}
+        submitted: dict[ray.ObjectRef, float] = {}  # when each was submitted (time.time())
         metrics.set_remaining(run_id, len(todo))
         last_poll = time.perf_counter()
         while queue or in_flight:
@@ -69,6 +70,7 @@ class Dispatcher:
                         piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape,
                         _merged(timings, (needs or {}).get(task.key, ())))
                 in_flight[ref] = task
+                submitted[ref] = time.time()
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
             if ready:
                 ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
@@ -77,6 +79,7 @@ class Dispatcher:
                 row = _result(ref, task)
                 if "task_id" not in row:  # Ray gave up on it (worker died past max_retries, ...)
                     row = self._finish_here(ref, row)
+                row["submitted_at"] = submitted.pop(ref)
                 self._record(task, row, waiting, timings)
             if in_flight and time.perf_counter() - last_poll >= _POLL_S:
                 last_poll = time.perf_counter()
@@ -86,6 +89,7 @@ class Dispatcher:
                         continue  # finished meanwhile: collected next round
                     ray.cancel(ref, force=True)
                     del in_flight[ref]
+                    submitted.pop(ref)
                     limit = self.ctx.config.max_compile_time
                     row = {**_identity(task), "status": "timed_out", "seconds": 0.0,
                            "error": f"cancelled after max_compile_time={limit:g}s"}

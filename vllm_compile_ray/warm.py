@@ -54,6 +54,8 @@ class WarmSummary:
     max_concurrent: int = 0
     prestarted: int = 0  # workers started while planning
     prestart_s: float = 0.0  # the longest of their start-ups (in the worker)
+    prestart_ready: int = 0  # of them, finished when the compile phase began
+    prestart_last_s: float = 0.0  # when the last one finished, from the phase's start
     ran_in_prestarted: int = 0  # compile tasks that ran in one of them
     manifest_path: str = ""
     stats_path: str = ""
@@ -286,6 +288,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
     start, phase_started_at = time.perf_counter(), time.time()
+    ready = len(ray.wait(starts, num_returns=len(starts), timeout=0)[0]) if starts else 0
     dispatcher = Dispatcher(ctx, stats, request.options(), max_retries, say)
     rows += dispatcher.run(todo, max_in_flight, tunes, needs, alongside=tune_mode == "alongside")
     tune_rows = dispatcher.tune_rows
@@ -307,7 +310,9 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         task_s_sum=round(sum(r.get("seconds", 0.0) for r in by_status["compiled"]), 3),
         run_id=run_id, unique_pieces=summary["unique_pieces"], shapes=list(plan.shapes),
         max_concurrent=snap["max_concurrent"], prestarted=len(prestarted),
-        prestart_s=max(prestarted.values(), default=0.0),
+        prestart_s=max((s for s, _ in prestarted.values()), default=0.0), prestart_ready=ready,
+        prestart_last_s=round(max((f for _, f in prestarted.values()), default=phase_started_at)
+                              - phase_started_at, 3),
         ran_in_prestarted=sum(1 for r in by_status["compiled"] if r.get("pid") in prestarted),
         total_s=round(time.perf_counter() - t0, 3),
         manifest_path=f"{store.url}/{manifest.manifest_path(name, fp_id)}",
@@ -333,8 +338,9 @@ def _tune_mode(tune_gemms: bool | str) -> str | None:
                           "True/'ahead', 'alongside'") from None
 
 
-def _started(refs: list[ray.ObjectRef]) -> dict[int, float]:
-    """Pid -> start-up seconds of the workers whose start-up finished; one still running is
+def _started(refs: list[ray.ObjectRef]) -> dict[int, tuple[float, float]]:
+    """Pid -> (start-up seconds, finished at) of the workers whose start-up finished; one still
+    running is
     cancelled (a failed one is logged: its cause shows again in the compiles)."""
     done, pending = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
     for ref in pending:
@@ -346,7 +352,7 @@ def _started(refs: list[ray.ObjectRef]) -> dict[int, float]:
         except ray.exceptions.RayError as exc:
             logger.warning("a compile worker's start-up failed: %s", exc)
             continue
-        started[out["pid"]] = out["seconds"]
+        started[out["pid"]] = (out["seconds"], out["finished_at"])
     return started
 
 
