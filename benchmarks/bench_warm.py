@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precompile-threads", default="all",
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
-                        "default: every core of the node) or 'cpus' (the task's CPUs)")
+                        "default: every core of the node), 'cpus' (the task's CPUs) or a number")
     p.add_argument("--tune-gemms", default="off",
                    help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
                         "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
@@ -212,9 +212,10 @@ def main() -> int:
                          "entries: give one value or one per entry")
     precompile = args.precompile_threads.split(",")
     precompile = precompile * len(workers) if len(precompile) == 1 else precompile
-    if len(precompile) != len(workers) or not set(precompile) <= {"all", "cpus"}:
-        raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all' or 'cpus', "
-                         "once or once per --workers entry")
+    if len(precompile) != len(workers) or not all(p in ("all", "cpus") or p.isdigit()
+                                                   for p in precompile):
+        raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all', 'cpus' or "
+                         "a number, once or once per --workers entry")
     tune = args.tune_gemms.split(",")
     tune = tune * len(workers) if len(tune) == 1 else tune
     tune = ["ahead" if t == "on" else t for t in tune]
@@ -238,8 +239,9 @@ def main() -> int:
     for i, (n, c, pre, tg) in enumerate(zip(workers, cpus, precompile, tune)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
-        if pre == "cpus":  # Inductor's select_algorithm sizes its precompile pool from this
-            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, int(resources["cpus_per_compile"])))
+        if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = (
+                str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
