@@ -270,7 +270,7 @@ def main() -> int:
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
                      "workers_per_gpu": workers_per_gpu(summary.rows),
                      "all_workers_per_gpu": workers_per_gpu(summary.rows + summary.tune_rows),
-                     "critical": critical_tasks(summary),
+                     "critical": critical_tasks(summary),  # printed as lines, not in the JSON
                      "ok": summary.ok})
     if not args.skip_serial:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
@@ -296,7 +296,8 @@ def main() -> int:
     if not args.skip_serial:
         common["serial_busy"] = sampler.mean(loop_at, loop_at + loop_s)
     for run in runs:
-        print("result " + json.dumps({**common, **run}), flush=True)
+        print("result " + json.dumps({**common, **{k: v for k, v in run.items()
+                                                   if k != "critical"}}), flush=True)
     if not args.skip_serial:
         print(f"busy in the serial loop: {common['serial_busy']}")
         print_phases(serial_phases, runs)
@@ -305,7 +306,7 @@ def main() -> int:
               f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
               f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
               "or ran longest:")
-        print("\n".join(run.pop("critical")))
+        print("\n".join(run["critical"]))
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
