@@ -174,6 +174,27 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
     return lines
 
 
+def startups(summary) -> str:
+    """How the worker start-ups went, from the compile phase's start (negative: while planning):
+    Ray's lag from submit to the start-up running, each step's median / max seconds, when the
+    last one ended."""
+    rows = summary.prestart_rows
+    if not rows:
+        return "start-ups: none"
+    t0 = summary.phase_started_at
+
+    def spread(values: list[float]) -> str:
+        values = sorted(values)
+        return f"{values[len(values) // 2]:.1f}/{values[-1]:.1f}"
+
+    steps = {name: [r["steps"].get(name, 0.0) for r in rows]
+             for name in dict.fromkeys(n for r in rows for n in r.get("steps", {}))}
+    return (f"start-ups: {len(rows)} submitted at {rows[0]['submitted_at'] - t0:.1f}s, running "
+            f"after (median/max) {spread([r['entered_at'] - r['submitted_at'] for r in rows])}s, "
+            + ", ".join(f"{name} {spread(v)}s" for name, v in steps.items())
+            + f"; ended {spread([r['finished_at'] - t0 for r in rows])}s into the phase")
+
+
 def workers_per_gpu(rows: list[dict]) -> dict[str, int]:
     """Compile worker processes per GPU they are bound to (the GPUs of each one's first task)."""
     pids: dict[str, set] = {}
@@ -270,7 +291,8 @@ def main() -> int:
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
                      "workers_per_gpu": workers_per_gpu(summary.rows),
                      "all_workers_per_gpu": workers_per_gpu(summary.rows + summary.tune_rows),
-                     "critical": critical_tasks(summary),  # printed as lines, not in the JSON
+                     "critical": [startups(summary)] + critical_tasks(summary),  # printed as
+                     # lines, not in the JSON
                      "ok": summary.ok})
     if not args.skip_serial:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache

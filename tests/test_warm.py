@@ -232,6 +232,27 @@ def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
     assert manifest.read_manifest(open_store(config), "tiny", summary.fingerprint_id).num_rows == 1
 
 
+def test_compiles_wait_for_started_workers(ray_local, tmp_path) -> None:
+    """Slots are free (4) but the two started workers are still starting up: the compiles wait
+    for them rather than take the free slots, where Ray would start new worker processes that
+    pay the whole start-up inside the compile phase."""
+    from vllm_compile_ray.inductor import environment_fingerprint
+
+    summary = warm("llama-tiny", eager(str(tmp_path)), prestart=True, max_in_flight=2,
+                   fingerprint=environment_fingerprint("cpu"), progress=None,
+                   faults=Faults(startup_sleep_s=4.0), **SLOT)
+    assert summary.ok and summary.compiled == summary.total == 12
+    started = {r["pid"] for r in summary.prestart_rows}
+    # the compile phase began while the start-ups slept, and every compile ran in a started
+    # worker (one start-up may still be waiting for Ray's worker process when the other's
+    # worker has run every eager compile: it is then cancelled, and not counted)
+    assert summary.prestart_ready == 0 and summary.prestart_last_s > 0
+    assert started and {r["pid"] for r in summary.rows} <= started
+    assert min(r["entered_at"] for r in summary.rows) >= min(
+        r["finished_at"] for r in summary.prestart_rows)
+    assert all(r["steps"]["sleep"] >= 4.0 for r in summary.prestart_rows)
+
+
 def test_job_main_exit_codes(ray_local, tmp_path) -> None:
     """jobs/warm_cache.py: 0 when everything compiled, 1 when a compile failed."""
     import importlib.util

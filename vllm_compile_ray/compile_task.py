@@ -40,6 +40,7 @@ class Faults:
     fail: str = ""  # every compile attempt raises CompileError
     sleep: str = ""  # sleep `sleep_s` before compiling (to outlast max_compile_time)
     sleep_s: float = 0.0
+    startup_sleep_s: float = 0.0  # every worker start-up (`start_worker`) sleeps this long first
     marker_dir: str = ""  # crash_once markers, one file per task id, and sleeping-<pid> files
     # written as a `sleep` starts (so a test can kill exactly a worker that is mid-compile);
     # must be shared by all nodes
@@ -106,16 +107,30 @@ def fingerprint(device_type: str) -> dict[str, str]:
     return _local_fingerprint(device_type)
 
 
-def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True
-                 ) -> dict[str, Any]:
-    """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor imports,
-    the torch fingerprint, Inductor's compile pool, this node's environment fingerprint for
-    `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
+def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
+                 delay_s: float = 0.0) -> dict[str, Any]:
+    """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor
+    imports, the torch fingerprint, Inductor's compile pool, this node's environment fingerprint
+    for `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
     context, Triton's compiler and launcher). CUDA binds the worker to the GPUs Ray gives this
     start-up, and the worker keeps them for every later task (as it would from its first
-    compile; rows report both, see `_process_gpu_ids`). Returns {"pid", "fingerprint",
-    "seconds", "finished_at"}."""
-    start = time.perf_counter()
+    compile; rows report both, see `_process_gpu_ids`). delay_s: `Faults.startup_sleep_s`.
+    Returns {"pid", "fingerprint",
+    "seconds", "entered_at", "finished_at", "steps": seconds by step}."""
+    entered_at, start = time.time(), time.perf_counter()
+    steps: dict[str, float] = {}
+    mark = start
+
+    def step(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        steps[name] = round(now - mark, 3)
+        mark = now
+
+    if delay_s:
+        time.sleep(delay_s)
+        step("sleep")
+
     if backend == "inductor":
         import torch._inductor.compile_fx  # noqa: F401  (the heavy imports of a first compile)
         import torch._inductor.select_algorithm  # noqa: F401
@@ -126,11 +141,15 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True
         inductor.torch_fingerprint()
         inductor.set_compile_threads(int(cpus))
         inductor.warm_compile_pool()
+        step("imports")
     found = fingerprint(device_type)
+    step("fingerprint")
     if backend == "inductor" and warm:
         inductor.warm_device(device_type)
-    return {"pid": os.getpid(), "fingerprint": found,
-            "seconds": round(time.perf_counter() - start, 3), "finished_at": time.time()}
+        step("warm_compile")
+    return {"pid": os.getpid(), "fingerprint": found, "steps": steps,
+            "seconds": round(time.perf_counter() - start, 3), "entered_at": entered_at,
+            "finished_at": time.time()}
 
 
 def task_name(code_id: str, shape: int | str) -> str:

@@ -58,6 +58,8 @@ class WarmSummary:
     prestart_ready: int = 0  # of them, finished when the compile phase began
     prestart_last_s: float = 0.0  # when the last one finished, from the phase's start
     ran_in_prestarted: int = 0  # compile tasks that ran in one of them
+    # their start-ups: pid, seconds, entered_at, finished_at, steps (seconds by step), pool_ready
+    prestart_rows: list[dict[str, Any]] = field(default_factory=list)
     manifest_path: str = ""
     stats_path: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # task name -> error
@@ -270,9 +272,10 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     # waits for a started worker to go idle and runs there (workers are reused: max_calls=0).
     # The first one reports as soon as it has the fingerprint, without the warm-up compile.
     count = max(prestart, 1 if fingerprint is None else 0)
+    starts_at = time.time()
     starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
-        config.backend, request.cpus, device_type, warm=i > 0 or fingerprint is not None)
-        for i in range(count)]
+        config.backend, request.cpus, device_type, warm=i > 0 or fingerprint is not None,
+        delay_s=faults.startup_sleep_s) for i in range(count)]
     plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
                  starts[0] if starts else None)
     fp_id = plan.key_context.fingerprint_id
@@ -296,7 +299,8 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     start, phase_started_at = time.perf_counter(), time.time()
     ready = len(ray.wait(starts, num_returns=len(starts), timeout=0)[0]) if starts else 0
     dispatcher = Dispatcher(ctx, stats, request.options(), max_retries, say)
-    rows += dispatcher.run(todo, max_in_flight, tunes, needs, alongside=tune_mode == "alongside")
+    rows += dispatcher.run(todo, max_in_flight, tunes, needs, alongside=tune_mode == "alongside",
+                           starts=starts)
     tune_rows = dispatcher.tune_rows
     wall_s = time.perf_counter() - start if todo else 0.0
     prestarted = _started(starts)
@@ -316,9 +320,12 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         task_s_sum=round(sum(r.get("seconds", 0.0) for r in by_status["compiled"]), 3),
         run_id=run_id, unique_pieces=summary["unique_pieces"], shapes=list(plan.shapes),
         max_concurrent=snap["max_concurrent"], prestarted=len(prestarted),
-        prestart_s=max((s for s, _ in prestarted.values()), default=0.0), prestart_ready=ready,
-        prestart_last_s=round(max((f for _, f in prestarted.values()), default=phase_started_at)
-                              - phase_started_at, 3),
+        prestart_s=max((p["seconds"] for p in prestarted.values()), default=0.0),
+        prestart_ready=ready,
+        prestart_last_s=round(max((p["finished_at"] for p in prestarted.values()),
+                                  default=phase_started_at) - phase_started_at, 3),
+        prestart_rows=[{**{k: v for k, v in p.items() if k != "fingerprint"},
+                        "submitted_at": starts_at} for p in prestarted.values()],
         ran_in_prestarted=sum(1 for r in by_status["compiled"] if r.get("pid") in prestarted),
         total_s=round(time.perf_counter() - t0, 3),
         manifest_path=f"{store.url}/{manifest.manifest_path(name, fp_id)}",
@@ -344,10 +351,9 @@ def _tune_mode(tune_gemms: bool | str) -> str | None:
                           "True/'ahead', 'alongside'") from None
 
 
-def _started(refs: list[ray.ObjectRef]) -> dict[int, tuple[float, float]]:
-    """Pid -> (start-up seconds, finished at) of the workers whose start-up finished; one still
-    running is
-    cancelled (a failed one is logged: its cause shows again in the compiles)."""
+def _started(refs: list[ray.ObjectRef]) -> dict[int, dict[str, Any]]:
+    """Pid -> `start_worker`'s result, of the workers whose start-up finished; one still running
+    is cancelled (a failed one is logged: its cause shows again in the compiles)."""
     done, pending = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
     for ref in pending:
         ray.cancel(ref)
@@ -358,7 +364,7 @@ def _started(refs: list[ray.ObjectRef]) -> dict[int, tuple[float, float]]:
         except ray.exceptions.RayError as exc:
             logger.warning("a compile worker's start-up failed: %s", exc)
             continue
-        started[out["pid"]] = (out["seconds"], out["finished_at"])
+        started[out["pid"]] = out
     return started
 
 
