@@ -291,8 +291,8 @@ def main() -> int:
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
                      "workers_per_gpu": workers_per_gpu(summary.rows),
                      "all_workers_per_gpu": workers_per_gpu(summary.rows + summary.tune_rows),
-                     "critical": [startups(summary)] + critical_tasks(summary),  # printed as
-                     # lines, not in the JSON
+                     # printed as lines, not in the JSON:
+                     "critical": [startups(summary)] + critical_tasks(summary),
                      "ok": summary.ok})
     if not args.skip_serial:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache

@@ -115,8 +115,8 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     context, Triton's compiler and launcher). CUDA binds the worker to the GPUs Ray gives this
     start-up, and the worker keeps them for every later task (as it would from its first
     compile; rows report both, see `_process_gpu_ids`). delay_s: `Faults.startup_sleep_s`.
-    Returns {"pid", "fingerprint",
-    "seconds", "entered_at", "finished_at", "steps": seconds by step}."""
+    Returns {"pid", "fingerprint", "seconds", "entered_at", "finished_at", "steps": seconds by
+    step}."""
     entered_at, start = time.time(), time.perf_counter()
     steps: dict[str, float] = {}
     mark = start

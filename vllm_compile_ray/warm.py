@@ -58,7 +58,7 @@ class WarmSummary:
     prestart_ready: int = 0  # of them, finished when the compile phase began
     prestart_last_s: float = 0.0  # when the last one finished, from the phase's start
     ran_in_prestarted: int = 0  # compile tasks that ran in one of them
-    # their start-ups: pid, seconds, entered_at, finished_at, steps (seconds by step), pool_ready
+    # their start-ups: pid, seconds, submitted_at, entered_at, finished_at, steps (seconds by step)
     prestart_rows: list[dict[str, Any]] = field(default_factory=list)
     manifest_path: str = ""
     stats_path: str = ""
