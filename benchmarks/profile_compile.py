@@ -23,6 +23,7 @@ from vllm_compile_ray.api import example_args, key_context
 from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads
 from vllm_compile_ray.plan import capture, plan_graph
+from vllm_compile_ray.thread_compile import use_compile_threads
 
 
 def main() -> None:
@@ -33,16 +34,24 @@ def main() -> None:
     p.add_argument("--shape", default="512", help='a size, or "dynamic"')
     p.add_argument("--piece", type=int, default=None, help="index among unique pieces (default: biggest)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--max-autotune", action="store_true")
+    p.add_argument("--max-autotune", action="store_true", help='Inductor {"max_autotune": true}')
+    p.add_argument("--coordesc", action="store_true", help="and coordinate_descent_tuning")
     p.add_argument("--threads", type=int, default=0, help="Inductor compile threads (0: default)")
+    p.add_argument("--kernel-threads", type=int, default=0,
+                   help="Triton compiles on this many threads of this process (thread_compile)")
+    p.add_argument("--check", action="store_true",
+                   help="run the compiled piece against the eager piece on the same inputs")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vcr-prof-"))
     if args.threads:
         set_compile_threads(args.threads)
+    pool = use_compile_threads(args.kernel_threads) if args.kernel_threads else None
     shape = args.shape if args.shape == "dynamic" else int(args.shape)
-    options = {"max_autotune": True, "coordinate_descent_tuning": True} if args.max_autotune else {}
+    options = {"max_autotune": True} if args.max_autotune else {}
+    if args.coordesc:
+        options["coordinate_descent_tuning"] = True
     config = CompilationConfig(compile_sizes=(shape,) if shape != "dynamic" else (),
                                inductor_compile_config=options)
     compiler = make_compiler(config)
@@ -66,10 +75,32 @@ def main() -> None:
     total = time.perf_counter() - start
     print(f"compile + first-call tuning {total:.2f} s; artifact {len(result.artifact) / 1e6:.2f} MB; "
           f"{result.info}")
+    if pool is not None:
+        print(f"kernel compile threads {pool.threads}: {pool.kernels} Triton compiles on them")
+    if args.check:
+        check(task, result.fn, args.device)
     print(dynamo_utils.compile_times(repr="str", aggregate=True))
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
     print(out.getvalue())
+
+
+def check(task, fn, device: str) -> None:
+    """Compiled against eager on the same random inputs (static shapes: the task's size)."""
+    import torch
+
+    from vllm_compile_ray.inductor import example_tensors
+
+    size = task.shape if task.shape != "dynamic" else 48
+    torch.manual_seed(0)
+    inputs = [t.normal_(0, 0.02) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in example_tensors(task.piece.input_specs, size, device)]
+    want = task.piece.graph(*inputs)
+    got = fn(*inputs)
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    worst = max(float((g.float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6))
+                for g, w in zip(got, want) if isinstance(w, torch.Tensor) and w.is_floating_point())
+    print(f"check: {len(want)} outputs, worst max|compiled - eager| / max|eager| = {worst:.2e}")
 
 
 if __name__ == "__main__":
