@@ -61,9 +61,6 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node), 'cpus' (the task's CPUs) or a number")
-    p.add_argument("--kernel-threads", default="0",
-                   help="cuda: threads each compile task runs its Triton compiles on "
-                        "(thread_compile; 0: off), one value or one per --workers entry")
     p.add_argument("--tune-gemms", default="off",
                    help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
                         "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
@@ -240,12 +237,6 @@ def main() -> int:
                                                    for p in precompile):
         raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all', 'cpus' or "
                          "a number, once or once per --workers entry")
-    kernel = args.kernel_threads.split(",")
-    kernel = kernel * len(workers) if len(kernel) == 1 else kernel
-    if len(kernel) != len(workers) or not all(k.isdigit() for k in kernel):
-        raise SystemExit(f"--kernel-threads {args.kernel_threads!r}: give a number >= 0, once or "
-                         "once per --workers entry")
-    kernel = [int(k) for k in kernel]
     tune = args.tune_gemms.split(",")
     tune = tune * len(workers) if len(tune) == 1 else tune
     tune = ["ahead" if t == "on" else t for t in tune]
@@ -266,7 +257,7 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg) in enumerate(zip(workers, cpus, precompile, kernel, tune)):
+    for i, (n, c, pre, tg) in enumerate(zip(workers, cpus, precompile, tune)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
@@ -275,10 +266,9 @@ def main() -> int:
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
-                       tune_gemms=tg, kernel_threads=kt,
+                       tune_gemms=tg,
                        progress=lambda line: print(line, flush=True), **resources)
-        runs.append({"workers": n, **resources, "precompile_threads": pre, "kernel_threads": kt,
-                     "tune_gemms": tg,
+        runs.append({"workers": n, **resources, "precompile_threads": pre, "tune_gemms": tg,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
                                            default=0.0),
@@ -342,8 +332,7 @@ def main() -> int:
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
-                  f"threads: {run['precompile_threads']}, kernel threads {run['kernel_threads']}, "
-                  f"GEMM tuning {run['tune_gemms']}: "
+                  f"threads: {run['precompile_threads']}, GEMM tuning {run['tune_gemms']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "

@@ -146,8 +146,6 @@ def cli() -> None:
               is_flag=False, flag_value="ahead", show_default=True,
               help="tune each unique GEMM problem as a task of its own (max-autotune on cuda): "
                    "'ahead' of the compiles that use it (the bare flag), or 'alongside' them")
-@click.option("--kernel-threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="cuda: each compile runs its Triton compiles on this many threads (0: off)")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
@@ -162,7 +160,7 @@ def warm(**opts: Any) -> None:
                       cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or None,
                       max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
-                      tune_gemms=opts["tune_gemms"], kernel_threads=opts["kernel_threads"],
+                      tune_gemms=opts["tune_gemms"],
                       progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
                                         if k not in ("rows", "tune_rows")},
