@@ -1,10 +1,12 @@
 """The benchmark scripts run end to end on CPU (their numbers come from the GPU hosts, where a
-crash costs device time): `bench_warm.py` with the eager backend on an in-process Ray."""
+crash costs device time): `bench_warm.py` with the eager backend on an in-process Ray, and
+`profile_compile.py` with one Inductor compile checked against eager."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,3 +57,15 @@ def test_sampler_sees_a_busy_core() -> None:
     busy = sampler.mean(t0, time.time())
     assert busy["cpu"] >= 0.9 / (os.cpu_count() or 1), busy  # at least this core, of all
     assert sampler.mean(t0 - 100, t0 - 50) == {}  # no samples in that window
+
+
+def test_profile_compile_checks_the_compiled_piece_against_eager() -> None:
+    out = subprocess.run(
+        [sys.executable, "benchmarks/profile_compile.py", "--model", "llama-tiny", "--num-layers",
+         "2", "--shape", "4", "--device", "cpu", "--threads", "1", "--check", "--top", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^profiling compile\[\w+/4\]", out.stdout, re.M), out.stdout[:2000]
+    [check] = re.findall(r"^check: (\d+) outputs, worst .* = (\S+)$", out.stdout, re.M)
+    assert int(check[0]) >= 1 and float(check[1]) < 1e-4  # fp32 on CPU
+    assert "Runtimes (s)" in out.stdout  # the phase timers' table follows
