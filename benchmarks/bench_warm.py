@@ -61,10 +61,6 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node), 'cpus' (the task's CPUs) or a number")
-    p.add_argument("--critical-tasks", default="none",
-                   help="compiles that keep the worker's CPU priority, the first of the queue "
-                        "(the rest run nicer): 'none' (all alike) or a number, one value or one "
-                        "per --workers entry")
     p.add_argument("--tune-gemms", default="off",
                    help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
                         "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
@@ -169,7 +165,6 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
             f"path {row['name']:34} {row.get('submitted_at', t0) - t0:4.1f}>"
             f"{row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
             f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
-            f" nice {row.get('nice', 0)}"
             f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
             f" select {row.get('gemm_select_s', 0):.1f}s; "
             + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
@@ -242,12 +237,6 @@ def main() -> int:
                                                    for p in precompile):
         raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all', 'cpus' or "
                          "a number, once or once per --workers entry")
-    critical = args.critical_tasks.split(",")
-    critical = critical * len(workers) if len(critical) == 1 else critical
-    if len(critical) != len(workers) or not all(c == "none" or c.isdigit() for c in critical):
-        raise SystemExit(f"--critical-tasks {args.critical_tasks!r}: give 'none' or a number, once "
-                         "or once per --workers entry")
-    critical = [None if c == "none" else int(c) for c in critical]
     tune = args.tune_gemms.split(",")
     tune = tune * len(workers) if len(tune) == 1 else tune
     tune = ["ahead" if t == "on" else t for t in tune]
@@ -268,7 +257,7 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, crit, tg) in enumerate(zip(workers, cpus, precompile, critical, tune)):
+    for i, (n, c, pre, tg) in enumerate(zip(workers, cpus, precompile, tune)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
@@ -277,10 +266,9 @@ def main() -> int:
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
-                       tune_gemms=tg, critical_tasks=crit,
+                       tune_gemms=tg,
                        progress=lambda line: print(line, flush=True), **resources)
-        runs.append({"workers": n, **resources, "precompile_threads": pre, "critical_tasks": crit,
-                     "tune_gemms": tg,
+        runs.append({"workers": n, **resources, "precompile_threads": pre, "tune_gemms": tg,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
                                            default=0.0),
@@ -300,10 +288,6 @@ def main() -> int:
                      "prestart_last_s": summary.prestart_last_s,
                      "ran_in_prestarted": summary.ran_in_prestarted,
                      "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
-                     "longest_by_nice": {str(nice): max(r.get("seconds", 0.0) for r in summary.rows
-                                                        if r.get("nice") == nice)
-                                         for nice in sorted({r["nice"] for r in summary.rows
-                                                             if "nice" in r})},
                      "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
                      "workers_per_gpu": workers_per_gpu(summary.rows),
                      "all_workers_per_gpu": workers_per_gpu(summary.rows + summary.tune_rows),
@@ -348,8 +332,7 @@ def main() -> int:
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
-                  f"threads: {run['precompile_threads']}, critical tasks {run['critical_tasks']}, "
-                  f"GEMM tuning {run['tune_gemms']}: "
+                  f"threads: {run['precompile_threads']}, GEMM tuning {run['tune_gemms']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "

@@ -22,7 +22,7 @@ import torch
 from vllm_compile_ray import CompilationConfig, manifest, models, plan_model
 from vllm_compile_ray.api import open_store
 from vllm_compile_ray.compile_task import Faults
-from vllm_compile_ray.errors import ClusterResourceError, ConfigError
+from vllm_compile_ray.errors import ClusterResourceError
 from vllm_compile_ray.warm import WarmSummary, warm
 
 ray = pytest.importorskip("ray")
@@ -256,22 +256,6 @@ def test_compiles_wait_for_started_workers(ray_local, tmp_path) -> None:
     assert min(r["entered_at"] for r in summary.rows) >= min(
         r["finished_at"] for r in summary.prestart_rows)
     assert all(r["steps"]["sleep"] >= 4.0 for r in summary.prestart_rows)
-
-
-def test_compiles_off_the_critical_path_run_nicer(ray_local, tmp_path) -> None:
-    """critical_tasks=3: the first three of the queue (the dynamic shape of each piece: longest
-    expected first) compile at the worker's niceness, the other nine at up to 10 steps nicer, on a
-    thread of their own, so the worker's own threads (and a later critical task in the same
-    worker) keep the worker's niceness."""
-    summary = warm("llama-tiny", eager(str(tmp_path)), critical_tasks=3, progress=None, **SLOT)
-    assert summary.ok and summary.compiled == summary.total == 12
-    base = min(r["nice"] for r in summary.rows)
-    critical = [r for r in summary.rows if r["nice"] == base]
-    assert sorted(r["shape"] for r in critical) == ["dynamic"] * 3
-    assert {r["nice"] for r in summary.rows if r not in critical} == {min(19, base + 10)}
-    assert base < 19  # else there was nothing to tell apart
-    with pytest.raises(ConfigError, match="critical_tasks=-1 is invalid"):
-        warm("llama-tiny", eager(str(tmp_path)), critical_tasks=-1, progress=None, **SLOT)
 
 
 def test_job_main_exit_codes(ray_local, tmp_path) -> None:

@@ -13,7 +13,6 @@ import hashlib
 import os
 import resource
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,10 +83,6 @@ class TaskContext:
     fingerprint_id: str
     compile_retries: int = 1
     faults: Faults = field(default_factory=Faults)
-    # Compiles off the critical path: they run this much nicer (`_at_niceness`), so the longest
-    # compiles, which bound the run, get the cores first when compiles outnumber them.
-    background_keys: frozenset[str] = frozenset()
-    background_nice: int = 10
 
 
 class CompileTaskError(CompileError):
@@ -232,10 +227,8 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
             benchmarked = autotune_cache.gemm_benchmarks()
             looked = autotune_cache.gemm_lookup_seconds()
-        nice = ctx.background_nice if key in ctx.background_keys else 0
         with inductor.phase_times() as phases:
-            row.update(_at_niceness(nice, _compile_with_retries, piece, ctx, key, shape, name,
-                                    counter, monitor))
+            row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
         if ctx.config.backend == "inductor":
             row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked
@@ -250,33 +243,6 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     if row["status"] == "failed":
         raise CompileTaskError(row)
     return row
-
-
-def _at_niceness(nice: int, fn: Any, *args: Any) -> Any:
-    """fn(*args), `nice` steps nicer than this worker (0: as it is). It runs on a thread of its
-    own, whose niceness the threads and processes it starts (Inductor's precompile threads,
-    ptxas) inherit; the worker's own threads keep theirs, as raising a niceness back is
-    privileged. The result gets "nice": the niceness the compile ran at."""
-    def own() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    if nice <= 0:
-        return {**fn(*args), "nice": own()}
-    out: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, own() + nice))
-            out["value"] = {**fn(*args), "nice": own()}
-        except BaseException as exc:  # re-raised in the task's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=body, name="vcr-background-compile", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, shape: int | str,

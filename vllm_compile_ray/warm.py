@@ -196,7 +196,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
-         tune_gemms: bool | str = False, critical_tasks: int | None = None,
+         tune_gemms: bool | str = False,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -218,8 +218,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     "alongside" (at the same time; a node's compiles wait for its tunes' timings, so one piece's
     GEMMs are benchmarked side by side; give it slots for tunes and compiles together). Both
     measured slower than none on 4×H200 (benchmarks/RESULTS.md).
-    critical_tasks: the first this many compiles of the queue (longest expected first) run at
-    the worker's CPU priority, the rest nicer (`TaskContext.background_nice`); None: all alike.
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -234,9 +232,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         raise ConfigError(f"tune_gemms={tune_gemms!r} needs the inductor backend (GEMM autotuning "
                           f"is Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
                           "backend='inductor'")
-    if critical_tasks is not None and (isinstance(critical_tasks, bool)
-                                       or not isinstance(critical_tasks, int) or critical_tasks < 0):
-        raise ConfigError(f"critical_tasks={critical_tasks!r} is invalid: an int >= 0, or None")
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
@@ -256,7 +251,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         workers = min(max_in_flight or capacity, capacity) if prestart else 0
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
-                     faults or Faults(), say, workers, tune_mode, critical_tasks)
+                     faults or Faults(), say, workers, tune_mode)
     finally:
         if owned:
             ray.shutdown()
@@ -266,8 +261,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           tp_size: int, num_layers: int | None, device_type: str, request: _Request,
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
-          say: Callable[[str], None], prestart: int, tune_mode: str | None,
-          critical_tasks: int | None) -> WarmSummary:
+          say: Callable[[str], None], prestart: int, tune_mode: str | None) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Created now, its process starts while the driver plans: the first compile tasks would
@@ -298,10 +292,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         say(f"tuning {len(tunes)} unique GEMM problems x shapes "
             + ("first" if tune_mode == "ahead" else "alongside the compiles"))
 
-    background = frozenset(t.key for t in todo[critical_tasks:]) if critical_tasks is not None \
-        else frozenset()
-    ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults,
-                      background)
+    ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
