@@ -61,6 +61,9 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node), 'cpus' (the task's CPUs) or a number")
+    p.add_argument("--codegen-threads", default="0",
+                   help="cuda: threads each compile task compiles its generated code's kernels on "
+                        "(thread_compile; 0: off), one value or one per --workers entry")
     p.add_argument("--tune-gemms", default="off",
                    help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
                         "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
@@ -237,6 +240,12 @@ def main() -> int:
                                                    for p in precompile):
         raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all', 'cpus' or "
                          "a number, once or once per --workers entry")
+    codegen = args.codegen_threads.split(",")
+    codegen = codegen * len(workers) if len(codegen) == 1 else codegen
+    if len(codegen) != len(workers) or not all(k.isdigit() for k in codegen):
+        raise SystemExit(f"--codegen-threads {args.codegen_threads!r}: give a number >= 0, once or "
+                         "once per --workers entry")
+    codegen = [int(k) for k in codegen]
     tune = args.tune_gemms.split(",")
     tune = tune * len(workers) if len(tune) == 1 else tune
     tune = ["ahead" if t == "on" else t for t in tune]
@@ -257,7 +266,7 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, tg) in enumerate(zip(workers, cpus, precompile, tune)):
+    for i, (n, c, pre, kt, tg) in enumerate(zip(workers, cpus, precompile, codegen, tune)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
@@ -266,9 +275,10 @@ def main() -> int:
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
-                       tune_gemms=tg,
+                       tune_gemms=tg, codegen_threads=kt,
                        progress=lambda line: print(line, flush=True), **resources)
-        runs.append({"workers": n, **resources, "precompile_threads": pre, "tune_gemms": tg,
+        runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
+                     "tune_gemms": tg,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
                                            default=0.0),
@@ -332,7 +342,8 @@ def main() -> int:
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
-                  f"threads: {run['precompile_threads']}, GEMM tuning {run['tune_gemms']}: "
+                  f"threads: {run['precompile_threads']}, codegen threads {run['codegen_threads']}, "
+                  f"GEMM tuning {run['tune_gemms']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "

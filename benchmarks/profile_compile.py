@@ -23,6 +23,7 @@ from vllm_compile_ray.api import example_args, key_context
 from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads
 from vllm_compile_ray.plan import capture, plan_graph
+from vllm_compile_ray.thread_compile import use_codegen_threads
 
 
 def main() -> None:
@@ -36,6 +37,8 @@ def main() -> None:
     p.add_argument("--max-autotune", action="store_true", help='Inductor {"max_autotune": true}')
     p.add_argument("--coordesc", action="store_true", help="and coordinate_descent_tuning")
     p.add_argument("--threads", type=int, default=0, help="Inductor compile threads (0: default)")
+    p.add_argument("--codegen-threads", type=int, default=0,
+                   help="compile the generated code's kernels on this many threads (thread_compile)")
     p.add_argument("--check", action="store_true",
                    help="run the compiled piece against the eager piece on the same inputs")
     p.add_argument("--top", type=int, default=30)
@@ -44,6 +47,7 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vcr-prof-"))
     if args.threads:
         set_compile_threads(args.threads)
+    pool = use_codegen_threads(args.codegen_threads) if args.codegen_threads else None
     shape = args.shape if args.shape == "dynamic" else int(args.shape)
     options = {"max_autotune": True} if args.max_autotune else {}
     if args.coordesc:
@@ -71,6 +75,8 @@ def main() -> None:
     total = time.perf_counter() - start
     print(f"compile + first-call tuning {total:.2f} s; artifact {len(result.artifact) / 1e6:.2f} MB; "
           f"{result.info}")
+    if pool is not None:
+        print(f"codegen threads {pool.threads}: {pool.kernels} kernels compiled on them")
     if args.check:
         check(task, result.fn, args.device)
     print(dynamo_utils.compile_times(repr="str", aggregate=True))

@@ -146,6 +146,8 @@ def cli() -> None:
               is_flag=False, flag_value="ahead", show_default=True,
               help="tune each unique GEMM problem as a task of its own (max-autotune on cuda): "
                    "'ahead' of the compiles that use it (the bare flag), or 'alongside' them")
+@click.option("--codegen-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="cuda: each compile compiles its generated code's kernels on this many threads (0: off)")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
@@ -160,7 +162,7 @@ def warm(**opts: Any) -> None:
                       cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or None,
                       max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
-                      tune_gemms=opts["tune_gemms"],
+                      tune_gemms=opts["tune_gemms"], codegen_threads=opts["codegen_threads"],
                       progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
                                         if k not in ("rows", "tune_rows")},

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from . import autotune_cache, gemm_tuning, inductor, metrics
+from . import autotune_cache, gemm_tuning, inductor, metrics, thread_compile
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -83,6 +83,7 @@ class TaskContext:
     fingerprint_id: str
     compile_retries: int = 1
     faults: Faults = field(default_factory=Faults)
+    codegen_threads: int = 0  # see `set_compile_threads`
 
 
 class CompileTaskError(CompileError):
@@ -107,8 +108,20 @@ def fingerprint(device_type: str) -> dict[str, str]:
     return _local_fingerprint(device_type)
 
 
+def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0) -> None:
+    """Inductor's compile threads in this worker. codegen_threads > 0 on CUDA: the kernels of the
+    generated code compile on that many threads of this process (`thread_compile`), the rest as
+    with one compile thread; else the task's CPU count (more than one gives Inductor its own pool
+    of compile processes)."""
+    if codegen_threads and device_type == "cuda":
+        thread_compile.use_codegen_threads(codegen_threads)
+    else:
+        thread_compile.use_codegen_threads(0)
+        inductor.set_compile_threads(int(cpus))
+
+
 def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
-                 delay_s: float = 0.0) -> dict[str, Any]:
+                 delay_s: float = 0.0, codegen_threads: int = 0) -> dict[str, Any]:
     """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor
     imports, the torch fingerprint, Inductor's compile pool, this node's environment fingerprint
     for `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
@@ -139,7 +152,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
         except ImportError:
             pass
         inductor.torch_fingerprint()
-        inductor.set_compile_threads(int(cpus))
+        set_compile_threads(cpus, device_type, codegen_threads)
         inductor.warm_compile_pool()
         step("imports")
     found = fingerprint(device_type)
@@ -250,7 +263,7 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
                           monitor: PerformanceMonitor) -> dict[str, Any]:
     if ctx.config.backend == "inductor":
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        inductor.set_compile_threads(int(cpus))
+        set_compile_threads(cpus, ctx.device_type, ctx.codegen_threads)
     manager = CompilerManager(ctx.config, make_compiler(ctx.config), ctx.store, ctx.device_type,
                               ctx.fingerprint_id, counter, monitor)
     errors = []
@@ -287,7 +300,7 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     if recorded is not None:  # an earlier attempt reported, then its worker died
         return recorded
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    inductor.set_compile_threads(int(cpus))  # warm() tunes with the inductor backend only
+    set_compile_threads(cpus, ctx.device_type, ctx.codegen_threads)  # inductor backend only
 
     def before() -> None:
         mismatch = _fingerprint_mismatch(ctx)  # timings of another GPU would mislead compiles

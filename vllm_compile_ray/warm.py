@@ -196,7 +196,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
-         tune_gemms: bool | str = False,
+         tune_gemms: bool | str = False, codegen_threads: int = 0,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -218,6 +218,9 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     "alongside" (at the same time; a node's compiles wait for its tunes' timings, so one piece's
     GEMMs are benchmarked side by side; give it slots for tunes and compiles together). Both
     measured slower than none on 4×H200 (benchmarks/RESULTS.md).
+    codegen_threads: on CUDA, each compile compiles the kernels of its generated code on this many
+    threads of its process while codegen goes on (`thread_compile`), instead of following
+    cpus_per_compile; 0: off.
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -232,6 +235,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         raise ConfigError(f"tune_gemms={tune_gemms!r} needs the inductor backend (GEMM autotuning "
                           f"is Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
                           "backend='inductor'")
+    if isinstance(codegen_threads, bool) or not isinstance(codegen_threads, int) or codegen_threads < 0:
+        raise ConfigError(f"codegen_threads={codegen_threads!r} is invalid: an int >= 0 (0: off)")
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
@@ -251,7 +256,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         workers = min(max_in_flight or capacity, capacity) if prestart else 0
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
-                     faults or Faults(), say, workers, tune_mode)
+                     faults or Faults(), say, workers, tune_mode, codegen_threads)
     finally:
         if owned:
             ray.shutdown()
@@ -261,7 +266,8 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           tp_size: int, num_layers: int | None, device_type: str, request: _Request,
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
-          say: Callable[[str], None], prestart: int, tune_mode: str | None) -> WarmSummary:
+          say: Callable[[str], None], prestart: int, tune_mode: str | None,
+          codegen_threads: int) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Created now, its process starts while the driver plans: the first compile tasks would
@@ -275,7 +281,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     starts_at = time.time()
     starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
         config.backend, request.cpus, device_type, warm=i > 0 or fingerprint is not None,
-        delay_s=faults.startup_sleep_s) for i in range(count)]
+        delay_s=faults.startup_sleep_s, codegen_threads=codegen_threads) for i in range(count)]
     plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
                  starts[0] if starts else None)
     fp_id = plan.key_context.fingerprint_id
@@ -292,7 +298,8 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         say(f"tuning {len(tunes)} unique GEMM problems x shapes "
             + ("first" if tune_mode == "ahead" else "alongside the compiles"))
 
-    ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults)
+    ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults,
+                      codegen_threads)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
