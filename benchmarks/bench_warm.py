@@ -61,9 +61,10 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node), 'cpus' (the task's CPUs) or a number")
-    p.add_argument("--codegen-threads", default="0",
+    p.add_argument("--codegen-threads", default="default",
                    help="cuda: threads each compile task compiles its generated code's kernels on "
-                        "(thread_compile; 0: off), one value or one per --workers entry")
+                        "(thread_compile; 0: off; 'default': warm's), one value or one per "
+                        "--workers entry")
     p.add_argument("--tune-gemms", default="off",
                    help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
                         "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
@@ -242,10 +243,10 @@ def main() -> int:
                          "a number, once or once per --workers entry")
     codegen = args.codegen_threads.split(",")
     codegen = codegen * len(workers) if len(codegen) == 1 else codegen
-    if len(codegen) != len(workers) or not all(k.isdigit() for k in codegen):
+    if len(codegen) != len(workers) or not all(k.isdigit() or k == "default" for k in codegen):
         raise SystemExit(f"--codegen-threads {args.codegen_threads!r}: give a number >= 0, once or "
                          "once per --workers entry")
-    codegen = [int(k) for k in codegen]
+    codegen = [None if k == "default" else int(k) for k in codegen]
     tune = args.tune_gemms.split(",")
     tune = tune * len(workers) if len(tune) == 1 else tune
     tune = ["ahead" if t == "on" else t for t in tune]

@@ -56,3 +56,27 @@ def test_bad_thread_counts_are_refused(inductor_state, bad) -> None:
     with pytest.raises(ValueError, match=r"codegen compile threads must be an int >= 0, got"):
         thread_compile.use_codegen_threads(bad)
     assert thread_compile.installed() is None
+
+
+def test_compile_tasks_use_the_threads_on_cuda_only(inductor_state) -> None:
+    from vllm_compile_ray.compile_task import set_compile_threads
+
+    config, _ = inductor_state
+    set_compile_threads(1.0, "cuda", 4)  # installs without a GPU: nothing compiles here
+    assert thread_compile.installed().threads == 4 and config.compile_threads == 4
+    set_compile_threads(2.0, "cpu", 4)  # CPU kernels are C++: the task's CPUs decide
+    assert thread_compile.installed() is None and config.compile_threads == 2
+    set_compile_threads(1.0, "cuda", 0)
+    assert thread_compile.installed() is None and config.compile_threads == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_warm_refuses_bad_codegen_threads_before_starting_ray(tmp_path, bad) -> None:
+    from vllm_compile_ray import CompilationConfig
+    from vllm_compile_ray.errors import ConfigError
+    from vllm_compile_ray.warm import warm
+
+    config = CompilationConfig(backend="eager", use_inductor=False, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"codegen_threads=.* is invalid: an int >= 0"):
+        warm("llama-tiny", config, device_type="cpu", codegen_threads=bad, progress=None)
+    assert not list(tmp_path.iterdir())  # nothing written

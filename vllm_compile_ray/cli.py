@@ -132,7 +132,8 @@ def cli() -> None:
 @click.option("--gpus-per-compile", type=float, default=None,
               help="GPU fraction per compile task [default: 0.25 for cuda, 0 for cpu]")
 @click.option("--cpus-per-compile", type=float, default=1.0, show_default=True,
-              help="CPUs per compile task; also Inductor's compile threads")
+              help="CPUs per compile task; also Inductor's compile threads "
+                   "(on cuda --codegen-threads replaces them unless 0)")
 @click.option("--resources", callback=_json_dict, default="",
               help='extra Ray resources per compile task as JSON, e.g. {"H100": 0.25} to pin one GPU type')
 @click.option("--max-in-flight", type=int, default=None, help="compile tasks in flight at once")
@@ -146,8 +147,9 @@ def cli() -> None:
               is_flag=False, flag_value="ahead", show_default=True,
               help="tune each unique GEMM problem as a task of its own (max-autotune on cuda): "
                    "'ahead' of the compiles that use it (the bare flag), or 'alongside' them")
-@click.option("--codegen-threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="cuda: each compile compiles its generated code's kernels on this many threads (0: off)")
+@click.option("--codegen-threads", type=click.IntRange(min=0), default=None,
+              help="cuda: each compile compiles its generated code's kernels on this many threads "
+                   "(0: off) [default: 4]")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""

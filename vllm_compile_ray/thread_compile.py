@@ -25,6 +25,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+# warm()'s default: measured on a 4×H200 host with 33 compiles at once, 4 threads shortened the
+# longest compile (17.0 → 14.9 s) and 8 lengthened it (RESULTS.md, session 9).
+DEFAULT_THREADS = 4
+
 _lock = threading.Lock()
 _state = threading.local()  # .codegen: this thread is inside TritonScheduling.define_kernel
 _installed: "CodegenThreads | None" = None
