@@ -64,6 +64,9 @@ def test_compile_tasks_use_the_threads_on_cuda_only(inductor_state) -> None:
     config, _ = inductor_state
     set_compile_threads(1.0, "cuda", 4)  # installs without a GPU: nothing compiles here
     assert thread_compile.installed().threads == 4 and config.compile_threads == 4
+    config.compile_threads = 1  # as `inductor.set_compile_threads(1)` would, between two tasks
+    set_compile_threads(1.0, "cuda", 4)
+    assert config.compile_threads == 4  # else Inductor would bypass the threads
     set_compile_threads(2.0, "cpu", 4)  # CPU kernels are C++: the task's CPUs decide
     assert thread_compile.installed() is None and config.compile_threads == 2
     set_compile_threads(1.0, "cuda", 0)

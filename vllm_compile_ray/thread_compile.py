@@ -123,7 +123,11 @@ def use_codegen_threads(threads: int) -> CodegenThreads | None:
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"codegen compile threads must be an int >= 0, got {threads!r}")
+    if threads == 0 and _installed is None:
+        return None  # nothing to undo; Inductor stays unpatched where it was never on
     if _installed is not None and _installed.threads == threads:
+        if inductor_config.compile_threads < 2:  # set since by someone else
+            inductor_config.compile_threads = max(2, threads)
         return _installed
     with _lock:
         _patch()
