@@ -365,10 +365,15 @@ def _tune_mode(tune_gemms: bool | str) -> str | None:
 
 def _started(refs: list[ray.ObjectRef]) -> dict[int, dict[str, Any]]:
     """Pid -> `start_worker`'s result, of the workers whose start-up finished; one still running
-    is cancelled (a failed one is logged: its cause shows again in the compiles)."""
+    is cancelled with its worker (a failed one is logged: its cause shows again in the compiles).
+
+    Not force=False: that raises KeyboardInterrupt wherever the start-up is, often mid-import,
+    and the worker, which Ray reuses, keeps half-initialized modules (seen in CI: every later
+    task in it failed with "partially initialized module 'setuptools' has no attribute 'dist'").
+    A worker whose start-up never finished has served nothing; killing it loses nothing."""
     done, pending = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
     for ref in pending:
-        ray.cancel(ref)
+        ray.cancel(ref, force=True)
     started = {}
     for ref in done:
         try:
