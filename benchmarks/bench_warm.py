@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +37,24 @@ from vllm_compile_ray.stats import top_phases
 from vllm_compile_ray.warm import order_tasks, warm
 
 from utilization import Sampler
+
+
+def per_run(text: str, runs: int, flag: str, allowed: str, ok: Callable[[str], bool]) -> list[str]:
+    """A comma-separated option with one value for every --workers entry, or one for all."""
+    values = text.split(",")
+    values = values * runs if len(values) == 1 else values
+    if len(values) != runs or not all(ok(v) for v in values):
+        raise SystemExit(f"{flag} {text!r}: give {allowed}, once or once per --workers entry "
+                         f"({runs})")
+    return values
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_args() -> argparse.Namespace:
@@ -229,30 +248,18 @@ def main() -> int:
     if args.coordesc:
         options["coordinate_descent_tuning"] = True
     workers = [int(w) for w in args.workers.split(",")]
-    cpus = [float(c) for c in args.cpus_per_compile.split(",")] if args.cpus_per_compile else [None]
-    if len(cpus) == 1:
-        cpus = cpus * len(workers)
-    if len(cpus) != len(workers):
-        raise SystemExit(f"--cpus-per-compile has {len(cpus)} values for {len(workers)} --workers "
-                         "entries: give one value or one per entry")
-    precompile = args.precompile_threads.split(",")
-    precompile = precompile * len(workers) if len(precompile) == 1 else precompile
-    if len(precompile) != len(workers) or not all(p in ("all", "cpus") or p.isdigit()
-                                                   for p in precompile):
-        raise SystemExit(f"--precompile-threads {args.precompile_threads!r}: give 'all', 'cpus' or "
-                         "a number, once or once per --workers entry")
-    codegen = args.codegen_threads.split(",")
-    codegen = codegen * len(workers) if len(codegen) == 1 else codegen
-    if len(codegen) != len(workers) or not all(k.isdigit() or k == "default" for k in codegen):
-        raise SystemExit(f"--codegen-threads {args.codegen_threads!r}: give a number >= 0, once or "
-                         "once per --workers entry")
-    codegen = [None if k == "default" else int(k) for k in codegen]
-    tune = args.tune_gemms.split(",")
-    tune = tune * len(workers) if len(tune) == 1 else tune
-    tune = ["ahead" if t == "on" else t for t in tune]
-    if len(tune) != len(workers) or not set(tune) <= {"off", "ahead", "alongside"}:
-        raise SystemExit(f"--tune-gemms {args.tune_gemms!r}: give off, ahead (or on) or alongside, "
-                         "once or once per --workers entry")
+    n = len(workers)
+    cpus = ([float(c) for c in per_run(args.cpus_per_compile, n, "--cpus-per-compile",
+                                       "a number", _is_float)]
+            if args.cpus_per_compile else [None] * n)
+    precompile = per_run(args.precompile_threads, n, "--precompile-threads",
+                         "'all', 'cpus' or a number", lambda p: p in ("all", "cpus") or p.isdigit())
+    codegen = [None if k == "default" else int(k) for k in per_run(
+        args.codegen_threads, n, "--codegen-threads", "'default' or a number >= 0",
+        lambda k: k == "default" or k.isdigit())]
+    tune = ["ahead" if t == "on" else t for t in per_run(
+        args.tune_gemms, n, "--tune-gemms", "off, ahead (or on) or alongside",
+        lambda t: t in ("off", "on", "ahead", "alongside"))]
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,

@@ -15,6 +15,7 @@ import click
 
 from .config import CompilationConfig
 from .errors import VcrError
+from .thread_compile import DEFAULT_THREADS as DEFAULT_CODEGEN_THREADS
 
 EXAMPLES = {
     "warm": "vcr warm --model llama-3-8b --tp 8 --sizes 1,2,4,8,16 --cache s3://bucket/vcr\n"
@@ -149,7 +150,7 @@ def cli() -> None:
                    "'ahead' of the compiles that use it (the bare flag), or 'alongside' them")
 @click.option("--codegen-threads", type=click.IntRange(min=0), default=None,
               help="cuda: each compile compiles its generated code's kernels on this many threads "
-                   "(0: off) [default: 4]")
+                   f"(0: off) [default: {DEFAULT_CODEGEN_THREADS}]")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
