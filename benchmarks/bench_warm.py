@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import ray
 import torch
 
 from vllm_compile_ray import CompilationConfig, models
@@ -34,7 +35,8 @@ from vllm_compile_ray.inductor import environment_fingerprint, phase_times, set_
 from vllm_compile_ray.manager import CompilerManager
 from vllm_compile_ray.plan import capture, plan_graph
 from vllm_compile_ray.stats import top_phases
-from vllm_compile_ray.warm import order_tasks, warm
+from vllm_compile_ray import pool as compile_pool
+from vllm_compile_ray.warm import _connect, order_tasks, pool_spec, warm
 
 from utilization import Sampler
 
@@ -87,6 +89,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tune-gemms", default="off",
                    help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
                         "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
+    p.add_argument("--pool", default="off",
+                   help="off, or on: the run compiles in a standing pool of compile workers "
+                        "(`warm(pool=True)`) started and warmed up before it (its start is timed "
+                        "apart), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-compile-threads", type=int, default=None,
@@ -241,6 +247,21 @@ def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> d
     return out
 
 
+def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
+               resources: dict[str, float], codegen_threads: int | None, runtime_env: dict) -> float:
+    """Connect to Ray (it stays up for the run; the caller shuts it down), start `workers` pool
+    workers for the run's settings and wait until every one has warmed up; returns the seconds."""
+    _connect(args.address, runtime_env)
+    spec = pool_spec(base, args.device, codegen_threads=codegen_threads, runtime_env=runtime_env,
+                     **resources)
+    start = time.perf_counter()
+    members = compile_pool.up(spec, workers)
+    ray.get([worker.start.remote(warm=True) for worker, _ in members])  # worker 0's warm-up too
+    seconds = round(time.perf_counter() - start, 3)
+    print(f"pool of {workers} compile workers started in {seconds:.1f}s", flush=True)
+    return seconds
+
+
 def main() -> int:
     args = parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
@@ -260,6 +281,7 @@ def main() -> int:
     tune = ["ahead" if t == "on" else t for t in per_run(
         args.tune_gemms, n, "--tune-gemms", "off, ahead (or on) or alongside",
         lambda t: t in ("off", "on", "ahead", "alongside"))]
+    pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -274,19 +296,28 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg) in enumerate(zip(workers, cpus, precompile, codegen, tune)):
+    for i, (n, c, pre, kt, tg, pl) in enumerate(zip(workers, cpus, precompile, codegen, tune,
+                                                    pools)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
             env["TORCHINDUCTOR_COMPILE_THREADS"] = (
                 str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
-        summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
-                       tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
-                       address=args.address, max_in_flight=n, runtime_env={"env_vars": env},
-                       tune_gemms=tg, codegen_threads=kt,
-                       progress=lambda line: print(line, flush=True), **resources)
+        runtime_env = {"env_vars": env}
+        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env) if pl == "on" else 0.0
+        try:
+            summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
+                           tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
+                           address=args.address, max_in_flight=n, runtime_env=runtime_env,
+                           tune_gemms=tg, codegen_threads=kt, pool=pl == "on",
+                           progress=lambda line: print(line, flush=True), **resources)
+        finally:
+            if pl == "on":
+                compile_pool.down()
+                ray.shutdown()
         runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
-                     "tune_gemms": tg,
+                     "tune_gemms": tg, "pool": pl, "pool_start_s": pool_start_s,
+                     "pool_reused": summary.pool_reused,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
                                            default=0.0),
@@ -330,6 +361,9 @@ def main() -> int:
         for run in runs:
             run["ratio_end_to_end"] = round((plan_s + loop_s) / run["ray_total_s"], 2)
             run["ratio_compile"] = round(loop_s / run["ray_wall_s"], 2) if run["ray_wall_s"] else None
+            if run["pool"] == "on":  # counting the pool's start too, as a first run would
+                run["ratio_end_to_end_with_pool_start"] = round(
+                    (plan_s + loop_s) / (run["ray_total_s"] + run["pool_start_s"]), 2)
     sampler.stop()
     for run in runs:  # each window's mean once every sample covering it is in
         run["busy"] = sampler.mean(*run.pop("window"))

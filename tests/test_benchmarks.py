@@ -24,12 +24,13 @@ def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
         out = subprocess.run(
             [sys.executable, "benchmarks/bench_warm.py", "--model", "llama-tiny", "--num-layers",
              "2", "--sizes", "2", "--no-dynamic", "--device", "cpu", "--backend", "eager",
-             "--workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+             "--workers", "2,2", "--pool", "off,on"], cwd=REPO, env=env, capture_output=True,
+            text=True, timeout=600)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    [line] = [x for x in out.stdout.splitlines() if x.startswith("result ")]
-    result = json.loads(line[len("result "):])
+    result, pooled = [json.loads(x[len("result "):]) for x in out.stdout.splitlines()
+                      if x.startswith("result ")]
     assert result["ray_compiled"] == result["serial_tasks"] == 3 and result["ok"]
     assert 0 <= result["busy"]["cpu"] <= 1 and 0 <= result["serial_busy"]["cpu"] <= 1
     assert set(result["overhead"]) >= {"first_task_lag_s", "pre_mean_s", "post_mean_s", "tail_s"}
@@ -40,7 +41,13 @@ def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
                / result["ray_total_s"]) <= 0.01
     assert "compile phase" in out.stdout and "busy in the serial loop" in out.stdout
     # the tasks that ended last, each with its start and end in the compile phase
-    assert sum(x.startswith("path compile[") and "-" in x for x in out.stdout.splitlines()) == 3
+    assert sum(x.startswith("path compile[") and "-" in x for x in out.stdout.splitlines()) == 6
+    # --pool on: the run compiled in the two pool workers started (and timed) before it
+    assert (result["pool"], pooled["pool"]) == ("off", "on")
+    assert pooled["ray_compiled"] == 3 and pooled["ok"] and pooled["pool_reused"] == 2
+    assert pooled["pool_start_s"] > 0 and "pool of 2 compile workers started" in out.stdout
+    assert abs(pooled["ratio_end_to_end_with_pool_start"] - (result["serial_plan_s"]
+               + result["serial_s"]) / (pooled["ray_total_s"] + pooled["pool_start_s"])) <= 0.01
 
 
 def test_sampler_sees_a_busy_core() -> None:

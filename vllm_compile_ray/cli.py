@@ -1,4 +1,5 @@
-"""`vcr`: warm, load, plan, ls, stats, verify and gc a compile cache from the shell.
+"""`vcr`: warm, load, plan, ls, stats, verify and gc a compile cache, and run its pool of
+compile workers, from the shell.
 
 Environment and flags are read here, at the edge, and passed down as config objects.
 """
@@ -8,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from .config import CompilationConfig
+from .config import DEFAULT_POOL_IDLE_TIMEOUT_S, CompilationConfig
 from .errors import VcrError
 from .thread_compile import DEFAULT_THREADS as DEFAULT_CODEGEN_THREADS
 
@@ -26,6 +28,8 @@ EXAMPLES = {
     "stats": "vcr stats --cache s3://bucket/vcr --model llama-3-8b\n"
              "vcr stats --address auto                                 # live, from the stats actor",
     "verify": "vcr verify --cache s3://bucket/vcr",
+    "pool": "vcr warm --model llama-3-8b --sizes 1,2,4,8 --cache s3://bucket/vcr --pool\n"
+            "vcr pool status --address auto\nvcr pool down --address auto",
     "gc": "vcr gc --cache s3://bucket/vcr --older-than-days 30          # dry run\n"
           "vcr gc --cache s3://bucket/vcr --keep-fingerprint 3f2a.. --yes",
 }
@@ -151,6 +155,12 @@ def cli() -> None:
 @click.option("--codegen-threads", type=click.IntRange(min=0), default=None,
               help="cuda: each compile compiles its generated code's kernels on this many threads "
                    f"(0: off) [default: {DEFAULT_CODEGEN_THREADS}]")
+@click.option("--pool", is_flag=True,
+              help="compile in the cluster's standing pool of compile workers, starting the ones "
+                   "missing; they stay up for the next run (see `vcr pool`)")
+@click.option("--pool-idle-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_POOL_IDLE_TIMEOUT_S, show_default=True,
+              help="seconds a pool worker stays up without work")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
@@ -166,6 +176,7 @@ def warm(**opts: Any) -> None:
                       max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
                       tune_gemms=opts["tune_gemms"], codegen_threads=opts["codegen_threads"],
+                      pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
                       progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
                                         if k not in ("rows", "tune_rows")},
@@ -371,6 +382,61 @@ def gc(keep_fingerprint: tuple[str, ...], older_than_days: float | None, yes: bo
     for key, what in drop:
         click.echo(f"{verb} {key} ({what})")
     click.echo(f"{len(drop)} artifacts {'deleted' if yes else 'to delete (dry run; --yes deletes)'}")
+
+
+@cli.group(epilog=_epilog("pool"))
+def pool() -> None:
+    """The standing pool of compile workers that `vcr warm --pool` starts and reuses."""
+
+
+_address = click.option("--address", default=None, envvar="RAY_ADDRESS",
+                        help="Ray cluster address [env RAY_ADDRESS; default: the local cluster]")
+
+
+@contextmanager
+def _connected(address: str | None) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    try:
+        ray.init(address=address or "auto", logging_level="ERROR")
+    except ConnectionError as exc:
+        raise click.ClickException(f"no Ray cluster at {address or 'auto'}: {exc}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pool.command("status")
+@_address
+def pool_status(address: str | None) -> None:
+    """List the pool's workers: pid, node, busy, compiles served, idle seconds."""
+    from . import pool as compile_pool
+
+    with _connected(address):
+        rows = compile_pool.status()
+    if not rows:
+        click.echo("no compile workers in the pool")
+        return
+    for row in rows:
+        row["node"] = row.pop("node_id", "")[:8]
+        row["spec"] = json.dumps(row.get("spec", {}), sort_keys=True)
+    click.echo(_table(rows, ["name", "pid", "node", "started", "busy", "served", "idle_s",
+                             "idle_timeout_s", "error"]))
+
+
+@pool.command("down")
+@_address
+def pool_down(address: str | None) -> None:
+    """Stop every worker of the pool (their GPU fractions and CPUs free up)."""
+    from . import pool as compile_pool
+
+    with _connected(address):
+        names = compile_pool.down()
+    click.echo(f"stopped {len(names)} compile workers")
 
 
 def parse_warm_args(argv: list[str]) -> argparse.Namespace:

@@ -13,6 +13,7 @@ from .errors import ConfigError
 COMPILATION_LEVELS = ("piecewise", "dynamo_once")
 BACKENDS = ("inductor", "eager")
 FALLBACKS = ("eager", "compile")
+DEFAULT_POOL_IDLE_TIMEOUT_S = 900.0  # a pool compile worker without work this long exits
 MISS_POLICIES = ("error", "compile", "compile_and_publish", "eager")
 SIGNING_SCHEMES = ("", "hmac-sha256", "ed25519")
 DEFAULT_SPLITTING_OPS = ("vcr::attention",)

@@ -3,6 +3,7 @@ ones running past `max_compile_time`, print a progress line per finished task.""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,8 @@ from . import autotune_cache, metrics
 from .compile_task import CompileTaskError, TaskContext, compile_remote, tune_remote
 from .gemm_tuning import TuneTask
 from .plan import CompileTask
+
+logger = logging.getLogger(__name__)
 
 _POLL_S = 1.0  # how often the driver checks running tasks against max_compile_time
 
@@ -38,7 +41,9 @@ class Dispatcher:
 
     def run(self, todo: list[CompileTask], max_in_flight: int, tunes: list[TuneTask] = (),
             needs: dict[str, list[str]] | None = None, alongside: bool = False,
-            starts: list[ray.ObjectRef] = ()) -> list[dict[str, Any]]:
+            starts: list[ray.ObjectRef] = (),
+            pool: list[tuple[ray.actor.ActorHandle, ray.ObjectRef]] | None = None
+            ) -> list[dict[str, Any]]:
         """Compile `todo` with `tunes` (`needs`: compile key -> names of the tune tasks whose
         timings it wants; alongside: see the class); returns the compile rows (tune rows:
         `self.tune_rows`).
@@ -47,7 +52,13 @@ class Dispatcher:
         `max_in_flight` until it ends (for at most `max_compile_time`): a task submitted while a
         slot is free but every started worker is busy starting up gets a new worker process from
         Ray, which pays its whole start-up inside the compile phase (measured on 4xH200: 3 of 33
-        tasks began 15 s into the phase that way, while 3 started workers sat idle)."""
+        tasks began 15 s into the phase that way, while 3 started workers sat idle).
+
+        pool: [(worker, its start-up)] of the standing pool (`pool.up`): compiles and tunes run
+        there instead of as Ray tasks, one at a time per worker once its start-up has ended
+        (`max_in_flight` and `starts` do not apply). A worker running a compile past
+        `max_compile_time` is restarted (and starts again); one that dies past its restarts is
+        left out."""
         run_id, self.total = self.ctx.run_id, len(todo)
         ctx_ref = ray.put(self.ctx)
         piece_refs = {t.code_id: ray.put(t.piece) for t in todo}  # once per piece, not per task
@@ -60,28 +71,34 @@ class Dispatcher:
         metrics.set_remaining(run_id, len(todo))
         last_poll = time.perf_counter()
         starting, stop_waiting = list(starts), last_poll + self.ctx.config.max_compile_time
+        limit = self.ctx.config.max_compile_time  # for a start-up too, from its submission
+        pool_starting = {ref: (worker, last_poll + limit) for worker, ref in pool or ()}
+        idle: list[ray.actor.ActorHandle] = []  # pool workers started and free
+        owner: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}  # pool worker of each in flight
         while queue or in_flight:
             if starting:
                 starting = [] if time.perf_counter() > stop_waiting else \
                     ray.wait(starting, num_returns=len(starting), timeout=0)[1]
-            while len(in_flight) < max_in_flight - len(starting):
+            if pool_starting:
+                idle += _started_workers(pool_starting)
+            if pool is not None and not (idle or in_flight or pool_starting):
+                self._no_workers(queue, waiting, timings)
+                break
+            while idle if pool is not None else len(in_flight) < max_in_flight - len(starting):
                 task = next((t for t in queue
                              if isinstance(t, TuneTask) or not waiting[t.key]), None)
                 if task is None:
                     break
                 queue.remove(task)
-                if isinstance(task, TuneTask):
-                    # A tune is optional: one attempt (a crash is not worth a new worker).
-                    ref = tune_remote.options(name=task.name, **{**self.options,
-                                                                 "max_retries": 0}).remote(
-                        task.problem, task.shape, ctx_ref, shared=alongside)
-                else:
-                    ref = compile_remote.options(name=task.name, **self.options).remote(
-                        piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape,
-                        _merged(timings, (needs or {}).get(task.key, ())))
+                worker = idle.pop(0) if pool is not None else None
+                ref = self._submit(task, worker, ctx_ref, piece_refs, alongside,
+                                   _merged(timings, (needs or {}).get(getattr(task, "key", ""), ())))
+                if worker is not None:
+                    owner[ref] = worker
                 in_flight[ref] = task
                 submitted[ref] = time.time()
-            ready, _ = ray.wait(list(in_flight) + starting, num_returns=1, timeout=_POLL_S)
+            ready, _ = ray.wait(list(in_flight) + starting + list(pool_starting), num_returns=1,
+                                timeout=_POLL_S)
             if ready and in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
             else:
@@ -89,8 +106,11 @@ class Dispatcher:
             for ref in ready:
                 task = in_flight.pop(ref)
                 row = _result(ref, task)
+                worker = owner.pop(ref, None)
                 if "task_id" not in row:  # Ray gave up on it (worker died past max_retries, ...)
                     row = self._finish_here(ref, row)
+                elif worker is not None:
+                    idle.append(worker)
                 row["submitted_at"] = submitted.pop(ref)
                 self._record(task, row, waiting, timings)
             if in_flight and time.perf_counter() - last_poll >= _POLL_S:
@@ -99,14 +119,49 @@ class Dispatcher:
                                           self.ctx.config.max_compile_time):
                     if ray.wait([ref], timeout=0)[0]:
                         continue  # finished meanwhile: collected next round
-                    ray.cancel(ref, force=True)
+                    if ref in owner:  # an actor's call cannot be force-cancelled: restart it
+                        worker = owner.pop(ref)
+                        ray.kill(worker, no_restart=False)
+                        # Ray retries the call there, which finds this row recorded and returns.
+                        again = worker.start.options(name="vcr_start_worker").remote()
+                        pool_starting[again] = (worker, time.perf_counter() + limit)
+                    else:
+                        ray.cancel(ref, force=True)
                     del in_flight[ref]
                     submitted.pop(ref)
-                    limit = self.ctx.config.max_compile_time
                     row = {**_identity(task), "status": "timed_out", "seconds": 0.0,
                            "error": f"cancelled after max_compile_time={limit:g}s"}
                     self._record(task, self._finish_here(ref, row), waiting, timings)
         return self.rows
+
+    def _submit(self, task: CompileTask | TuneTask, worker: ray.actor.ActorHandle | None,
+                ctx_ref: ray.ObjectRef, piece_refs: dict[str, ray.ObjectRef], alongside: bool,
+                timings: dict[str, Any]) -> ray.ObjectRef:
+        """Start `task` in the pool `worker`, or as a Ray task when None."""
+        if isinstance(task, TuneTask):
+            args = (task.problem, task.shape, ctx_ref)
+            if worker is not None:
+                return worker.tune.options(name=task.name).remote(*args, shared=alongside)
+            # A tune is optional: one attempt (a crash is not worth a new worker).
+            return tune_remote.options(name=task.name, **{**self.options, "max_retries": 0}
+                                       ).remote(*args, shared=alongside)
+        args = (piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape, timings)
+        if worker is not None:
+            return worker.compile.options(name=task.name).remote(*args)
+        return compile_remote.options(name=task.name, **self.options).remote(*args)
+
+    def _no_workers(self, queue: list[CompileTask | TuneTask], waiting: dict[str, set[str]],
+                    timings: dict[str, dict[str, Any]]) -> None:
+        """Record every queued task as failed: no worker of the pool is left to run it."""
+        limit = self.ctx.config.max_compile_time
+        for task in list(queue):
+            row = {**_identity(task), "status": "failed", "seconds": 0.0,
+                   "error": "no compile worker of the pool is left: none started within "
+                            f"max_compile_time={limit:g}s, or all died (see `vcr pool status`)"}
+            if not isinstance(task, TuneTask):
+                metrics.record_task("failed")
+            self._record(task, row, waiting, timings)
+        queue.clear()
 
     def _finish_here(self, ref: ray.ObjectRef, row: dict[str, Any]) -> dict[str, Any]:
         """Report a row the task itself could not; returns the row the stats actor kept (the
@@ -139,6 +194,28 @@ class Dispatcher:
                 "timed_out": "TIMED OUT"}[row["status"]]
         self.say(f"{word} {len(self.rows)}/{self.total} {task.name} {row.get('seconds', 0.0):.1f}s "
                  f"{where}{detail}")
+
+
+def _started_workers(starting: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, float]]
+                     ) -> list[ray.actor.ActorHandle]:
+    """Pool workers whose start-up ended, taken out of `starting` (ref -> (worker, deadline as
+    perf_counter)); a failed one is logged and left out, as is one still starting past its
+    deadline."""
+    done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+    started = []
+    for ref in done:
+        worker, _ = starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            logger.warning("a pool worker's start-up failed: %s", str(exc).splitlines()[0])
+            continue
+        started.append(worker)
+    now = time.perf_counter()
+    for ref in [r for r, (_, deadline) in starting.items() if now > deadline]:
+        logger.warning("a pool worker did not start within max_compile_time: left out")
+        del starting[ref]
+    return started
 
 
 def _identity(task: CompileTask | TuneTask) -> dict[str, Any]:

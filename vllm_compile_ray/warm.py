@@ -22,6 +22,7 @@ import ray
 import torch
 
 from . import gemm_tuning, manifest, models
+from . import pool as compile_pool
 from .api import example_args, key_context, model_device_type, open_store
 from .compile_task import Faults, TaskContext, start_worker_remote
 from .compiler_interface import make_compiler
@@ -59,6 +60,7 @@ class WarmSummary:
     prestart_ready: int = 0  # of them, finished when the compile phase began
     prestart_last_s: float = 0.0  # when the last one finished, from the phase's start
     ran_in_prestarted: int = 0  # compile tasks that ran in one of them
+    pool_reused: int = 0  # with pool=True: workers of the standing pool already up at the start
     # their start-ups: pid, seconds, submitted_at, entered_at, finished_at, steps (seconds by step)
     prestart_rows: list[dict[str, Any]] = field(default_factory=list)
     manifest_path: str = ""
@@ -198,6 +200,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
          tune_gemms: bool | str = False, codegen_threads: int | None = None,
+         pool: bool = False, pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -223,6 +226,11 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     codegen_threads: on CUDA, each compile compiles the kernels of its generated code on this many
     threads of its process while codegen goes on (`thread_compile`), instead of following
     cpus_per_compile; 0: off; None: 4 (measured on 4×H200: the longest compile 17.0 → 14.9 s).
+    pool: compile in the cluster's standing pool of compile workers (`pool`: detached actors,
+    one per compile slot, that keep their started process between runs), starting the ones it
+    lacks and leaving them up for the next run until pool_idle_timeout_s without work or
+    `vcr pool down`. A later run starts compiling without the workers' start-up; the pool holds
+    its GPU fractions and CPUs while it is up. With Ray started in-process it ends with it.
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -258,13 +266,35 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
                                "filesystem there (use s3:// or a shared mount)", store.url)
         if prestart is None:
             prestart = config.backend == "inductor"
-        workers = min(max_in_flight or capacity, capacity) if prestart else 0
+        workers = min(max_in_flight or capacity, capacity) if prestart or pool else 0
+        spec = None
+        if pool:
+            if owned and not address and not os.environ.get("RAY_ADDRESS"):
+                logger.warning("pool=True with Ray started in this process: the pool ends with "
+                               "this call (give address= to keep it on a cluster)")
+            spec = pool_spec(config, device_type, request.gpus, request.cpus, request.resources,
+                             codegen_threads, runtime_env)
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
-                     faults or Faults(), say, workers, tune_mode, codegen_threads)
+                     faults or Faults(), say, workers, tune_mode, codegen_threads,
+                     spec, pool_idle_timeout_s)
     finally:
         if owned:
             ray.shutdown()
+
+
+def pool_spec(config: CompilationConfig, device_type: str = "cuda",
+              gpus_per_compile: float | None = None, cpus_per_compile: float = 1.0,
+              resources: dict[str, float] | None = None, codegen_threads: int | None = None,
+              runtime_env: dict | None = None) -> compile_pool.PoolSpec:
+    """The spec of the pool workers that `warm(pool=True)` with these arguments compiles in, to
+    start them ahead with `pool.up`."""
+    if gpus_per_compile is None:
+        gpus_per_compile = 0.25 if device_type == "cuda" else 0.0
+    threads = DEFAULT_CODEGEN_THREADS if codegen_threads is None else codegen_threads
+    return compile_pool.PoolSpec(device_type, config.backend, float(gpus_per_compile),
+                                 float(cpus_per_compile), dict(resources or {}), threads,
+                                 dict(runtime_env or {}))
 
 
 def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, store: ArtifactStore,
@@ -272,7 +302,8 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
           say: Callable[[str], None], prestart: int, tune_mode: str | None,
-          codegen_threads: int) -> WarmSummary:
+          codegen_threads: int, pool_spec: compile_pool.PoolSpec | None = None,
+          pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Created now, its process starts while the driver plans: the first compile tasks would
@@ -282,13 +313,18 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
     # first one's fingerprint keys the plan. They hold the compile slots, so each compile task
     # waits for a started worker to go idle and runs there (workers are reused: max_calls=0).
     # The first one reports as soon as it has the fingerprint, without the warm-up compile.
+    # With a pool, its workers (started now, or already up) play that part.
     count = max(prestart, 1 if fingerprint is None else 0)
     starts_at = time.time()
+    members = compile_pool.up(pool_spec, prestart, pool_idle_timeout_s, faults.startup_sleep_s) \
+        if pool_spec else None
     starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
         config.backend, request.cpus, device_type, warm=i > 0 or fingerprint is not None,
-        delay_s=faults.startup_sleep_s, codegen_threads=codegen_threads) for i in range(count)]
+        delay_s=faults.startup_sleep_s, codegen_threads=codegen_threads)
+        for i in range(0 if members else count)]
+    start_refs = [ref for _, ref in members] if members else starts
     plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
-                 starts[0] if starts else None)
+                 start_refs[0] if start_refs else None)
     fp_id = plan.key_context.fingerprint_id
     tasks = plan.tasks()
     present = store.contains_many([t.key for t in tasks])
@@ -309,13 +345,14 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
     start, phase_started_at = time.perf_counter(), time.time()
-    ready = len(ray.wait(starts, num_returns=len(starts), timeout=0)[0]) if starts else 0
+    ready = len(ray.wait(start_refs, num_returns=len(start_refs), timeout=0)[0]) \
+        if start_refs else 0
     dispatcher = Dispatcher(ctx, stats, request.options(), max_retries, say)
     rows += dispatcher.run(todo, max_in_flight, tunes, needs, alongside=tune_mode == "alongside",
-                           starts=starts)
+                           starts=starts, pool=members)
     tune_rows = dispatcher.tune_rows
     wall_s = time.perf_counter() - start if todo else 0.0
-    prestarted = _started(starts)
+    prestarted = _started(start_refs, cancel=not members)
 
     snap = ray.get(stats.snapshot.remote(run_id))
     manifest_rows = _manifest_rows(store, plan, name, tp_size, rows)
@@ -339,6 +376,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         prestart_rows=[{**{k: v for k, v in p.items() if k != "fingerprint"},
                         "submitted_at": starts_at} for p in prestarted.values()],
         ran_in_prestarted=sum(1 for r in by_status["compiled"] if r.get("pid") in prestarted),
+        pool_reused=sum(1 for p in prestarted.values() if p.get("reused")),
         total_s=round(time.perf_counter() - t0, 3),
         manifest_path=f"{store.url}/{manifest.manifest_path(name, fp_id)}",
         stats_path=f"{store.url}/{manifest.stats_path(name, fp_id)}",
@@ -363,16 +401,17 @@ def _tune_mode(tune_gemms: bool | str) -> str | None:
                           "True/'ahead', 'alongside'") from None
 
 
-def _started(refs: list[ray.ObjectRef]) -> dict[int, dict[str, Any]]:
+def _started(refs: list[ray.ObjectRef], cancel: bool = True) -> dict[int, dict[str, Any]]:
     """Pid -> `start_worker`'s result, of the workers whose start-up finished; one still running
-    is cancelled with its worker (a failed one is logged: its cause shows again in the compiles).
+    is cancelled with its worker unless `cancel` is False (a pool worker goes on starting for the
+    next run); a failed one is logged: its cause shows again in the compiles.
 
     Not force=False: that raises KeyboardInterrupt wherever the start-up is, often mid-import,
     and the worker, which Ray reuses, keeps half-initialized modules (seen in CI: every later
     task in it failed with "partially initialized module 'setuptools' has no attribute 'dist'").
     A worker whose start-up never finished has served nothing; killing it loses nothing."""
     done, pending = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
-    for ref in pending:
+    for ref in pending if cancel else ():
         ray.cancel(ref, force=True)
     started = {}
     for ref in done:
