@@ -166,3 +166,12 @@ def test_cli_shows_and_stops_the_pool(pool, capsys) -> None:
 def _cpu_fingerprint() -> dict[str, str]:
     from vllm_compile_ray.inductor import environment_fingerprint
     return environment_fingerprint("cpu")
+
+
+def test_idle_workers_take_turns_across_gpus() -> None:
+    from vllm_compile_ray.dispatch import _spread
+
+    workers = [f"w{i}" for i in range(7)]  # any hashable stands in for an actor handle
+    places = {w: ("node", (str(i // 3),)) for i, w in enumerate(workers)}  # GPU 0,0,0,1,1,1,2
+    assert _spread(workers, places) == ["w0", "w3", "w6", "w1", "w4", "w2", "w5"]
+    assert _spread(workers[:2], {}) == ["w0", "w1"]  # no place known: order kept

@@ -74,13 +74,14 @@ class Dispatcher:
         limit = self.ctx.config.max_compile_time  # for a start-up too, from its submission
         pool_starting = {ref: (worker, last_poll + limit) for worker, ref in pool or ()}
         idle: list[ray.actor.ActorHandle] = []  # pool workers started and free
+        places: dict[ray.actor.ActorHandle, tuple] = {}  # pool worker -> (node, GPUs)
         owner: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}  # pool worker of each in flight
         while queue or in_flight:
             if starting:
                 starting = [] if time.perf_counter() > stop_waiting else \
                     ray.wait(starting, num_returns=len(starting), timeout=0)[1]
             if pool_starting:
-                idle += _started_workers(pool_starting)
+                idle = _spread(idle + _started_workers(pool_starting, places), places)
             if pool is not None and not (idle or in_flight or pool_starting):
                 self._no_workers(queue, waiting, timings)
                 break
@@ -196,20 +197,36 @@ class Dispatcher:
                  f"{where}{detail}")
 
 
-def _started_workers(starting: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, float]]
-                     ) -> list[ray.actor.ActorHandle]:
+def _spread(idle: list[ray.actor.ActorHandle], places: dict[ray.actor.ActorHandle, tuple]
+            ) -> list[ray.actor.ActorHandle]:
+    """Idle pool workers ordered to take turns across GPUs (and nodes): the longest compiles go
+    first, and several on one GPU slow each other's GEMM benchmarks (measured on 4xH200: the
+    pool's first nine workers, all on GPU 0, got the nine longest compiles; GEMM selection took
+    4-6 s in them against 3 s spread out)."""
+    turn: dict[tuple, int] = {}
+    keyed = []
+    for i, worker in enumerate(idle):
+        place = places.get(worker, ())
+        keyed.append((turn.get(place, 0), i, worker))
+        turn[place] = turn.get(place, 0) + 1
+    return [worker for _, _, worker in sorted(keyed, key=lambda k: k[:2])]
+
+
+def _started_workers(starting: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, float]],
+                     places: dict[ray.actor.ActorHandle, tuple]) -> list[ray.actor.ActorHandle]:
     """Pool workers whose start-up ended, taken out of `starting` (ref -> (worker, deadline as
-    perf_counter)); a failed one is logged and left out, as is one still starting past its
-    deadline."""
+    perf_counter)), their (node, GPUs) noted in `places`; a failed one is logged and left out, as
+    is one still starting past its deadline."""
     done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
     started = []
     for ref in done:
         worker, _ = starting.pop(ref)
         try:
-            ray.get(ref)
+            out = ray.get(ref)
         except ray.exceptions.RayError as exc:
             logger.warning("a pool worker's start-up failed: %s", str(exc).splitlines()[0])
             continue
+        places[worker] = (out.get("node_id", ""), tuple(out.get("gpu_ids", ())))
         started.append(worker)
     now = time.perf_counter()
     for ref in [r for r, (_, deadline) in starting.items() if now > deadline]:

@@ -100,6 +100,9 @@ class CompileWorker:
                 out = {**self.started, **start_worker(self.spec.backend, self.spec.cpus,
                                                       self.spec.device_type, warm=True,
                                                       codegen_threads=self.spec.codegen_threads)}
+            ctx = ray.get_runtime_context()
+            out.update(node_id=ctx.get_node_id(),
+                       gpu_ids=list(ctx.get_accelerator_ids().get("GPU", [])))
             self.started, self.warmed = out, warm
             return {**out, "reused": False}
 
