@@ -88,7 +88,7 @@ class CompileWorker:
     def start(self, warm: bool = True, delay_s: float = 0.0) -> dict[str, Any]:
         """`start_worker` once per process (warm: with its warm-up compile, which a later call may
         add); a worker already started returns at once, marked "reused"."""
-        with self._busy():
+        with self._busy(serves=False):
             if self.started is not None and (self.warmed or not warm):
                 return {**self.started, "reused": True, "seconds": 0.0, "steps": {},
                         "entered_at": time.time(), "finished_at": time.time()}
@@ -124,13 +124,14 @@ class CompileWorker:
                 "idle_timeout_s": self.idle_timeout_s, "spec": asdict(self.spec)}
 
     @contextmanager
-    def _busy(self) -> Iterator[None]:
+    def _busy(self, serves: bool = True) -> Iterator[None]:
+        """A call at work: not idle meanwhile; `serves`: a compile or tune, counted."""
         self.active += 1
         try:
             yield
         finally:
             self.active -= 1
-            self.served += 1
+            self.served += serves
             self.last_active = time.time()
 
     def _watch(self) -> None:
