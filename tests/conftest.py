@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 
@@ -60,3 +62,21 @@ def s3_bucket(s3_server: str) -> str:
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=S3_TEST_BUCKET)
     return S3_TEST_BUCKET
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A private local Ray instance with two fake GPUs, one per test module."""
+    ray = pytest.importorskip("ray")
+    tmp = tempfile.mkdtemp(prefix="vcr", dir="/tmp")  # short: Ray puts sockets under it
+    with pytest.MonkeyPatch.context() as mp:
+        # A private RAY_TMPDIR: `ray.init` neither attaches to another cluster on this shared
+        # machine (via /tmp/ray/ray_current_cluster) nor lets others attach to this one.
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.setenv("RAY_metrics_report_interval_ms", "1000")
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)

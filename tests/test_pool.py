@@ -1,12 +1,10 @@
 """The standing pool of compile workers (`pool.py`, `warm(pool=True)`) on a real local Ray
-instance with two fake GPUs. Compiles use the EagerAdaptor; one Ray instance serves the module
-and every test stops the workers it started."""
+instance with two fake GPUs (`ray_local`, conftest). Compiles use the EagerAdaptor; one Ray
+instance serves the module and every test stops the workers it started."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 
@@ -28,19 +26,6 @@ SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5} 
 def eager(cache_dir: str, **kw) -> CompilationConfig:
     return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 2),
                              cache_dir=cache_dir, **kw)
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    tmp = tempfile.mkdtemp(prefix="vcr", dir="/tmp")  # short: Ray puts sockets under it
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", tmp)  # a private instance (see tests/test_warm.py)
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

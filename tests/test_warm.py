@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,22 +35,6 @@ SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5} 
 def eager(cache_dir: str, **kw) -> CompilationConfig:
     return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=SIZES,
                              cache_dir=cache_dir, **kw)
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    tmp = tempfile.mkdtemp(prefix="vcr", dir="/tmp")  # short: Ray puts sockets under it
-    with pytest.MonkeyPatch.context() as mp:
-        # A private RAY_TMPDIR: `ray.init` neither attaches to another cluster on this shared
-        # machine (via /tmp/ray/ray_current_cluster) nor lets others attach to this one.
-        mp.setenv("RAY_TMPDIR", tmp)
-        mp.setenv("RAY_metrics_report_interval_ms", "1000")
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
