@@ -73,6 +73,16 @@ def test_other_settings_get_workers_of_their_own(pool, tmp_path) -> None:
     assert len(compile_pool.down()) == 2 and compile_pool.names() == []
 
 
+def test_a_run_without_the_pool_says_that_it_holds_resources(pool, tmp_path, caplog) -> None:
+    spec = compile_pool.PoolSpec("cpu", "eager", gpus=0.5, cpus=0.5)
+    ray.get([ref for _, ref in compile_pool.up(spec, 1)])
+    config = eager(str(tmp_path)).replace(compile_sizes=(1,), compile_dynamic=False)
+    with caplog.at_level("WARNING", logger="vllm_compile_ray.warm"):
+        summary = warm("llama-tiny", config, max_in_flight=2, progress=None, **SLOT)
+    assert summary.ok and summary.compiled == 3
+    assert "1 compile workers of a standing pool hold their resources" in caplog.text
+
+
 def test_an_idle_worker_exits_and_frees_its_resources(pool) -> None:
     spec = compile_pool.PoolSpec("cpu", "eager", gpus=0.5, cpus=0.5)
     (worker, start), = compile_pool.up(spec, 1, idle_timeout_s=1.0)
@@ -135,17 +145,23 @@ def test_bad_pool_settings_are_refused(ray_local) -> None:
     assert compile_pool.names() == []
 
 
-def test_cli_shows_and_stops_the_pool(pool, capsys) -> None:
-    spec = compile_pool.PoolSpec("cpu", "eager", gpus=0.5, cpus=0.5)
-    ray.get([ref for _, ref in compile_pool.up(spec, 2)])
+def test_cli_starts_shows_and_stops_the_pool(pool, tmp_path, capsys) -> None:
+    """`vcr pool up` starts the workers `warm(pool=True)` with the same options compiles in."""
+    assert cli.main(["pool", "up", "--device", "cpu", "--backend", "eager", "--workers", "2",
+                     "--gpus-per-compile", "0.5", "--cpus-per-compile", "0.5"]) == 0
+    assert "2 of 2 compile workers started" in capsys.readouterr().out
+    summary = warm("llama-tiny", eager(str(tmp_path)), pool=True, max_in_flight=2, progress=None,
+                   **SLOT)
+    assert summary.ok and summary.pool_reused == 2
     assert cli.main(["pool", "status"]) == 0
     out = capsys.readouterr().out
-    assert out.count(f"{compile_pool.PREFIX}{spec.tag}-") == 2 and "served" in out
+    assert out.count(compile_pool.PREFIX) == 2 and "served" in out
     assert cli.main(["pool", "down"]) == 0
     assert "stopped 2 compile workers" in capsys.readouterr().out
     assert compile_pool.names() == []
     assert cli.main(["pool", "status"]) == 0
     assert "no compile workers" in capsys.readouterr().out
+    assert cli.main(["pool", "up", "--device", "cpu", "--workers", "0"]) == 2  # bad size: usage
 
 
 def _cpu_fingerprint() -> dict[str, str]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -28,7 +27,9 @@ EXAMPLES = {
     "stats": "vcr stats --cache s3://bucket/vcr --model llama-3-8b\n"
              "vcr stats --address auto                                 # live, from the stats actor",
     "verify": "vcr verify --cache s3://bucket/vcr",
-    "pool": "vcr warm --model llama-3-8b --sizes 1,2,4,8 --cache s3://bucket/vcr --pool\n"
+    "pool": "vcr pool up --address auto --gpus-per-compile 0.125    # before the first warm\n"
+            "vcr warm --model llama-3-8b --sizes 1,2,4,8 --cache s3://bucket/vcr --pool "
+            "--gpus-per-compile 0.125\n"
             "vcr pool status --address auto\nvcr pool down --address auto",
     "gc": "vcr gc --cache s3://bucket/vcr --older-than-days 30          # dry run\n"
           "vcr gc --cache s3://bucket/vcr --keep-fingerprint 3f2a.. --yes",
@@ -132,15 +133,31 @@ def cli() -> None:
     """vllm_compile_ray: a shared, Ray-warmed compile cache for vLLM-style piecewise torch.compile."""
 
 
+def slot_options(fn: Callable) -> Callable:
+    """What one compile asks of Ray and how it compiles: `vcr warm` and `vcr pool up`."""
+    for decorator in reversed([
+        click.option("--gpus-per-compile", type=float, default=None,
+                     help="GPU fraction per compile task [default: 0.25 for cuda, 0 for cpu]"),
+        click.option("--cpus-per-compile", type=float, default=1.0, show_default=True,
+                     help="CPUs per compile task; also Inductor's compile threads "
+                          "(on cuda --codegen-threads replaces them unless 0)"),
+        click.option("--resources", callback=_json_dict, default="",
+                     help='extra Ray resources per compile task as JSON, e.g. {"H100": 0.25} to '
+                          "pin one GPU type"),
+        click.option("--codegen-threads", type=click.IntRange(min=0), default=None,
+                     help="cuda: each compile compiles its generated code's kernels on this many "
+                          f"threads (0: off) [default: {DEFAULT_CODEGEN_THREADS}]"),
+        click.option("--pool-idle-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=DEFAULT_POOL_IDLE_TIMEOUT_S, show_default=True,
+                     help="seconds a pool worker stays up without work"),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
 @cli.command(epilog=_epilog("warm"))
 @model_options
-@click.option("--gpus-per-compile", type=float, default=None,
-              help="GPU fraction per compile task [default: 0.25 for cuda, 0 for cpu]")
-@click.option("--cpus-per-compile", type=float, default=1.0, show_default=True,
-              help="CPUs per compile task; also Inductor's compile threads "
-                   "(on cuda --codegen-threads replaces them unless 0)")
-@click.option("--resources", callback=_json_dict, default="",
-              help='extra Ray resources per compile task as JSON, e.g. {"H100": 0.25} to pin one GPU type')
+@slot_options
 @click.option("--max-in-flight", type=int, default=None, help="compile tasks in flight at once")
 @click.option("--max-retries", type=int, default=3, show_default=True,
               help="Ray retries of a task whose worker died")
@@ -152,15 +169,9 @@ def cli() -> None:
               is_flag=False, flag_value="ahead", show_default=True,
               help="tune each unique GEMM problem as a task of its own (max-autotune on cuda): "
                    "'ahead' of the compiles that use it (the bare flag), or 'alongside' them")
-@click.option("--codegen-threads", type=click.IntRange(min=0), default=None,
-              help="cuda: each compile compiles its generated code's kernels on this many threads "
-                   f"(0: off) [default: {DEFAULT_CODEGEN_THREADS}]")
 @click.option("--pool", is_flag=True,
               help="compile in the cluster's standing pool of compile workers, starting the ones "
                    "missing; they stay up for the next run (see `vcr pool`)")
-@click.option("--pool-idle-timeout", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_POOL_IDLE_TIMEOUT_S, show_default=True,
-              help="seconds a pool worker stays up without work")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
@@ -384,59 +395,10 @@ def gc(keep_fingerprint: tuple[str, ...], older_than_days: float | None, yes: bo
     click.echo(f"{len(drop)} artifacts {'deleted' if yes else 'to delete (dry run; --yes deletes)'}")
 
 
-@cli.group(epilog=_epilog("pool"))
-def pool() -> None:
-    """The standing pool of compile workers that `vcr warm --pool` starts and reuses."""
+# `vcr pool ...` lives in pool_cli.py (it uses the helpers above).
+from .pool_cli import pool  # noqa: E402
 
-
-_address = click.option("--address", default=None, envvar="RAY_ADDRESS",
-                        help="Ray cluster address [env RAY_ADDRESS; default: the local cluster]")
-
-
-@contextmanager
-def _connected(address: str | None) -> Iterator[None]:
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    try:
-        ray.init(address=address or "auto", logging_level="ERROR")
-    except ConnectionError as exc:
-        raise click.ClickException(f"no Ray cluster at {address or 'auto'}: {exc}") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pool.command("status")
-@_address
-def pool_status(address: str | None) -> None:
-    """List the pool's workers: pid, node, busy, compiles served, idle seconds."""
-    from . import pool as compile_pool
-
-    with _connected(address):
-        rows = compile_pool.status()
-    if not rows:
-        click.echo("no compile workers in the pool")
-        return
-    for row in rows:
-        row["node"] = row.pop("node_id", "")[:8]
-        row["spec"] = json.dumps(row.get("spec", {}), sort_keys=True)
-    click.echo(_table(rows, ["name", "pid", "node", "started", "busy", "served", "idle_s",
-                             "idle_timeout_s", "error"]))
-
-
-@pool.command("down")
-@_address
-def pool_down(address: str | None) -> None:
-    """Stop every worker of the pool (their GPU fractions and CPUs free up)."""
-    from . import pool as compile_pool
-
-    with _connected(address):
-        names = compile_pool.down()
-    click.echo(f"stopped {len(names)} compile workers")
+cli.add_command(pool)
 
 
 def parse_warm_args(argv: list[str]) -> argparse.Namespace:

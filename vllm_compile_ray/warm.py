@@ -268,6 +268,11 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
             prestart = config.backend == "inductor"
         workers = min(max_in_flight or capacity, capacity) if prestart or pool else 0
         spec = None
+        standing = [] if pool else compile_pool.names()
+        if standing:
+            logger.warning("%d compile workers of a standing pool hold their resources (%s...): "
+                           "this run's tasks get what is left; use pool=True (--pool) to compile "
+                           "in them, or stop them (`vcr pool down`)", len(standing), standing[0])
         if pool:
             if owned and not address and not os.environ.get("RAY_ADDRESS"):
                 logger.warning("pool=True with Ray started in this process: the pool ends with "
