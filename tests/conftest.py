@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -64,19 +65,33 @@ def s3_bucket(s3_server: str) -> str:
     return S3_TEST_BUCKET
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A private local Ray instance with two fake GPUs, one per test module."""
+@contextmanager
+def private_ray(**init_args) -> Iterator[str]:
+    """`ray.init(**init_args)` under a private RAY_TMPDIR, so it neither attaches to another
+    cluster on this shared machine (via /tmp/ray/ray_current_cluster) nor lets others attach to
+    it; yields its GCS address."""
     ray = pytest.importorskip("ray")
     tmp = tempfile.mkdtemp(prefix="vcr", dir="/tmp")  # short: Ray puts sockets under it
     with pytest.MonkeyPatch.context() as mp:
-        # A private RAY_TMPDIR: `ray.init` neither attaches to another cluster on this shared
-        # machine (via /tmp/ray/ray_current_cluster) nor lets others attach to this one.
         mp.setenv("RAY_TMPDIR", tmp)
         mp.setenv("RAY_metrics_report_interval_ms", "1000")
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=False, **init_args)
         try:
-            yield
+            yield ray.get_runtime_context().gcs_address
         finally:
             ray.shutdown()
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A private local Ray instance with two fake GPUs, one per test module."""
+    with private_ray(num_gpus=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A private local Ray instance (2 CPUs, no GPUs), one per test module; yields its address."""
+    with private_ray(num_gpus=0) as address:
+        yield address

@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -289,21 +288,6 @@ def test_damaged_staged_copy_is_refetched(s3: MotoProcess, tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------- Ray: workers, drivers, races
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
-    """A local Ray instance (2 CPUs, no GPUs) with a private temp dir; yields its address."""
-    ray = pytest.importorskip("ray")
-    tmp = tempfile.mkdtemp(prefix="vcrf", dir="/tmp")  # short: Ray puts sockets under it
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", tmp)
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
-        try:
-            yield ray.get_runtime_context().gcs_address
-        finally:
-            ray.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
-
 
 WARM = dict(device_type="cpu", gpus_per_compile=0, cpus_per_compile=0.5, progress=None)
 
