@@ -22,7 +22,8 @@ from vllm_compile_ray import CompilationConfig, manifest, models, plan_model
 from vllm_compile_ray.api import open_store
 from vllm_compile_ray.compile_task import Faults
 from vllm_compile_ray.errors import ClusterResourceError
-from vllm_compile_ray.warm import WarmSummary, warm
+from vllm_compile_ray.warm import warm
+from vllm_compile_ray.warm_summary import WarmSummary
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

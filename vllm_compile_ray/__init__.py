@@ -19,7 +19,8 @@ from .passes import InductorPass, PostGradPassManager
 from .plan import CompileTask, Plan
 from .splitting import SplitItem, split_graph
 from .store import ArtifactStore
-from .warm import WarmSummary, warm
+from .warm import warm
+from .warm_summary import WarmSummary
 
 __all__ = [
     "ArtifactCorruptError", "ArtifactNotFoundError", "ArtifactStore", "CacheMissError",

@@ -1,0 +1,74 @@
+"""`WarmSummary`: what a warm run did, as `warm()` returns and prints it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class WarmSummary:
+    model: str
+    tp_size: int
+    fingerprint_id: str
+    total: int  # unique (piece, shape) tasks of the plan: unique_pieces x len(shapes)
+    compiled: int
+    cached: int  # already in the cache (at plan time or when the task started)
+    failed: int
+    timed_out: int
+    wall_s: float  # compile phase: first submit to last result
+    plan_s: float
+    task_s_sum: float  # sum of the compile seconds of the tasks
+    total_s: float = 0.0  # plan + compile phase + manifest (Ray start-up and connect excluded)
+    run_id: str = ""
+    unique_pieces: int = 0
+    shapes: list[int | str] = field(default_factory=list)
+    max_concurrent: int = 0
+    prestarted: int = 0  # workers started while planning
+    prestart_s: float = 0.0  # the longest of their start-ups (in the worker)
+    prestart_ready: int = 0  # of them, finished when the compile phase began
+    prestart_last_s: float = 0.0  # when the last one finished, from the phase's start
+    ran_in_prestarted: int = 0  # compile tasks that ran in one of them
+    pool_reused: int = 0  # with pool=True: workers of the standing pool already up at the start
+    # their start-ups: pid, seconds, submitted_at, entered_at, finished_at, steps (seconds by step)
+    prestart_rows: list[dict[str, Any]] = field(default_factory=list)
+    manifest_path: str = ""
+    stats_path: str = ""
+    errors: dict[str, str] = field(default_factory=dict)  # task name -> error
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    # GEMM tuning ahead of the compiles (gemm_tuning.py): tune tasks run, failed (or timed out),
+    # their seconds, and the GEMM selections the compiles still benchmarked themselves.
+    tuned: int = 0
+    tune_failed: int = 0
+    tune_s_sum: float = 0.0
+    gemm_benchmarked: int = 0
+    tune_rows: list[dict[str, Any]] = field(default_factory=list)
+    phase_started_at: float = 0.0  # wall clock (time.time()) of the compile phase's first submit
+
+    @property
+    def ok(self) -> bool:
+        """Every compile succeeded (a failed tune task only costs speed)."""
+        return self.failed == 0 and self.timed_out == 0
+
+    @property
+    def speedup(self) -> float:
+        """Sum of task times (compiles and tunes) over wall time: the parallel speedup over
+        running them in turn."""
+        return (self.task_s_sum + self.tune_s_sum) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok, "speedup": round(self.speedup, 3)}
+
+    def format(self) -> str:
+        lines = [f"warm {self.model} tp={self.tp_size} fingerprint {self.fingerprint_id}: "
+                 f"{self.compiled} compiled, {self.cached} cached, {self.failed} failed, "
+                 f"{self.timed_out} timed out of {self.total}",
+                 f"wall {self.wall_s:.1f}s, task sum {self.task_s_sum:.1f}s, speedup "
+                 f"{self.speedup:.2f}x, max {self.max_concurrent} at once, plan {self.plan_s:.1f}s, "
+                 f"total {self.total_s:.1f}s",
+                 *([f"GEMM tuning: {self.tuned} tuned, {self.tune_failed} failed, "
+                    f"{self.tune_s_sum:.1f}s; compiles benchmarked {self.gemm_benchmarked} GEMMs "
+                    "themselves"] if self.tuned or self.tune_failed else []),
+                 f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
+        lines += [f"error {name}: {err}" for name, err in sorted(self.errors.items())]
+        return "\n".join(lines)
