@@ -92,8 +92,7 @@ class Dispatcher:
                     break
                 queue.remove(task)
                 worker = idle.pop(0) if pool is not None else None
-                ref = self._submit(task, worker, ctx_ref, piece_refs, alongside,
-                                   _merged(timings, (needs or {}).get(getattr(task, "key", ""), ())))
+                ref = self._submit(task, worker, ctx_ref, piece_refs, alongside, timings, needs or {})
                 if worker is not None:
                     owner[ref] = worker
                 in_flight[ref] = task
@@ -137,8 +136,9 @@ class Dispatcher:
 
     def _submit(self, task: CompileTask | TuneTask, worker: ray.actor.ActorHandle | None,
                 ctx_ref: ray.ObjectRef, piece_refs: dict[str, ray.ObjectRef], alongside: bool,
-                timings: dict[str, Any]) -> ray.ObjectRef:
-        """Start `task` in the pool `worker`, or as a Ray task when None."""
+                timings: dict[str, dict[str, Any]], needs: dict[str, list[str]]) -> ray.ObjectRef:
+        """Start `task` in the pool `worker`, or as a Ray task when None; a compile gets the
+        timings of the tunes it `needs`."""
         if isinstance(task, TuneTask):
             args = (task.problem, task.shape, ctx_ref)
             if worker is not None:
@@ -146,7 +146,8 @@ class Dispatcher:
             # A tune is optional: one attempt (a crash is not worth a new worker).
             return tune_remote.options(name=task.name, **{**self.options, "max_retries": 0}
                                        ).remote(*args, shared=alongside)
-        args = (piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape, timings)
+        args = (piece_refs[task.code_id], ctx_ref, task.key, task.code_id, task.shape,
+                _merged(timings, needs.get(task.key, ())))
         if worker is not None:
             return worker.compile.options(name=task.name).remote(*args)
         return compile_remote.options(name=task.name, **self.options).remote(*args)
