@@ -28,7 +28,7 @@ from collections.abc import Callable
 import ray
 import torch
 
-from vllm_compile_ray import CompilationConfig, models
+from vllm_compile_ray import CompilationConfig, heap, models
 from vllm_compile_ray.api import example_args, key_context, open_store
 from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.inductor import environment_fingerprint, phase_times, set_compile_threads
@@ -95,6 +95,9 @@ def parse_args() -> argparse.Namespace:
                         "apart), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
+    p.add_argument("--serial-freeze-heap", action="store_true",
+                   help="freeze the heap before the serial loop, as compile workers do after "
+                        "their start-up (default: as a process compiles in vLLM today)")
     p.add_argument("--serial-compile-threads", type=int, default=None,
                    help="Inductor compile threads of the serial loop (default: Inductor's "
                         "default on cuda, 1 on cpu); Ray tasks use their CPUs")
@@ -114,14 +117,17 @@ def serial(config: CompilationConfig, args: argparse.Namespace
     store = open_store(config)
     manager = CompilerManager(config, compiler, store, args.device, plan.key_context.fingerprint_id)
     tasks = order_tasks(plan.tasks())
+    if args.serial_freeze_heap:  # as compile workers do after their start-up
+        heap.freeze()
     per_task, rows = [], []
     start, started_at = time.perf_counter(), time.time()
     for task in tasks:
         t0 = time.perf_counter()
-        with phase_times() as phases:
+        with phase_times() as phases, heap.collections() as collected:
             _, meta = manager.compile(task.key, task.piece, task.shape, publish=True,
                                       name=task.name)
-        rows.append({"phases": {**phases, "tune_s": float(meta.get("tune_seconds", 0.0))}})
+        rows.append({"phases": {**phases, "tune_s": float(meta.get("tune_seconds", 0.0)),
+                                "gc_s": collected["seconds"]}})
         per_task.append(round(time.perf_counter() - t0, 3))
     return (start - planned, time.perf_counter() - start, len(tasks), per_task,
             top_phases(rows, top=ALL), started_at)
@@ -133,7 +139,8 @@ ALL = 1 << 30
 def ray_phases(summary) -> dict[str, float]:
     """Inductor phase seconds (and runtime tuning, publishing) summed over a Ray run's compiles."""
     return top_phases([{"phases": {**r.get("phases", {}), "tune_s": r.get("tune_s", 0.0),
-                                   "publish_s": r.get("publish_s", 0.0)}}
+                                   "publish_s": r.get("publish_s", 0.0),
+                                   "gc_s": r.get("gc_s", 0.0)}}
                        for r in summary.rows if r.get("status") == "compiled"], top=ALL)
 
 
@@ -195,7 +202,7 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
             f"{row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
             f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
             f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
-            f" select {row.get('gemm_select_s', 0):.1f}s; "
+            f" select {row.get('gemm_select_s', 0):.1f}s; gc {row.get('gc_s', 0.0):.1f}, "
             + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
     for row in sorted(summary.tune_rows, key=lambda r: -r.get("finished_at", 0))[:3]:
         lines.append(f"path {row['name']:34} {row.get('started_at', t0) - t0:5.1f}-"
@@ -353,6 +360,7 @@ def main() -> int:
             common["serial_compile_threads"] = args.serial_compile_threads
         elif args.device == "cpu":
             set_compile_threads(1)  # faster than the default on small CPU hosts (NOTES)
+        common["serial_freeze_heap"] = args.serial_freeze_heap
         plan_s, loop_s, n_tasks, per_task, serial_phases, loop_at = serial(
             base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
         # No fan-out beats its longest task: serial loop / longest serial task bounds the ratio

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -23,10 +24,10 @@ import time
 # in one warm cache (seen on the GPU host: a second run of the same compile took 2.5 s, not 21 s).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vcr-prof-"))
 
-from vllm_compile_ray import CompilationConfig, models
+from vllm_compile_ray import CompilationConfig, heap, models
 from vllm_compile_ray.api import example_args, key_context
 from vllm_compile_ray.compiler_interface import make_compiler
-from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads
+from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads, warm_device
 from vllm_compile_ray.plan import capture, plan_graph
 from vllm_compile_ray.thread_compile import use_codegen_threads
 
@@ -49,6 +50,13 @@ def main() -> None:
                    help="compile the generated code's kernels on this many threads (thread_compile)")
     p.add_argument("--check", action="store_true",
                    help="run the compiled piece against the eager piece on the same inputs")
+    p.add_argument("--gc", choices=("normal", "freeze", "off"), default="normal",
+                   help="the garbage collector during the compile: as Python starts it, with the "
+                        "heap frozen first (what compile workers do, `heap.freeze`), or disabled")
+    p.add_argument("--warm-device", action="store_true",
+                   help="first one tiny compile on the device, as a compile worker's start-up does")
+    p.add_argument("--no-profile", action="store_true",
+                   help="no cProfile (it slows the compile's Python work, the collector's too)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--sort", default="cumulative",
                    help="pstats orders for the profile, comma-separated (e.g. cumulative,tottime)")
@@ -81,12 +89,22 @@ def main() -> None:
 
     import torch._dynamo.utils as dynamo_utils
 
+    if args.warm_device:
+        warm_device(args.device)
+    if args.gc == "freeze":
+        print(f"froze {heap.freeze()} objects", flush=True)
+    elif args.gc == "off":
+        gc.disable()
     profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.enable()
-    result = compiler.compile(task.piece.graph, task.piece.input_specs, shape, args.device)
-    profiler.disable()
-    total = time.perf_counter() - start
+    with heap.collections() as collected:
+        start = time.perf_counter()
+        if not args.no_profile:
+            profiler.enable()
+        result = compiler.compile(task.piece.graph, task.piece.input_specs, shape, args.device)
+        profiler.disable()
+        total = time.perf_counter() - start
+    print(f"garbage collector ({args.gc}): {collected['collections']} collections by generation, "
+          f"{collected['seconds']:.2f} s")
     print(f"compile + first-call tuning {total:.2f} s; artifact {len(result.artifact) / 1e6:.2f} MB; "
           f"{result.info}")
     if pool is not None:
@@ -96,6 +114,8 @@ def main() -> None:
     print(dynamo_utils.compile_times(repr="str", aggregate=True))
     for order in args.sort.split(","):
         out = io.StringIO()
+        if args.no_profile:
+            break
         pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(args.top)
         print(out.getvalue())
 

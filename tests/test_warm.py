@@ -211,7 +211,11 @@ def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
     assert summary.prestart_s > 0
     # its fingerprint keyed the plan, so it had finished before the compile phase began
     assert summary.prestart_ready == 1 and summary.prestart_last_s < 0
+    # and froze what its start-up left alive (torch, Inductor, Ray: far more than 100k objects)
+    assert summary.prestart_rows[0]["frozen_objects"] > 100_000
     row = summary.rows[0]
+    # the collector ran during the compile (its young generation, at least), and was timed
+    assert sum(row["gc_collections"]) > 0 and 0 <= row["gc_s"] < row["seconds"], row
     assert row["bytes"] > 1000 and row["seconds"] > 0
     # where the compile's seconds went, by Inductor phase (benchmarks compare them with serial)
     # (cold here, or an FX graph cache hit: the tests share Inductor's cache), each within it
