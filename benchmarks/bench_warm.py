@@ -94,9 +94,6 @@ def parse_args() -> argparse.Namespace:
                         "(`warm(pool=True)`) started and warmed up before it (its start is timed "
                         "apart), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
-    p.add_argument("--gpu-turns", default="on",
-                   help="on or off per run: the compiles' GPU benchmarks take turns on each GPU "
-                        "(`warm(gpu_benchmark_turns=...)`)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-freeze-heap", action="store_true",
                    help="freeze the heap before the serial loop, as compile workers do after "
@@ -143,8 +140,7 @@ def ray_phases(summary) -> dict[str, float]:
     """Inductor phase seconds (and runtime tuning, publishing) summed over a Ray run's compiles."""
     return top_phases([{"phases": {**r.get("phases", {}), "tune_s": r.get("tune_s", 0.0),
                                    "publish_s": r.get("publish_s", 0.0),
-                                   "gc_s": r.get("gc_s", 0.0),
-                                   "gpu_turn_wait_s": r.get("gpu_turn_wait_s", 0.0)}}
+                                   "gc_s": r.get("gc_s", 0.0)}}
                        for r in summary.rows if r.get("status") == "compiled"], top=ALL)
 
 
@@ -206,8 +202,7 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
             f"{row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
             f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
             f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
-            f" select {row.get('gemm_select_s', 0):.1f}s; gpu turns {row.get('gpu_turn_wait_s', 0):.1f},"
-            f" gc {row.get('gc_s', 0.0):.1f}, "
+            f" select {row.get('gemm_select_s', 0):.1f}s; gc {row.get('gc_s', 0.0):.1f}, "
             + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
     for row in sorted(summary.tune_rows, key=lambda r: -r.get("finished_at", 0))[:3]:
         lines.append(f"path {row['name']:34} {row.get('started_at', t0) - t0:5.1f}-"
@@ -297,7 +292,6 @@ def main() -> int:
         args.tune_gemms, n, "--tune-gemms", "off, ahead (or on) or alongside",
         lambda t: t in ("off", "on", "ahead", "alongside"))]
     pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
-    turns = per_run(args.gpu_turns, n, "--gpu-turns", "off or on", lambda v: v in ("off", "on"))
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -312,8 +306,8 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg, pl, gt) in enumerate(zip(workers, cpus, precompile, codegen, tune,
-                                                        pools, turns)):
+    for i, (n, c, pre, kt, tg, pl) in enumerate(zip(workers, cpus, precompile, codegen, tune,
+                                                    pools)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
@@ -326,14 +320,13 @@ def main() -> int:
                            tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                            address=args.address, max_in_flight=n, runtime_env=runtime_env,
                            tune_gemms=tg, codegen_threads=kt, pool=pl == "on",
-                           gpu_benchmark_turns=gt == "on",
                            progress=lambda line: print(line, flush=True), **resources)
         finally:
             if pl == "on":
                 compile_pool.down()
                 ray.shutdown()
         runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
-                     "tune_gemms": tg, "pool": pl, "gpu_turns": gt, "pool_start_s": pool_start_s,
+                     "tune_gemms": tg, "pool": pl, "pool_start_s": pool_start_s,
                      "pool_reused": summary.pool_reused,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
@@ -403,7 +396,6 @@ def main() -> int:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
                   f"threads: {run['precompile_threads']}, codegen threads {run['codegen_threads']}, "
-                  f"pool {run['pool']}, GPU turns {run['gpu_turns']}, "
                   f"GEMM tuning {run['tune_gemms']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "

@@ -55,9 +55,6 @@ def main() -> None:
                         "heap frozen first (what compile workers do, `heap.freeze`), or disabled")
     p.add_argument("--warm-device", action="store_true",
                    help="first one tiny compile on the device, as a compile worker's start-up does")
-    p.add_argument("--start-at", type=float, default=0.0,
-                   help="compile at this time.time(), after planning (several processes started "
-                        "together then compile at once, as a warm run's workers do)")
     p.add_argument("--no-profile", action="store_true",
                    help="no cProfile (it slows the compile's Python work, the collector's too)")
     p.add_argument("--top", type=int, default=30)
@@ -98,10 +95,6 @@ def main() -> None:
         print(f"froze {heap.freeze()} objects", flush=True)
     elif args.gc == "off":
         gc.disable()
-    if args.start_at:
-        wait = args.start_at - time.time()
-        print(f"waited {wait:.1f} s for the start (negative: started late)", flush=True)
-        time.sleep(max(0.0, wait))
     profiler = cProfile.Profile()
     with heap.collections() as collected:
         start = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from . import autotune_cache, gemm_tuning, gpu_turns, heap, inductor, metrics, thread_compile
+from . import autotune_cache, gemm_tuning, heap, inductor, metrics, thread_compile
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -84,7 +84,6 @@ class TaskContext:
     compile_retries: int = 1
     faults: Faults = field(default_factory=Faults)
     codegen_threads: int = 0  # see `set_compile_threads`
-    gpu_benchmark_turns: bool = True  # see `gpu_turns`
 
 
 class CompileTaskError(CompileError):
@@ -170,14 +169,6 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
             "finished_at": time.time()}
 
 
-def _take_gpu_turns(ctx: TaskContext) -> float:
-    """Set this worker's GPU benchmarks to take turns on their GPU, or not, as the run says
-    (`gpu_turns`; a pool worker serves runs of either); returns the turn-wait seconds so far."""
-    if ctx.device_type == "cuda":
-        gpu_turns.take_turns(ctx.gpu_benchmark_turns)
-    return gpu_turns.wait_seconds()
-
-
 def task_name(code_id: str, shape: int | str) -> str:
     """As `CompileTask.name`: the dashboard's task table reads as progress."""
     return f"compile[{code_id}/{shape}]"
@@ -253,7 +244,6 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
             benchmarked = autotune_cache.gemm_benchmarks()
             looked = autotune_cache.gemm_lookup_seconds()
-            turns = _take_gpu_turns(ctx)
         with inductor.phase_times() as phases, heap.collections() as collected:
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
@@ -262,7 +252,6 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked
             row.update({f"gemm_{k}_s": round(v - looked[k], 4)
                         for k, v in autotune_cache.gemm_lookup_seconds().items()})
-            row["gpu_turn_wait_s"] = round(gpu_turns.wait_seconds() - turns, 4)
     row["wall_s"] = round(time.perf_counter() - start, 4)
     row["finished_at"] = time.time()
     row["peak_rss_mb"] = round(_peak_rss_mb(), 1)
@@ -317,7 +306,6 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
         return recorded
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     set_compile_threads(cpus, ctx.device_type, ctx.codegen_threads)  # inductor backend only
-    _take_gpu_turns(ctx)
 
     def before() -> None:
         mismatch = _fingerprint_mismatch(ctx)  # timings of another GPU would mislead compiles

@@ -134,7 +134,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          faults: Faults | None = None, prestart: bool | None = None,
          tune_gemms: bool | str = False, codegen_threads: int | None = None,
          pool: bool = False, pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
-         gpu_benchmark_turns: bool = True,
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -165,9 +164,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     lacks and leaving them up for the next run until pool_idle_timeout_s without work or
     `vcr pool down`. A later run starts compiling without the workers' start-up; the pool holds
     its GPU fractions and CPUs while it is up. With Ray started in-process it ends with it.
-    gpu_benchmark_turns: on CUDA, the autotuning benchmarks of the compiles sharing a GPU take
-    turns on it (`gpu_turns`: alone on the GPU, as in a process of its own); False: at once, in
-    the GPU's time slices.
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -219,7 +215,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
                      faults or Faults(), say, workers, tune_mode, codegen_threads,
-                     spec, pool_idle_timeout_s, bool(gpu_benchmark_turns))
+                     spec, pool_idle_timeout_s)
     finally:
         if owned:
             ray.shutdown()
@@ -245,8 +241,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           fingerprint: dict[str, str] | None, faults: Faults,
           say: Callable[[str], None], prestart: int, tune_mode: str | None,
           codegen_threads: int, pool_spec: compile_pool.PoolSpec | None = None,
-          pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
-          gpu_benchmark_turns: bool = True) -> WarmSummary:
+          pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Created now, its process starts while the driver plans: the first compile tasks would
@@ -283,7 +278,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
             + ("first" if tune_mode == "ahead" else "alongside the compiles"))
 
     ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults,
-                      codegen_threads, gpu_benchmark_turns)
+                      codegen_threads)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
