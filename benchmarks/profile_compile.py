@@ -6,6 +6,12 @@ Compiles the plan's biggest piece (or --piece N in plan order) for one shape in 
 cold Inductor cache, then prints the compile seconds, the runtime-autotune seconds (the first
 call, `ship_autotune`), Inductor's `compile_times()` and the top functions by cumulative time.
 It answers which part of the longest warm task sets the floor of a Ray fan-out.
+
+Several at once, as a warm run's compiles share GPUs (each plans, then all compile together):
+
+    T=$(( $(date +%s) + 45 )); for dev in 0 0 0 0 0 0 0 0 0; do CUDA_VISIBLE_DEVICES=$dev \
+        python benchmarks/profile_compile.py --shape 512 --max-autotune --threads 1 \
+        --codegen-threads 4 --warm-device --no-profile --gc freeze --start-at $T & done; wait
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ def main() -> None:
                         "heap frozen first (what compile workers do, `heap.freeze`), or disabled")
     p.add_argument("--warm-device", action="store_true",
                    help="first one tiny compile on the device, as a compile worker's start-up does")
+    p.add_argument("--start-at", type=float, default=0.0,
+                   help="compile at this time.time(), after planning (several processes started "
+                        "together then compile at once, as a warm run's workers do)")
     p.add_argument("--no-profile", action="store_true",
                    help="no cProfile (it slows the compile's Python work, the collector's too)")
     p.add_argument("--top", type=int, default=30)
@@ -95,6 +104,10 @@ def main() -> None:
         print(f"froze {heap.freeze()} objects", flush=True)
     elif args.gc == "off":
         gc.disable()
+    if args.start_at:
+        wait = args.start_at - time.time()
+        print(f"waited {wait:.1f} s for the start (negative: started late)", flush=True)
+        time.sleep(max(0.0, wait))
     profiler = cProfile.Profile()
     with heap.collections() as collected:
         start = time.perf_counter()

@@ -69,10 +69,18 @@ def test_sampler_sees_a_busy_core() -> None:
 def test_profile_compile_checks_the_compiled_piece_against_eager() -> None:
     out = subprocess.run(
         [sys.executable, "benchmarks/profile_compile.py", "--model", "llama-tiny", "--num-layers",
-         "2", "--shape", "4", "--device", "cpu", "--threads", "1", "--check", "--top", "3"],
+         "2", "--shape", "4", "--device", "cpu", "--threads", "1", "--check", "--top", "3",
+         "--gc", "freeze", "--start-at", str(time.time() + 1)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"^profiling compile\[\w+/4\]", out.stdout, re.M), out.stdout[:2000]
     [check] = re.findall(r"^check: (\d+) outputs, worst .* = (\S+)$", out.stdout, re.M)
     assert int(check[0]) >= 1 and float(check[1]) < 1e-4  # fp32 on CPU
     assert "Runtimes (s)" in out.stdout  # the phase timers' table follows
+    # the heap frozen first, as compile workers do; the collector still ran, and was timed
+    frozen = int(re.search(r"^froze (\d+) objects", out.stdout, re.M).group(1))
+    assert frozen > 100_000, out.stdout[:2000]
+    [(young, _, _)] = re.findall(r"^garbage collector \(freeze\): \[(\d+), (\d+), (\d+)\]",
+                                 out.stdout, re.M)
+    assert int(young) > 0
+    assert re.search(r"^waited -?[\d.]+ s for the start", out.stdout, re.M)
