@@ -137,7 +137,8 @@ ALL = 1 << 30
 
 
 def ray_phases(summary) -> dict[str, float]:
-    """Inductor phase seconds (and runtime tuning, publishing) summed over a Ray run's compiles."""
+    """Inductor phase seconds (and runtime tuning, publishing, the collector) summed over a Ray
+    run's compiles."""
     return top_phases([{"phases": {**r.get("phases", {}), "tune_s": r.get("tune_s", 0.0),
                                    "publish_s": r.get("publish_s", 0.0),
                                    "gc_s": r.get("gc_s", 0.0)}}
