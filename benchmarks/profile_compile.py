@@ -125,10 +125,8 @@ def main() -> None:
     if args.check:
         check(task, result.fn, args.device)
     print(dynamo_utils.compile_times(repr="str", aggregate=True))
-    for order in args.sort.split(","):
+    for order in [] if args.no_profile else args.sort.split(","):
         out = io.StringIO()
-        if args.no_profile:
-            break
         pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(args.top)
         print(out.getvalue())
 

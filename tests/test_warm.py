@@ -74,14 +74,13 @@ def test_tp8_preset_tasks_equal_unique_pieces_times_shapes() -> None:
 def test_tasks_run_longest_expected_first() -> None:
     """Pieces with more GEMMs first (their max-autotune compiles are the long ones at any size),
     each piece's sizes descending, its dynamic compile last."""
-    from vllm_compile_ray.gemm_tuning import is_gemm
+    from vllm_compile_ray.gemm_tuning import gemm_count
     from vllm_compile_ray.warm import order_tasks
 
     config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 8, 64))
     plan = plan_model(models.build("llama-3-8b", 1, 0, device="meta", num_layers=4), config,
                       device_type="cpu")
-    gemms = {t.code_id: sum(1 for n in t.piece.graph.graph.nodes if is_gemm(n))
-             for t in plan.tasks()}
+    gemms = {t.code_id: gemm_count(t.piece) for t in plan.tasks()}
     assert sorted(gemms.values()) == [1, 3, 4]  # first piece (qkv), last (3), layer (4)
     order = [(gemms[t.code_id], t.shape) for t in order_tasks(plan.tasks())]
     assert order == [(g, s) for g in (4, 3, 1) for s in (64, 8, 1, "dynamic")]

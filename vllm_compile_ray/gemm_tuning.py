@@ -87,6 +87,11 @@ def is_gemm(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _GEMM_METHODS
 
 
+def gemm_count(piece: CanonicalPiece) -> int:
+    """How many matmuls Inductor will autotune in the piece (`is_gemm` nodes)."""
+    return sum(1 for node in piece.graph.graph.nodes if is_gemm(node))
+
+
 def gemm_problems(piece: CanonicalPiece, device_type: str) -> list[GemmProblem]:
     """The piece's matmuls, each as a one-op graph over placeholders with the piece's input
     specs at that op (symbolic sizes kept), deduplicated. Propagates fake tensors on the meta

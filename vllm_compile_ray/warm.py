@@ -93,9 +93,8 @@ def order_tasks(tasks: list[CompileTask]) -> list[CompileTask]:
     piece (1) 1-2 s at every size; the order by size alone put each size's first piece before
     its layer piece, and the layer piece at size 1 among the last tasks of the queue."""
     def cost(task: CompileTask) -> tuple[int, int, int]:
-        nodes = task.piece.graph.graph.nodes
         size = 0 if task.shape == "dynamic" else int(task.shape)
-        return (-sum(1 for node in nodes if gemm_tuning.is_gemm(node)), -size, -len(nodes))
+        return (-gemm_tuning.gemm_count(task.piece), -size, -len(task.piece.graph.graph.nodes))
     return sorted(tasks, key=cost)
 
 
