@@ -343,10 +343,11 @@ def test_gemm_tuning_alongside_runs_tunes_and_compiles_at_once(ray_local, tmp_pa
                    tune_gemms="alongside", faults=Faults(sleep="tune[*", sleep_s=8.0), **SLOT)
     assert summary.ok and (summary.compiled, summary.tuned, summary.tune_failed) == (1, 1, 0)
     (tune,), (row,) = summary.tune_rows, summary.rows
-    # The compile began before its tune ended ("ahead" submits it only then). Measured from the
-    # tune's end, not its start: on 2 cores the two workers' start-ups end seconds apart (the
-    # compile once began 8.07 s after the tune did); whether it also ends first is a race too.
-    assert row["started_at"] < tune["finished_at"]
+    # The driver submitted the compile before its tune ended ("ahead" submits it only then).
+    # When Ray then starts it is Ray's: in full CI runs on 2 cores the compile twice began just
+    # as its tune ended (8.07 s after the tune began; 0.04 s after it ended), alone it begins
+    # at once.
+    assert row["submitted_at"] < tune["finished_at"] - 4.0
     assert row["gemm_timings_installed"] == 0
     assert any("tuning 1 unique GEMM problems x shapes alongside the compiles" in line
                for line in lines)
