@@ -93,6 +93,9 @@ def parse_args() -> argparse.Namespace:
                    help="off, or on: the run compiles in a standing pool of compile workers "
                         "(`warm(pool=True)`) started and warmed up before it (its start is timed "
                         "apart), one value or one per --workers entry")
+    p.add_argument("--gpu-sharing", default="time-slice",
+                   help="time-slice or mps: how the compiles on one GPU share it "
+                        "(`warm(gpu_sharing=...)`), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-freeze-heap", action="store_true",
@@ -256,14 +259,15 @@ def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> d
 
 
 def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
-               resources: dict[str, float], codegen_threads: int | None, runtime_env: dict) -> float:
+               resources: dict[str, float], codegen_threads: int | None, runtime_env: dict,
+               gpu_sharing: str) -> float:
     """Connect to Ray (it stays up for the run; the caller shuts it down), start `workers` pool
     workers for the run's settings and the stats actor, and wait until every one has warmed up;
     returns the seconds. (On a cluster both stay up between runs; here each run has its own
     Ray. A run that planned in 1 s otherwise waited 6-7 s for the stats actor's process.)"""
     _connect(args.address, runtime_env)
     spec = pool_spec(base, args.device, codegen_threads=codegen_threads, runtime_env=runtime_env,
-                     **resources)
+                     gpu_sharing=gpu_sharing, **resources)
     start = time.perf_counter()
     members = compile_pool.up(spec, workers)
     ray.get([worker.start.remote(warm=True) for worker, _ in members]  # worker 0's warm-up too
@@ -293,6 +297,8 @@ def main() -> int:
         args.tune_gemms, n, "--tune-gemms", "off, ahead (or on) or alongside",
         lambda t: t in ("off", "on", "ahead", "alongside"))]
     pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
+    sharing = per_run(args.gpu_sharing, n, "--gpu-sharing", "time-slice or mps",
+                      lambda v: v in ("time-slice", "mps"))
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -307,27 +313,28 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg, pl) in enumerate(zip(workers, cpus, precompile, codegen, tune,
-                                                    pools)):
+    for i, (n, c, pre, kt, tg, pl, gs) in enumerate(zip(workers, cpus, precompile, codegen, tune,
+                                                        pools, sharing)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
             env["TORCHINDUCTOR_COMPILE_THREADS"] = (
                 str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
         runtime_env = {"env_vars": env}
-        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env) if pl == "on" else 0.0
+        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env, gs) \
+            if pl == "on" else 0.0
         try:
             summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                            tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                            address=args.address, max_in_flight=n, runtime_env=runtime_env,
-                           tune_gemms=tg, codegen_threads=kt, pool=pl == "on",
+                           tune_gemms=tg, codegen_threads=kt, pool=pl == "on", gpu_sharing=gs,
                            progress=lambda line: print(line, flush=True), **resources)
         finally:
             if pl == "on":
                 compile_pool.down()
                 ray.shutdown()
         runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
-                     "tune_gemms": tg, "pool": pl, "pool_start_s": pool_start_s,
+                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs, "pool_start_s": pool_start_s,
                      "pool_reused": summary.pool_reused,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
@@ -388,7 +395,8 @@ def main() -> int:
         print(f"busy in the serial loop: {common['serial_busy']}")
         print_phases(serial_phases, runs)
     for run in runs:
-        print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}): "
+        print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}, "
+              f"{run['gpu_sharing']}): "
               f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
               f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
               "or ran longest:")
@@ -397,7 +405,7 @@ def main() -> int:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
                   f"threads: {run['precompile_threads']}, codegen threads {run['codegen_threads']}, "
-                  f"GEMM tuning {run['tune_gemms']}: "
+                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "

@@ -147,6 +147,10 @@ def slot_options(fn: Callable) -> Callable:
         click.option("--codegen-threads", type=click.IntRange(min=0), default=None,
                      help="cuda: each compile compiles its generated code's kernels on this many "
                           f"threads (0: off) [default: {DEFAULT_CODEGEN_THREADS}]"),
+        click.option("--gpu-sharing", type=click.Choice(["time-slice", "mps"]),
+                     default="time-slice", show_default=True,
+                     help="how the compiles on one GPU share it: CUDA's time slices, or NVIDIA "
+                          "MPS (each node's MPS daemon, started where none runs)"),
         click.option("--pool-idle-timeout", type=click.FloatRange(min=0, min_open=True),
                      default=DEFAULT_POOL_IDLE_TIMEOUT_S, show_default=True,
                      help="seconds a pool worker stays up without work"),
@@ -188,7 +192,7 @@ def warm(**opts: Any) -> None:
                       compile_retries=opts["compile_retries"],
                       tune_gemms=opts["tune_gemms"], codegen_threads=opts["codegen_threads"],
                       pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
-                      progress=lambda line: click.echo(line))
+                      gpu_sharing=opts["gpu_sharing"], progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
                                         if k not in ("rows", "tune_rows")},
                                        sort_keys=True, default=str))

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from . import autotune_cache, gemm_tuning, heap, inductor, metrics, thread_compile
+from . import autotune_cache, gemm_tuning, gpu_sharing, heap, inductor, metrics, thread_compile
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -84,6 +84,7 @@ class TaskContext:
     compile_retries: int = 1
     faults: Faults = field(default_factory=Faults)
     codegen_threads: int = 0  # see `set_compile_threads`
+    gpu_sharing: str = "time-slice"  # or "mps": see `gpu_sharing`
 
 
 class CompileTaskError(CompileError):
@@ -102,10 +103,17 @@ def _local_fingerprint(device_type: str) -> dict[str, str]:
     return inductor.environment_fingerprint(device_type)
 
 
-def fingerprint(device_type: str) -> dict[str, str]:
+def fingerprint(device_type: str, sharing: str = "time-slice") -> dict[str, str]:
     """The environment fingerprint of the node this runs on (a driver asks a GPU node for it)."""
-    _process_gpu_ids()  # before CUDA starts
+    _before_cuda(sharing)
     return _local_fingerprint(device_type)
+
+
+def _before_cuda(sharing: str) -> dict[str, Any]:
+    """What a task does before CUDA can start in its process: note the GPUs it binds to, and
+    join the GPU sharing (`gpu_sharing.join`); both once per process."""
+    _process_gpu_ids()
+    return gpu_sharing.join(sharing)
 
 
 def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0) -> None:
@@ -121,7 +129,8 @@ def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0)
 
 
 def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
-                 delay_s: float = 0.0, codegen_threads: int = 0) -> dict[str, Any]:
+                 delay_s: float = 0.0, codegen_threads: int = 0,
+                 sharing: str = "time-slice") -> dict[str, Any]:
     """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor
     imports, the torch fingerprint, Inductor's compile pool, this node's environment fingerprint
     for `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
@@ -129,9 +138,10 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     start-up, and the worker keeps them for every later task (as it would from its first
     compile; rows report both, see `_process_gpu_ids`). Then it freezes the heap (`heap.freeze`:
     measured on 1xH200, a layer piece's max-autotune compile at 512 took 7.8-7.9 s instead of
-    8.5-8.8 s). delay_s: `Faults.startup_sleep_s`.
+    8.5-8.8 s). delay_s: `Faults.startup_sleep_s`. sharing: how it shares its GPU
+    (`gpu_sharing.join`, first: before CUDA starts).
     Returns {"pid", "fingerprint", "seconds", "entered_at", "finished_at", "frozen_objects",
-    "steps": seconds by step}."""
+    "gpu_sharing" (what `gpu_sharing.join` returned), "steps": seconds by step}."""
     entered_at, start = time.time(), time.perf_counter()
     steps: dict[str, float] = {}
     mark = start
@@ -145,6 +155,8 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     if delay_s:
         time.sleep(delay_s)
         step("sleep")
+    shared = _before_cuda(sharing)
+    step("gpu_sharing")
 
     if backend == "inductor":
         import torch._inductor.compile_fx  # noqa: F401  (the heavy imports of a first compile)
@@ -157,7 +169,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
         set_compile_threads(cpus, device_type, codegen_threads)
         inductor.warm_compile_pool()
         step("imports")
-    found = fingerprint(device_type)
+    found = fingerprint(device_type, sharing)
     step("fingerprint")
     if backend == "inductor" and warm:
         inductor.warm_device(device_type)
@@ -165,6 +177,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     frozen = heap.freeze()  # full collections during compiles skip what start-up left alive
     step("freeze_heap")
     return {"pid": os.getpid(), "fingerprint": found, "steps": steps, "frozen_objects": frozen,
+            "gpu_sharing": shared,
             "seconds": round(time.perf_counter() - start, 3), "entered_at": entered_at,
             "finished_at": time.time()}
 
@@ -221,7 +234,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     entered_at = time.time()
     name = task_name(code_id, shape)
     task_id = ray.get_runtime_context().get_task_id()
-    _process_gpu_ids()  # before CUDA starts
+    shared = _before_cuda(ctx.gpu_sharing)
     mismatch = _fingerprint_mismatch(ctx)  # seconds in a fresh worker
     stats = get_stats_actor()
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))  # max_compile_time from here
@@ -230,7 +243,9 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             raise CompileTaskError(recorded)
         return recorded
     row: dict[str, Any] = {"name": name, "key": key, "shape": str(shape), "code_id": code_id,
-                           **_where(), "seconds": 0.0, "bytes": 0, "sha256": "", "error": "",
+                           **_where(), "gpu_sharing": shared["gpu_sharing"],
+                           "mps_pipe": shared.get("mps_pipe", ""),
+                           "seconds": 0.0, "bytes": 0, "sha256": "", "error": "",
                            "entered_at": entered_at, "started_at": time.time()}
     counter, monitor = CompilationCounter(), PerformanceMonitor()
     start = time.perf_counter()
@@ -299,7 +314,7 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     Never raises: the compiles that wanted these timings benchmark the GEMM themselves."""
     name = f"tune[{problem.problem_id}/{shape}]"
     task_id = ray.get_runtime_context().get_task_id()
-    _process_gpu_ids()  # before CUDA starts
+    _before_cuda(ctx.gpu_sharing)
     stats = get_stats_actor()
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))
     if recorded is not None:  # an earlier attempt reported, then its worker died

@@ -30,6 +30,7 @@ from typing import Any
 
 import ray
 
+from . import gpu_sharing
 from .compile_task import compile_piece, start_worker, tune_gemm
 from .config import DEFAULT_POOL_IDLE_TIMEOUT_S as DEFAULT_IDLE_TIMEOUT_S
 from .errors import ConfigError
@@ -53,6 +54,10 @@ class PoolSpec:
     resources: dict[str, float] = field(default_factory=dict)
     codegen_threads: int = 0
     runtime_env: dict[str, Any] = field(default_factory=dict)
+    gpu_sharing: str = "time-slice"  # or "mps" (`gpu_sharing`)
+
+    def __post_init__(self) -> None:
+        gpu_sharing.check(self.gpu_sharing, self.device_type)
 
     @property
     def tag(self) -> str:
@@ -95,11 +100,13 @@ class CompileWorker:
             if self.started is None:
                 out = start_worker(self.spec.backend, self.spec.cpus, self.spec.device_type,
                                    warm=warm, delay_s=delay_s,
-                                   codegen_threads=self.spec.codegen_threads)
+                                   codegen_threads=self.spec.codegen_threads,
+                                   sharing=self.spec.gpu_sharing)
             else:  # started without its warm-up compile: add it
                 out = {**self.started, **start_worker(self.spec.backend, self.spec.cpus,
                                                       self.spec.device_type, warm=True,
-                                                      codegen_threads=self.spec.codegen_threads)}
+                                                      codegen_threads=self.spec.codegen_threads,
+                                                      sharing=self.spec.gpu_sharing)}
             ctx = ray.get_runtime_context()
             out.update(node_id=ctx.get_node_id(),
                        gpu_ids=list(ctx.get_accelerator_ids().get("GPU", [])))
@@ -188,11 +195,14 @@ def status(timeout_s: float = 10.0) -> list[dict[str, Any]]:
 
 
 def down(spec: PoolSpec | None = None) -> list[str]:
-    """Stop the pool's workers (of `spec`, or all); returns their names."""
+    """Stop the pool's workers (of `spec`, or all, and then the nodes' MPS daemons as well:
+    `gpu_sharing`); returns their names."""
     gone = names(spec)
     for n in gone:
         try:
             ray.kill(ray.get_actor(n, namespace=NAMESPACE), no_restart=True)
         except ValueError:  # exited meanwhile
             pass
+    if spec is None:
+        gone += gpu_sharing.stop_all()
     return gone
