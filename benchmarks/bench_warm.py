@@ -96,9 +96,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpu-sharing", default="time-slice",
                    help="time-slice or mps: how the compiles on one GPU share it "
                         "(`warm(gpu_sharing=...)`), one value or one per --workers entry")
-    p.add_argument("--pause-gc", default="off",
-                   help="off or on: no garbage collections in a compile worker while it compiles "
-                        "(`warm(pause_gc=True)`), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-freeze-heap", action="store_true",
@@ -302,7 +299,6 @@ def main() -> int:
     pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
     sharing = per_run(args.gpu_sharing, n, "--gpu-sharing", "time-slice or mps",
                       lambda v: v in ("time-slice", "mps"))
-    pause = per_run(args.pause_gc, n, "--pause-gc", "off or on", lambda v: v in ("off", "on"))
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -317,8 +313,8 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg, pl, gs, pg) in enumerate(zip(workers, cpus, precompile, codegen,
-                                                            tune, pools, sharing, pause)):
+    for i, (n, c, pre, kt, tg, pl, gs) in enumerate(zip(workers, cpus, precompile, codegen, tune,
+                                                        pools, sharing)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
@@ -332,15 +328,13 @@ def main() -> int:
                            tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                            address=args.address, max_in_flight=n, runtime_env=runtime_env,
                            tune_gemms=tg, codegen_threads=kt, pool=pl == "on", gpu_sharing=gs,
-                           pause_gc=pg == "on",
                            progress=lambda line: print(line, flush=True), **resources)
         finally:
             if pl == "on":
                 compile_pool.down()
                 ray.shutdown()
         runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
-                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs, "pause_gc": pg,
-                     "pool_start_s": pool_start_s,
+                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs, "pool_start_s": pool_start_s,
                      "pool_reused": summary.pool_reused,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
@@ -404,7 +398,7 @@ def main() -> int:
         print_phases(serial_phases, runs)
     for run in runs:
         print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}, "
-              f"{run['gpu_sharing']}, GC paused {run['pause_gc']}): "
+              f"{run['gpu_sharing']}): "
               f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
               f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
               "or ran longest:")
@@ -413,8 +407,7 @@ def main() -> int:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
                   f"threads: {run['precompile_threads']}, codegen threads {run['codegen_threads']}, "
-                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}, "
-                  f"GC paused {run['pause_gc']}: "
+                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "

@@ -176,9 +176,6 @@ def slot_options(fn: Callable) -> Callable:
 @click.option("--pool", is_flag=True,
               help="compile in the cluster's standing pool of compile workers, starting the ones "
                    "missing; they stay up for the next run (see `vcr pool`)")
-@click.option("--pause-gc", is_flag=True,
-              help="no garbage collections in a compile worker while it compiles (peak memory "
-                   "grows by the compile's cyclic garbage)")
 @click.option("--summary-json", default="", help="also write the summary to this file")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
@@ -195,7 +192,7 @@ def warm(**opts: Any) -> None:
                       compile_retries=opts["compile_retries"],
                       tune_gemms=opts["tune_gemms"], codegen_threads=opts["codegen_threads"],
                       pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
-                      gpu_sharing=opts["gpu_sharing"], pause_gc=opts["pause_gc"], progress=lambda line: click.echo(line))
+                      gpu_sharing=opts["gpu_sharing"], progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
                                         if k not in ("rows", "tune_rows")},
                                        sort_keys=True, default=str))

@@ -85,7 +85,6 @@ class TaskContext:
     faults: Faults = field(default_factory=Faults)
     codegen_threads: int = 0  # see `set_compile_threads`
     gpu_sharing: str = "time-slice"  # or "mps": see `gpu_sharing`
-    pause_gc: bool = False  # no garbage collections during a compile (`heap.paused`)
 
 
 class CompileTaskError(CompileError):
@@ -260,12 +259,10 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
             benchmarked = autotune_cache.gemm_benchmarks()
             looked = autotune_cache.gemm_lookup_seconds()
-        with (inductor.phase_times() as phases, heap.collections() as collected,
-              heap.paused(ctx.pause_gc)):
+        with inductor.phase_times() as phases, heap.collections() as collected:
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
         row["gc_s"], row["gc_collections"] = collected["seconds"], collected["collections"]
-        row["gc_paused"] = ctx.pause_gc
         if ctx.config.backend == "inductor":
             row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked
             row.update({f"gemm_{k}_s": round(v - looked[k], 4)

@@ -8,9 +8,7 @@ holds the GIL, so a compile's template-precompile and kernel threads wait too.
 
 A compile worker freezes its heap once its start-up is done (`freeze`: what is alive then stays
 alive for the process's life and leaves the collector's view), so a full collection during a
-compile walks only what the compiles made. `paused` keeps the collector out of a compile
-altogether (what it would free waits for the next collection after it). `collections` measures
-what the collector costs.
+compile walks only what the compiles made. `collections` measures what the collector costs.
 """
 
 from __future__ import annotations
@@ -34,21 +32,6 @@ def freeze() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
-
-
-@contextmanager
-def paused(pause: bool = True) -> Iterator[None]:
-    """No automatic collections in this process during the block (when `pause`); they resume
-    after it, as they were. Cyclic garbage made meanwhile waits for the next collection, so the
-    block's peak memory grows by it."""
-    was = gc.isenabled()
-    if pause:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if pause and was:
-            gc.enable()
 
 
 def _callback(phase: str, info: dict[str, Any]) -> None:

@@ -142,7 +142,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          faults: Faults | None = None, prestart: bool | None = None,
          tune_gemms: bool | str = False, codegen_threads: int | None = None,
          pool: bool = False, pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
-         gpu_sharing: str = "time-slice", pause_gc: bool = False,
+         gpu_sharing: str = "time-slice",
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -175,8 +175,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     its GPU fractions and CPUs while it is up. With Ray started in-process it ends with it.
     gpu_sharing: how the compiles on one GPU share it: "time-slice" (CUDA's default) or "mps"
     (through each node's NVIDIA MPS daemon, started if the node runs none: `gpu_sharing`).
-    pause_gc: no garbage collections in a compile worker while it compiles (`heap.paused`;
-    its peak memory grows by the compile's cyclic garbage).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -229,7 +227,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
                      faults or Faults(), say, workers, tune_mode, codegen_threads, sharing,
-                     bool(pause_gc), spec, pool_idle_timeout_s)
+                     spec, pool_idle_timeout_s)
     finally:
         if owned:
             if sharing == "mps":
@@ -257,7 +255,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
           say: Callable[[str], None], prestart: int, tune_mode: str | None,
-          codegen_threads: int, sharing: str, pause_gc: bool,
+          codegen_threads: int, sharing: str,
           pool_spec: compile_pool.PoolSpec | None = None,
           pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
@@ -296,7 +294,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
             + ("first" if tune_mode == "ahead" else "alongside the compiles"))
 
     ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults,
-                      codegen_threads, sharing, pause_gc)
+                      codegen_threads, sharing)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
