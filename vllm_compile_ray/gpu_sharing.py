@@ -6,6 +6,8 @@ one compile wait through the other compiles' slices. With MPS (Multi-Process Ser
 processes' work goes through one server per GPU and runs side by side. Measured: nine compiles of
 a llama-3-8b layer piece at 512 on one H100, each 38-39 s in time slices, 30-31 s through MPS; a
 warm run of 33 compiles on 2xH200 (benchmarks/RESULTS.md, session 12), 26.3-27.9 s -> 21.1-23.2 s.
+On 4xH200 (64 cores) the autotuning seconds fell 40 % but the phase stayed (15.0 -> 15.1 s): there
+the CPUs hold 33 compiles back once the GPUs do not.
 
 `join("mps")` runs in a compile worker before CUDA starts. It uses the node's MPS daemon where
 the node runs one (CUDA_MPS_PIPE_DIRECTORY set for the worker, or the default pipe directory),
