@@ -45,9 +45,10 @@ def test_a_node_without_the_daemon_binary_gets_a_clear_error(monkeypatch) -> Non
 
 def test_a_daemon_that_does_not_start_says_why(tmp_path) -> None:
     broken = tmp_path / "control"
-    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.write_text('#!/bin/sh\necho "no GPU here" > "$CUDA_MPS_LOG_DIRECTORY/control.log"\n'
+                      "exit 3\n")
     broken.chmod(0o755)
-    with pytest.raises(VcrError, match=r"did not start on .* \(exit 3\)"):
+    with pytest.raises(VcrError, match=r"did not start on .* \(exit 3\): no GPU here"):
         gpu_sharing.Daemon(str(broken), root=str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["control"]  # its directory removed
 
@@ -107,6 +108,31 @@ def test_workers_on_a_node_share_one_daemon_that_stops_with_the_pool(stand_in_en
     assert not Path(f"/proc/{info['daemon_pid']}").exists() and not pipe.exists()
     for w in workers:
         ray.kill(w)
+
+
+def test_an_unused_daemon_stops_and_a_later_worker_gets_a_new_one(stand_in_env) -> None:
+    import ray
+
+    name = gpu_sharing.PREFIX + ray.get_runtime_context().get_node_id()[:16]
+    actor = gpu_sharing.MpsDaemon.options(name=name, namespace=gpu_sharing.NAMESPACE,
+                                          runtime_env=stand_in_env, num_cpus=0).remote(1.0)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    old_pipe = Path(ray.get(actor.join.remote(gone.pid)))
+    daemon_pid = ray.get(actor.describe.remote())["daemon_pid"]
+    deadline = time.time() + 30
+    while gpu_sharing.names() and time.time() < deadline:
+        time.sleep(0.2)
+    assert gpu_sharing.names() == [] and not old_pipe.exists()
+    assert not Path(f"/proc/{daemon_pid}").exists()
+
+    @ray.remote(num_cpus=0, runtime_env=stand_in_env)
+    def join() -> str:
+        return gpu_sharing.join("mps")["mps_pipe"]
+
+    new_pipe = Path(ray.get(join.remote()))
+    assert new_pipe != old_pipe and (new_pipe / "control").exists()
+    assert gpu_sharing.names() == [name]
 
 
 def test_time_slice_joins_nothing_and_mps_workers_are_a_pool_of_their_own() -> None:

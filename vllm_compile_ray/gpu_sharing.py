@@ -46,6 +46,7 @@ DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # where CUDA looks when CUDA_MPS_PIPE_DIRE
 IDLE_S = 60.0  # a daemon whose processes have all exited stops after this long
 _START_TIMEOUT_S = 20.0
 _WATCH_S = 2.0
+_JOIN_ATTEMPTS = 10
 
 
 def check(mode: str, device_type: str) -> str:
@@ -88,17 +89,24 @@ def _node_daemon(pid: int) -> str:
     """The pipe directory of this node's daemon actor, after it counted `pid` among its
     processes; the actor is created if missing (or gone: one that just stopped is replaced)."""
     node_id = ray.get_runtime_context().get_node_id()
-    for attempt in range(2):
+    for attempt in range(_JOIN_ATTEMPTS):
         actor = MpsDaemon.options(
             name=f"{PREFIX}{node_id[:16]}", namespace=NAMESPACE, lifetime="detached",
             get_if_exists=True, num_cpus=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(IDLE_S)
         try:
             return ray.get(actor.join.remote(pid))
-        except ray.exceptions.RayActorError:
-            if attempt:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            stopping = isinstance(exc, ray.exceptions.RayActorError) or isinstance(
+                exc.as_instanceof_cause(), DaemonStopping)
+            if not stopping or attempt == _JOIN_ATTEMPTS - 1:
                 raise
+            time.sleep(0.5)  # until the name is free for a new actor
     raise AssertionError("unreachable")
+
+
+class DaemonStopping(VcrError):
+    """The node's daemon actor is stopping (unused): join a new one."""
 
 
 def _die_with_parent() -> None:
@@ -130,13 +138,16 @@ class Daemon:
                                      preexec_fn=_die_with_parent)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not (self.pipe / "control").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            code = self.proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                why = (f"exit {code}" if code is not None
+                       else f"no control socket after {_START_TIMEOUT_S:.0f} s")
+                tail = self.log_tail()
                 self.stop()
-                raise VcrError(f"{CONTROL} did not start on {os.uname().nodename} (exit "
-                               f"{self.proc.returncode}): {self.log_tail()}")
+                raise VcrError(f"{CONTROL} did not start on {os.uname().nodename} ({why}): {tail}")
             time.sleep(0.05)
         self.pids: set[int] = set()
-        self.started_at = self.last_seen = time.monotonic()
+        self.last_seen = time.monotonic()
 
     def log_tail(self, lines: int = 5) -> str:
         path = self.logs / "control.log"
@@ -187,10 +198,13 @@ class MpsDaemon:
         self.daemon = Daemon()
         self.idle_s = idle_s
         self.lock = threading.Lock()
+        self.stopped = False
         threading.Thread(target=self._watch, name="vcr-mps-idle", daemon=True).start()
 
     def join(self, pid: int) -> str:
         with self.lock:
+            if self.stopped:  # between the daemon's stop and the actor's exit
+                raise DaemonStopping("this node's MPS daemon stopped: join a new one")
             return self.daemon.add(pid)
 
     def describe(self) -> dict[str, Any]:
@@ -200,6 +214,7 @@ class MpsDaemon:
 
     def stop(self) -> None:
         with self.lock:
+            self.stopped = True
             self.daemon.stop()
         ray.actor.exit_actor()
 
@@ -210,6 +225,7 @@ class MpsDaemon:
                 if self.daemon.idle_for() < self.idle_s:
                     continue
                 logger.info("MPS daemon unused for %.0f s: stopping", self.idle_s)
+                self.stopped = True
                 self.daemon.stop()
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
             return
