@@ -103,12 +103,6 @@ def _local_fingerprint(device_type: str) -> dict[str, str]:
     return inductor.environment_fingerprint(device_type)
 
 
-def fingerprint(device_type: str, sharing: str = "time-slice") -> dict[str, str]:
-    """The environment fingerprint of the node this runs on (a driver asks a GPU node for it)."""
-    _before_cuda(sharing)
-    return _local_fingerprint(device_type)
-
-
 def _before_cuda(sharing: str) -> dict[str, Any]:
     """What a task does before CUDA can start in its process: note the GPUs it binds to, and
     join the GPU sharing (`gpu_sharing.join`); both once per process."""
@@ -169,7 +163,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
         set_compile_threads(cpus, device_type, codegen_threads)
         inductor.warm_compile_pool()
         step("imports")
-    found = fingerprint(device_type, sharing)
+    found = _local_fingerprint(device_type)  # after _before_cuda: it may start CUDA
     step("fingerprint")
     if backend == "inductor" and warm:
         inductor.warm_device(device_type)
