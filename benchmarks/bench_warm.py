@@ -96,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpu-sharing", default="time-slice",
                    help="time-slice or mps: how the compiles on one GPU share it "
                         "(`warm(gpu_sharing=...)`), one value or one per --workers entry")
+    p.add_argument("--cuda-wait", default="spin",
+                   help="spin or block: how a compile's thread waits for its GPU "
+                        "(`warm(cuda_wait=...)`), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-freeze-heap", action="store_true",
@@ -206,12 +209,21 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
             f"{row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
             f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
             f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
-            f" select {row.get('gemm_select_s', 0):.1f}s; gc {row.get('gc_s', 0.0):.1f}, "
+            f" select {row.get('gemm_select_s', 0):.1f}s; cpu {row.get('cpu_s', 0.0):.1f} (thread "
+            f"ran {row.get('run_s', 0.0):.1f}, waited for a core {row.get('runq_s', 0.0):.1f}); "
+            f"gc {row.get('gc_s', 0.0):.1f}, "
             + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
     for row in sorted(summary.tune_rows, key=lambda r: -r.get("finished_at", 0))[:3]:
         lines.append(f"path {row['name']:34} {row.get('started_at', t0) - t0:5.1f}-"
                      f"{row.get('finished_at', t0) - t0:5.1f}s tune {row.get('seconds', 0):5.1f}s")
     return lines
+
+
+def cpu_use(summary) -> dict[str, float]:
+    """CPU seconds summed over the compiles (`cpu_time`): their processes', and their compile
+    threads' on a core and waiting for one."""
+    rows = [r for r in summary.rows if r.get("status") == "compiled"]
+    return {k: round(sum(r.get(k, 0.0) for r in rows), 1) for k in ("cpu_s", "run_s", "runq_s")}
 
 
 def startups(summary) -> str:
@@ -260,14 +272,14 @@ def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> d
 
 def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
                resources: dict[str, float], codegen_threads: int | None, runtime_env: dict,
-               gpu_sharing: str) -> float:
+               gpu_sharing: str, wait: str) -> float:
     """Connect to Ray (it stays up for the run; the caller shuts it down), start `workers` pool
     workers for the run's settings and the stats actor, and wait until every one has warmed up;
     returns the seconds. (On a cluster both stay up between runs; here each run has its own
     Ray. A run that planned in 1 s otherwise waited 6-7 s for the stats actor's process.)"""
     _connect(args.address, runtime_env)
     spec = pool_spec(base, args.device, codegen_threads=codegen_threads, runtime_env=runtime_env,
-                     gpu_sharing=gpu_sharing, **resources)
+                     gpu_sharing=gpu_sharing, cuda_wait=wait, **resources)
     start = time.perf_counter()
     members = compile_pool.up(spec, workers)
     ray.get([worker.start.remote(warm=True) for worker, _ in members]  # worker 0's warm-up too
@@ -299,6 +311,8 @@ def main() -> int:
     pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
     sharing = per_run(args.gpu_sharing, n, "--gpu-sharing", "time-slice or mps",
                       lambda v: v in ("time-slice", "mps"))
+    waits = per_run(args.cuda_wait, n, "--cuda-wait", "spin or block",
+                    lambda v: v in ("spin", "block"))
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -313,28 +327,29 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg, pl, gs) in enumerate(zip(workers, cpus, precompile, codegen, tune,
-                                                        pools, sharing)):
+    for i, (n, c, pre, kt, tg, pl, gs, cw) in enumerate(zip(workers, cpus, precompile, codegen,
+                                                            tune, pools, sharing, waits)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
             env["TORCHINDUCTOR_COMPILE_THREADS"] = (
                 str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
         runtime_env = {"env_vars": env}
-        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env, gs) \
+        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env, gs, cw) \
             if pl == "on" else 0.0
         try:
             summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                            tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                            address=args.address, max_in_flight=n, runtime_env=runtime_env,
                            tune_gemms=tg, codegen_threads=kt, pool=pl == "on", gpu_sharing=gs,
-                           progress=lambda line: print(line, flush=True), **resources)
+                           cuda_wait=cw,                            progress=lambda line: print(line, flush=True), **resources)
         finally:
             if pl == "on":
                 compile_pool.down()
                 ray.shutdown()
         runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
-                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs, "pool_start_s": pool_start_s,
+                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs, "cuda_wait": cw,
+                     "pool_start_s": pool_start_s, "cpu": cpu_use(summary),
                      "pool_reused": summary.pool_reused,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
@@ -398,7 +413,7 @@ def main() -> int:
         print_phases(serial_phases, runs)
     for run in runs:
         print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}, "
-              f"{run['gpu_sharing']}): "
+              f"{run['gpu_sharing']}, cuda wait {run['cuda_wait']}): "
               f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
               f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
               "or ran longest:")
@@ -407,7 +422,7 @@ def main() -> int:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
                   f"threads: {run['precompile_threads']}, codegen threads {run['codegen_threads']}, "
-                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}: "
+                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}, cuda wait {run['cuda_wait']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "

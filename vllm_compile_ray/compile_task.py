@@ -19,7 +19,8 @@ from typing import Any
 
 import ray
 
-from . import autotune_cache, gemm_tuning, gpu_sharing, heap, inductor, metrics, thread_compile
+from . import (autotune_cache, cpu_time, cuda_wait, gemm_tuning, gpu_sharing, heap, inductor, metrics,
+               thread_compile)
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -85,6 +86,7 @@ class TaskContext:
     faults: Faults = field(default_factory=Faults)
     codegen_threads: int = 0  # see `set_compile_threads`
     gpu_sharing: str = "time-slice"  # or "mps": see `gpu_sharing`
+    cuda_wait: str = "spin"  # or "block": see `cuda_wait`
 
 
 class CompileTaskError(CompileError):
@@ -103,11 +105,15 @@ def _local_fingerprint(device_type: str) -> dict[str, str]:
     return inductor.environment_fingerprint(device_type)
 
 
-def _before_cuda(sharing: str) -> dict[str, Any]:
-    """What a task does before CUDA can start in its process: note the GPUs it binds to, and
-    join the GPU sharing (`gpu_sharing.join`); both once per process."""
+def _before_cuda(sharing: str, wait: str, device_type: str) -> dict[str, Any]:
+    """What a task does before CUDA can start in its process, each once per process: note the
+    GPUs it binds to, join the GPU sharing (`gpu_sharing.join`), then set how CUDA waits
+    (`cuda_wait.use`, on CUDA). Returns what `gpu_sharing.join` returned and "cuda_wait"."""
     _process_gpu_ids()
-    return gpu_sharing.join(sharing)
+    shared = gpu_sharing.join(sharing)
+    if device_type == "cuda":
+        cuda_wait.use(wait)
+    return {**shared, "cuda_wait": wait}
 
 
 def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0) -> None:
@@ -124,7 +130,7 @@ def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0)
 
 def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
                  delay_s: float = 0.0, codegen_threads: int = 0,
-                 sharing: str = "time-slice") -> dict[str, Any]:
+                 sharing: str = "time-slice", wait: str = "spin") -> dict[str, Any]:
     """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor
     imports, the torch fingerprint, Inductor's compile pool, this node's environment fingerprint
     for `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
@@ -133,9 +139,9 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     compile; rows report both, see `_process_gpu_ids`). Then it freezes the heap (`heap.freeze`:
     measured on 1xH200, a layer piece's max-autotune compile at 512 took 7.8-7.9 s instead of
     8.5-8.8 s). delay_s: `Faults.startup_sleep_s`. sharing: how it shares its GPU
-    (`gpu_sharing.join`, first: before CUDA starts).
+    (`gpu_sharing.join`, first: before CUDA starts); wait: how CUDA waits (`cuda_wait`).
     Returns {"pid", "fingerprint", "seconds", "entered_at", "finished_at", "frozen_objects",
-    "gpu_sharing" (what `gpu_sharing.join` returned), "steps": seconds by step}."""
+    "gpu_sharing" (what `_before_cuda` returned), "steps": seconds by step}."""
     entered_at, start = time.time(), time.perf_counter()
     steps: dict[str, float] = {}
     mark = start
@@ -149,7 +155,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     if delay_s:
         time.sleep(delay_s)
         step("sleep")
-    shared = _before_cuda(sharing)
+    shared = _before_cuda(sharing, wait, device_type)
     step("gpu_sharing")
 
     if backend == "inductor":
@@ -228,7 +234,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     entered_at = time.time()
     name = task_name(code_id, shape)
     task_id = ray.get_runtime_context().get_task_id()
-    shared = _before_cuda(ctx.gpu_sharing)
+    shared = _before_cuda(ctx.gpu_sharing, ctx.cuda_wait, ctx.device_type)
     mismatch = _fingerprint_mismatch(ctx)  # seconds in a fresh worker
     stats = get_stats_actor()
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))  # max_compile_time from here
@@ -238,7 +244,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
         return recorded
     row: dict[str, Any] = {"name": name, "key": key, "shape": str(shape), "code_id": code_id,
                            **_where(), "gpu_sharing": shared["gpu_sharing"],
-                           "mps_pipe": shared.get("mps_pipe", ""),
+                           "mps_pipe": shared.get("mps_pipe", ""), "cuda_wait": shared["cuda_wait"],
                            "seconds": 0.0, "bytes": 0, "sha256": "", "error": "",
                            "entered_at": entered_at, "started_at": time.time()}
     counter, monitor = CompilationCounter(), PerformanceMonitor()
@@ -253,9 +259,11 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
             benchmarked = autotune_cache.gemm_benchmarks()
             looked = autotune_cache.gemm_lookup_seconds()
-        with inductor.phase_times() as phases, heap.collections() as collected:
+        with (inductor.phase_times() as phases, heap.collections() as collected,
+              cpu_time.measure() as cpu):
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
+        row.update(cpu)  # cpu_s (the process), run_s and runq_s (this thread): `cpu_time`
         row["gc_s"], row["gc_collections"] = collected["seconds"], collected["collections"]
         if ctx.config.backend == "inductor":
             row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked
@@ -308,7 +316,7 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     Never raises: the compiles that wanted these timings benchmark the GEMM themselves."""
     name = f"tune[{problem.problem_id}/{shape}]"
     task_id = ray.get_runtime_context().get_task_id()
-    _before_cuda(ctx.gpu_sharing)
+    _before_cuda(ctx.gpu_sharing, ctx.cuda_wait, ctx.device_type)
     stats = get_stats_actor()
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))
     if recorded is not None:  # an earlier attempt reported, then its worker died
