@@ -96,9 +96,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpu-sharing", default="time-slice",
                    help="time-slice or mps: how the compiles on one GPU share it "
                         "(`warm(gpu_sharing=...)`), one value or one per --workers entry")
-    p.add_argument("--cuda-wait", default="spin",
-                   help="spin or block: how a compile's thread waits for its GPU "
-                        "(`warm(cuda_wait=...)`), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-freeze-heap", action="store_true",
@@ -135,6 +132,9 @@ def serial(config: CompilationConfig, args: argparse.Namespace
         rows.append({"phases": {**phases, "tune_s": float(meta.get("tune_seconds", 0.0)),
                                 "gc_s": collected["seconds"]}})
         per_task.append(round(time.perf_counter() - t0, 3))
+        # progress: a call cut off by its time limit still shows how far the loop got
+        print(f"serial {len(per_task)}/{len(tasks)} {task.name} {per_task[-1]:.1f}s, loop "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
     return (start - planned, time.perf_counter() - start, len(tasks), per_task,
             top_phases(rows, top=ALL), started_at)
 
@@ -209,7 +209,8 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
             f"{row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
             f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
             f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
-            f" select {row.get('gemm_select_s', 0):.1f}s; cpu {row.get('cpu_s', 0.0):.1f} (thread "
+            f" select {row.get('gemm_select_s', 0):.1f}s; cpu {row.get('cpu_s', 0.0):.1f} + children "
+            f"{row.get('child_cpu_s', 0.0):.1f} (thread "
             f"ran {row.get('run_s', 0.0):.1f}, waited for a core {row.get('runq_s', 0.0):.1f}); "
             f"gc {row.get('gc_s', 0.0):.1f}, "
             + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
@@ -220,10 +221,11 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
 
 
 def cpu_use(summary) -> dict[str, float]:
-    """CPU seconds summed over the compiles (`cpu_time`): their processes', and their compile
-    threads' on a core and waiting for one."""
+    """CPU seconds summed over the compiles (`cpu_time`): their processes', their child
+    processes', and their compile threads' on a core and waiting for one."""
     rows = [r for r in summary.rows if r.get("status") == "compiled"]
-    return {k: round(sum(r.get(k, 0.0) for r in rows), 1) for k in ("cpu_s", "run_s", "runq_s")}
+    return {k: round(sum(r.get(k, 0.0) for r in rows), 1)
+            for k in ("cpu_s", "child_cpu_s", "run_s", "runq_s")}
 
 
 def startups(summary) -> str:
@@ -272,14 +274,14 @@ def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> d
 
 def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
                resources: dict[str, float], codegen_threads: int | None, runtime_env: dict,
-               gpu_sharing: str, wait: str) -> float:
+               gpu_sharing: str) -> float:
     """Connect to Ray (it stays up for the run; the caller shuts it down), start `workers` pool
     workers for the run's settings and the stats actor, and wait until every one has warmed up;
     returns the seconds. (On a cluster both stay up between runs; here each run has its own
     Ray. A run that planned in 1 s otherwise waited 6-7 s for the stats actor's process.)"""
     _connect(args.address, runtime_env)
     spec = pool_spec(base, args.device, codegen_threads=codegen_threads, runtime_env=runtime_env,
-                     gpu_sharing=gpu_sharing, cuda_wait=wait, **resources)
+                     gpu_sharing=gpu_sharing, **resources)
     start = time.perf_counter()
     members = compile_pool.up(spec, workers)
     ray.get([worker.start.remote(warm=True) for worker, _ in members]  # worker 0's warm-up too
@@ -311,8 +313,6 @@ def main() -> int:
     pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
     sharing = per_run(args.gpu_sharing, n, "--gpu-sharing", "time-slice or mps",
                       lambda v: v in ("time-slice", "mps"))
-    waits = per_run(args.cuda_wait, n, "--cuda-wait", "spin or block",
-                    lambda v: v in ("spin", "block"))
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -327,28 +327,28 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg, pl, gs, cw) in enumerate(zip(workers, cpus, precompile, codegen,
-                                                            tune, pools, sharing, waits)):
+    for i, (n, c, pre, kt, tg, pl, gs) in enumerate(zip(workers, cpus, precompile, codegen, tune,
+                                                        pools, sharing)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
         if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
             env["TORCHINDUCTOR_COMPILE_THREADS"] = (
                 str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
         runtime_env = {"env_vars": env}
-        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env, gs, cw) \
+        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env, gs) \
             if pl == "on" else 0.0
         try:
             summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                            tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                            address=args.address, max_in_flight=n, runtime_env=runtime_env,
                            tune_gemms=tg, codegen_threads=kt, pool=pl == "on", gpu_sharing=gs,
-                           cuda_wait=cw,                            progress=lambda line: print(line, flush=True), **resources)
+                           progress=lambda line: print(line, flush=True), **resources)
         finally:
             if pl == "on":
                 compile_pool.down()
                 ray.shutdown()
         runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
-                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs, "cuda_wait": cw,
+                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs,
                      "pool_start_s": pool_start_s, "cpu": cpu_use(summary),
                      "pool_reused": summary.pool_reused,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
@@ -378,6 +378,10 @@ def main() -> int:
                      # printed as lines, not in the JSON:
                      "critical": [startups(summary)] + critical_tasks(summary),
                      "ok": summary.ok})
+        print(f"ray run {i + 1}/{len(workers)} ({n} workers, pool {pl}, GPU sharing {gs}, "
+              f"precompile threads {pre}): compile phase {summary.wall_s:.1f}s, longest task "
+              f"{runs[-1]['longest_task_s']:.1f}s, plan {summary.plan_s:.1f}s, pool start "
+              f"{pool_start_s:.1f}s", flush=True)
     if not args.skip_serial:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
         if args.serial_compile_threads is not None:
@@ -413,7 +417,7 @@ def main() -> int:
         print_phases(serial_phases, runs)
     for run in runs:
         print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}, "
-              f"{run['gpu_sharing']}, cuda wait {run['cuda_wait']}): "
+              f"{run['gpu_sharing']}): "
               f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
               f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
               "or ran longest:")
@@ -422,7 +426,7 @@ def main() -> int:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
                   f"threads: {run['precompile_threads']}, codegen threads {run['codegen_threads']}, "
-                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}, cuda wait {run['cuda_wait']}: "
+                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "

@@ -30,7 +30,7 @@ import time
 # in one warm cache (seen on the GPU host: a second run of the same compile took 2.5 s, not 21 s).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vcr-prof-"))
 
-from vllm_compile_ray import CompilationConfig, cpu_time, cuda_wait, heap, models
+from vllm_compile_ray import CompilationConfig, cpu_time, heap, models
 from vllm_compile_ray.api import example_args, key_context
 from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads, warm_device
@@ -66,16 +66,12 @@ def main() -> None:
                         "together then compile at once, as a warm run's workers do)")
     p.add_argument("--no-profile", action="store_true",
                    help="no cProfile (it slows the compile's Python work, the collector's too)")
-    p.add_argument("--cuda-wait", choices=cuda_wait.MODES, default="spin",
-                   help="how CUDA waits in this process (`cuda_wait`; spin: CUDA's default)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--sort", default="cumulative",
                    help="pstats orders for the profile, comma-separated (e.g. cumulative,tottime)")
     args = p.parse_args()
 
     print(f"Inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}", flush=True)
-    if args.device == "cuda":
-        print(f"cuda wait: {cuda_wait.use(args.cuda_wait)}", flush=True)
     if args.threads:
         set_compile_threads(args.threads)
     if args.warm_pool:
@@ -122,8 +118,8 @@ def main() -> None:
         total = time.perf_counter() - start
     print(f"garbage collector ({args.gc}): {collected['collections']} collections by generation, "
           f"{collected['seconds']:.2f} s")
-    print(f"CPU: process {cpu['cpu_s']:.2f} s, compile thread ran {cpu.get('run_s', 0):.2f} s "
-          f"and waited for a core {cpu.get('runq_s', 0):.2f} s")
+    print(f"CPU: process {cpu['cpu_s']:.2f} s, its children {cpu['child_cpu_s']:.2f} s, compile "
+          f"thread ran {cpu.get('run_s', 0):.2f} s and waited for a core {cpu.get('runq_s', 0):.2f} s")
     print(f"compile + first-call tuning {total:.2f} s; artifact {len(result.artifact) / 1e6:.2f} MB; "
           f"{result.info}")
     if pool is not None:

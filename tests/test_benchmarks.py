@@ -40,6 +40,16 @@ def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
     assert abs(result["ratio_end_to_end"] - (result["serial_plan_s"] + result["serial_s"])
                / result["ray_total_s"]) <= 0.01
     assert "compile phase" in out.stdout and "busy in the serial loop" in out.stdout
+    # progress as it goes (a call cut off by a time limit keeps it): each Ray run's phase right
+    # after the run, then each serial compile, all before the results
+    lines = out.stdout.splitlines()
+    first_result = next(i for i, x in enumerate(lines) if x.startswith("result "))
+    runs = [i for i, x in enumerate(lines) if x.startswith("ray run ")]
+    serial = [i for i, x in enumerate(lines) if re.match(r"serial \d/3 compile\[", x)]
+    assert len(runs) == 2 and len(serial) == 3 and max(runs + serial) < first_result, lines
+    assert f"compile phase {result['ray_wall_s']:.1f}s" in lines[runs[0]]
+    # CPU seconds summed over the compiles, from their rows (`cpu_time`)
+    assert set(result["cpu"]) == {"cpu_s", "child_cpu_s", "run_s", "runq_s"}, result["cpu"]
     # the tasks that ended last, each with its start and end in the compile phase
     assert sum(x.startswith("path compile[") and "-" in x for x in out.stdout.splitlines()) == 6
     # --pool on: the run compiled in the two pool workers started (and timed) before it
@@ -77,6 +87,10 @@ def test_profile_compile_checks_the_compiled_piece_against_eager() -> None:
     [check] = re.findall(r"^check: (\d+) outputs, worst .* = (\S+)$", out.stdout, re.M)
     assert int(check[0]) >= 1 and float(check[1]) < 1e-4  # fp32 on CPU
     assert "Runtimes (s)" in out.stdout  # the phase timers' table follows
+    [cpu] = re.findall(r"^CPU: process (\S+) s, its children (\S+) s, compile thread ran (\S+) s",
+                       out.stdout, re.M)
+    # the compile ran on its thread, in-process (the process's clock ticks at 10 ms)
+    assert float(cpu[0]) + 0.02 >= float(cpu[2]) > 0, cpu
     # the heap frozen first, as compile workers do; the collector still ran, and was timed
     frozen = int(re.search(r"^froze (\d+) objects", out.stdout, re.M).group(1))
     assert frozen > 100_000, out.stdout[:2000]

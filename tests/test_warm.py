@@ -233,6 +233,10 @@ def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
     row = summary.rows[0]
     # the collector ran during the compile (its young generation, at least), and was timed
     assert sum(row["gc_collections"]) > 0 and 0 <= row["gc_s"] < row["seconds"], row
+    # and its CPU use (`cpu_time`): the compile thread ran, its process at least as much (its
+    # clock ticks at 10 ms)
+    assert 0 < row["run_s"] <= row["cpu_s"] + 0.02, row
+    assert row["runq_s"] >= 0 and row["child_cpu_s"] >= 0, row
     assert row["bytes"] > 1000 and row["seconds"] > 0
     # where the compile's seconds went, by Inductor phase (benchmarks compare them with serial)
     # (cold here, or an FX graph cache hit: the tests share Inductor's cache), each within it

@@ -151,10 +151,6 @@ def slot_options(fn: Callable) -> Callable:
                      default="time-slice", show_default=True,
                      help="how the compiles on one GPU share it: CUDA's time slices, or NVIDIA "
                           "MPS (each node's MPS daemon, started where none runs)"),
-        click.option("--cuda-wait", type=click.Choice(["spin", "block"]),
-                     default="spin", show_default=True,
-                     help="how a compile's thread waits for its GPU: spin on its core (CUDA's "
-                          "default) or block, leaving the core to the node's other compiles"),
         click.option("--pool-idle-timeout", type=click.FloatRange(min=0, min_open=True),
                      default=DEFAULT_POOL_IDLE_TIMEOUT_S, show_default=True,
                      help="seconds a pool worker stays up without work"),
@@ -196,8 +192,7 @@ def warm(**opts: Any) -> None:
                       compile_retries=opts["compile_retries"],
                       tune_gemms=opts["tune_gemms"], codegen_threads=opts["codegen_threads"],
                       pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
-                      gpu_sharing=opts["gpu_sharing"], cuda_wait=opts["cuda_wait"],
-                      progress=lambda line: click.echo(line))
+                      gpu_sharing=opts["gpu_sharing"], progress=lambda line: click.echo(line))
     click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
                                         if k not in ("rows", "tune_rows")},
                                        sort_keys=True, default=str))

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from . import (autotune_cache, cpu_time, cuda_wait, gemm_tuning, gpu_sharing, heap, inductor, metrics,
+from . import (autotune_cache, cpu_time, gemm_tuning, gpu_sharing, heap, inductor, metrics,
                thread_compile)
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
@@ -86,7 +86,6 @@ class TaskContext:
     faults: Faults = field(default_factory=Faults)
     codegen_threads: int = 0  # see `set_compile_threads`
     gpu_sharing: str = "time-slice"  # or "mps": see `gpu_sharing`
-    cuda_wait: str = "spin"  # or "block": see `cuda_wait`
 
 
 class CompileTaskError(CompileError):
@@ -105,15 +104,11 @@ def _local_fingerprint(device_type: str) -> dict[str, str]:
     return inductor.environment_fingerprint(device_type)
 
 
-def _before_cuda(sharing: str, wait: str, device_type: str) -> dict[str, Any]:
-    """What a task does before CUDA can start in its process, each once per process: note the
-    GPUs it binds to, join the GPU sharing (`gpu_sharing.join`), then set how CUDA waits
-    (`cuda_wait.use`, on CUDA). Returns what `gpu_sharing.join` returned and "cuda_wait"."""
+def _before_cuda(sharing: str) -> dict[str, Any]:
+    """What a task does before CUDA can start in its process: note the GPUs it binds to, and
+    join the GPU sharing (`gpu_sharing.join`); both once per process."""
     _process_gpu_ids()
-    shared = gpu_sharing.join(sharing)
-    if device_type == "cuda":
-        cuda_wait.use(wait)
-    return {**shared, "cuda_wait": wait}
+    return gpu_sharing.join(sharing)
 
 
 def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0) -> None:
@@ -130,7 +125,7 @@ def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0)
 
 def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
                  delay_s: float = 0.0, codegen_threads: int = 0,
-                 sharing: str = "time-slice", wait: str = "spin") -> dict[str, Any]:
+                 sharing: str = "time-slice") -> dict[str, Any]:
     """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor
     imports, the torch fingerprint, Inductor's compile pool, this node's environment fingerprint
     for `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
@@ -139,9 +134,9 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     compile; rows report both, see `_process_gpu_ids`). Then it freezes the heap (`heap.freeze`:
     measured on 1xH200, a layer piece's max-autotune compile at 512 took 7.8-7.9 s instead of
     8.5-8.8 s). delay_s: `Faults.startup_sleep_s`. sharing: how it shares its GPU
-    (`gpu_sharing.join`, first: before CUDA starts); wait: how CUDA waits (`cuda_wait`).
+    (`gpu_sharing.join`, first: before CUDA starts).
     Returns {"pid", "fingerprint", "seconds", "entered_at", "finished_at", "frozen_objects",
-    "gpu_sharing" (what `_before_cuda` returned), "steps": seconds by step}."""
+    "gpu_sharing" (what `gpu_sharing.join` returned), "steps": seconds by step}."""
     entered_at, start = time.time(), time.perf_counter()
     steps: dict[str, float] = {}
     mark = start
@@ -155,7 +150,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     if delay_s:
         time.sleep(delay_s)
         step("sleep")
-    shared = _before_cuda(sharing, wait, device_type)
+    shared = _before_cuda(sharing)
     step("gpu_sharing")
 
     if backend == "inductor":
@@ -234,7 +229,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     entered_at = time.time()
     name = task_name(code_id, shape)
     task_id = ray.get_runtime_context().get_task_id()
-    shared = _before_cuda(ctx.gpu_sharing, ctx.cuda_wait, ctx.device_type)
+    shared = _before_cuda(ctx.gpu_sharing)
     mismatch = _fingerprint_mismatch(ctx)  # seconds in a fresh worker
     stats = get_stats_actor()
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))  # max_compile_time from here
@@ -244,7 +239,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
         return recorded
     row: dict[str, Any] = {"name": name, "key": key, "shape": str(shape), "code_id": code_id,
                            **_where(), "gpu_sharing": shared["gpu_sharing"],
-                           "mps_pipe": shared.get("mps_pipe", ""), "cuda_wait": shared["cuda_wait"],
+                           "mps_pipe": shared.get("mps_pipe", ""),
                            "seconds": 0.0, "bytes": 0, "sha256": "", "error": "",
                            "entered_at": entered_at, "started_at": time.time()}
     counter, monitor = CompilationCounter(), PerformanceMonitor()
@@ -316,7 +311,7 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     Never raises: the compiles that wanted these timings benchmark the GEMM themselves."""
     name = f"tune[{problem.problem_id}/{shape}]"
     task_id = ray.get_runtime_context().get_task_id()
-    _before_cuda(ctx.gpu_sharing, ctx.cuda_wait, ctx.device_type)
+    _before_cuda(ctx.gpu_sharing)
     stats = get_stats_actor()
     _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))
     if recorded is not None:  # an earlier attempt reported, then its worker died

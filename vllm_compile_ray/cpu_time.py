@@ -1,7 +1,8 @@
 """Where a compile's CPU time goes while many compiles share a node's cores.
 
 `measure` reports, over a block: the process's CPU seconds (all its threads: the compile, its
-kernel and template-precompile threads, CUDA's waits when they spin) and, for the calling thread
+kernel and template-precompile threads, CUDA's waits when they spin), its child processes'
+(ptxas, the C++ compiler) and, for the calling thread
 (the compile's own Python), the seconds it ran and the seconds it was ready to run but waited for
 a core (Linux's /proc/thread-self/schedstat). The rest of the block's wall time the thread slept:
 on a lock (the GIL), a GPU that blocks, a child process. The three answer whether a slow compile
@@ -30,8 +31,9 @@ def _thread_ns() -> tuple[int, int] | None:
 
 @contextmanager
 def measure() -> Iterator[dict[str, Any]]:
-    """Yields a dict filled in when the block ends: "cpu_s" (the process), and where Linux keeps
-    scheduler statistics "run_s" and "runq_s" (the calling thread), all rounded to ms."""
+    """Yields a dict filled in when the block ends: "cpu_s" (the process), "child_cpu_s" (its
+    child processes that ended and were waited for), and where Linux keeps scheduler statistics
+    "run_s" and "runq_s" (the calling thread), all rounded to ms."""
     rec: dict[str, Any] = {}
     times, thread = os.times(), _thread_ns()
     try:
@@ -39,6 +41,8 @@ def measure() -> Iterator[dict[str, Any]]:
     finally:
         end, thread_end = os.times(), _thread_ns()
         rec["cpu_s"] = round(max(0.0, end.user + end.system - times.user - times.system), 3)
+        rec["child_cpu_s"] = round(max(0.0, end.children_user + end.children_system
+                                       - times.children_user - times.children_system), 3)
         if thread is not None and thread_end is not None:
             rec["run_s"] = round((thread_end[0] - thread[0]) / 1e9, 3)
             rec["runq_s"] = round((thread_end[1] - thread[1]) / 1e9, 3)

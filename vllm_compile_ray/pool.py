@@ -30,7 +30,7 @@ from typing import Any
 
 import ray
 
-from . import cuda_wait, gpu_sharing
+from . import gpu_sharing
 from .compile_task import compile_piece, start_worker, tune_gemm
 from .config import DEFAULT_POOL_IDLE_TIMEOUT_S as DEFAULT_IDLE_TIMEOUT_S
 from .errors import ConfigError
@@ -55,11 +55,9 @@ class PoolSpec:
     codegen_threads: int = 0
     runtime_env: dict[str, Any] = field(default_factory=dict)
     gpu_sharing: str = "time-slice"  # or "mps" (`gpu_sharing`)
-    cuda_wait: str = "spin"  # or "block" (`cuda_wait`)
 
     def __post_init__(self) -> None:
         gpu_sharing.check(self.gpu_sharing, self.device_type)
-        cuda_wait.check(self.cuda_wait, self.device_type)
 
     @property
     def tag(self) -> str:
@@ -103,14 +101,12 @@ class CompileWorker:
                 out = start_worker(self.spec.backend, self.spec.cpus, self.spec.device_type,
                                    warm=warm, delay_s=delay_s,
                                    codegen_threads=self.spec.codegen_threads,
-                                   sharing=self.spec.gpu_sharing,
-                                   wait=self.spec.cuda_wait)
+                                   sharing=self.spec.gpu_sharing)
             else:  # started without its warm-up compile: add it
                 out = {**self.started, **start_worker(self.spec.backend, self.spec.cpus,
                                                       self.spec.device_type, warm=True,
                                                       codegen_threads=self.spec.codegen_threads,
-                                                      sharing=self.spec.gpu_sharing,
-                                                      wait=self.spec.cuda_wait)}
+                                                      sharing=self.spec.gpu_sharing)}
             ctx = ray.get_runtime_context()
             out.update(node_id=ctx.get_node_id(),
                        gpu_ids=list(ctx.get_accelerator_ids().get("GPU", [])))

@@ -59,7 +59,7 @@ def pool_up(address: str | None, workers: int | None, timeout: float, **opts: An
     config = CompilationConfig(backend=opts["backend"], use_inductor=opts["backend"] == "inductor")
     spec = pool_spec(config, opts["device"], opts["gpus_per_compile"], opts["cpus_per_compile"],
                      opts["resources"], opts["codegen_threads"],
-                     gpu_sharing=opts["gpu_sharing"], cuda_wait=opts["cuda_wait"])
+                     gpu_sharing=opts["gpu_sharing"])
     with _connected(address):
         size = min(workers or 1 << 30, cluster_capacity(_Request(spec.gpus, spec.cpus,
                                                                  spec.resources)))

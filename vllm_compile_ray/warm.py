@@ -22,7 +22,6 @@ import ray
 import torch
 
 from . import gemm_tuning, manifest, models
-from . import cuda_wait as cuda_wait_mode
 from . import gpu_sharing as gpu_sharing_mode
 from . import pool as compile_pool
 from .api import example_args, key_context, model_device_type, open_store
@@ -143,7 +142,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          faults: Faults | None = None, prestart: bool | None = None,
          tune_gemms: bool | str = False, codegen_threads: int | None = None,
          pool: bool = False, pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
-         gpu_sharing: str = "time-slice", cuda_wait: str = "spin",
+         gpu_sharing: str = "time-slice",
          progress: Callable[[str], None] | None = print) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
@@ -176,8 +175,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     its GPU fractions and CPUs while it is up. With Ray started in-process it ends with it.
     gpu_sharing: how the compiles on one GPU share it: "time-slice" (CUDA's default) or "mps"
     (through each node's NVIDIA MPS daemon, started if the node runs none: `gpu_sharing`).
-    cuda_wait: how a compile's thread waits for its GPU: "spin" (CUDA's default) or "block"
-    (sleeps, leaving the core to the node's other compiles: `cuda_wait`).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
@@ -188,7 +185,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
                           f"{cpus_per_compile!r} are invalid: must be >= 0")
     sharing = gpu_sharing_mode.check(gpu_sharing, device_type)
-    wait = cuda_wait_mode.check(cuda_wait, device_type)
     tune_mode = _tune_mode(tune_gemms)
     if tune_mode and config.backend != "inductor":
         raise ConfigError(f"tune_gemms={tune_gemms!r} needs the inductor backend (GEMM autotuning "
@@ -227,11 +223,11 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
                 logger.warning("pool=True with Ray started in this process: the pool ends with "
                                "this call (give address= to keep it on a cluster)")
             spec = pool_spec(config, device_type, request.gpus, request.cpus, request.resources,
-                             codegen_threads, runtime_env, sharing, wait)
+                             codegen_threads, runtime_env, sharing)
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
                      max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
                      faults or Faults(), say, workers, tune_mode, codegen_threads, sharing,
-                     wait, spec, pool_idle_timeout_s)
+                     spec, pool_idle_timeout_s)
     finally:
         if owned:
             if sharing == "mps":
@@ -243,7 +239,7 @@ def pool_spec(config: CompilationConfig, device_type: str = "cuda",
               gpus_per_compile: float | None = None, cpus_per_compile: float = 1.0,
               resources: dict[str, float] | None = None, codegen_threads: int | None = None,
               runtime_env: dict | None = None,
-              gpu_sharing: str = "time-slice", cuda_wait: str = "spin") -> compile_pool.PoolSpec:
+              gpu_sharing: str = "time-slice") -> compile_pool.PoolSpec:
     """The spec of the pool workers that `warm(pool=True)` with these arguments compiles in, to
     start them ahead with `pool.up`."""
     if gpus_per_compile is None:
@@ -251,7 +247,7 @@ def pool_spec(config: CompilationConfig, device_type: str = "cuda",
     threads = DEFAULT_CODEGEN_THREADS if codegen_threads is None else codegen_threads
     return compile_pool.PoolSpec(device_type, config.backend, float(gpus_per_compile),
                                  float(cpus_per_compile), dict(resources or {}), threads,
-                                 dict(runtime_env or {}), gpu_sharing, cuda_wait)
+                                 dict(runtime_env or {}), gpu_sharing)
 
 
 def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, store: ArtifactStore,
@@ -259,7 +255,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
           say: Callable[[str], None], prestart: int, tune_mode: str | None,
-          codegen_threads: int, sharing: str, wait: str,
+          codegen_threads: int, sharing: str,
           pool_spec: compile_pool.PoolSpec | None = None,
           pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S) -> WarmSummary:
     run_id = uuid.uuid4().hex[:12]
@@ -278,8 +274,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
         if pool_spec else None
     starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
         config.backend, request.cpus, device_type, warm=i > 0 or fingerprint is not None,
-        delay_s=faults.startup_sleep_s, codegen_threads=codegen_threads, sharing=sharing,
-        wait=wait)
+        delay_s=faults.startup_sleep_s, codegen_threads=codegen_threads, sharing=sharing)
         for i in range(0 if members else count)]
     start_refs = [ref for _, ref in members] if members else starts
     plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
@@ -299,7 +294,7 @@ def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, st
             + ("first" if tune_mode == "ahead" else "alongside the compiles"))
 
     ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults,
-                      codegen_threads, sharing, wait)
+                      codegen_threads, sharing)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
