@@ -258,7 +258,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
               cpu_time.measure() as cpu):
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
-        row.update(cpu)  # cpu_s (the process), run_s and runq_s (this thread): `cpu_time`
+        row.update(cpu)  # cpu_s, child_cpu_s (the process's), run_s, runq_s (this thread's)
         row["gc_s"], row["gc_collections"] = collected["seconds"], collected["collections"]
         if ctx.config.backend == "inductor":
             row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked

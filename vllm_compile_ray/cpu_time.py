@@ -1,12 +1,12 @@
 """Where a compile's CPU time goes while many compiles share a node's cores.
 
 `measure` reports, over a block: the process's CPU seconds (all its threads: the compile, its
-kernel and template-precompile threads, CUDA's waits when they spin), its child processes'
-(ptxas, the C++ compiler) and, for the calling thread
-(the compile's own Python), the seconds it ran and the seconds it was ready to run but waited for
-a core (Linux's /proc/thread-self/schedstat). The rest of the block's wall time the thread slept:
-on a lock (the GIL), a GPU that blocks, a child process. The three answer whether a slow compile
-lacked cores, a lock or its GPU.
+kernel and template-precompile threads, CUDA's waits when they spin), its child processes' (ptxas,
+the C++ compiler) and, for the calling thread (the compile's own Python), the seconds it ran and
+the seconds it was ready to run but waited for a core (Linux's /proc/thread-self/schedstat). The
+rest of the block's wall time that thread slept: on a lock (the GIL), a future, a GPU that
+blocks, a child process. Together they tell whether a slow compile lacked cores, a lock or its
+GPU (measured on 4xH200, 33 compiles at once: benchmarks/RESULTS.md, session 13).
 """
 
 from __future__ import annotations
