@@ -34,7 +34,7 @@ from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.inductor import environment_fingerprint, phase_times, set_compile_threads
 from vllm_compile_ray.manager import CompilerManager
 from vllm_compile_ray.plan import capture, plan_graph
-from vllm_compile_ray.stats import get_stats_actor, top_phases
+from vllm_compile_ray.stats import cpu_sums, get_stats_actor, top_phases
 from vllm_compile_ray import pool as compile_pool
 from vllm_compile_ray.warm import _connect, order_tasks, pool_spec, warm
 
@@ -220,14 +220,6 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
     return lines
 
 
-def cpu_use(summary) -> dict[str, float]:
-    """CPU seconds summed over the compiles (`cpu_time`): their processes', their child
-    processes', and their compile threads' on a core and waiting for one."""
-    rows = [r for r in summary.rows if r.get("status") == "compiled"]
-    return {k: round(sum(r.get(k, 0.0) for r in rows), 1)
-            for k in ("cpu_s", "child_cpu_s", "run_s", "runq_s")}
-
-
 def startups(summary) -> str:
     """How the worker start-ups went, from the compile phase's start (negative: while planning):
     Ray's lag from submit to the start-up running, each step's median / max seconds, when the
@@ -349,7 +341,7 @@ def main() -> int:
                 ray.shutdown()
         runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
                      "tune_gemms": tg, "pool": pl, "gpu_sharing": gs,
-                     "pool_start_s": pool_start_s, "cpu": cpu_use(summary),
+                     "pool_start_s": pool_start_s, "cpu": cpu_sums(summary.rows),
                      "pool_reused": summary.pool_reused,
                      "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
                      "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),

@@ -74,8 +74,11 @@ def test_snapshot_sums_the_compile_phases_over_tasks() -> None:
                                 {"GraphLowering.run": 0.5}, None]):
         stats.start(f"t{i}")
         stats.finish(f"t{i}", {"name": f"compile[a/{i}]", "status": "compiled",
-                               **({"phases": phases} if phases else {})})
+                               **({"phases": phases, "cpu_s": 3.0 + i, "run_s": 1.0,
+                                   "runq_s": 0.25} if phases else {})})
     snap = stats.snapshot()
+    # and their CPU seconds (`cpu_time`): rows without them (cached, failed) count nothing
+    assert snap["cpu"] == {"cpu_s": 7.0, "child_cpu_s": 0.0, "run_s": 2.0, "runq_s": 0.5}
     assert snap["phases"] == {"mm_template_autotuning": 4.0, "GraphLowering.run": 2.0}
     assert list(snap["phases"]) == ["mm_template_autotuning", "GraphLowering.run"]  # largest first
     many = [{"phases": {f"p{i}": float(i) for i in range(40)}}]

@@ -75,7 +75,7 @@ class CompileStats:
                 "timings": self.monitor.summary(), "status": self.status_counts(),
                 "max_concurrent": self.max_concurrent, "running": len(self.running),
                 "retried_tasks": sum(1 for r in rows if r["retries"]),
-                "phases": top_phases(rows), "tasks": rows}
+                "phases": top_phases(rows), "cpu": cpu_sums(rows), "tasks": rows}
 
 
 def top_phases(rows: list[dict[str, Any]], top: int = _TOP_PHASES) -> dict[str, float]:
@@ -87,6 +87,15 @@ def top_phases(rows: list[dict[str, Any]], top: int = _TOP_PHASES) -> dict[str, 
             sums[name] = sums.get(name, 0.0) + float(seconds)
     largest = sorted(sums.items(), key=lambda kv: -kv[1])[:top]
     return {name: round(seconds, 3) for name, seconds in largest}
+
+
+CPU_FIELDS = ("cpu_s", "child_cpu_s", "run_s", "runq_s")  # of a compile row: `cpu_time`
+
+
+def cpu_sums(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The compiles' CPU seconds summed over the rows (`cpu_time`): their processes', their
+    child processes', their compile threads' on a core and waiting for one."""
+    return {k: round(sum(float(r.get(k, 0.0)) for r in rows), 3) for k in CPU_FIELDS}
 
 
 class StatsActor:
