@@ -95,7 +95,7 @@ CPU_FIELDS = ("cpu_s", "child_cpu_s", "run_s", "runq_s")  # of a compile row: `c
 def cpu_sums(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The compiles' CPU seconds summed over the rows (`cpu_time`): their processes', their
     child processes', their compile threads' on a core and waiting for one."""
-    return {k: round(sum(float(r.get(k, 0.0)) for r in rows), 3) for k in CPU_FIELDS}
+    return {k: round(sum((float(r.get(k, 0.0)) for r in rows), 0.0), 3) for k in CPU_FIELDS}
 
 
 class StatsActor:
