@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip install -q --disable-pip-version-check"
+# A fresh `python3 -m venv` here has pip 23.2, whose resolver gives up (ResolutionImpossible) on
+# boto3 against s3fs's aiobotocore pin; pip >= 24 resolves it.
+if ! python -c "import sys, pip; sys.exit(int(pip.__version__.split('.')[0]) < 24)"; then
+  $PIP "pip>=24"
+fi
 if ! python -c "import torch" 2>/dev/null; then
   $PIP "torch==2.13.0"
 fi
