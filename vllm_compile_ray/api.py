@@ -18,7 +18,9 @@ from .keys import KeyContext
 from .manager import CompilerManager
 from .monitor import PerformanceMonitor
 from .passes import PostGradPassManager
-from .plan import Plan, capture, mark_token_dims, dynamo_settings, plan_graph
+from .hf import maybe_prepare
+from .inputs import ExampleInputs, example_call, mark_dynamic
+from .plan import Plan, capture, dynamo_settings, plan_graph
 from .store import ArtifactStore
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_compile_ray", "cache")
@@ -62,11 +64,11 @@ class CompiledModel:
         self.backend = backend
         self._compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
 
-    def __call__(self, *args: Any) -> Any:
-        mark_token_dims(args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
         try:
             with dynamo_settings(), torch.no_grad():
-                return self._compiled(*args)
+                return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, VcrError):  # dynamo wraps our errors; hand back the clear one
@@ -92,9 +94,10 @@ def compile(model: torch.nn.Module, config: CompilationConfig | None = None, *,
             pass_manager: PostGradPassManager | None = None,
             model_name: str = "<model>") -> CompiledModel:
     """Compile `model` piecewise: the first call traces, then loads or compiles every unique
-    (piece, shape) through the cache at `config.cache_dir`. num_tokens (dim 0 of every tensor
-    argument) is dynamic."""
+    (piece, shape) through the cache at `config.cache_dir`. num_tokens is dynamic (`inputs`
+    says which dims carry it). A transformers model is switched to vcr attention (`hf.prepare`)."""
     config = config or CompilationConfig()
+    model = maybe_prepare(model)
     device_type = model_device_type(model)
     if device_type == "meta":
         raise ValueError("compile() needs a model with weights; use plan_model() for a meta model")
@@ -116,12 +119,21 @@ def example_args(num_tokens: int = 8, device: str = "meta") -> tuple[torch.Tenso
     return ids, torch.arange(num_tokens, device=device)
 
 
+PLAN_TOKENS = 8  # the trace-time token count; keys never depend on it
+
+
 def plan_model(model: torch.nn.Module, config: CompilationConfig, *, device_type: str = "cuda",
                fingerprint: dict[str, str] | None = None, args: Sequence[Any] | None = None,
+               example_inputs: ExampleInputs | None = None,
                pass_manager: PostGradPassManager | None = None) -> Plan:
     """Plan without compiling: capture (a meta model works), split, canonicalize, key for
-    `device_type`. Keys equal those `compile()` computes on a device of that fingerprint."""
+    `device_type`. Keys equal those `compile()` computes on a device of that fingerprint.
+    example_inputs(num_tokens, device) makes the call (default `inputs.default_example_inputs`);
+    `args` is a fixed positional call."""
+    model = maybe_prepare(model)
     compiler = make_compiler(config, pass_manager)
     context = key_context(config, compiler, device_type, fingerprint, pass_manager)
-    gm = capture(model, args if args is not None else example_args(device=model_device_type(model)))
+    call_args, call_kwargs = (tuple(args), {}) if args is not None else example_call(
+        model, example_inputs, PLAN_TOKENS, model_device(model))
+    gm = capture(model, call_args, call_kwargs, config.dynamic_dims)
     return plan_graph(gm, config, context, device_type)

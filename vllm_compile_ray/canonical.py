@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +46,8 @@ class InputSpec:
 class CanonicalPiece:
     """A piece with canonical names, its input spec, and the code its key is computed from.
 
-    `graph` has already been through a pickle round trip, which is how Ray ships it, so `code` is
-    the code every receiver sees. It always returns a tuple; `single_output` says whether the
+    `graph` pickles as its node list (`_ShippedGraphModule`), so `code` is the code every receiver
+    of a shipped piece regenerates. It always returns a tuple; `single_output` says whether the
     original piece returned one bare value.
     """
 
@@ -123,7 +122,7 @@ def input_spec(value: Any, namer: _SymbolNamer, device_type: str | None) -> Inpu
 def structure(piece: fx.GraphModule, device_type: str | None = None) -> tuple:
     """Everything `canonicalize` builds its result from: ops, targets, argument structure with
     nodes by position, and input specs. Equal structures canonicalize equally, so a plan
-    canonicalizes each distinct layer once (the pickle round trip is the costly part)."""
+    canonicalizes each distinct layer once."""
     nodes = list(piece.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     body = [n for n in nodes if n.op not in ("placeholder", "output")]
@@ -156,7 +155,9 @@ def structure_of(inputs: list[fx.Node], body: list[fx.Node], result: Any,
 def canonicalize(piece: fx.GraphModule, device_type: str | None = None) -> CanonicalPiece:
     """Rebuild `piece` in a fresh graph: placeholders arg0..argN, other nodes named by target.
 
-    device_type replaces the device of tensor inputs in the spec (planning on "meta" for "cuda").
+    device_type replaces the device of tensor inputs in the spec and every device constant in
+    the code (planning on "meta" for "cuda": model code that makes tensors on its trace device
+    must not put that device into the key).
     """
     namer = _SymbolNamer()
     graph = fx.Graph()
@@ -164,6 +165,7 @@ def canonicalize(piece: fx.GraphModule, device_type: str | None = None) -> Canon
     specs: list[InputSpec] = []
     root = torch.nn.Module()
     single_output = True
+    devices = _DeviceNormalizer(device_type)
     for node in piece.graph.nodes:
         if node.op == "placeholder":
             new = graph.placeholder(f"arg{len(specs)}")
@@ -187,11 +189,132 @@ def canonicalize(piece: fx.GraphModule, device_type: str | None = None) -> Canon
         else:
             if node.op == "call_module":
                 raise TypeError(f"piece calls module {node.target!r}; pieces must be flat graphs")
-            new = graph.create_node(node.op, node.target,
-                                    fx.node.map_arg(node.args, lambda n: env[n]),
-                                    fx.node.map_arg(node.kwargs, lambda n: env[n]))
+            args, kwargs = devices((node.args, node.kwargs))
+            new = graph.create_node(node.op, node.target, fx.node.map_arg(args, lambda n: env[n]),
+                                    fx.node.map_arg(kwargs, lambda n: env[n]))
         new.meta = dict(node.meta)
         env[node] = new
-    gm = fx.GraphModule(root, graph)
-    shipped = pickle.loads(pickle.dumps(gm))
-    return CanonicalPiece(shipped, shipped.code, tuple(specs), single_output)
+    gm = _ShippedGraphModule(root, graph)
+    return CanonicalPiece(gm, gm.code, tuple(specs), single_output)
+
+
+class _DeviceNormalizer:
+    """Replaces torch.device constants in node arguments by the target device type."""
+
+    def __init__(self, device_type: str | None):
+        self.device = torch.device(device_type) if device_type else None
+
+    def __call__(self, value: Any) -> Any:
+        if self.device is None:
+            return value
+        return _map_constants(value, lambda v: self.device if isinstance(v, torch.device) else v)
+
+
+def _map_constants(value: Any, fn: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return value
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        mapped = [_map_constants(v, fn) for v in value]
+        return type(value)(mapped) if not hasattr(value, "_fields") else type(value)(*mapped)
+    if isinstance(value, dict):
+        return {k: _map_constants(v, fn) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(*(_map_constants(v, fn) for v in (value.start, value.stop, value.step)))
+    return fn(value)
+
+
+class _Ref:
+    """A reference to the node at `index` in a shipped graph."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _OpRef:
+    """A torch op by name: packets of ops defined in Python (transformers' own custom ops, ours)
+    do not pickle. `module` defines the op; the receiver imports it when the op is missing."""
+
+    __slots__ = ("qualname", "overload", "module")
+
+    def __init__(self, target: Any):
+        packet = target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
+        self.qualname = packet._qualified_op_name
+        self.overload = target._overloadname if isinstance(target, torch._ops.OpOverload) else None
+        from torch._library.custom_ops import OPDEFS
+
+        opdef = OPDEFS.get(self.qualname)
+        self.module = getattr(getattr(opdef, "_init_fn", None), "__module__", None)
+
+    def __getstate__(self) -> tuple:
+        return self.qualname, self.overload, self.module
+
+    def __setstate__(self, state: tuple) -> None:
+        self.qualname, self.overload, self.module = state
+
+    def resolve(self) -> Any:
+        import importlib
+
+        ns, name = self.qualname.split("::")
+        if not hasattr(getattr(torch.ops, ns), name) and self.module:
+            importlib.import_module(self.module)
+        packet = getattr(getattr(torch.ops, ns), name)
+        return packet if self.overload is None else getattr(packet, self.overload)
+
+
+def _ship_target(target: Any) -> Any:
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return _OpRef(target)
+    return target
+
+
+class _ShippedGraphModule(fx.GraphModule):
+    """A GraphModule that pickles as its node list (op, name, target, args, kwargs) and is rebuilt
+    node by node, so the receiver's code is the sender's code. A plain GraphModule pickles as its
+    generated code and re-traces it on load, which fails on real model graphs (torch.Size of
+    symbolic sizes, in-place item assignment, Tensor.expand with sizes as arguments)."""
+
+    def __reduce__(self) -> tuple:
+        index: dict[fx.Node, int] = {}
+        nodes = []
+        for node in self.graph.nodes:
+            index[node] = len(index)
+            args = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
+            nodes.append((node.op, node.name, _ship_target(node.target), args))
+        tensors = dict(self.named_buffers())
+        modules = dict(self.named_children())
+        return (_rebuild, (nodes, tensors, modules))
+
+
+def _rebuild(nodes: list[tuple], tensors: dict[str, torch.Tensor],
+             modules: dict[str, torch.nn.Module]) -> _ShippedGraphModule:
+    root = torch.nn.Module()
+    for name, module in modules.items():
+        root.add_module(name, module)
+    for name, tensor in tensors.items():
+        if "." not in name:
+            root.register_buffer(name, tensor)
+    graph = fx.Graph()
+    built: list[fx.Node] = []
+    resolve = lambda v: built[v.index] if isinstance(v, _Ref) else v  # noqa: E731
+    for op, name, target, (args, kwargs) in nodes:
+        target = target.resolve() if isinstance(target, _OpRef) else target
+        args, kwargs = _map_refs(args, resolve), _map_refs(kwargs, resolve)
+        built.append(graph.create_node(op, target, args, kwargs, name=name))
+    return _ShippedGraphModule(root, graph)
+
+
+def _map_refs(value: Any, fn: Any) -> Any:
+    if isinstance(value, _Ref):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        mapped = [_map_refs(v, fn) for v in value]
+        if isinstance(value, torch.Size):
+            return tuple(mapped) if any(isinstance(v, fx.Node) for v in mapped) else type(value)(mapped)
+        return type(value)(mapped) if not hasattr(value, "_fields") else type(value)(*mapped)
+    if isinstance(value, dict):
+        return {k: _map_refs(v, fn) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_map_refs(value.start, fn), _map_refs(value.stop, fn), _map_refs(value.step, fn))
+    return value

@@ -40,8 +40,8 @@ class CompilationConfig:
     """
 
     compilation_level: str = "piecewise"
-    use_inductor: bool = True
-    backend: str = ""  # "" follows use_inductor: "inductor" if True else "eager"
+    use_inductor: bool | None = None  # None follows backend (default: inductor)
+    backend: str = ""  # "" follows use_inductor: "inductor" unless use_inductor is False
     custom_ops: tuple[str, ...] = ()
     splitting_ops: tuple[str, ...] = DEFAULT_SPLITTING_OPS
     compile_sizes: tuple[int, ...] = ()
@@ -64,19 +64,25 @@ class CompilationConfig:
     # CUDA: run each fresh Inductor artifact once so Triton's runtime autotune results travel
     # inside it (a loader's first call then does not re-tune). Not hashed: same compiled code.
     ship_autotune: bool = True
+    # Argument name -> the dim that is num_tokens (see inputs.py); {} takes the defaults
+    # (input_ids/positions/position_ids: last dim). Not hashed: the traced code carries it.
+    dynamic_dims: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         if self.compilation_level not in COMPILATION_LEVELS:
             raise _fail("compilation_level", self.compilation_level, f"allowed: {COMPILATION_LEVELS}")
-        for name in ("use_inductor", "compile_dynamic", "disable_compile_cache", "debug_compile",
+        if self.use_inductor is not None and not isinstance(self.use_inductor, bool):
+            raise _fail("use_inductor", self.use_inductor, "must be True or False")
+        for name in ("compile_dynamic", "disable_compile_cache", "debug_compile",
                      "ship_autotune"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "must be True or False")
-        backend = self.backend or ("inductor" if self.use_inductor else "eager")
+        backend = self.backend or ("eager" if self.use_inductor is False else "inductor")
         if backend not in BACKENDS:
             raise _fail("backend", self.backend, f"allowed: {BACKENDS}")
-        if self.backend and (backend == "inductor") != self.use_inductor:
+        if self.backend and self.use_inductor is not None and \
+                (backend == "inductor") != self.use_inductor:
             raise _fail("backend", self.backend,
                         f"contradicts use_inductor={self.use_inductor}; set one of them")
         set_("backend", backend)
@@ -116,6 +122,11 @@ class CompilationConfig:
         if not isinstance(self.storage_options, dict):
             raise _fail("storage_options", self.storage_options, "must be a dict of fsspec options")
         self._check_signing()
+        if not isinstance(self.dynamic_dims, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in self.dynamic_dims.items()):
+            raise _fail("dynamic_dims", self.dynamic_dims,
+                        "must map argument names to a dim index, e.g. {'input_ids': -1}")
 
     def _check_signing(self) -> None:
         for name in ("signing_scheme", "signing_key_file", "signing_key_env"):

@@ -56,12 +56,20 @@ class CompileError(VcrError, RuntimeError):
 
 
 class CacheMissError(VcrError, LookupError):
-    """Artifacts needed at startup are missing and the miss policy is "error"."""
+    """Artifacts needed at startup are missing or were rejected and the miss policy is "error".
+    `rejected` maps each rejected key to the reason."""
 
-    def __init__(self, message: str, missing_keys: list[str]):
+    def __init__(self, message: str, missing_keys: list[str],
+                 rejected: dict[str, str] | None = None):
         super().__init__(message)
         self.missing_keys = list(missing_keys)
+        self.rejected = dict(rejected or {})
 
 
 class ClusterResourceError(VcrError, RuntimeError):
     """No node of the Ray cluster has the resources a task asks for; the message names them."""
+
+
+class UnsupportedModelError(VcrError, ValueError):
+    """A model, architecture, config field or attention variant this package cannot serve
+    correctly; the message names it and what is supported."""

@@ -29,7 +29,9 @@ import torch
 import torch.fx as fx
 
 from . import keys as keys_mod
-from .api import CompiledModel, compile as compile_model, example_args, model_device, open_store
+from .api import CompiledModel, compile as compile_model, model_device, open_store
+from .hf import maybe_prepare
+from .inputs import ExampleInputs, as_call, example_call
 from .backend import VcrBackend
 from .config import CompilationConfig
 from .counters import CompilationCounter
@@ -214,6 +216,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
          world_size: int = 1, warmup: bool = True, store: ArtifactStore | None = None,
          report: bool = True, model_name: str = "<model>",
          make_inputs: Callable[[int], Sequence[Any]] | None = None,
+         example_inputs: ExampleInputs | None = None,
          counter: CompilationCounter | None = None, monitor: PerformanceMonitor | None = None,
          pass_manager: PostGradPassManager | None = None) -> CompiledModel:
     """Pull every compiled piece of `model` from the cache at `config.cache_dir` and return it
@@ -221,8 +224,9 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
 
     The model is traced by calling it once at the smallest compile size; with warmup=True every
     other compiled shape (each static size, one size the dynamic artifact covers) runs once too.
-    make_inputs(n) builds the arguments for n tokens (default: input_ids zeros(n), positions
-    arange(n)). Under a live process group every rank must call `load` with the same config:
+    example_inputs(n, device) makes the call for n tokens (positional args, keyword args or both;
+    default `inputs.default_example_inputs`: input_ids and positions, or input_ids [1, n] for a
+    transformers model); make_inputs(n), positional args only, is the older form. Under a live process group every rank must call `load` with the same config:
     the warm-up calls run the model's collectives. report=True also sends the report to the
     stats actor when Ray runs in this process. Raises CacheMissError (on_miss="error") listing
     the missing keys and the warm command, before any piece runs.
@@ -241,7 +245,11 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
                          pass_manager=pass_manager, model_name=model_name)
     backend = _StartupBackend(base.backend)
     compiled = CompiledModel(model, backend)
-    inputs = make_inputs or (lambda n: example_args(n, device))
+    model = maybe_prepare(model)
+    if make_inputs is not None:
+        inputs = lambda n: as_call(make_inputs(n))  # noqa: E731
+    else:
+        inputs = lambda n: example_call(model, example_inputs, n, device)  # noqa: E731
     manifest_rows: list[str] = []
     lookup_s = [0.0]
     if manifest_mod is not None and model_name != "<model>" and not config.disable_compile_cache:
@@ -259,7 +267,8 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
 
     trace_size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
     try:
-        compiled(*inputs(trace_size))
+        args, kwargs = inputs(trace_size)
+        compiled(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         if isinstance(exc.inner_exception, VcrError):  # CacheMissError, CompileError, StoreError
             raise exc.inner_exception from None
@@ -273,7 +282,8 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     if warmup:
         for size in warmup_sizes(config, backend, trace_size):
             t = time.perf_counter()
-            compiled(*inputs(size))
+            args, kwargs = inputs(size)
+            compiled(*args, **kwargs)
             first_call_s += time.perf_counter() - t
             warm_sizes.append(size)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,9 +12,13 @@ import torch
 import torch.fx as fx
 
 from .canonical import CanonicalPiece, canonicalize, structure
-from .config import CompilationConfig
+from .config import DEFAULT_SPLITTING_OPS, CompilationConfig
+from .errors import ConfigError
+from .inputs import mark_dynamic
 from .keys import KeyContext, code_id
-from .splitting import SplitItem, split_graph
+from .splitting import SplitItem, graph_op_names, split_graph
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ def plan_graph(gm: fx.GraphModule, config: CompilationConfig, key_context: KeyCo
                device_type: str | None = None) -> Plan:
     """Split `gm` (whole, for "dynamo_once"), canonicalize each compiled piece and key it."""
     splitting_ops = config.splitting_ops if config.compilation_level == "piecewise" else ()
+    check_splitting_ops(gm, splitting_ops)
     split_gm, items = split_graph(gm, splitting_ops)
     pieces = []
     seen: dict[tuple, PlannedPiece] = {}  # identical layers: canonicalize and key once
@@ -92,9 +98,26 @@ def plan_graph(gm: fx.GraphModule, config: CompilationConfig, key_context: KeyCo
     return Plan(split_gm, items, pieces, config.shapes, key_context)
 
 
+def check_splitting_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> None:
+    """A splitting op the graph never calls: an error when the user named it, a warning for the
+    default (a model without vcr attention runs as one piece, correct but unshared)."""
+    called = graph_op_names(gm)
+    unmatched = [op for op in splitting_ops if op not in called]
+    if not unmatched:
+        return
+    listing = ", ".join(called) or "none"
+    if tuple(splitting_ops) != DEFAULT_SPLITTING_OPS:
+        raise ConfigError(f"splitting_ops {unmatched} match no op in the captured graph; the ops "
+                          f"it calls: {listing}")
+    logger.warning("the captured graph calls no %s: it compiles as one piece, without sharing "
+                   "identical layers (a transformers model splits by itself; a model of your "
+                   "own calls vllm_compile_ray.models.ops.attention)", unmatched)
+
+
 @contextlib.contextmanager
 def dynamo_settings():
-    """Size-oblivious tracing of num_tokens (see `mark_token_dims`). Each compile gets its own backend, so dynamo sees a recompile per `compile()`/`capture()`
+    """Size-oblivious tracing of num_tokens (see `inputs.mark_dynamic`), so size 1 reuses the
+    graph instead of dynamo specializing it, as vLLM does. Each compile gets its own backend, so dynamo sees a recompile per `compile()`/`capture()`
     of one model class; lift the recompile limit so it never silently falls back to eager."""
     from torch.fx.experimental import _config as shape_config
 
@@ -103,30 +126,27 @@ def dynamo_settings():
         yield
 
 
-def mark_token_dims(args: Sequence[Any]) -> None:
-    """num_tokens is dim 0 of every tensor argument. Traced size-oblivious (`dynamo_settings`),
-    so size 1 reuses the graph instead of dynamo specializing it, as vLLM does."""
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and arg.dim() > 0:
-            torch._dynamo.mark_dynamic(arg, 0)
-
-
-def run_dynamo(model: torch.nn.Module, backend: Callable, args: Sequence[Any]) -> Any:
+def run_dynamo(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
+               kwargs: dict[str, Any] | None = None,
+               dynamic_dims: dict[str, int] | None = None) -> Any:
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    mark_token_dims(args)
+    kwargs = kwargs or {}
+    mark_dynamic(model, args, kwargs, dynamic_dims)
     with dynamo_settings(), torch.no_grad():
-        return compiled(*args)
+        return compiled(*args, **kwargs)
 
 
-def capture(model: torch.nn.Module, args: Sequence[Any]) -> fx.GraphModule:
-    """The dynamo graph of `model(*args)` with a dynamic num_tokens (works on the meta device)."""
+def capture(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None,
+            dynamic_dims: dict[str, int] | None = None) -> fx.GraphModule:
+    """The dynamo graph of `model(*args, **kwargs)` with a dynamic num_tokens (works on the
+    meta device; `inputs.mark_dynamic` says which dims)."""
     graphs: list[fx.GraphModule] = []
 
     def record(gm: fx.GraphModule, example_inputs: list) -> Callable:
         graphs.append(gm)
         return gm.forward
 
-    run_dynamo(model, record, args)
+    run_dynamo(model, record, args, kwargs, dynamic_dims)
     if len(graphs) != 1:
         raise RuntimeError(f"expected dynamo to capture one graph, got {len(graphs)}")
     return graphs[0]

@@ -26,12 +26,27 @@ class SplitItem:
 
 
 def op_name(target: object) -> str | None:
-    """"ns::op" for an OpOverload or OpOverloadPacket target (dynamo records packets), else None."""
+    """"ns::op" for an OpOverload or OpOverloadPacket target (dynamo records packets); for a
+    torch function with an aten op of the same name (F.scaled_dot_product_attention, as dynamo
+    records it), "aten::name"; else None."""
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.name
     if isinstance(target, torch._ops.OpOverloadPacket):
         return target._qualified_op_name
+    name = getattr(target, "__name__", None)
+    module = getattr(target, "__module__", None) or ""
+    if name and module.startswith("torch") and hasattr(torch.ops.aten, name):
+        return f"aten::{name}"
     return None
+
+
+def graph_op_names(gm: fx.GraphModule) -> list[str]:
+    """The op names `split_graph` can split at in `gm`, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (name := op_name(node.target)):
+            seen.setdefault(name)
+    return list(seen)
 
 
 def split_graph(gm: fx.GraphModule, splitting_ops: tuple[str, ...] | list[str]
@@ -51,6 +66,7 @@ def split_graph(gm: fx.GraphModule, splitting_ops: tuple[str, ...] | list[str]
             subgraph_id += 1
         else:
             node_to_subgraph[node] = subgraph_id
+    _rematerialize_sizes(gm, node_to_subgraph)
     # Lazy graph modules: the pieces' Python code is generated on first call, not here (code
     # generation was most of the planning time; compiled pieces are never called as fx code).
     with _use_lazy_graph_module(True):
@@ -67,6 +83,49 @@ def split_graph(gm: fx.GraphModule, splitting_ops: tuple[str, ...] | list[str]
         items.append(SplitItem(name, graph_id, graph_id in split_ids, getattr(split_gm, name)))
     items.sort(key=lambda item: item.graph_id)
     return split_gm, items
+
+
+_SIZE_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+             operator.neg, operator.truediv, torch.sym_max, torch.sym_min)
+
+
+def _is_size_expr(node: object) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target in _SIZE_OPS
+            and isinstance(node.meta.get("example_value"), torch.SymInt))
+
+
+def _rematerialize_sizes(gm: fx.GraphModule, part_of: dict[fx.Node, int]) -> None:
+    """Recompute size arithmetic (`2 * s0`) in each piece that uses it, right before its first
+    use there. Dynamo computes such an expression once and reuses it in later layers, which
+    would make each later layer's piece take it as an input the first layer's computes: the
+    identical layers would no longer share one piece. Mutates gm's graph."""
+    clones: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def local(value: fx.Node, pid: int, before: fx.Node) -> fx.Node:
+        if not _is_size_expr(value) or part_of.get(value) == pid:
+            return value
+        if (value, pid) not in clones:
+            args = fx.node.map_arg(value.args, lambda a: local(a, pid, before))
+            with gm.graph.inserting_before(before):
+                clone = gm.graph.call_function(value.target, args, dict(value.kwargs))
+            clone.meta = value.meta.copy()
+            part_of[clone] = pid
+            clones[(value, pid)] = clone
+        return clones[(value, pid)]
+
+    for node in list(gm.graph.nodes):
+        pid = part_of.get(node)
+        if pid is None or node.op != "call_function":
+            continue
+        args = fx.node.map_arg((node.args, node.kwargs), lambda a: local(a, pid, node))
+        if args != (node.args, node.kwargs):
+            node.args, node.kwargs = args
+    if clones:
+        for node in reversed(list(gm.graph.nodes)):
+            if _is_size_expr(node) and not node.users:
+                gm.graph.erase_node(node)
+                part_of.pop(node, None)
 
 
 @dataclass

@@ -21,15 +21,18 @@ from typing import Any
 import ray
 import torch
 
-from . import gemm_tuning, manifest, models
+from . import gemm_tuning, intake, manifest
 from . import gpu_sharing as gpu_sharing_mode
 from . import pool as compile_pool
-from .api import example_args, key_context, model_device_type, open_store
+from .api import PLAN_TOKENS, key_context, model_device, open_store
 from .compile_task import Faults, TaskContext, start_worker_remote
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
 from .dispatch import Dispatcher
 from .errors import ClusterResourceError, ConfigError, VcrError
+from .hf import maybe_prepare
+from .inputs import ExampleInputs, example_call
+from .intake import ModelSpec
 from .plan import CompileTask, Plan, capture, plan_graph
 from .stats import get_stats_actor
 from .store import ArtifactStore
@@ -114,14 +117,16 @@ def _connect(address: str | None, runtime_env: dict | None) -> bool:
     return True
 
 
-def _plan(model: str | torch.nn.Module, config: CompilationConfig, tp_size: int,
+def _plan(model: str | ModelSpec, config: CompilationConfig, tp_size: int,
           num_layers: int | None, device_type: str, fingerprint: dict[str, str] | None,
           fp_ref: ray.ObjectRef | None) -> Plan:
     """Capture on meta while a compile node computes the target fingerprint (`fp_ref`, a
     `start_worker` task, when `fingerprint` is None), then key."""
-    module = models.build(model, tp_size, 0, device="meta", num_layers=num_layers) \
+    spec = intake.build(model, tp_size=tp_size, device="meta", num_layers=num_layers) \
         if isinstance(model, str) else model
-    gm = capture(module, example_args(device=model_device_type(module)))
+    module = maybe_prepare(spec.module)
+    args, kwargs = example_call(module, spec.example_inputs, PLAN_TOKENS, model_device(module))
+    gm = capture(module, args, kwargs, config.dynamic_dims)
     if fingerprint is None:
         try:
             fingerprint = ray.get(fp_ref)["fingerprint"]
@@ -143,10 +148,14 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          tune_gemms: bool | str = False, codegen_threads: int | None = None,
          pool: bool = False, pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
          gpu_sharing: str = "time-slice",
-         progress: Callable[[str], None] | None = print) -> WarmSummary:
+         progress: Callable[[str], None] | None = print,
+         example_inputs: ExampleInputs | None = None) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
-    model: a preset name (built on meta) or an nn.Module (named by `model_name`).
+    model: a preset name, a config.json or its directory, an entry point "package.module:function"
+    (built on meta; see `intake`) or an nn.Module (named by `model_name`; a transformers model
+    works as it is). example_inputs(num_tokens, device) makes a call of an nn.Module (default
+    `inputs.default_example_inputs`).
     device_type: the compile target ("cuda", or "cpu" for CPU compiles and fake-GPU tests).
     gpus_per_compile: GPU fraction per task (default 0.25 for cuda, 0 for cpu); several compiles
     share a GPU. cpus_per_compile also sets Inductor's compile threads in the task (on CUDA
@@ -198,6 +207,10 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
+    if isinstance(model, str):
+        intake.check(model)  # an unknown model fails before Ray starts
+    else:
+        model = ModelSpec(model, example_inputs)
     say = progress or (lambda line: None)
     request = _Request(float(gpus_per_compile), float(cpus_per_compile), dict(resources or {}))
     store = open_store(config)
@@ -250,7 +263,7 @@ def pool_spec(config: CompilationConfig, device_type: str = "cuda",
                                  dict(runtime_env or {}), gpu_sharing)
 
 
-def _warm(model: str | torch.nn.Module, name: str, config: CompilationConfig, store: ArtifactStore,
+def _warm(model: str | ModelSpec, name: str, config: CompilationConfig, store: ArtifactStore,
           tp_size: int, num_layers: int | None, device_type: str, request: _Request,
           max_in_flight: int, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,

@@ -1,4 +1,4 @@
-"""Custom ops the model zoo calls: the graph splitter cuts at these (like vLLM's unified attention).
+"""Custom ops the models call: the graph splitter cuts at these (like vLLM's unified attention).
 
 Both are opaque to dynamo (a `torch.library.custom_op` node in the FX graph) and have fake impls,
 so models trace on meta and with symbolic token counts. In an FX graph dynamo produced, a node's
@@ -6,6 +6,8 @@ target is the packet `torch.ops.vcr.attention` (it prints as `vcr.attention`), n
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -17,23 +19,61 @@ ALL_REDUCE_OP = "vcr::all_reduce"
 
 
 def _attention(
-    q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    scale: float, sliding_window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
 ) -> Tensor:
-    """Causal GQA over one flat sequence. q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
-    t = q.shape[0]
-    qh = q.reshape(t, num_heads, head_dim).transpose(0, 1)  # [Hq, T, D]
-    kh = k.reshape(t, num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, T, D]
-    vh = v.reshape(t, num_kv_heads, head_dim).transpose(0, 1)
-    out = F.scaled_dot_product_attention(
-        qh, kh, vh, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads
-    )  # [Hq, T, D]
-    return out.transpose(0, 1).reshape(t, num_heads * head_dim)
+    """Causal grouped-query attention over flat tokens.
+
+    q: [*B, T, Hq*D], k/v: [*B, S, Hkv*D] -> [*B, T, Hq*D], S >= T; query i sits at key position
+    S - T + i (a prefix of S - T cached tokens). sliding_window > 0: a query sees the last
+    `sliding_window` keys up to itself (itself included), as transformers counts it. softcap > 0:
+    scores become softcap * tanh(scores / softcap) before the softmax. sinks: [Hq] logits of one
+    virtual key per head that takes part in the softmax and adds nothing to the output.
+    """
+    *batch, t, _ = q.shape
+    s = k.shape[-2]
+    qh = q.reshape(*batch, t, num_heads, head_dim).transpose(-2, -3)  # [*B, Hq, T, D]
+    kh = k.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)  # [*B, Hkv, S, D]
+    vh = v.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)
+    plain = sliding_window <= 0 and softcap <= 0 and sinks is None
+    if plain and s == t:
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
+    else:
+        out = _attention_math(qh, kh, vh, scale, sliding_window, softcap, sinks)
+    return out.transpose(-2, -3).reshape(*batch, t, num_heads * head_dim)
+
+
+def _attention_math(qh: Tensor, kh: Tensor, vh: Tensor, scale: float, sliding_window: int,
+                    softcap: float, sinks: Tensor | None) -> Tensor:
+    """Scores, mask and softmax written out: for softcaps, sinks, windows and cached prefixes."""
+    t, s = qh.shape[-2], kh.shape[-2]
+    groups = qh.shape[-3] // kh.shape[-3]
+    kh = kh.repeat_interleave(groups, dim=-3)  # [*B, Hq, S, D]
+    vh = vh.repeat_interleave(groups, dim=-3)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [*B, Hq, T, S]
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos = torch.arange(t, device=qh.device).unsqueeze(-1) + (s - t)  # [T, 1]
+    k_pos = torch.arange(s, device=qh.device).unsqueeze(0)  # [1, S]
+    allowed = k_pos <= q_pos
+    if sliding_window > 0:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    scores = scores.masked_fill(~allowed, -math.inf)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)  # [*B, Hq, T, S + 1]
+    probs = torch.softmax(scores.float(), dim=-1).to(vh.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return torch.matmul(probs, vh)
 
 
 def _attention_fake(
-    q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    scale: float, sliding_window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
 ) -> Tensor:
-    return q.new_empty((q.shape[0], num_heads * head_dim))
+    return q.new_empty((*q.shape[:-1], num_heads * head_dim))
 
 
 def _all_reduce(x: Tensor) -> Tensor:
