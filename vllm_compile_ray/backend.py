@@ -52,25 +52,46 @@ class VcrBackend:
 
     def resolve(self, plan: Plan) -> None:
         """Load or compile every (piece, shape) under the miss policy; install the runners."""
-        on_miss = self.config.on_miss
         present = self.manager.prefetch(plan.keys)
-        if on_miss == "error":
-            missing = [t for t in plan.tasks() if t.key not in present]
-            if missing:
-                listing = "\n".join(f"  {t.key}  {t.name}" for t in missing)
-                raise CacheMissError(
-                    f"{len(missing)} of {len(plan.tasks())} compiled pieces are missing from "
-                    f"{self.config.cache_dir or 'the local cache'} (on_miss='error'):\n{listing}\n"
-                    f"Fill the cache with: {warm_command(self.config, self.model_name)}",
-                    [t.key for t in missing])
+        loaded = self._load_all(plan, present) if self.config.on_miss == "error" else {}
         for planned in plan.pieces:
-            entries = {shape: self._entry(planned, shape, key) for shape, key in planned.keys.items()}
+            entries = {shape: loaded[key] if key in loaded else self._entry(planned, shape, key)
+                       for shape, key in planned.keys.items()}
             static = {s: e for s, e in entries.items() if s != "dynamic" and e is not None}
             runner = PieceRunner(planned.submod_name, planned.piece, static, entries.get("dynamic"),
                                  self.config.fallback, self.manager.counter,
                                  lambda size, p=planned: self._compile_on_demand(p, size))
             plan.split_gm.__dict__[planned.submod_name] = runner
             self.runners[f"{len(self.plans) - 1}:{planned.submod_name}"] = runner
+
+    def _load_all(self, plan: Plan, present: set[str]) -> dict[str, LoadedPiece]:
+        """on_miss="error": load every task, else raise CacheMissError naming each missing key and
+        each rejected one with its reason. Nothing is compiled."""
+        tasks, loaded, missing, rejected = plan.tasks(), {}, [], []
+        for t in tasks:
+            piece = self.manager.load(t.key, t.piece, t.shape) if t.key in present else None
+            if piece is not None:
+                loaded[t.key] = piece
+            elif t.key in self.manager.rejected:  # refused at prefetch (corrupt) or at load
+                rejected.append(t)
+            else:
+                missing.append(t)
+        if not (missing or rejected):
+            return loaded
+        self.manager.counter.num_cache_misses += len(missing) + len(rejected)
+        why = {t.key: self.manager.rejected[t.key] for t in rejected}
+        cache = self.config.cache_dir or "the local cache"
+        head = f"{len(missing) + len(rejected)} of {len(tasks)} compiled pieces are " + (
+            f"missing from {cache}" if not rejected else f"missing from or rejected in {cache}")
+        lines = [f"  {t.key}  {t.name}  missing" for t in missing]
+        lines += [f"  {t.key}  {t.name}  rejected: {why[t.key]}" for t in rejected]
+        hint = f"Fill the cache with: {warm_command(self.config, self.model_name)}"
+        if rejected:
+            hint += ("\nA corrupt or foreign artifact is replaced by a run with on_miss="
+                     "'compile_and_publish'; one that 'could not load' points at this process "
+                     "(memory, compiler) and stays in the store.")
+        raise CacheMissError(f"{head} (on_miss='error'):\n" + "\n".join(lines) + "\n" + hint,
+                             [t.key for t in missing], why)
 
     def _entry(self, planned: PlannedPiece, shape: int | str, key: str) -> LoadedPiece | None:
         loaded = self.manager.load(key, planned.piece, shape)

@@ -23,6 +23,7 @@ class CompilationCounter:
     num_artifacts_saved: int = 0
     num_artifacts_loaded: int = 0
     num_artifacts_rejected: int = 0
+    num_artifacts_deleted: int = 0  # verified-wrong objects removed from the shared store
     num_fallback_eager_calls: int = 0
     num_on_demand_compiles: int = 0
     num_compile_failures: int = 0

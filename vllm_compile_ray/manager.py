@@ -3,6 +3,11 @@
 Tiers, fastest first: loaded callables in process memory, the node-local staging directory, the
 object store (the last two behind `ArtifactStore`). Counts go to `CompilationCounter`, times to
 `PerformanceMonitor`.
+
+A stored artifact this process refuses is a miss. It is deleted from the shared store only when
+the refusal was verified against the object itself (checksum, signature, metadata naming another
+environment, compiler or shape) and this process is about to publish its replacement. A failed
+`compiler.load` (out of memory, no C++ compiler, ...) says nothing about the object: it stays.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ class CompilerManager:
         self.monitor = monitor if monitor is not None else PerformanceMonitor()
         self.loaded: dict[str, LoadedPiece] = {}
         self._fetched: dict[str, Artifact] = {}
-        self.rejected: set[str] = set()  # keys whose stored artifact this process refused
+        self.rejected: dict[str, str] = {}  # key -> why this process refused its stored artifact
+        self.mismatched: set[str] = set()  # rejected keys whose stored object is verified wrong
 
     def artifact_meta(self, piece: CanonicalPiece, shape: int | str, result: CompileResult,
                       seconds: float) -> dict:
@@ -62,21 +68,25 @@ class CompilerManager:
 
     def prefetch(self, keys: Iterable[str]) -> set[str]:
         """Fetch the artifacts of `keys` in one batched request; returns the keys found."""
-        wanted = [k for k in dict.fromkeys(keys) if k not in self.loaded and k not in self._fetched]
+        wanted = [k for k in dict.fromkeys(keys)
+                  if k not in self.loaded and k not in self._fetched and k not in self.rejected]
         if self.store is None or not wanted:
             return set(self.loaded) | set(self._fetched)
+        bad: dict[str, ArtifactCorruptError] = {}
         with self.monitor.timed("fetch"):
-            # A corrupt object stays out of the batch; load() fetches it alone and rejects it.
-            found = self.store.fetch_many(wanted, rejected={})
+            found = self.store.fetch_many(wanted, rejected=bad)
+        for key, exc in bad.items():  # a corrupt object stays out of the batch, rejected here
+            self._reject(key, str(exc), verified=True)
         self._fetched.update(found)
         return set(self.loaded) | set(self._fetched)
 
     def load(self, key: str, piece: CanonicalPiece, shape: int | str) -> LoadedPiece | None:
-        """The loaded piece from memory or the store, or None on a miss (or a rejected artifact)."""
+        """The loaded piece from memory or the store, or None on a miss or a rejected artifact
+        (then `rejected[key]` says why)."""
         if key in self.loaded:
             self.counter.num_cache_hits_memory += 1
             return self.loaded[key]
-        if self.store is None:
+        if self.store is None or key in self.rejected:  # refused once: not fetched again
             return None
         artifact = self._fetched.pop(key, None)
         if artifact is None:
@@ -86,18 +96,18 @@ class CompilerManager:
             except ArtifactNotFoundError:
                 return None
             except ArtifactCorruptError as exc:
-                self._reject(key, str(exc))
+                self._reject(key, str(exc), verified=True)
                 return None
         meta = artifact.meta
         problem = self._meta_problem(meta, shape)
         if problem:
-            self._reject(key, problem)
+            self._reject(key, problem, verified=True)
             return None
         start = time.perf_counter()
         try:
             fn = self.compiler.load(artifact.payload, piece.graph, shape, self.device)
-        except Exception as exc:  # a foreign or damaged artifact must not stop the model
-            self._reject(key, f"could not load ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001 (a miss by policy; the object may be fine)
+            self._reject(key, f"could not load ({type(exc).__name__}: {exc})", verified=False)
             return None
         self.monitor.record("load", time.perf_counter() - start)
         self.counter.num_cache_hits += 1
@@ -108,10 +118,21 @@ class CompilerManager:
         self.loaded[key] = loaded
         return loaded
 
-    def _reject(self, key: str, why: str) -> None:
+    def _reject(self, key: str, why: str, verified: bool) -> None:
+        """verified: the object itself is wrong (see the module docstring), not this process."""
         self.counter.num_artifacts_rejected += 1
-        self.rejected.add(key)
+        self.rejected[key] = why
+        if verified:
+            self.mismatched.add(key)
         logger.warning("rejected artifact %s: %s", key, why)
+
+    def _delete_mismatched(self, key: str) -> None:
+        """Delete the verified-wrong object at `key`; publish-once would otherwise keep it."""
+        self.store.delete(key)
+        self.mismatched.discard(key)
+        self.counter.num_artifacts_deleted += 1
+        logger.warning("deleted artifact %s from the store before publishing a fresh compile: %s",
+                       key, self.rejected[key])
 
     def _meta_problem(self, meta: dict, shape: int | str) -> str:
         if meta.get("compiler") != self.compiler.name:
@@ -145,9 +166,8 @@ class CompilerManager:
         meta = self.artifact_meta(piece, shape, result, seconds)
         meta["bytes"] = len(result.artifact)
         if publish and self.store is not None:
-            if key in self.rejected:  # the key names this environment: what is stored is wrong
-                self.store.delete(key)
-                self.rejected.discard(key)
+            if key in self.mismatched:
+                self._delete_mismatched(key)
             with self.monitor.timed("publish"):
                 if self.store.publish(key, result.artifact, meta):
                     self.counter.num_artifacts_saved += 1

@@ -81,8 +81,8 @@ class SharedStaging:
 
     def fetch_many(self, keys: Iterable[str],
                    rejected: dict[str, ArtifactCorruptError] | None = None) -> dict[str, Artifact]:
-        """Verified artifacts of `keys` (missing and corrupt ones absent: corrupt ones are counted
-        and, with `rejected`, recorded there), downloading each at most once per node: keys no
+        """Verified artifacts of `keys` (missing and corrupt ones absent: corrupt ones are
+        recorded in `rejected` when given), downloading each at most once per node: keys no
         other process is fetching go out in one batched request; keys another process holds are
         read from staging once it is done (or fetched here if it failed)."""
         if self._prefetch_thread is not None:
@@ -136,11 +136,9 @@ class SharedStaging:
         bad: dict[str, ArtifactCorruptError] = {}
         found = self.store.fetch_many(keys, rejected=bad)
         rejected.update(bad)
-        for key, exc in bad.items():  # a corrupt object is a miss, not a failed batch
-            self.stats.rejected += 1
-            if self.counter is not None:
-                self.counter.num_artifacts_rejected += 1
-            logger.warning("rejected artifact %s: %s", key, exc)
+        # A corrupt object is a miss, not a failed batch; the caller (CompilerManager.prefetch)
+        # counts and logs it, once, however many fetches saw it.
+        self.stats.rejected += len(bad)
         for key, artifact in found.items():
             self._count(key, artifact, before[key])
         return found

@@ -1,0 +1,140 @@
+"""The miss policy as documented (RELIABILITY.md, "Miss policy"): on_miss="error" never compiles,
+and a shared artifact is deleted only after a verified mismatch, never because one process
+failed to load it. EagerAdaptor, a local file:// cache, no Ray."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vllm_compile_ray as vcr
+from vllm_compile_ray.artifact import encode_artifact
+from vllm_compile_ray.compiler_interface import EagerAdaptor
+
+EAGER = dict(backend="eager", use_inductor=False)
+
+
+def tiny():
+    return vcr.models.build("llama-tiny", num_layers=2, seed=0)
+
+
+def run(compiled: vcr.CompiledModel) -> None:
+    ids, pos = torch.randint(0, 512, (2,)), torch.arange(2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, pos), compiled.model(ids, pos))
+
+
+def warmed(tmp_path: Path) -> tuple[vcr.CompilationConfig, vcr.ArtifactStore, list[str]]:
+    """A cache holding every artifact of tiny() at size 2; the config, its store, the keys."""
+    cfg = vcr.CompilationConfig(compile_sizes=[2], cache_dir=f"file://{tmp_path}/cache",
+                                staging_dir=str(tmp_path / "stage-warm"), **EAGER)
+    first = vcr.compile(tiny(), cfg)
+    run(first)
+    assert first.counter.num_artifacts_saved == len(first.plan.keys) == 6
+    return cfg, vcr.open_store(cfg), first.plan.keys
+
+
+def node(cfg: vcr.CompilationConfig, tmp_path: Path, name: str, **kw) -> vcr.CompiledModel:
+    """A loader on a fresh node: its own staging dir, so it reads the shared store."""
+    return vcr.compile(tiny(), cfg.replace(staging_dir=str(tmp_path / f"stage-{name}"), **kw))
+
+
+def test_rejected_artifacts_fail_on_miss_error_with_reasons_and_compile_nothing(
+        tmp_path: Path) -> None:
+    cfg, store, keys = warmed(tmp_path)
+    corrupt, foreign = keys[0], keys[1]
+    blob = store.read_raw(corrupt)
+    store.write_raw(corrupt, blob[:-1] + bytes([blob[-1] ^ 1]))  # payload bit flip
+    art = store.fetch(foreign)
+    store.write_raw(foreign, encode_artifact(foreign, art.payload,
+                                             {**art.meta, "fingerprint": "other-gpu"}))
+    raw = {k: store.read_raw(k) for k in keys}
+    loader = node(cfg, tmp_path, "gpu", on_miss="error")
+    with loader.counter.expect(num_backend_compilations=0, num_artifacts_rejected=2,
+                               num_artifacts_deleted=0, num_artifacts_loaded=4):
+        with pytest.raises(vcr.CacheMissError) as info:
+            run(loader)
+    err = info.value
+    assert err.missing_keys == [] and sorted(err.rejected) == sorted([corrupt, foreign])
+    assert "sha256 mismatch" in err.rejected[corrupt]
+    assert "other-gpu" in err.rejected[foreign]
+    for key, why in err.rejected.items():
+        assert f"{key}  compile[" in str(err) and why in str(err)
+    assert {k: store.read_raw(k) for k in keys} == raw  # "error" deletes nothing either
+
+
+def test_rejected_and_missing_are_listed_together(tmp_path: Path) -> None:
+    cfg, store, keys = warmed(tmp_path)
+    store.delete(keys[0])
+    store.write_raw(keys[1], b"garbage")
+    loader = node(cfg, tmp_path, "gpu", on_miss="error")
+    with loader.counter.expect(num_backend_compilations=0):
+        with pytest.raises(vcr.CacheMissError) as info:
+            run(loader)
+    assert info.value.missing_keys == [keys[0]] and list(info.value.rejected) == [keys[1]]
+    assert f"{keys[0]}  compile[" in str(info.value) and "missing" in str(info.value)
+
+
+def _failing_load(*args, **kwargs):
+    raise MemoryError("CUDA out of memory (injected by the test)")
+
+
+def test_load_failure_keeps_the_shared_artifact(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, store, keys = warmed(tmp_path)
+    raw = {k: store.read_raw(k) for k in keys}
+    monkeypatch.setattr(EagerAdaptor, "load", _failing_load)
+    strict = node(cfg, tmp_path, "oom-strict", on_miss="error")
+    with strict.counter.expect(num_backend_compilations=0, num_artifacts_rejected=6):
+        with pytest.raises(vcr.CacheMissError) as info:
+            run(strict)
+    assert sorted(info.value.rejected) == sorted(keys)
+    assert all("could not load (MemoryError: CUDA out of memory" in why
+               for why in info.value.rejected.values())
+    # compile_and_publish, the policy that replaces verified-bad objects, compiles locally and
+    # leaves the objects alone: they are fine, this process is not.
+    oom = node(cfg, tmp_path, "oom")
+    with oom.counter.expect(num_artifacts_rejected=6, num_backend_compilations=6,
+                            num_artifacts_deleted=0, num_artifacts_saved=0):
+        run(oom)
+    assert {k: store.read_raw(k) for k in keys} == raw
+    monkeypatch.undo()
+    other = node(cfg, tmp_path, "gpu", on_miss="error")
+    with other.counter.expect(num_artifacts_loaded=6, num_backend_compilations=0,
+                              num_artifacts_rejected=0):
+        run(other)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "foreign"])
+def test_verified_mismatch_is_deleted_counted_and_replaced(
+        tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    cfg, store, keys = warmed(tmp_path)
+    key = keys[0]
+    if damage == "corrupt":
+        blob = store.read_raw(key)
+        store.write_raw(key, blob[:-1] + bytes([blob[-1] ^ 1]))
+    else:
+        art = store.fetch(key)
+        store.write_raw(key, encode_artifact(key, art.payload, {**art.meta, "fingerprint": "x"}))
+    loader = node(cfg, tmp_path, "gpu")  # compile_and_publish
+    with loader.counter.expect(num_artifacts_rejected=1, num_artifacts_deleted=1,
+                               num_backend_compilations=1, num_artifacts_saved=1):
+        run(loader)
+    deleted = [r.getMessage() for r in caplog.records if "deleted artifact" in r.getMessage()]
+    assert len(deleted) == 1 and key in deleted[0]
+    assert ("sha256 mismatch" if damage == "corrupt" else "fingerprint") in deleted[0]
+    assert store.fetch(key).meta["fingerprint"] == loader.backend.key_context.fingerprint_id
+    again = node(cfg, tmp_path, "gpu2", on_miss="error")
+    with again.counter.expect(num_artifacts_loaded=6, num_artifacts_rejected=0):
+        run(again)
+
+
+def test_load_counts_a_corrupt_artifact_once(tmp_path: Path) -> None:
+    """vcr.load fetches through SharedStaging: its batch and the manager saw the same rejection."""
+    cfg, store, keys = warmed(tmp_path)
+    store.write_raw(keys[0], b"garbage")
+    compiled = vcr.load(tiny(), cfg.replace(staging_dir=str(tmp_path / "stage-gpu"),
+                                            compile_sizes=(2,)))
+    c = compiled.counter
+    assert (c.num_artifacts_rejected, c.num_artifacts_deleted, c.num_artifacts_saved) == (1, 1, 1)
+    assert compiled.report.rejected == 1
