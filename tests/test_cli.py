@@ -1,6 +1,8 @@
 """The `vcr` CLI end to end: warm (embedded Ray), ls, stats, verify, gc, load, plan, and clear
 errors with non-zero exit codes for bad input."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 from vllm_compile_ray import cli, manifest
 from vllm_compile_ray.api import open_store
 from vllm_compile_ray.config import CompilationConfig
+from vllm_compile_ray.warm_summary import WarmSummary
 
 TINY = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu", "--backend", "eager"]
 
@@ -21,13 +24,62 @@ def vcr(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def warmed(tmp_path_factory) -> str:
-    """A cache warmed by `vcr warm` on an embedded in-process Ray (sizes 1,2 + dynamic)."""
+def warm_run(tmp_path_factory) -> tuple[str, str]:
+    """A cache warmed by `vcr warm` on an embedded in-process Ray (sizes 1,2 + dynamic), and
+    what the command printed."""
     cache = str(tmp_path_factory.mktemp("cli") / "cache")
-    code = cli.main(["warm", *TINY, "--sizes", "1,2", "--cache", cache,
-                     "--gpus-per-compile", "0", "--cpus-per-compile", "0.5"])
-    assert code == 0
-    return cache
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["warm", *TINY, "--sizes", "1,2", "--cache", cache,
+                         "--gpus-per-compile", "0", "--cpus-per-compile", "0.5"])
+    assert code == 0, out.getvalue()
+    return cache, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def warmed(warm_run) -> str:
+    return warm_run[0]
+
+
+def test_warm_prints_progress_and_a_short_summary(warm_run) -> None:
+    lines = warm_run[1].splitlines()
+    assert sum(line.startswith("compiled ") for line in lines) == 9, lines  # progress
+    assert any("9 compiled, 0 cached, 0 failed, 0 timed out of 9" in line for line in lines)
+    assert any(line.startswith("took ") and "compile phase" in line for line in lines)
+    slowest = next(line for line in lines if line.startswith("slowest: "))
+    assert slowest.count("compile[") == 3
+    assert not any(line.lstrip().startswith(("{", "summary ")) for line in lines)  # no JSON
+
+
+def _fake_warm(monkeypatch) -> None:
+    """`vcr warm` without Ray: warm() says a progress line and its summary, as the real one."""
+    import vllm_compile_ray.warm  # noqa: F401  (the package's `warm` attribute is the function)
+
+    def fake(model, config, progress, **_):
+        summary = WarmSummary(model, 1, "fp", total=2, compiled=1, cached=1, failed=0,
+                              timed_out=0, wall_s=1.0, plan_s=0.5, task_s_sum=1.0, total_s=2.0,
+                              rows=[{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0}])
+        progress("compiled 1/1 compile[a/1]")
+        progress(summary.format())
+        return summary
+    monkeypatch.setattr(sys.modules["vllm_compile_ray.warm"], "warm", fake)
+
+
+def test_warm_json_goes_to_stdout_alone(capsys, monkeypatch) -> None:
+    _fake_warm(monkeypatch)
+    code, out, err = vcr(capsys, "warm", *TINY, "--json")
+    assert code == 0 and json.loads(out)["rows"][0]["name"] == "compile[a/1]"
+    assert "compiled 1/1" in err and "slowest: compile[a/1] 1.0s" in err
+    code, out, err = vcr(capsys, "warm", *TINY)
+    assert code == 0 and "slowest: compile[a/1] 1.0s" in out and "{" not in out and not err
+
+
+def test_warm_summary_json_writes_a_file(capsys, monkeypatch, tmp_path) -> None:
+    _fake_warm(monkeypatch)
+    path = tmp_path / "summary.json"
+    code, out, _ = vcr(capsys, "warm", *TINY, "--summary-json", str(path))
+    assert code == 0 and "slowest: " in out and "{" not in out
+    assert json.loads(path.read_text())["compiled"] == 1
 
 
 def test_help_lists_commands_and_examples(capsys) -> None:

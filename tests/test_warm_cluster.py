@@ -89,7 +89,7 @@ def test_jobs_api_warms_the_s3_cache(cluster, s3_bucket, s3_store_options, tmp_p
         "python", "jobs/warm_cache.py", "--model", "llama-tiny", "--tp", "2", "--sizes", "1,4",
         "--device", "cpu", "--backend", "eager", "--gpus-per-compile", "0.5",
         "--cpus-per-compile", "0.5", "--cache", cache,
-        "--storage-options", json.dumps(s3_store_options)])
+        "--storage-options", json.dumps(s3_store_options), "--json"])
     runtime_env = {"working_dir": str(REPO),
                    "excludes": ["**/__pycache__", "*.egg-info", ".git", "notebooks", "benchmarks"],
                    "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
@@ -110,7 +110,8 @@ def test_jobs_api_warms_the_s3_cache(cluster, s3_bucket, s3_store_options, tmp_p
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs
     assert "compiled 9/9 compile[" in logs
-    result = json.loads(next(line for line in logs.splitlines() if line.startswith("summary "))[8:])
+    assert "slowest: compile[" in logs  # the short summary for people (on stderr with --json)
+    result = json.loads(next(line for line in logs.splitlines() if line.startswith("{")))
     assert (result["compiled"], result["failed"], result["ok"]) == (9, 0, True)
 
     store = ArtifactStore(cache, s3_store_options, staging_dir=str(tmp_path / "stage"), timeout_s=5)

@@ -176,13 +176,17 @@ def slot_options(fn: Callable) -> Callable:
 @click.option("--pool", is_flag=True,
               help="compile in the cluster's standing pool of compile workers, starting the ones "
                    "missing; they stay up for the next run (see `vcr pool`)")
-@click.option("--summary-json", default="", help="also write the summary to this file")
+@click.option("--json", "--summary-json", "summary_json", default=None, is_flag=False,
+              flag_value="-", metavar="[PATH]",
+              help="the full summary as JSON (every task's row): on stdout, with progress and the "
+                   "short summary moved to stderr, or written to PATH")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
     from . import models
     from .warm import warm as warm_fn
 
     models.get_config(opts["model"], opts["num_layers"])  # an unknown preset fails before Ray starts
+    json_to_stdout = opts["summary_json"] == "-"
     summary = warm_fn(opts["model"], make_config(opts), tp_size=opts["tp"],
                       num_layers=opts["num_layers"], device_type=opts["device"],
                       address=opts["address"], max_in_flight=opts["max_in_flight"],
@@ -192,11 +196,12 @@ def warm(**opts: Any) -> None:
                       compile_retries=opts["compile_retries"],
                       tune_gemms=opts["tune_gemms"], codegen_threads=opts["codegen_threads"],
                       pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
-                      gpu_sharing=opts["gpu_sharing"], progress=lambda line: click.echo(line))
-    click.echo("summary " + json.dumps({k: v for k, v in summary.to_dict().items()
-                                        if k not in ("rows", "tune_rows")},
-                                       sort_keys=True, default=str))
-    if opts["summary_json"]:
+                      gpu_sharing=opts["gpu_sharing"],
+                      progress=lambda line: click.echo(line, err=json_to_stdout))
+    # Progress lines as they come, then WarmSummary.format() (warm() says it last).
+    if json_to_stdout:
+        click.echo(json.dumps(summary.to_dict(), sort_keys=True, default=str))
+    elif opts["summary_json"]:
         with open(opts["summary_json"], "w") as f:
             json.dump(summary.to_dict(), f, indent=1, default=str)
     if not summary.ok:

@@ -223,7 +223,8 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     (`gemm_tuning`), installed in this worker's Inductor cache before compiling. The row counts
     the GEMM selections the compile still benchmarked itself ("gemm_benchmarked"), the seconds it
     waited for other workers' benchmarks of the same GEMMs ("gemm_wait_s") and spent selecting
-    GEMMs under their locks ("gemm_select_s": lookups and its own benchmarks).
+    GEMMs under their locks ("gemm_select_s": lookups and its own benchmarks), and the GEMM
+    autotune choices that failed to precompile ("autotune_failed"; their tracebacks not logged).
     Raises CompileTaskError (after reporting) when every compile attempt failed.
     """
     entered_at = time.time()
@@ -255,9 +256,10 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             benchmarked = autotune_cache.gemm_benchmarks()
             looked = autotune_cache.gemm_lookup_seconds()
         with (inductor.phase_times() as phases, heap.collections() as collected,
-              cpu_time.measure() as cpu):
+              cpu_time.measure() as cpu, inductor.autotune_failures() as autotune):
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
+        row.update(autotune)  # autotune_failed, autotune_error: choices skipped, not tracebacks
         row.update(cpu)  # cpu_s, child_cpu_s (the process's), run_s, runq_s (this thread's)
         row["gc_s"], row["gc_collections"] = collected["seconds"], collected["collections"]
         if ctx.config.backend == "inductor":

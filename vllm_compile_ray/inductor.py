@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -343,3 +344,51 @@ def phase_times() -> Iterator[dict[str, float]]:
             new = times[before.get(name, 0):]
             if new:
                 out[name] = round(sum(new), 4)
+
+
+# Inductor logs every GEMM template choice whose precompile failed with `log.exception`: on a GPU
+# smaller than the templates assume ("No valid triton configs. OutOfResources: out of resource:
+# shared memory ..."), dozens of full tracebacks per compile in a job log, though the choice is
+# only skipped. Checked on torch 2.11 and 2.13 (select_algorithm.py, precompile's
+# `wait_on_futures`); tests/test_gemm_tuning.py fails when the message moves.
+AUTOTUNE_FAILURE_LOGGER = "torch._inductor.select_algorithm"
+AUTOTUNE_FAILURE_MSG = "Exception %s for benchmark choice %s"
+
+
+class _AutotuneFailures(logging.Filter):
+    """Drops those records from the logger, counting them and keeping the last one's error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.last = 0, ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != AUTOTUNE_FAILURE_MSG:
+            return True
+        self.count += 1
+        error = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+        self.last = (error.strip().splitlines() or [""])[0][:300]
+        return False
+
+
+@functools.cache
+def _autotune_failure_filter() -> _AutotuneFailures:
+    failures = _AutotuneFailures()
+    logging.getLogger(AUTOTUNE_FAILURE_LOGGER).addFilter(failures)
+    return failures
+
+
+@contextmanager
+def autotune_failures() -> Iterator[dict[str, Any]]:
+    """GEMM autotune choices that failed to precompile inside the block ("autotune_failed") and
+    the last one's error ("autotune_error", when any), counted instead of logged with their
+    tracebacks; filled when the block ends."""
+    failures = _autotune_failure_filter()
+    before = failures.count
+    out: dict[str, Any] = {}
+    try:
+        yield out
+    finally:
+        out["autotune_failed"] = failures.count - before
+        if out["autotune_failed"]:
+            out["autotune_error"] = failures.last

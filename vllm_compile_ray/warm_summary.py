@@ -59,16 +59,39 @@ class WarmSummary:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "speedup": round(self.speedup, 3)}
 
-    def format(self) -> str:
-        lines = [f"warm {self.model} tp={self.tp_size} fingerprint {self.fingerprint_id}: "
-                 f"{self.compiled} compiled, {self.cached} cached, {self.failed} failed, "
-                 f"{self.timed_out} timed out of {self.total}",
-                 f"wall {self.wall_s:.1f}s, task sum {self.task_s_sum:.1f}s, speedup "
-                 f"{self.speedup:.2f}x, max {self.max_concurrent} at once, plan {self.plan_s:.1f}s, "
-                 f"total {self.total_s:.1f}s",
-                 *([f"GEMM tuning: {self.tuned} tuned, {self.tune_failed} failed, "
-                    f"{self.tune_s_sum:.1f}s; compiles benchmarked {self.gemm_benchmarked} GEMMs "
-                    "themselves"] if self.tuned or self.tune_failed else []),
-                 f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
-        lines += [f"error {name}: {err}" for name, err in sorted(self.errors.items())]
+    def slowest(self, n: int = 3) -> list[dict[str, Any]]:
+        """The n compiled tasks that took longest: the floor of any run's wall time."""
+        done = [r for r in self.rows if r.get("status") == "compiled"]
+        return sorted(done, key=lambda r: -r.get("seconds", 0.0))[:n]
+
+    def format(self, max_errors: int = 5) -> str:
+        """A few lines for people; `to_dict()` (vcr warm --json) has everything."""
+        lines = [f"warm {self.model} tp={self.tp_size}: {self.compiled} compiled, {self.cached} "
+                 f"cached, {self.failed} failed, {self.timed_out} timed out of {self.total} "
+                 f"(fingerprint {self.fingerprint_id}, run {self.run_id})",
+                 f"took {self.total_s:.1f}s without Ray start-up: plan {self.plan_s:.1f}s, "
+                 f"compile phase {self.wall_s:.1f}s; compiles {self.task_s_sum:.1f}s summed, "
+                 f"{self.speedup:.2f}x, at most {self.max_concurrent} at once"]
+        if slow := self.slowest():
+            lines.append("slowest: " + ", ".join(f"{r['name']} {r.get('seconds', 0.0):.1f}s"
+                                                  for r in slow))
+        if self.tuned or self.tune_failed:
+            lines.append(f"GEMM tuning: {self.tuned} tuned, {self.tune_failed} failed, "
+                         f"{self.tune_s_sum:.1f}s; compiles benchmarked {self.gemm_benchmarked} "
+                         "GEMMs themselves")
+        failed_choices = [r for r in self.rows if r.get("autotune_failed")]
+        if failed_choices:
+            lines.append(f"autotune: {sum(r['autotune_failed'] for r in failed_choices)} GEMM "
+                         f"choices failed in {len(failed_choices)} compiles and were skipped "
+                         f"(tracebacks not logged), e.g. {failed_choices[0].get('autotune_error', '')}")
+        errors = sorted(self.errors.items())
+        lines += [f"error {name}: {_first_line(err)}" for name, err in errors[:max_errors]]
+        if len(errors) > max_errors:
+            lines.append(f"... {len(errors) - max_errors} more errors (vcr warm --json has them all)")
+        lines += [f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
         return "\n".join(lines)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = (text.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit] + "..."
