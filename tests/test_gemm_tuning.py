@@ -6,6 +6,8 @@ choice, so nothing is benchmarked): `benchmarks/bench_gemm_tuning.py` and `bench
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -202,13 +204,16 @@ def test_a_failing_tune_returns_a_failed_row() -> None:
     assert row["timings"] == {}
 
 
-def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: float,
-                       shared: bool, out: str, local_cache: bool = True,
-                       lock_timeout: float | None = None) -> None:
-    """A compile worker's GEMM lookup (in a process of its own: the locks are per process)."""
+def _lookup_in_process(cache_dir: str, key: str, choices: list[str], shared: bool, out: str,
+                       local_cache: bool = True, lock_timeout: float | None = None,
+                       asking: Any = None, entered: Any = None, release: Any = None) -> None:
+    """A compile worker's GEMM lookup (in a process of its own: the locks are per process).
+
+    Events instead of sleeps, so what the tests see does not hang on how processes get
+    scheduled: `asking` is set just before the lookup, `entered` when it starts benchmarking, and
+    the benchmark returns only once `release` is set."""
     import json
     import os
-    import time
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     from torch._inductor import config as inductor_config
@@ -225,81 +230,103 @@ def _lookup_in_process(cache_dir: str, key: str, choices: list[str], delay: floa
 
     def benchmark(chosen):
         benchmarked.append(key)
-        time.sleep(delay)  # the others arrive while this one benchmarks
+        if entered is not None:
+            entered.set()
+        if release is not None:
+            assert release.wait(EVENT_TIMEOUT_S), "never released"
         return {c: float(len(c.name)) for c in chosen}
 
+    if asking is not None:
+        asking.set()
     with inductor_config.patch(max_autotune=True, autotune_local_cache=local_cache):
         timings = PersistentCache().lookup([_Choice(c) for c in choices], "mm", key, benchmark)
     with open(out, "w") as f:
         json.dump({"benchmarked": benchmarked, "timings": {c.name: t for c, t in timings.items()},
-                   "done_at": time.time(), "seconds": autotune_cache.gemm_lookup_seconds()}, f)
+                   "seconds": autotune_cache.gemm_lookup_seconds()}, f)
+
+
+# Generous bounds on waits for another process (spawn + torch import: seconds on a busy 2-core
+# machine); hitting one is a failure (or a hang avoided), never a measurement.
+EVENT_TIMEOUT_S = 120.0
+
+
+def _start(spawn, tmp_path, i: int, key: str, choices: list[str], shared: bool, **kwargs):
+    proc = spawn.Process(target=_lookup_in_process, args=(
+        str(tmp_path / "inductor"), key, choices, shared, str(tmp_path / f"out{i}.json")),
+        kwargs=kwargs)
+    proc.start()
+    return proc
+
+
+def _finished(proc, timeout: float = EVENT_TIMEOUT_S) -> bool:
+    proc.join(timeout)
+    return proc.exitcode == 0
 
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_workers_of_a_node_benchmark_a_gemm_once_and_keep_each_others_timings(tmp_path, shared):
-    """Three worker processes share an Inductor cache dir; two need the same GEMM key at once,
-    one another key (and writes another kind of entry). Shared: the same key is benchmarked once
-    (the second waits and reads the first's timings) and the file keeps every entry. Inductor
-    alone: both benchmark it."""
+    """Three worker processes share an Inductor cache dir. The first benchmarks GEMM key k1 and
+    is held there; meanwhile a second looks up another key (and writes another kind of entry)
+    and a third the same k1. Shared: k2 does not wait for k1's lock, the third waits for the
+    first's timings instead of benchmarking k1 again, and the file keeps every entry. Inductor
+    alone: both benchmark k1. Asserted on what each benchmarked, not on seconds."""
     import json
     import multiprocessing
-    import time
 
     spawn = multiprocessing.get_context("spawn")
-    cache = str(tmp_path / "inductor")
-    jobs = [("k1", ["a", "bb"], 3.0, 0.0), ("k1", ["a", "bb"], 0.1, 1.5),
-            ("k2", ["ccc"], 0.1, 1.5)]
-    procs = []
-    for i, (key, choices, delay, after) in enumerate(jobs):
-        time.sleep(after if i < 2 else 0.0)
-        procs.append(spawn.Process(target=_lookup_in_process, args=(
-            cache, key, choices, delay, shared, str(tmp_path / f"out{i}.json"))))
-        procs[-1].start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    entered, release, asking = spawn.Event(), spawn.Event(), spawn.Event()
+    choices = {"k1": ["a", "bb"], "k2": ["ccc"]}
+    first = _start(spawn, tmp_path, 0, "k1", choices["k1"], shared, entered=entered,
+                   release=release)
+    try:
+        assert entered.wait(EVENT_TIMEOUT_S)  # the first benchmarks k1 (under its lock if shared)
+        assert _finished(_start(spawn, tmp_path, 1, "k2", choices["k2"], shared))
+        third = _start(spawn, tmp_path, 2, "k1", choices["k1"], shared, asking=asking)
+        if shared:  # it cannot finish before the first does: it waits for k1's lock
+            assert asking.wait(EVENT_TIMEOUT_S)
+            third.join(1.0)
+            assert third.is_alive()
+        else:  # it benchmarks k1 itself, the first still benchmarking it
+            assert _finished(third)
+    finally:
+        release.set()
+    assert _finished(first) and _finished(third)
     outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(3)]
-    assert all(o["timings"] == {c: float(len(c)) for c in jobs[i][1]} for i, o in enumerate(outs))
+    keys = ["k1", "k2", "k1"]
+    assert all(o["timings"] == {c: float(len(c)) for c in choices[k]} for k, o in zip(keys, outs))
     benchmarked = [o["benchmarked"] for o in outs]
     [path] = (tmp_path / "inductor" / "cache").iterdir()  # Inductor's one timings file
     on_disk = json.loads(path.read_text())["cache"]
     precision = torch.get_float32_matmul_precision()
     if shared:
-        assert benchmarked == [["k1"], [], ["k2"]]
+        assert benchmarked == [["k1"], ["k2"], []]
         assert set(on_disk["mm"]) == {"k1", "k2"} and on_disk["pad_mm"] == {"some-key": True}
         assert on_disk["mm"]["k1"][precision] == {"a": 1.0, "bb": 2.0}
-        # the first benchmarked k1 for 3 s under its lock; the second came 1.5 s later and
-        # waited for it, then only read; k2 waited for no one
-        seconds = [o["seconds"] for o in outs]
-        assert seconds[0]["select"] >= 3.0 and seconds[0]["wait"] < 1.0
-        assert 0.5 < seconds[1]["wait"] < 3.0 and seconds[1]["select"] < 1.0
-        assert seconds[2]["wait"] < 1.0
+        # the first held k1's lock while the third was seen waiting (at least that 1 s)
+        assert outs[0]["seconds"]["select"] >= 1.0
     else:
-        assert benchmarked == [["k1"], ["k1"], ["k2"]]
+        assert benchmarked == [["k1"], ["k2"], ["k1"]]
 
 
 @pytest.mark.parametrize("case", ["no local cache", "stuck holder"])
 def test_a_compile_does_not_wait_where_waiting_cannot_help(tmp_path, case):
     """With Inductor's local cache off there is no file to share timings through, and a holder
     past GEMM_LOCK_TIMEOUT_S is taken for stuck: in both cases the second compile benchmarks the
-    GEMM itself and finishes long before the first (which benchmarks for 6 s)."""
+    GEMM itself and finishes while the first is still benchmarking it (held until then)."""
     import json
     import multiprocessing
-    import time
 
     spawn = multiprocessing.get_context("spawn")
-    cache = str(tmp_path / "inductor")
+    entered, release = spawn.Event(), spawn.Event()
     extra = {"local_cache": False} if case == "no local cache" else {"lock_timeout": 0.5}
-    first = spawn.Process(target=_lookup_in_process, args=(
-        cache, "k1", ["a"], 6.0, True, str(tmp_path / "out0.json")), kwargs=extra)
-    first.start()
-    time.sleep(2.0)
-    second = spawn.Process(target=_lookup_in_process, args=(
-        cache, "k1", ["a"], 0.1, True, str(tmp_path / "out1.json")), kwargs=extra)
-    second.start()
-    for p in (first, second):
-        p.join(120)
-        assert p.exitcode == 0
+    first = _start(spawn, tmp_path, 0, "k1", ["a"], True, entered=entered, release=release,
+                   **extra)
+    try:
+        assert entered.wait(EVENT_TIMEOUT_S)
+        assert _finished(_start(spawn, tmp_path, 1, "k1", ["a"], True, **extra))
+        assert first.is_alive()
+    finally:
+        release.set()
+    assert _finished(first)
     outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     assert [o["benchmarked"] for o in outs] == [["k1"], ["k1"]]
-    assert outs[1]["done_at"] < outs[0]["done_at"]
