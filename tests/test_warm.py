@@ -390,3 +390,23 @@ def test_tune_on_a_node_of_another_fingerprint_fails_without_tuning(ray_local, t
     (tune,), (row,) = summary.tune_rows, summary.rows
     assert tune["status"] == "failed" and "environment fingerprint" in tune["error"]
     assert row["status"] == "failed" and not summary.ok
+
+
+def test_a_transformers_model_warmed_on_meta_loads_with_weights_compiling_nothing(
+        ray_local, tmp_path) -> None:
+    """The user's path for a transformers model: warm it built on meta (no weights), then a
+    rank with real weights loads every piece the warm job published."""
+    import hf_models
+    from vllm_compile_ray.load import load
+
+    config = eager(str(tmp_path)).replace(compile_sizes=(4,))
+    summary = warm(hf_models.build("gemma2", device="meta"), config, model_name="hf-gemma2",
+                   progress=None, **SLOT)
+    assert summary.ok and summary.compiled == 6  # 3 unique pieces x (dynamic, 4)
+    model = hf_models.build("gemma2")
+    compiled = load(model, config.replace(on_miss="error"), model_name="hf-gemma2")
+    assert compiled.report.compiles == 0 and compiled.report.hits == 6
+    ids = hf_models.tokens(9)
+    with torch.no_grad():
+        want = hf_models.build("gemma2")(input_ids=ids).logits
+    assert (compiled(input_ids=ids).logits - want).abs().max() <= 1e-5

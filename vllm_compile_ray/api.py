@@ -20,7 +20,7 @@ from .monitor import PerformanceMonitor
 from .passes import PostGradPassManager
 from .hf import maybe_prepare
 from .inputs import ExampleInputs, example_call, mark_dynamic
-from .plan import Plan, capture, dynamo_settings, plan_graph
+from .plan import Plan, capture, dynamo_settings, plan_graph, raise_traced_error
 from .store import ArtifactStore
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_compile_ray", "cache")
@@ -73,6 +73,9 @@ class CompiledModel:
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, VcrError):  # dynamo wraps our errors; hand back the clear one
                 raise inner.with_traceback(None) from None
+            raise
+        except torch._dynamo.exc.Unsupported as exc:
+            raise_traced_error(exc)
             raise
 
     @property

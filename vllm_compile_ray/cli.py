@@ -76,7 +76,9 @@ def cache_options(fn: Callable) -> Callable:
 
 def model_options(fn: Callable) -> Callable:
     for decorator in reversed([
-        click.option("--model", required=True, help="model preset, e.g. llama-3-8b (see --help of plan)"),
+        click.option("--model", required=True,
+                     help="a preset (llama-3-8b), a config.json or its directory, or an entry "
+                          "point package.module:function returning the model"),
         click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel size"),
         click.option("--num-layers", type=int, default=None, help="override the layer count"),
         click.option("--sizes", callback=_sizes, default="", help="static sizes, e.g. 1,2,4,8"),
@@ -182,10 +184,10 @@ def slot_options(fn: Callable) -> Callable:
                    "short summary moved to stderr, or written to PATH")
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
-    from . import models
+    from . import intake
     from .warm import warm as warm_fn
 
-    models.get_config(opts["model"], opts["num_layers"])  # an unknown preset fails before Ray starts
+    intake.check(opts["model"])  # an unknown model fails before Ray starts
     json_to_stdout = opts["summary_json"] == "-"
     summary = warm_fn(opts["model"], make_config(opts), tp_size=opts["tp"],
                       num_layers=opts["num_layers"], device_type=opts["device"],
@@ -217,15 +219,16 @@ def warm(**opts: Any) -> None:
 @click.option("--seed", type=int, default=0, help="weight seed (weights are random: a dry run)")
 def load(**opts: Any) -> None:
     """Pull a rank's compiled pieces from the cache (as a TP worker does) and print the report."""
-    from . import models
+    from . import intake
     from .load import load as load_fn
 
     config = make_config(opts, on_miss=opts["on_miss"])
     device = opts["device"]
-    model = models.build(opts["model"], tp_size=opts["tp"], rank=opts["rank"], device=device,
-                         num_layers=opts["num_layers"], seed=opts["seed"])
-    compiled = load_fn(model, config, rank=opts["rank"], world_size=opts["tp"],
-                       warmup=not opts["no_warmup"], model_name=opts["model"])
+    spec = intake.build(opts["model"], tp_size=opts["tp"], rank=opts["rank"], device=device,
+                        num_layers=opts["num_layers"], seed=opts["seed"])
+    compiled = load_fn(spec.module, config, rank=opts["rank"], world_size=opts["tp"],
+                       warmup=not opts["no_warmup"], model_name=opts["model"],
+                       example_inputs=spec.example_inputs)
     click.echo(compiled.report.table())
 
 
@@ -236,12 +239,12 @@ def load(**opts: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def plan(**opts: Any) -> None:
     """Show a model's pieces, unique keys, shapes and task count, without compiling."""
-    from . import inductor, models
-    from .api import example_args, plan_model
+    from . import inductor, intake
+    from .api import plan_model
 
     config = make_config(opts)
-    model = models.build(opts["model"], tp_size=opts["tp"], device="meta",
-                         num_layers=opts["num_layers"])
+    spec = intake.build(opts["model"], tp_size=opts["tp"], device="meta",
+                        num_layers=opts["num_layers"])
     fingerprint = opts["fingerprint_json"] or None
     note = ""
     if fingerprint is None and opts["device"] == "cuda":
@@ -251,8 +254,8 @@ def plan(**opts: Any) -> None:
             note = "note: no GPU on this machine, keys use a placeholder fingerprint"
     if fingerprint is None:
         fingerprint = inductor.environment_fingerprint(opts["device"])
-    result = plan_model(model, config, device_type=opts["device"], fingerprint=fingerprint,
-                        args=example_args(8))
+    result = plan_model(spec.module, config, device_type=opts["device"], fingerprint=fingerprint,
+                        example_inputs=spec.example_inputs)
     uses: dict[str, int] = {}
     for piece in result.pieces:
         uses[piece.code_id] = uses.get(piece.code_id, 0) + 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,7 @@ import torch.fx as fx
 
 from .canonical import CanonicalPiece, canonicalize, structure
 from .config import DEFAULT_SPLITTING_OPS, CompilationConfig
+from . import errors
 from .errors import ConfigError
 from .inputs import mark_dynamic
 from .keys import KeyContext, code_id
@@ -132,8 +135,31 @@ def run_dynamo(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     kwargs = kwargs or {}
     mark_dynamic(model, args, kwargs, dynamic_dims)
-    with dynamo_settings(), torch.no_grad():
-        return compiled(*args, **kwargs)
+    try:
+        with dynamo_settings(), torch.no_grad():
+            return compiled(*args, **kwargs)
+    except torch._dynamo.exc.Unsupported as exc:
+        raise_traced_error(exc)
+        raise
+
+
+def raise_traced_error(exc: BaseException) -> None:
+    """Dynamo turns an exception raised in the traced code (one of ours: an unsupported model,
+    a bad config) into `Unsupported("Observed exception ... raised exception Name('msg')")`:
+    raise ours again, with its own message, instead."""
+    link: BaseException | None = exc
+    while link is not None:
+        found = re.search(r"raised exception (\w+)\(((['\"]).*\3)\)", str(link), re.S)
+        cls = getattr(errors, found.group(1), None) if found else None
+        if isinstance(cls, type) and issubclass(cls, errors.VcrError) and \
+                cls not in (errors.CacheMissError,):
+            try:
+                message = ast.literal_eval(found.group(2))
+            except (ValueError, SyntaxError):
+                message = found.group(2)
+            raise cls(message) from None
+        link = link.__cause__ or link.__context__
+
 
 
 def capture(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None,

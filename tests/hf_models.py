@@ -1,0 +1,59 @@
+"""Tiny transformers models of the architectures users bring (random weights, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# name -> (model_type, config overrides)
+ARCHS = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "mistral": ("mistral", {"sliding_window": 4}),
+    "gemma2": ("gemma2", {"sliding_window": 4, "head_dim": 16}),
+    "phi3": ("phi3", {}),
+    "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 4, "n_head": 4, "vocab_size": 128,
+                      "n_positions": 256}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 32, "head_dim": 16}),
+    "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                            "sliding_window": 4}),
+}
+
+
+def config(name: str, **overrides):
+    from transformers import AutoConfig
+
+    model_type, extra = ARCHS[name]
+    kwargs = {} if model_type == "gpt2" else dict(_COMMON)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build(name: str, device: str = "cpu", attn: str | None = None, **overrides):
+    """The model in eval mode; weights from seed 0 (the same for every call)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(name, **overrides)
+    if attn:
+        cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg)
+    if device != "meta":  # a few architectures leave buffers or norms uninitialized
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if not torch.isfinite(p).all():
+                    p.normal_(0, 0.02)
+    return model.eval()
+
+
+def tokens(seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (1, seq), generator=torch.Generator().manual_seed(seed))

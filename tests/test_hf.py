@@ -1,0 +1,200 @@
+"""Models users bring: transformers models from tiny configs through vcr attention, plan,
+compile (eager adaptor; real Inductor in test_hf_inductor.py), calling conventions, intake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vllm_compile_ray as vcr
+from vllm_compile_ray import hf
+from vllm_compile_ray.api import plan_model
+from vllm_compile_ray.errors import ConfigError, UnsupportedModelError
+
+import hf_models
+
+pytest.importorskip("transformers")
+
+EAGER = dict(backend="eager")
+WINDOWED = ("mistral", "gemma2", "gpt_oss")
+FINGERPRINT = {"device_type": "cpu", "note": "test"}
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", sorted(hf_models.ARCHS))
+def test_vcr_attention_matches_transformers_eager_attention(arch: str) -> None:
+    ids = hf_models.tokens(12)
+    want = logits(hf_models.build(arch, attn="eager"), ids)
+    model = hf.prepare(hf_models.build(arch))
+    assert model.config._attn_implementation == "vcr"
+    assert (logits(model, ids) - want).abs().max().item() <= 1e-5
+    if arch in WINDOWED:  # the window takes effect: without it the output differs
+        unwindowed = logits(hf_models.build(arch, attn="eager", sliding_window=64), ids)
+        assert (unwindowed - want).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("arch", sorted(hf_models.ARCHS))
+def test_transformers_model_splits_shares_layers_and_matches(arch: str, tmp_path: Path) -> None:
+    reference = hf_models.build(arch)  # transformers' default attention (sdpa)
+    model = hf_models.build(arch)
+    config = vcr.CompilationConfig(compile_sizes=[4], cache_dir=str(tmp_path), **EAGER)
+    compiled = vcr.compile(model, config)
+    for n in (4, 12, 7):  # the static size, then the dynamic artifact: one trace
+        ids = hf_models.tokens(n, seed=n)
+        assert (compiled(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5
+    plan = compiled.plan
+    unique = len({p.code_id for p in plan.pieces})
+    assert len(plan.pieces) == 5 and unique == 3  # 4 layers: first, 3 identical middles, last
+    assert compiled.counter.num_graphs_seen == 1
+    assert compiled.counter.num_backend_compilations == unique * 2
+
+
+# Not the MoE models: transformers' experts code takes another branch on CPU than on other
+# devices (histc over float on CPU only), so a CPU target plans on CPU (a CUDA target on meta).
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_keys_do_not_depend_on_the_trace_device(arch: str) -> None:
+    config = vcr.CompilationConfig(compile_sizes=[4], **EAGER)
+    on_meta = plan_model(hf_models.build(arch, device="meta"), config, device_type="cpu",
+                         fingerprint=FINGERPRINT)
+    on_cpu = plan_model(hf_models.build(arch), config, device_type="cpu",
+                        fingerprint=FINGERPRINT)
+    assert on_meta.keys == on_cpu.keys
+
+
+def test_padding_masks_and_bidirectional_attention_are_refused() -> None:
+    model = hf.prepare(hf_models.build("llama"))
+    ids = hf_models.tokens(6)
+    with pytest.raises(UnsupportedModelError, match="attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    compiled = vcr.compile(model, vcr.CompilationConfig(**EAGER, disable_compile_cache=True))
+    with pytest.raises(UnsupportedModelError, match="attention_mask"):
+        compiled(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, vocab_size=64)).eval()
+    hf.prepare(bert)
+    with pytest.raises(UnsupportedModelError, match="bidirectional"):
+        bert(input_ids=ids % 64)
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                             d_kv=16, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        hf.prepare(t5)
+
+
+def test_a_sliding_window_layer_without_its_window_is_refused() -> None:
+    model = hf.prepare(hf_models.build("gemma2"))
+    layer = model.model.layers[0].self_attn
+    assert model.config.layer_types[0] == "sliding_attention"
+    layer.sliding_window = None  # as a model that keeps its window only in the mask would
+    with pytest.raises(UnsupportedModelError, match="sliding-window layer"):
+        model(input_ids=hf_models.tokens(6))
+
+
+class SdpaBlock(torch.nn.Module):
+    """Attention through F.scaled_dot_product_attention, a KV-cache-like static argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, input_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        x = table[input_ids]  # [T, 16] from a [64, 16] table that is not per token
+        q, k, v = self.proj(x).unsqueeze(0).chunk(3, dim=-1)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
+        x = torch.relu(self.out(x))
+        q, k, v = self.proj(x).unsqueeze(0).chunk(3, dim=-1)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True)[0])
+
+
+def test_split_at_an_aten_op_with_keyword_and_static_arguments(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, table = SdpaBlock().eval(), torch.randn(64, 16)
+    config = vcr.CompilationConfig(splitting_ops=("aten::scaled_dot_product_attention",),
+                                   compile_sizes=[8], cache_dir=str(tmp_path), **EAGER)
+    compiled = vcr.compile(model, config)
+    for n in (8, 5):
+        ids = torch.randint(0, 64, (n,))
+        with torch.no_grad():
+            want = model(ids, table)
+        assert torch.allclose(compiled(input_ids=ids, table=table), want, atol=1e-6)
+    assert len(compiled.plan.items) == 5  # 3 pieces around 2 attention calls
+    table_spec = compiled.plan.pieces[0].piece.input_specs
+    assert any(s.kind == "tensor" and s.shape == (64, 16) for s in table_spec)  # left static
+
+
+def test_a_splitting_op_the_graph_never_calls_is_an_error(tmp_path: Path) -> None:
+    config = vcr.CompilationConfig(splitting_ops=("aten::scaled_dot_product_attention",),
+                                   cache_dir=str(tmp_path), **EAGER)
+    model = vcr.models.build("llama-tiny", num_layers=2)
+    with pytest.raises(ConfigError, match=r"match no op.*vcr::attention"):
+        plan_model(model, config, device_type="cpu", fingerprint=FINGERPRINT)
+
+
+def test_dynamic_dims_by_argument_name(tmp_path: Path) -> None:
+    model = hf_models.build("qwen2")
+    config = vcr.CompilationConfig(dynamic_dims={"input_ids": 1}, compile_sizes=[4],
+                                   cache_dir=str(tmp_path), **EAGER)
+    compiled = vcr.compile(model, config)
+    for n in (4, 9):
+        compiled(input_ids=hf_models.tokens(n))
+    assert compiled.counter.num_graphs_seen == 1
+    with pytest.raises(ConfigError, match="dynamic_dims"):
+        vcr.CompilationConfig(dynamic_dims={"input_ids": "seq"})
+    bad = vcr.compile(model, config.replace(dynamic_dims={"tokens": 0}))
+    with pytest.raises(ConfigError, match=r"names \['tokens'\]"):
+        bad(input_ids=hf_models.tokens(4))
+
+
+def test_backend_eager_alone_is_a_valid_config() -> None:
+    assert vcr.CompilationConfig(backend="eager").use_inductor is False
+    with pytest.raises(ConfigError, match="contradicts"):
+        vcr.CompilationConfig(backend="eager", use_inductor=True)
+
+
+ENTRY_POINT = textwrap.dedent('''
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build(device="meta", num_layers=None):
+        cfg = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=num_layers or 3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, sliding_window=4)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(cfg)
+
+    def not_a_model():
+        return 3
+''')
+
+
+def test_entry_point_intake_from_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "usermodels.py").write_text(ENTRY_POINT)
+
+    def vcr_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vllm_compile_ray", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    done = vcr_cli("plan", "--model", "usermodels:build", "--num-layers", "4", "--device", "cpu",
+                   "--sizes", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)["summary"]
+    assert summary["pieces"] == 5 and summary["unique_pieces"] == 3
+    assert summary["tasks"] == 6  # 3 unique pieces x (dynamic, 4)
+    bad = vcr_cli("plan", "--model", "usermodels:not_a_model", "--device", "cpu")
+    assert bad.returncode != 0 and "must return an nn.Module" in bad.stderr
+    missing = vcr_cli("plan", "--model", "nosuchmodule:build", "--device", "cpu")
+    assert missing.returncode != 0 and "cannot import module 'nosuchmodule'" in missing.stderr

@@ -1,0 +1,42 @@
+"""Real Inductor on transformers models (one MoE, one sliding-window, GPT-2): process A compiles
+and publishes every unique piece; a fresh process B loads them with zero compiles; both match
+transformers' own output. B shares A's Inductor cache directory: on CPU a loaded artifact
+rebuilds its C++ kernels (NOTES.md), which the directory saves; the compiles counted here are
+this package's, and B makes none."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vllm_compile_ray as vcr
+
+pytestmark = pytest.mark.inductor
+SCRIPT = Path(__file__).parent / "scripts" / "run_hf_model.py"
+ARCHS = ("qwen3_moe", "mistral", "gpt2")
+
+
+def run(config: vcr.CompilationConfig, out: Path, env: dict) -> dict:
+    subprocess.run([sys.executable, str(SCRIPT), config.to_json(), str(out), ",".join(ARCHS),
+                    "5,9"], check=True, env=env, timeout=900)
+    return json.loads(out.read_text())
+
+
+def test_transformers_models_compile_once_and_load_in_a_fresh_process(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    config = vcr.CompilationConfig(cache_dir=str(tmp_path / "cache"),
+                                   staging_dir=str(tmp_path / "a"))
+    a = run(config, tmp_path / "a.json", env)
+    b = run(config.replace(staging_dir=str(tmp_path / "b"), on_miss="error"),
+            tmp_path / "b.json", env)
+    for arch in ARCHS:
+        assert a[arch]["counter"]["num_inductor_compiles"] == a[arch]["unique"] == 3, arch
+        assert b[arch]["keys"] == a[arch]["keys"]
+        assert b[arch]["counter"]["num_backend_compilations"] == 0, arch
+        assert b[arch]["counter"]["num_artifacts_loaded"] == 3, arch
+        for run_ in (a, b):
+            assert max(run_[arch]["max_abs_diff"].values()) < 1e-4, (arch, run_[arch])
