@@ -239,7 +239,8 @@ CASES = [
          cli=lambda c: [*LOAD, "--sizes", "2", "--on-miss", "error", "--cache", c.cache(),
                         "--staging-dir", str(c.tmp / "st")]),
     Case("model_type", lambda c: models.build(42), ConfigError,
-         r"model must be a preset name, a config dict or a LlamaConfig, got int"),
+         r"model must be a preset name, a config.json path or directory, a config dict or a "
+         r"ModelConfig, got int"),
     # -- URLs
     Case("url_protocol", lambda c: open_store(config(cache_dir="nosuch://bucket/x")), ConfigError,
          r"unknown protocol 'nosuch'; common ones are s3",

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vllm_compile_ray.errors import ConfigError, UnknownModelError
-from vllm_compile_ray.models import (ALL_REDUCE_OP, ATTENTION_OP, PRESETS, LlamaConfig, TPShapes,
-                                     build, get_config)
+from vllm_compile_ray.errors import ConfigError, UnknownModelError, UnsupportedModelError
+from vllm_compile_ray.models import ALL_REDUCE_OP, ATTENTION_OP, PRESETS, TPShapes, build, get_config
 from vllm_compile_ray.models import ops
 
 TINY = PRESETS["llama-tiny"]
+QWEN2_TINY = {**TINY, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}  # qkv bias
 
 
 def _ids(t: int, vocab: int = 512, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +142,7 @@ def test_causal_prefix_consistency() -> None:
 
 
 def test_qwen_bias_and_tied_rope_scaled_variants_run() -> None:
-    qwen_tiny = {**TINY, "model_type": "qwen2", "torch_dtype": "float32"}  # bias implied
-    model = build(qwen_tiny)
+    model = build(QWEN2_TINY)
     assert model.model.layers[0].self_attn.qkv_proj.bias is not None
     tied = {**TINY, "tie_word_embeddings": True, "head_dim": 32,
             "rope_scaling": dict(PRESETS["llama-3.2-1b"]["rope_scaling"],
@@ -255,7 +254,7 @@ def test_dynamo_capture_tp2_on_meta() -> None:
 def test_tp_rank_partials_sum_to_tp1() -> None:
     """Without a process group the all_reduce op is the identity, so each rank's row-parallel
     module returns its partial sum: the sum over ranks must equal the tp=1 module."""
-    cfg = {**TINY, "attention_bias": True}
+    cfg = QWEN2_TINY  # q/k/v biases shard with their heads; o_proj has none
     full = build(cfg)
     ranks = [build(cfg, tp_size=2, rank=r) for r in range(2)]
     ids, pos = _ids(6)
@@ -323,7 +322,7 @@ def test_unknown_preset() -> None:
     ({"tp_size": 3}, "num_attention_heads"),
     ({"tp_size": 2, "rank": 2}, "rank"),
     ({"rank": -1}, "rank"),
-    ({"num_layers": 0}, "num_hidden_layers"),
+    ({"num_layers": 0}, "num_layers"),
 ])
 def test_bad_build_arguments(kwargs, field) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -338,23 +337,30 @@ def test_bad_build_arguments(kwargs, field) -> None:
     ({"torch_dtype": "float8"}, "torch_dtype"),
     ({"rms_norm_eps": 0}, "rms_norm_eps"),
     ({"head_dim": 15}, "head_dim"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+    ({"model_type": "qwen2"}, "model_type"),  # contradicts architectures
 ])
 def test_bad_config_values(override, field) -> None:
     with pytest.raises(ConfigError, match=field):
-        LlamaConfig.from_dict({**TINY, **override})
+        get_config({**TINY, **override})
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+])
+def test_unsupported_config_values(override, field) -> None:
+    with pytest.raises(UnsupportedModelError, match=field):
+        get_config({**TINY, **override})
 
 
 def test_config_from_real_style_dict() -> None:
-    d = {**PRESETS["llama-3-8b"], "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000,
-         "hidden_act": "silu", "mlp_bias": False, "transformers_version": "4.40.0"}
+    d = {**PRESETS["llama-3-8b"], "bos_token_id": 128000, "hidden_act": "silu",
+         "mlp_bias": False, "transformers_version": "4.40.0"}
     d.pop("torch_dtype")
     d["dtype"] = "bfloat16"
-    cfg = LlamaConfig.from_dict(d)
+    cfg = get_config(d)
     assert cfg.head_dim == 128 and cfg.dtype == torch.bfloat16 and not cfg.attention_bias
-    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
-    scaled = get_config("llama-3.2-1b")
-    assert LlamaConfig.from_dict(scaled.to_dict()) == scaled
+    assert get_config(cfg) is cfg
+    assert get_config("llama-3.2-1b").rope_scaling.factor == 32.0
     with pytest.raises(ConfigError, match="vocab_size"):
-        LlamaConfig.from_dict({k: v for k, v in TINY.items() if k != "vocab_size"})
+        get_config({k: v for k, v in TINY.items() if k != "vocab_size"})
