@@ -233,3 +233,34 @@ def test_intake_by_path(checkpoints, tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="bad.json"):
         get_config(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------- the MoE op under dynamo
+
+
+def test_moe_op_opcheck_and_one_graph() -> None:
+    """vcr::moe has a schema and a fake impl, so a MoE model traces on meta into one graph with
+    one opaque MoE node per sparse layer (the routing never reaches the graph)."""
+    g = torch.Generator().manual_seed(0)
+    x, logits = torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)
+    gate_up, down = torch.randn(4, 12, 8, generator=g), torch.randn(4, 8, 6, generator=g)
+    torch.library.opcheck(torch.ops.vcr.moe.default, (x, logits, gate_up, down, 2, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    cfg = {**TINY["Qwen3MoeForCausalLM"], "architectures": ["Qwen3MoeForCausalLM"],
+           "num_hidden_layers": 4}  # decoder_sparse_step 2: layers 1 and 3 are MoE
+    model = build(cfg, tp_size=2, rank=1, device="meta")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids, pos = torch.zeros(16, dtype=torch.long, device="meta"), torch.arange(16, device="meta")
+    torch._dynamo.mark_dynamic(ids, 0)
+    torch._dynamo.mark_dynamic(pos, 0)
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, dynamic=False)(ids, pos)
+    [gm] = graphs
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.vcr.moe) == 2
+    assert targets.count(torch.ops.vcr.attention) == 4
