@@ -130,6 +130,27 @@ def test_load_errors(checkpoints, tmp_path) -> None:
         load_weights(model, tmp_path)
 
 
+def test_sharded_checkpoint_with_index(checkpoints, tmp_path) -> None:
+    """A checkpoint split over files with model.safetensors.index.json, as big models ship."""
+    from safetensors.torch import load_file, save_file
+
+    path, ref = checkpoints["MixtralForCausalLM"]
+    sd = load_file(path / "model.safetensors")
+    names = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: sd[k] for k in keys}, tmp_path / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    model = build(tmp_path, weights=tmp_path)
+    ids, pos = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model.compute_logits(model(ids, pos)), ref, atol=1e-4,
+                                   rtol=1e-4)
+
+
 # ---------------------------------------------------------------- tensor parallel over gloo
 
 TP_ARCHS = ("Qwen2ForCausalLM", "Qwen3MoeForCausalLM")  # a dense (bias, tied) and a MoE
