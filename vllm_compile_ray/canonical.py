@@ -9,38 +9,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+from .specs import InputSpec
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One piece input: a tensor (shape/stride entries are ints or canonical symbols "s0"), or a
-    SymInt (expr names a canonical symbol), or a plain int (value)."""
-
-    kind: str  # "tensor" | "symint" | "int"
-    shape: tuple[int | str, ...] = ()
-    stride: tuple[int | str, ...] = ()
-    dtype: str = ""
-    device_type: str = ""
-    expr: str = ""
-    value: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "shape": list(self.shape), "stride": list(self.stride),
-                "dtype": self.dtype, "device_type": self.device_type, "expr": self.expr,
-                "value": self.value}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        return cls(data["kind"], tuple(data["shape"]), tuple(data["stride"]), data["dtype"],
-                   data["device_type"], data["expr"], data["value"])
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
+__all__ = ["CanonicalPiece", "InputSpec", "canonicalize", "structure", "structure_of"]
 
 @dataclass
 class CanonicalPiece:
@@ -55,6 +26,7 @@ class CanonicalPiece:
     code: str
     input_specs: tuple[InputSpec, ...]
     single_output: bool
+    constants: tuple[torch.Tensor, ...] = ()  # trailing inputs the runner appends (see canonicalize)
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -166,25 +138,37 @@ def canonicalize(piece: fx.GraphModule, device_type: str | None = None) -> Canon
     root = torch.nn.Module()
     single_output = True
     devices = _DeviceNormalizer(device_type)
+    # Tensor constants (get_attr) become trailing inputs, passed by the runner like weights: a
+    # loaded Inductor artifact does not bind the constants its graph held, and keys then need
+    # only their specs (on meta, where planning runs, they have no values).
+    constants: list[torch.Tensor] = []
+    lifted: dict[fx.Node, fx.Node] = {}
+    tensor_attrs = [n for n in piece.graph.nodes if n.op == "get_attr"
+                    and isinstance(_attribute(piece, n.target), torch.Tensor)]
     for node in piece.graph.nodes:
+        if node.op != "placeholder" and tensor_attrs:  # after the last input
+            for const in tensor_attrs:
+                value = _attribute(piece, const.target)
+                lifted[const] = graph.placeholder(f"arg{len(specs)}")
+                lifted[const].meta = dict(const.meta)
+                specs.append(input_spec(value, namer, device_type))
+                constants.append(value)
+            tensor_attrs = []
         if node.op == "placeholder":
             new = graph.placeholder(f"arg{len(specs)}")
             specs.append(input_spec(_example_value(node), namer, device_type))
+        elif node in lifted:
+            env[node] = lifted[node]
+            continue
         elif node.op == "output":
             result = node.args[0]
             single_output = not isinstance(result, (tuple, list))
             values = (result,) if single_output else tuple(result)
             graph.output(tuple(fx.node.map_arg(v, lambda n: env[n]) for v in values))
             continue
-        elif node.op == "get_attr":
-            name = f"_attr{len(root._buffers) + len(root._parameters) + len(root._modules)}"
-            attr = piece
-            for part in node.target.split("."):
-                attr = getattr(attr, part)
-            if isinstance(attr, torch.nn.Module):
-                root.add_module(name, attr)
-            else:
-                root.register_buffer(name, attr)
+        elif node.op == "get_attr":  # a submodule (tensors were lifted above)
+            name = f"_attr{len(root._modules)}"
+            root.add_module(name, _attribute(piece, node.target))
             new = graph.get_attr(name)
         else:
             if node.op == "call_module":
@@ -195,7 +179,13 @@ def canonicalize(piece: fx.GraphModule, device_type: str | None = None) -> Canon
         new.meta = dict(node.meta)
         env[node] = new
     gm = _ShippedGraphModule(root, graph)
-    return CanonicalPiece(gm, gm.code, tuple(specs), single_output)
+    return CanonicalPiece(gm, gm.code, tuple(specs), single_output, tuple(constants))
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 class _DeviceNormalizer:

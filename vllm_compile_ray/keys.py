@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .canonical import InputSpec
+from .specs import InputSpec
 from .config import CompilationConfig
 
 KEY_VERSION = 1

@@ -45,6 +45,7 @@ class PieceRunner:
 
     def __call__(self, *args: Any) -> Any:
         entry = self.select(self.size_of(args))
+        args = (*args, *self.piece.constants)  # the piece's lifted tensor constants
         if entry is None:
             self.counter.num_fallback_eager_calls += 1
             out = self.piece.graph(*args)
