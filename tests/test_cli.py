@@ -207,3 +207,22 @@ def test_unknown_model_fails_before_ray_starts(capsys, tmp_path) -> None:
     import ray
     code, _, err = vcr(capsys, "warm", "--model", "llama-9000", "--device", "cpu", "--cache", str(tmp_path))
     assert code == 1 and "llama-tiny" in err and not ray.is_initialized()
+
+
+def test_a_checkpoint_directory_plans_and_loads_with_its_weights(capsys, tmp_path) -> None:
+    """--model takes a transformers checkpoint directory (config.json), --weights its safetensors:
+    the first load compiles and publishes, the second (on_miss=error) compiles nothing."""
+    import hf_models
+
+    ckpt = tmp_path / "ckpt"
+    hf_models.build("qwen3", num_hidden_layers=2).save_pretrained(ckpt)
+    common = ["--model", str(ckpt), "--device", "cpu", "--backend", "eager", "--sizes", "4",
+              "--cache", str(tmp_path / "cache")]
+    code, out, _ = vcr(capsys, "plan", *common)
+    assert code == 0 and out.startswith(f"Qwen3ForCausalLM ({ckpt}), 2 layers")
+    assert "vcr warm --model" in out
+    for on_miss, compiles in (("compile_and_publish", 6), ("error", 0)):
+        code, out, _ = vcr(capsys, "load", *common, "--weights", str(ckpt), "--on-miss", on_miss)
+        header, row = out.strip().splitlines()[-2:]
+        report = dict(zip(header.split(), row.split()))
+        assert code == 0 and int(report["compiles"]) == compiles, out

@@ -216,7 +216,10 @@ def warm(**opts: Any) -> None:
 @click.option("--on-miss", type=click.Choice(["error", "compile", "compile_and_publish", "eager"]),
               default="error", show_default=True, help="what a missing artifact does")
 @click.option("--no-warmup", is_flag=True, help="skip running each compiled shape once")
-@click.option("--seed", type=int, default=0, help="weight seed (weights are random: a dry run)")
+@click.option("--weights", default=None,
+              help="checkpoint directory (model.safetensors or its index) or .safetensors file "
+                   "for this rank's real weights (default: random weights from --seed, a dry run)")
+@click.option("--seed", type=int, default=0, help="weight seed when no --weights are given")
 def load(**opts: Any) -> None:
     """Pull a rank's compiled pieces from the cache (as a TP worker does) and print the report."""
     from . import intake
@@ -225,7 +228,7 @@ def load(**opts: Any) -> None:
     config = make_config(opts, on_miss=opts["on_miss"])
     device = opts["device"]
     spec = intake.build(opts["model"], tp_size=opts["tp"], rank=opts["rank"], device=device,
-                        num_layers=opts["num_layers"], seed=opts["seed"])
+                        num_layers=opts["num_layers"], seed=opts["seed"], weights=opts["weights"])
     compiled = load_fn(spec.module, config, rank=opts["rank"], world_size=opts["tp"],
                        warmup=not opts["no_warmup"], model_name=opts["model"],
                        example_inputs=spec.example_inputs)
@@ -264,8 +267,12 @@ def plan(**opts: Any) -> None:
     if opts["as_json"]:
         click.echo(json.dumps({"summary": result.summary(), "tasks": tasks}, indent=1))
         return
-    click.echo(f"{opts['model']} tp={opts['tp']}: " + ", ".join(
-        f"{k} {v}" for k, v in result.summary().items()))
+    from .plan_report import plan_report
+
+    click.echo(plan_report(opts["model"], spec.module, result, tp_size=opts["tp"],
+                           device=opts["device"], num_layers=opts["num_layers"],
+                           cache=opts.get("cache") or None))
+    click.echo(f"fingerprint {result.key_context.fingerprint_id}")
     click.echo(_table(tasks, ["piece", "shape", "uses", "key"]))
     if note:
         click.echo(note)

@@ -2,9 +2,10 @@
 
 num_tokens is the one dynamic dim that `compile_sizes` name. By default it is the last dim of
 the token arguments (`input_ids`, `positions`, `position_ids`: flat `[T]` as vLLM calls its
-models, or `[batch, seq]` as transformers does) and dim -2 of `inputs_embeds`. A forward with
-none of those names (`forward(self, x)`) gets dim 0 of each tensor argument whose dim 0 equals
-the first one's: other tensors (a KV cache, masks of other shapes) stay static.
+models, or `[batch, seq]` as transformers does) and dim -2 of `inputs_embeds`. A forward whose
+first tensor argument has none of those names (`forward(self, x)`) also gets dim 0 of each
+tensor argument whose dim 0 equals the first one's: other tensors (a KV cache, masks of other
+shapes) stay static.
 `CompilationConfig.dynamic_dims` overrides the defaults by argument name.
 """
 
@@ -62,7 +63,7 @@ def mark_dynamic(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
     """Mark the token dim of each argument that carries it (see the module docstring)."""
     wanted = dict(dynamic_dims) if dynamic_dims else DEFAULT_DYNAMIC_DIMS
     bound = _bind(model, args, kwargs)
-    marked = 0
+    marked: set[int] = set()
     for name, dim in wanted.items():
         value = bound.get(name)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -70,18 +71,19 @@ def mark_dynamic(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
                 raise ConfigError(f"dynamic_dims[{name!r}]={dim} is out of range for a "
                                   f"{value.dim()}-d argument of shape {tuple(value.shape)}")
             torch._dynamo.mark_dynamic(value, dim % value.dim())
-            marked += 1
+            marked.add(id(value))
     if dynamic_dims:
         unknown = sorted(set(dynamic_dims) - set(bound))
         if unknown:
             raise ConfigError(f"dynamic_dims names {unknown}, which the call does not pass; "
                               f"its arguments: {sorted(bound)}")
         return
-    if marked:
-        return
     tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not tensors or id(tensors[0]) in marked:
+        return
+    # The first argument has no token name (forward(self, x)): dim 0 of each tensor as long as it.
     for tensor in tensors:
-        if tensor.shape[0] == tensors[0].shape[0]:
+        if id(tensor) not in marked and tensor.shape[0] == tensors[0].shape[0]:
             torch._dynamo.mark_dynamic(tensor, 0)
 
 

@@ -46,15 +46,19 @@ def is_entry_point(spec: str) -> bool:
 
 
 def build(spec: str, *, tp_size: int = 1, rank: int = 0, device: str | torch.device = "meta",
-          num_layers: int | None = None, seed: int = 0) -> ModelSpec:
-    """The model `spec` names, built for `device` ("meta": shapes only, for planning)."""
+          num_layers: int | None = None, seed: int = 0, weights: str | None = None) -> ModelSpec:
+    """The model `spec` names, built for `device` ("meta": shapes only, for planning). weights:
+    a checkpoint for a preset or config.json model (`models.load_weights`); an entry point
+    gets it as `weights=` if it takes that argument."""
     if is_entry_point(spec):
-        return _from_entry_point(spec, tp_size=tp_size, rank=rank, device=device,
-                                 num_layers=num_layers)
+        offered = dict(tp_size=tp_size, rank=rank, device=device, num_layers=num_layers)
+        if weights is not None:
+            offered["weights"] = weights
+        return _from_entry_point(spec, **offered)
     from . import models
 
     return ModelSpec(models.build(spec, tp_size, rank, device=device, num_layers=num_layers,
-                                  seed=seed))
+                                  seed=seed, weights=weights))
 
 
 def check(spec: str) -> None:
@@ -96,8 +100,10 @@ def _from_entry_point(spec: str, **offered: Any) -> ModelSpec:
         params = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
-    if offered.get("num_layers") is not None and "num_layers" not in kwargs:
-        raise ConfigError(f"--num-layers: entry point {spec!r} takes no num_layers argument")
+    for name in ("num_layers", "weights"):
+        if offered.get(name) is not None and name not in kwargs:
+            raise ConfigError(f"--{name.replace('_', '-')}: entry point {spec!r} takes no "
+                              f"{name} argument")
     result = fn(**kwargs)
     example_inputs = None
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
