@@ -98,3 +98,20 @@ def test_profile_compile_checks_the_compiled_piece_against_eager() -> None:
                                  out.stdout, re.M)
     assert int(young) > 0
     assert re.search(r"^waited -?[\d.]+ s for the start", out.stdout, re.M)
+
+
+def test_bench_plan_configs_measures_vcr_plan_of_a_config_json(tmp_path: Path) -> None:
+    cfg = json.loads((REPO / "tests/data/configs/mixtral-8x7b.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256)  # the public config's fields, tiny
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_plan_configs.py", "--models", str(path), "--tp", "2",
+         "--sizes", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    [row] = [json.loads(x[len("result "):]) for x in out.stdout.splitlines()
+             if x.startswith("result ")]
+    assert row["architecture"] == "MixtralForCausalLM" and row["ok"], row
+    assert (row["pieces"], row["unique"], row["tasks"]) == (3, 3, 6), row
+    assert 0 < row["wall_s"] and 100 < row["peak_rss_mb"] < 4096, row  # the child's, in MB
