@@ -75,6 +75,32 @@ def test_rejected_and_missing_are_listed_together(tmp_path: Path) -> None:
     assert f"{keys[0]}  compile[" in str(info.value) and "missing" in str(info.value)
 
 
+@pytest.mark.parametrize("model_name, advice", [
+    ("<model>", "vcr warm --model package.module:function --sizes 2 --cache file://"),
+    ("LlamaForCausalLM", "vcr warm --model package.module:function --sizes 2 --cache file://"),
+    ("llama-tiny", "vcr warm --model llama-tiny --sizes 2 --cache file://"),
+    ("mypkg.serve:build", "vcr warm --model mypkg.serve:build --sizes 2 --cache file://"),
+    ("/ckpt/qwen3/config.json", "vcr warm --model /ckpt/qwen3/config.json --sizes 2"),
+])
+def test_miss_advice_warms_a_model_vcr_warm_can_build(tmp_path: Path, model_name: str,
+                                                      advice: str) -> None:
+    """A module passed in ("<model>", its class name) is no preset: the advice names an entry
+    point or a config.json, not `vcr warm --model <model>`."""
+    cfg = vcr.CompilationConfig(compile_sizes=[2], cache_dir=f"file://{tmp_path}/cache",
+                                staging_dir=str(tmp_path / "stage"), on_miss="error", **EAGER)
+    loader = vcr.compile(tiny(), cfg, model_name=model_name)
+    with loader.counter.expect(num_backend_compilations=0):
+        with pytest.raises(vcr.CacheMissError) as info:
+            run(loader)
+    message = str(info.value)
+    assert advice in message, message
+    runnable = model_name not in ("<model>", "LlamaForCausalLM")
+    assert (f"--model {model_name} " in message) == runnable, message
+    entry_point_advice = "package.module:function" in message and "/path/to/config.json" in \
+        message and "model_name=NAME" in message
+    assert entry_point_advice != runnable, message
+
+
 def _failing_load(*args, **kwargs):
     raise MemoryError("CUDA out of memory (injected by the test)")
 

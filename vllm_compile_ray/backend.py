@@ -8,14 +8,17 @@ compiled submodule replaced by a `PieceRunner`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch.fx as fx
 
 from .config import CompilationConfig
 from .errors import CacheMissError
+from .intake import is_entry_point
 from .keys import KeyContext
 from .manager import CompilerManager, LoadedPiece
+from .models.presets import PRESETS
 from .plan import Plan, PlannedPiece, plan_graph
 from .runtime import PieceRunner
 
@@ -23,9 +26,24 @@ logger = logging.getLogger(__name__)
 
 
 def warm_command(config: CompilationConfig, model_name: str = "<model>") -> str:
+    """How to fill the cache for this model. `vcr warm --model` takes a preset, a config.json (or
+    its directory) or an entry point; any other name ("<model>", a module's class name) is an
+    nn.Module passed in, which `vcr warm` can only reach through an entry point or a config.json."""
     sizes = ",".join(str(s) for s in config.compile_sizes)
     cache = config.cache_dir or "<cache-url>"
-    return f"vcr warm --model {model_name} --sizes {sizes} --cache {cache}"
+    if _names_a_model(model_name):
+        return f"vcr warm --model {model_name} --sizes {sizes} --cache {cache}"
+    return (f"vcr warm --model package.module:function --sizes {sizes} --cache {cache}\n"
+            f"  where the entry point returns this same model ({model_name} is not a name "
+            "`vcr warm` can build), or --model /path/to/config.json for a supported "
+            "architecture; in Python: vcr.warm(model, config, model_name=NAME), then load with "
+            "model_name=NAME")
+
+
+def _names_a_model(name: str) -> bool:
+    """A preset, a config.json or checkpoint directory path, or an entry point."""
+    return (name in PRESETS or is_entry_point(name) or name.endswith(".json")
+            or os.sep in name or os.path.exists(name))
 
 
 class VcrBackend:
