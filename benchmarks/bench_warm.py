@@ -36,6 +36,7 @@ from vllm_compile_ray.manager import CompilerManager
 from vllm_compile_ray.plan import capture, plan_graph
 from vllm_compile_ray.stats import cpu_sums, get_stats_actor, top_phases
 from vllm_compile_ray import pool as compile_pool
+from vllm_compile_ray.sizing import gpu_fraction
 from vllm_compile_ray.warm import _connect, order_tasks, pool_spec, warm
 
 from utilization import Sampler
@@ -82,10 +83,6 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node), 'cpus' (the task's CPUs) or a number")
-    p.add_argument("--codegen-threads", default="default",
-                   help="cuda: threads each compile task compiles its generated code's kernels on "
-                        "(thread_compile; 0: off; 'default': warm's), one value or one per "
-                        "--workers entry")
     p.add_argument("--tune-gemms", default="off",
                    help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
                         "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
@@ -256,7 +253,7 @@ def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> d
     elif args.device == "cuda":
         # Ray fits a GPU fraction below one within one GPU: 1/k gives k per GPU, 4/33 only 8
         per_gpu = -(-workers // torch.cuda.device_count())
-        out = {"gpus_per_compile": 1 / per_gpu, "cpus_per_compile": 1.0}
+        out = {"gpus_per_compile": gpu_fraction(per_gpu), "cpus_per_compile": 1.0}
     else:
         out = {"gpus_per_compile": 0.0, "cpus_per_compile": (os.cpu_count() or 1) / workers}
     if cpus is not None:
@@ -265,14 +262,14 @@ def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> d
 
 
 def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
-               resources: dict[str, float], codegen_threads: int | None, runtime_env: dict,
+               resources: dict[str, float], runtime_env: dict,
                gpu_sharing: str) -> float:
     """Connect to Ray (it stays up for the run; the caller shuts it down), start `workers` pool
     workers for the run's settings and the stats actor, and wait until every one has warmed up;
     returns the seconds. (On a cluster both stay up between runs; here each run has its own
     Ray. A run that planned in 1 s otherwise waited 6-7 s for the stats actor's process.)"""
     _connect(args.address, runtime_env)
-    spec = pool_spec(base, args.device, codegen_threads=codegen_threads, runtime_env=runtime_env,
+    spec = pool_spec(base, args.device, runtime_env=runtime_env,
                      gpu_sharing=gpu_sharing, **resources)
     start = time.perf_counter()
     members = compile_pool.up(spec, workers)
@@ -296,9 +293,6 @@ def main() -> int:
             if args.cpus_per_compile else [None] * n)
     precompile = per_run(args.precompile_threads, n, "--precompile-threads",
                          "'all', 'cpus' or a number", lambda p: p in ("all", "cpus") or p.isdigit())
-    codegen = [None if k == "default" else int(k) for k in per_run(
-        args.codegen_threads, n, "--codegen-threads", "'default' or a number >= 0",
-        lambda k: k == "default" or k.isdigit())]
     tune = ["ahead" if t == "on" else t for t in per_run(
         args.tune_gemms, n, "--tune-gemms", "off, ahead (or on) or alongside",
         lambda t: t in ("off", "on", "ahead", "alongside"))]
@@ -319,7 +313,7 @@ def main() -> int:
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
     runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, kt, tg, pl, gs) in enumerate(zip(workers, cpus, precompile, codegen, tune,
+    for i, (n, c, pre, tg, pl, gs) in enumerate(zip(workers, cpus, precompile, tune,
                                                         pools, sharing)):
         resources = per_compile(args, n, c)
         env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
@@ -327,19 +321,19 @@ def main() -> int:
             env["TORCHINDUCTOR_COMPILE_THREADS"] = (
                 str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
         runtime_env = {"env_vars": env}
-        pool_start_s = start_pool(base, args, n, resources, kt, runtime_env, gs) \
+        pool_start_s = start_pool(base, args, n, resources, runtime_env, gs) \
             if pl == "on" else 0.0
         try:
             summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                            tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                            address=args.address, max_in_flight=n, runtime_env=runtime_env,
-                           tune_gemms=tg, codegen_threads=kt, pool=pl == "on", gpu_sharing=gs,
+                           tune_gemms=tg, pool=pl == "on", gpu_sharing=gs,
                            progress=lambda line: print(line, flush=True), **resources)
         finally:
             if pl == "on":
                 compile_pool.down()
                 ray.shutdown()
-        runs.append({"workers": n, **resources, "precompile_threads": pre, "codegen_threads": kt,
+        runs.append({"workers": n, **resources, "precompile_threads": pre,
                      "tune_gemms": tg, "pool": pl, "gpu_sharing": gs,
                      "pool_start_s": pool_start_s, "cpu": cpu_sums(summary.rows),
                      "pool_reused": summary.pool_reused,
@@ -417,7 +411,7 @@ def main() -> int:
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
-                  f"threads: {run['precompile_threads']}, codegen threads {run['codegen_threads']}, "
+                  f"threads: {run['precompile_threads']}, "
                   f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}: "
                   f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
                   f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "

@@ -38,10 +38,7 @@ def child(spec: dict) -> dict:
     import torch._dynamo.utils as dynamo_utils
 
     import vllm_compile_ray as vcr
-    from vllm_compile_ray.thread_compile import use_codegen_threads
 
-    if spec.get("codegen_threads"):
-        use_codegen_threads(spec["codegen_threads"])
     inductor_dir, triton_dir = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]), Path(os.environ["TRITON_CACHE_DIR"])
     cfg = vcr.CompilationConfig.from_dict(spec["config"])
     device = spec["device"]
@@ -95,9 +92,6 @@ def main() -> None:
     p.add_argument("--options", default='{"max_autotune": true}', help="Inductor options (JSON)")
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script only")
-    p.add_argument("--codegen-threads", type=int, default=0,
-                   help="process A compiles its generated code's kernels on this many threads "
-                        "(thread_compile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -109,7 +103,6 @@ def main() -> None:
               "ship_autotune": not args.no_ship}
     for mode, on_miss in (("compile", "compile_and_publish"), ("load", "error")):
         spec = {"mode": mode, "num_layers": args.num_layers, "model": args.model, "device": args.device,
-                "codegen_threads": args.codegen_threads if mode == "compile" else 0,
                 "config": {**config, "on_miss": on_miss, "staging_dir": str(work / f"staging-{mode}")}}
         print(json.dumps(run(spec, work)), flush=True)
 

@@ -11,7 +11,7 @@ Several at once, as a warm run's compiles share GPUs (each plans, then all compi
 
     T=$(( $(date +%s) + 45 )); for dev in 0 0 0 0 0 0 0 0 0; do CUDA_VISIBLE_DEVICES=$dev \
         python benchmarks/profile_compile.py --shape 512 --max-autotune --threads 1 \
-        --codegen-threads 4 --warm-device --no-profile --gc freeze --start-at $T & done; wait
+        --warm-device --no-profile --gc freeze --start-at $T & done; wait
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from vllm_compile_ray.api import example_args, key_context
 from vllm_compile_ray.compiler_interface import make_compiler
 from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads, warm_device
 from vllm_compile_ray.plan import capture, plan_graph
-from vllm_compile_ray.thread_compile import use_codegen_threads
 
 
 def main() -> None:
@@ -52,8 +51,6 @@ def main() -> None:
     p.add_argument("--warm-pool", action="store_true",
                    help="start Inductor's compile pool (--threads processes) and wait until it "
                         "answers before compiling (a first compile does not wait for it)")
-    p.add_argument("--codegen-threads", type=int, default=0,
-                   help="compile the generated code's kernels on this many threads (thread_compile)")
     p.add_argument("--check", action="store_true",
                    help="run the compiled piece against the eager piece on the same inputs")
     p.add_argument("--gc", choices=("normal", "freeze", "off"), default="normal",
@@ -78,7 +75,6 @@ def main() -> None:
         if args.threads < 2:
             p.error("--warm-pool needs --threads 2 or more (a pool of that many processes)")
         wait_for_pool()
-    pool = use_codegen_threads(args.codegen_threads) if args.codegen_threads else None
     shape = args.shape if args.shape == "dynamic" else int(args.shape)
     options = {"max_autotune": True} if args.max_autotune else {}
     if args.coordesc:
@@ -122,8 +118,6 @@ def main() -> None:
           f"thread ran {cpu.get('run_s', 0):.2f} s and waited for a core {cpu.get('runq_s', 0):.2f} s")
     print(f"compile + first-call tuning {total:.2f} s; artifact {len(result.artifact) / 1e6:.2f} MB; "
           f"{result.info}")
-    if pool is not None:
-        print(f"codegen threads {pool.threads}: {pool.kernels} kernels compiled on them")
     if args.check:
         check(task, result.fn, args.device)
     print(dynamo_utils.compile_times(repr="str", aggregate=True))

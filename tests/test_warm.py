@@ -71,6 +71,24 @@ def test_tp8_preset_tasks_equal_unique_pieces_times_shapes() -> None:
     assert rank3.keys == plan.keys
 
 
+def test_a_plan_drafted_before_the_fingerprint_is_keyed_as_a_plan_made_with_it() -> None:
+    """warm counts the tasks (to size its slots) before a compile node has the fingerprint, then
+    keys the same pieces with it (`Plan.rekeyed`)."""
+    from vllm_compile_ray.api import key_context
+    from vllm_compile_ray.compiler_interface import make_compiler
+
+    config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 8))
+    model = models.build("llama-3-8b", 1, 0, device="meta", num_layers=3)
+    fingerprint = {"device_type": "cuda", "device_name": "NVIDIA H200"}
+    made = plan_model(model, config, device_type="cuda", fingerprint=fingerprint)
+    draft = plan_model(model, config, device_type="cuda", fingerprint={})
+    assert len(draft.tasks()) == len(made.tasks()) and draft.keys != made.keys
+    keyed = draft.rekeyed(key_context(config, make_compiler(config), "cuda", fingerprint))
+    assert keyed.keys == made.keys
+    assert [p.keys for p in keyed.pieces] == [p.keys for p in made.pieces]
+    assert keyed.key_context.fingerprint_id == made.key_context.fingerprint_id
+
+
 def test_tasks_run_longest_expected_first() -> None:
     """Pieces with more GEMMs first (their max-autotune compiles are the long ones at any size),
     each piece's sizes descending, its dynamic compile last."""
@@ -190,7 +208,21 @@ def test_infeasible_request_fails_fast_naming_the_resource(ray_local, tmp_path) 
         warm("llama-tiny", eager(str(tmp_path)), device_type="cpu", gpus_per_compile=4, progress=None)
     with pytest.raises(ClusterResourceError, match="1 compile_node"):
         warm("llama-tiny", eager(str(tmp_path)), resources={"compile_node": 1}, progress=None, **SLOT)
+    with pytest.raises(ClusterResourceError, match="has a GPU and {'compile_node': 1}"):
+        warm("llama-tiny", eager(str(tmp_path)), resources={"compile_node": 1}, progress=None)
     assert time.perf_counter() - start < 10
+
+
+def test_cuda_default_sizes_slots_from_the_cluster_and_the_plan(ray_local, tmp_path) -> None:
+    """No gpus_per_compile on cuda: one slot per CPU of the GPU node (2 CPUs, 2 fake GPUs: a
+    whole GPU each), said in a progress line. The compiles themselves fail here (no CUDA to
+    fingerprint on this machine): what is checked is the sizing and that the run ends."""
+    lines: list[str] = []
+    summary = warm("llama-tiny", eager(str(tmp_path)), fingerprint={"device_type": "cuda"},
+                   progress=lines.append)
+    assert "sizing: 2 compile slots on 1 GPU node(s): 2 CPUs, 2 GPUs -> 1 GPU and 1 CPU each" \
+        in lines, lines
+    assert summary.failed == summary.total > 2 and summary.max_concurrent <= 2
 
 
 @pytest.mark.parametrize("gpus, cpus, slots", [(4 / 33, 1, 32), (1 / 8, 1, 32), (0.25, 0.75, 16),

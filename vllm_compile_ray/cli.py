@@ -16,7 +16,6 @@ import click
 
 from .config import DEFAULT_POOL_IDLE_TIMEOUT_S, CompilationConfig
 from .errors import VcrError
-from .thread_compile import DEFAULT_THREADS as DEFAULT_CODEGEN_THREADS
 
 EXAMPLES = {
     "warm": "vcr warm --model llama-3-8b --tp 8 --sizes 1,2,4,8,16 --cache s3://bucket/vcr\n"
@@ -139,16 +138,14 @@ def slot_options(fn: Callable) -> Callable:
     """What one compile asks of Ray and how it compiles: `vcr warm` and `vcr pool up`."""
     for decorator in reversed([
         click.option("--gpus-per-compile", type=float, default=None,
-                     help="GPU fraction per compile task [default: 0.25 for cuda, 0 for cpu]"),
+                     help="GPU fraction per compile task [default: cpu 0; cuda sized from the "
+                          "cluster: one compile per CPU core of each GPU node, within its memory "
+                          "and the task count]"),
         click.option("--cpus-per-compile", type=float, default=1.0, show_default=True,
-                     help="CPUs per compile task; also Inductor's compile threads "
-                          "(on cuda --codegen-threads replaces them unless 0)"),
+                     help="CPUs per compile task; also Inductor's compile threads"),
         click.option("--resources", callback=_json_dict, default="",
                      help='extra Ray resources per compile task as JSON, e.g. {"H100": 0.25} to '
                           "pin one GPU type"),
-        click.option("--codegen-threads", type=click.IntRange(min=0), default=None,
-                     help="cuda: each compile compiles its generated code's kernels on this many "
-                          f"threads (0: off) [default: {DEFAULT_CODEGEN_THREADS}]"),
         click.option("--gpu-sharing", type=click.Choice(["time-slice", "mps"]),
                      default="time-slice", show_default=True,
                      help="how the compiles on one GPU share it: CUDA's time slices, or NVIDIA "
@@ -164,7 +161,9 @@ def slot_options(fn: Callable) -> Callable:
 @cli.command(epilog=_epilog("warm"))
 @model_options
 @slot_options
-@click.option("--max-in-flight", type=int, default=None, help="compile tasks in flight at once")
+@click.option("--max-in-flight", type=int, default=None,
+              help="compile tasks in flight at once [default: the sized compile slots; with "
+                   "--gpus-per-compile or --device cpu, twice the slots the cluster holds]")
 @click.option("--max-retries", type=int, default=3, show_default=True,
               help="Ray retries of a task whose worker died")
 @click.option("--compile-retries", type=int, default=1, show_default=True,
@@ -196,7 +195,7 @@ def warm(**opts: Any) -> None:
                       cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or None,
                       max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
-                      tune_gemms=opts["tune_gemms"], codegen_threads=opts["codegen_threads"],
+                      tune_gemms=opts["tune_gemms"],
                       pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
                       gpu_sharing=opts["gpu_sharing"],
                       progress=lambda line: click.echo(line, err=json_to_stdout))

@@ -19,8 +19,7 @@ from typing import Any
 
 import ray
 
-from . import (autotune_cache, cpu_time, gemm_tuning, gpu_sharing, heap, inductor, metrics,
-               thread_compile)
+from . import autotune_cache, cpu_time, gemm_tuning, gpu_sharing, heap, inductor, metrics
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -84,7 +83,6 @@ class TaskContext:
     fingerprint_id: str
     compile_retries: int = 1
     faults: Faults = field(default_factory=Faults)
-    codegen_threads: int = 0  # see `set_compile_threads`
     gpu_sharing: str = "time-slice"  # or "mps": see `gpu_sharing`
 
 
@@ -111,21 +109,8 @@ def _before_cuda(sharing: str) -> dict[str, Any]:
     return gpu_sharing.join(sharing)
 
 
-def set_compile_threads(cpus: float, device_type: str, codegen_threads: int = 0) -> None:
-    """Inductor's compile threads in this worker. codegen_threads > 0 on CUDA: the kernels of the
-    generated code compile on that many threads of this process (`thread_compile`), the rest as
-    with one compile thread; else the task's CPU count (more than one gives Inductor its own pool
-    of compile processes)."""
-    if codegen_threads and device_type == "cuda":
-        thread_compile.use_codegen_threads(codegen_threads)
-    else:
-        thread_compile.use_codegen_threads(0)
-        inductor.set_compile_threads(int(cpus))
-
-
 def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
-                 delay_s: float = 0.0, codegen_threads: int = 0,
-                 sharing: str = "time-slice") -> dict[str, Any]:
+                 delay_s: float = 0.0, sharing: str = "time-slice") -> dict[str, Any]:
     """Pay a compile worker's start-up while the driver plans: torch, Triton and Inductor
     imports, the torch fingerprint, Inductor's compile pool, this node's environment fingerprint
     for `device_type` and, on CUDA with `warm`, one tiny compile (`inductor.warm_device`: CUDA
@@ -161,7 +146,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
         except ImportError:
             pass
         inductor.torch_fingerprint()
-        set_compile_threads(cpus, device_type, codegen_threads)
+        inductor.set_compile_threads(int(cpus))  # more than one: Inductor's compile processes
         inductor.warm_compile_pool()
         step("imports")
     found = _local_fingerprint(device_type)  # after _before_cuda: it may start CUDA
@@ -282,7 +267,7 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
                           monitor: PerformanceMonitor) -> dict[str, Any]:
     if ctx.config.backend == "inductor":
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        set_compile_threads(cpus, ctx.device_type, ctx.codegen_threads)
+        inductor.set_compile_threads(int(cpus))
     manager = CompilerManager(ctx.config, make_compiler(ctx.config), ctx.store, ctx.device_type,
                               ctx.fingerprint_id, counter, monitor)
     errors = []
@@ -319,7 +304,7 @@ def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskConte
     if recorded is not None:  # an earlier attempt reported, then its worker died
         return recorded
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    set_compile_threads(cpus, ctx.device_type, ctx.codegen_threads)  # inductor backend only
+    inductor.set_compile_threads(int(cpus))  # inductor backend only
 
     def before() -> None:
         mismatch = _fingerprint_mismatch(ctx)  # timings of another GPU would mislead compiles

@@ -68,6 +68,18 @@ class Plan:
     def keys(self) -> list[str]:
         return [task.key for task in self.tasks()]
 
+    def rekeyed(self, key_context: KeyContext) -> Plan:
+        """The same pieces keyed with `key_context` (a fingerprint that came after planning)."""
+        keys: dict[int, dict[int | str, str]] = {}  # identical layers share one piece: key once
+        pieces = []
+        for p in self.pieces:
+            if id(p.piece) not in keys:
+                keys[id(p.piece)] = {shape: key_context.key(p.piece.code, p.piece.input_specs,
+                                                             shape) for shape in self.shapes}
+            pieces.append(PlannedPiece(p.submod_name, p.graph_id, p.piece, p.code_id,
+                                       keys[id(p.piece)]))
+        return Plan(self.split_gm, self.items, pieces, self.shapes, key_context)
+
     def summary(self) -> dict[str, Any]:
         return {"pieces": len(self.pieces), "splitting_pieces": sum(i.is_splitting_graph for i in self.items),
                 "unique_pieces": len({p.code_id for p in self.pieces}), "shapes": list(self.shapes),

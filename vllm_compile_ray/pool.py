@@ -9,7 +9,7 @@ them up for the next run. Each holds its compile resources (GPU fraction, CPUs) 
 exits after `idle_timeout_s` without work, or on `down`.
 
 Workers are named `vcr-compile-<spec>-<i>` in the `vllm_compile_ray` namespace, where <spec>
-hashes what they were started for (device type, backend, resources, codegen threads): a run with
+hashes what they were started for (device type, backend, resources, GPU sharing): a run with
 other settings gets workers of its own.
 """
 
@@ -52,7 +52,6 @@ class PoolSpec:
     gpus: float = 0.0
     cpus: float = 1.0
     resources: dict[str, float] = field(default_factory=dict)
-    codegen_threads: int = 0
     runtime_env: dict[str, Any] = field(default_factory=dict)
     gpu_sharing: str = "time-slice"  # or "mps" (`gpu_sharing`)
 
@@ -99,13 +98,10 @@ class CompileWorker:
                         "entered_at": time.time(), "finished_at": time.time()}
             if self.started is None:
                 out = start_worker(self.spec.backend, self.spec.cpus, self.spec.device_type,
-                                   warm=warm, delay_s=delay_s,
-                                   codegen_threads=self.spec.codegen_threads,
-                                   sharing=self.spec.gpu_sharing)
+                                   warm=warm, delay_s=delay_s, sharing=self.spec.gpu_sharing)
             else:  # started without its warm-up compile: add it
                 out = {**self.started, **start_worker(self.spec.backend, self.spec.cpus,
                                                       self.spec.device_type, warm=True,
-                                                      codegen_threads=self.spec.codegen_threads,
                                                       sharing=self.spec.gpu_sharing)}
             ctx = ray.get_runtime_context()
             out.update(node_id=ctx.get_node_id(),

@@ -7,10 +7,10 @@ and the stats snapshot. Bytes go from the compile tasks straight to the store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -34,9 +34,9 @@ from .hf import maybe_prepare
 from .inputs import ExampleInputs, example_call
 from .intake import ModelSpec
 from .plan import CompileTask, Plan, capture, plan_graph
+from .sizing import NodeResources, Sizing, fits, size_compiles
 from .stats import get_stats_actor
 from .store import ArtifactStore
-from .thread_compile import DEFAULT_THREADS as DEFAULT_CODEGEN_THREADS
 from .warm_summary import WarmSummary
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def cluster_capacity(request: _Request, nodes: list[dict[str, Any]] | None = Non
     nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
     needs = request.needs()
     have = [n.get("Resources", {}) for n in nodes]
-    capacity = sum(min((_fits(res.get(k, 0.0), v, k) for k, v in needs.items()), default=64)
+    capacity = sum(min((fits(res.get(k, 0.0), v, k) for k, v in needs.items()), default=64)
                    for res in have)
     if capacity:
         return capacity
@@ -77,14 +77,22 @@ def cluster_capacity(request: _Request, nodes: list[dict[str, Any]] | None = Non
         "gpus_per_compile / cpus_per_compile (gpus_per_compile=0 compiles on CPUs).")
 
 
-def _fits(have: float, need: float, resource: str) -> int:
-    """How many requests of `need` a node's `have` of `resource` holds, as Ray counts: in units
-    of 1/10000, and a GPU fraction below one must fit within one GPU (so 4 GPUs hold 32 tasks
-    of 4/33 GPU: 8 of 0.1212 on each; measured with fake GPUs)."""
-    units = max(1, round(need * 10000))
-    if resource == "GPU" and units < 10000:
-        return math.floor(have + 1e-9) * (10000 // units)
-    return round(have * 10000) // units
+def cluster_sizing(request: _Request, tasks: int | None = None,
+                   nodes: list[dict[str, Any]] | None = None) -> Sizing:
+    """`sizing.size_compiles` over the alive nodes that hold `request`'s other resources (its
+    `resources`); ClusterResourceError when none has a GPU."""
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    usable = [NodeResources.from_ray(n) for n in nodes if all(
+        n.get("Resources", {}).get(k, 0.0) >= v for k, v in request.resources.items())]
+    sizing = size_compiles(usable, tasks, cpus_per_compile=request.cpus)
+    if sizing is None:
+        extra = f" and {request.resources}" if request.resources else ""
+        raise ClusterResourceError(
+            f"no node of the Ray cluster can run a cuda compile task: none of its {len(nodes)} "
+            f"alive node(s) has a GPU{extra} (their resources: "
+            f"{[n.get('Resources', {}) for n in nodes]}). Add GPU nodes, or compile on CPUs "
+            "(device_type='cpu', or gpus_per_compile=0).")
+    return sizing
 
 
 def order_tasks(tasks: list[CompileTask]) -> list[CompileTask]:
@@ -117,24 +125,30 @@ def _connect(address: str | None, runtime_env: dict | None) -> bool:
     return True
 
 
-def _plan(model: str | ModelSpec, config: CompilationConfig, tp_size: int,
-          num_layers: int | None, device_type: str, fingerprint: dict[str, str] | None,
-          fp_ref: ray.ObjectRef | None) -> Plan:
-    """Capture on meta while a compile node computes the target fingerprint (`fp_ref`, a
-    `start_worker` task, when `fingerprint` is None), then key."""
+def _draft_plan(model: str | ModelSpec, config: CompilationConfig, tp_size: int,
+                num_layers: int | None, device_type: str,
+                fingerprint: dict[str, str] | None) -> Plan:
+    """Capture on meta, split and key; keyed for `fingerprint`, or for none yet when None (a
+    compile node is computing it: `_keyed` keys the plan again once it has come). Its tasks
+    are the run's, whatever the fingerprint."""
     spec = intake.build(model, tp_size=tp_size, device="meta", num_layers=num_layers) \
         if isinstance(model, str) else model
     module = maybe_prepare(spec.module)
     args, kwargs = example_call(module, spec.example_inputs, PLAN_TOKENS, model_device(module))
     gm = capture(module, args, kwargs, config.dynamic_dims)
-    if fingerprint is None:
-        try:
-            fingerprint = ray.get(fp_ref)["fingerprint"]
-        except ray.exceptions.RayError as exc:
-            raise VcrError(f"a compile node could not compute the environment fingerprint for "
-                           f"device_type={device_type!r}: {exc}") from exc
-    context = key_context(config, make_compiler(config), device_type, fingerprint)
+    context = key_context(config, make_compiler(config), device_type, fingerprint or {})
     return plan_graph(gm, config, context, device_type)
+
+
+def _keyed(draft: Plan, config: CompilationConfig, device_type: str,
+           fp_ref: ray.ObjectRef) -> Plan:
+    """`draft` keyed for the fingerprint that `fp_ref` (a `start_worker` task) computes."""
+    try:
+        fingerprint = ray.get(fp_ref)["fingerprint"]
+    except ray.exceptions.RayError as exc:
+        raise VcrError(f"a compile node could not compute the environment fingerprint for "
+                       f"device_type={device_type!r}: {exc}") from exc
+    return draft.rekeyed(key_context(config, make_compiler(config), device_type, fingerprint))
 
 
 def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, *,
@@ -145,8 +159,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
-         tune_gemms: bool | str = False, codegen_threads: int | None = None,
-         pool: bool = False, pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
+         tune_gemms: bool | str = False, pool: bool = False,
+         pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
          gpu_sharing: str = "time-slice",
          progress: Callable[[str], None] | None = print,
          example_inputs: ExampleInputs | None = None) -> WarmSummary:
@@ -157,9 +171,11 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     works as it is). example_inputs(num_tokens, device) makes a call of an nn.Module (default
     `inputs.default_example_inputs`).
     device_type: the compile target ("cuda", or "cpu" for CPU compiles and fake-GPU tests).
-    gpus_per_compile: GPU fraction per task (default 0.25 for cuda, 0 for cpu); several compiles
-    share a GPU. cpus_per_compile also sets Inductor's compile threads in the task (on CUDA
-    unless codegen_threads is 0: see below).
+    gpus_per_compile: GPU fraction per task; several compiles share a GPU. None: on cpu 0; on
+    cuda sized from the cluster and the plan (`sizing.size_compiles`: one compile per CPU core
+    of each GPU node, within its memory, no more than the tasks; measured fastest on one H200
+    host), and max_in_flight (None) follows. cpus_per_compile also sets Inductor's compile
+    threads in the task.
     max_retries: Ray retries of a task whose worker died; compile_retries: retries of a compile
     that raised. A compile running past `config.max_compile_time` is cancelled ("timed_out").
     address: a Ray cluster; None connects to RAY_ADDRESS or starts Ray in-process (and stops it).
@@ -174,22 +190,21 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     "alongside" (at the same time; a node's compiles wait for its tunes' timings, so one piece's
     GEMMs are benchmarked side by side; give it slots for tunes and compiles together). Both
     measured slower than none on 4×H200 (benchmarks/RESULTS.md).
-    codegen_threads: on CUDA, each compile compiles the kernels of its generated code on this many
-    threads of its process while codegen goes on (`thread_compile`), instead of following
-    cpus_per_compile; 0: off; None: 4 (measured on 4×H200: the longest compile 17.0 → 14.9 s).
     pool: compile in the cluster's standing pool of compile workers (`pool`: detached actors,
     one per compile slot, that keep their started process between runs), starting the ones it
     lacks and leaving them up for the next run until pool_idle_timeout_s without work or
     `vcr pool down`. A later run starts compiling without the workers' start-up; the pool holds
-    its GPU fractions and CPUs while it is up. With Ray started in-process it ends with it.
+    its GPU fractions and CPUs while it is up (sized from the cluster alone, not the tasks, as
+    `vcr pool up` sizes it). With Ray started in-process it ends with it.
     gpu_sharing: how the compiles on one GPU share it: "time-slice" (CUDA's default) or "mps"
     (through each node's NVIDIA MPS daemon, started if the node runs none: `gpu_sharing`).
     """
     config = config or CompilationConfig()
     if device_type not in ("cuda", "cpu"):
         raise ConfigError(f"device_type={device_type!r} is invalid: allowed 'cuda', 'cpu'")
+    sized = gpus_per_compile is None and device_type == "cuda"
     if gpus_per_compile is None:
-        gpus_per_compile = 0.25 if device_type == "cuda" else 0.0
+        gpus_per_compile = 0.0  # cuda: sized once connected
     if gpus_per_compile < 0 or cpus_per_compile < 0:
         raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
                           f"{cpus_per_compile!r} are invalid: must be >= 0")
@@ -199,11 +214,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         raise ConfigError(f"tune_gemms={tune_gemms!r} needs the inductor backend (GEMM autotuning "
                           f"is Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
                           "backend='inductor'")
-    if codegen_threads is None:
-        codegen_threads = DEFAULT_CODEGEN_THREADS
-    if isinstance(codegen_threads, bool) or not isinstance(codegen_threads, int) or codegen_threads < 0:
-        raise ConfigError(f"codegen_threads={codegen_threads!r} is invalid: an int >= 0 (0: off), "
-                          "or None for the default")
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
@@ -217,6 +227,11 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     store.check_access(write=True)  # a wrong bucket or credentials fail here, not in every task
     owned = _connect(address, runtime_env)
     try:
+        if sized:  # from the cluster now (the pool, the first worker), the tasks after capture
+            sizing = cluster_sizing(request)
+            request = dataclasses.replace(request, gpus=sizing.gpus_per_compile)
+            if pool:
+                say(sizing.describe())
         capacity = cluster_capacity(request)
         if "://" not in store.url or store.url.startswith("file://"):
             if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
@@ -236,11 +251,12 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
                 logger.warning("pool=True with Ray started in this process: the pool ends with "
                                "this call (give address= to keep it on a cluster)")
             spec = pool_spec(config, device_type, request.gpus, request.cpus, request.resources,
-                             codegen_threads, runtime_env, sharing)
+                             runtime_env, sharing)
+        resize = sized and not pool
         return _warm(model, name, config, store, tp_size, num_layers, device_type, request,
-                     max_in_flight or 2 * capacity, max_retries, compile_retries, fingerprint,
-                     faults or Faults(), say, workers, tune_mode, codegen_threads, sharing,
-                     spec, pool_idle_timeout_s)
+                     max_in_flight if resize else max_in_flight or 2 * capacity, max_retries,
+                     compile_retries, fingerprint, faults or Faults(), say, workers, tune_mode,
+                     sharing, spec, pool_idle_timeout_s, resize)
     finally:
         if owned:
             if sharing == "mps":
@@ -250,27 +266,30 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
 
 def pool_spec(config: CompilationConfig, device_type: str = "cuda",
               gpus_per_compile: float | None = None, cpus_per_compile: float = 1.0,
-              resources: dict[str, float] | None = None, codegen_threads: int | None = None,
-              runtime_env: dict | None = None,
+              resources: dict[str, float] | None = None, runtime_env: dict | None = None,
               gpu_sharing: str = "time-slice") -> compile_pool.PoolSpec:
     """The spec of the pool workers that `warm(pool=True)` with these arguments compiles in, to
-    start them ahead with `pool.up`."""
+    start them ahead with `pool.up`. gpus_per_compile None on cuda: sized from the connected
+    cluster, as `warm` sizes a pool."""
+    gpu_sharing_mode.check(gpu_sharing, device_type)  # before asking the cluster
     if gpus_per_compile is None:
-        gpus_per_compile = 0.25 if device_type == "cuda" else 0.0
-    threads = DEFAULT_CODEGEN_THREADS if codegen_threads is None else codegen_threads
+        gpus_per_compile = 0.0 if device_type != "cuda" else cluster_sizing(
+            _Request(0.0, float(cpus_per_compile), dict(resources or {}))).gpus_per_compile
     return compile_pool.PoolSpec(device_type, config.backend, float(gpus_per_compile),
-                                 float(cpus_per_compile), dict(resources or {}), threads,
+                                 float(cpus_per_compile), dict(resources or {}),
                                  dict(runtime_env or {}), gpu_sharing)
 
 
 def _warm(model: str | ModelSpec, name: str, config: CompilationConfig, store: ArtifactStore,
           tp_size: int, num_layers: int | None, device_type: str, request: _Request,
-          max_in_flight: int, max_retries: int, compile_retries: int,
+          max_in_flight: int | None, max_retries: int, compile_retries: int,
           fingerprint: dict[str, str] | None, faults: Faults,
-          say: Callable[[str], None], prestart: int, tune_mode: str | None,
-          codegen_threads: int, sharing: str,
+          say: Callable[[str], None], prestart: int, tune_mode: str | None, sharing: str,
           pool_spec: compile_pool.PoolSpec | None = None,
-          pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S) -> WarmSummary:
+          pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
+          resize: bool = False) -> WarmSummary:
+    """resize: size the slots again with the plan's task count (`cluster_sizing`) before
+    starting the workers; max_in_flight None then follows the slots."""
     run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     # Created now, its process starts while the driver plans: the first compile tasks would
@@ -280,18 +299,31 @@ def _warm(model: str | ModelSpec, name: str, config: CompilationConfig, store: A
     # first one's fingerprint keys the plan. They hold the compile slots, so each compile task
     # waits for a started worker to go idle and runs there (workers are reused: max_calls=0).
     # The first one reports as soon as it has the fingerprint, without the warm-up compile.
-    # With a pool, its workers (started now, or already up) play that part.
-    count = max(prestart, 1 if fingerprint is None else 0)
+    # With a pool, its workers (started now, or already up) play that part. When resizing, only
+    # that first one starts now; the rest once capture has counted the tasks (a worker keeps
+    # the GPU of its start-up, so the start-ups must already ask for the final fraction).
     starts_at = time.time()
     members = compile_pool.up(pool_spec, prestart, pool_idle_timeout_s, faults.startup_sleep_s) \
         if pool_spec else None
-    starts = [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
-        config.backend, request.cpus, device_type, warm=i > 0 or fingerprint is not None,
-        delay_s=faults.startup_sleep_s, codegen_threads=codegen_threads, sharing=sharing)
-        for i in range(0 if members else count)]
+
+    def start(count: int, first: bool) -> list[ray.ObjectRef]:
+        return [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
+            config.backend, request.cpus, device_type,
+            warm=not first or i > 0 or fingerprint is not None,
+            delay_s=faults.startup_sleep_s, sharing=sharing) for i in range(count)]
+
+    needed = 1 if fingerprint is None else 0
+    starts = [] if members else start(needed if resize else max(prestart, needed), first=True)
+    draft = _draft_plan(model, config, tp_size, num_layers, device_type, fingerprint)
+    if resize:
+        sizing = cluster_sizing(request, tasks=len(draft.tasks()))
+        request = dataclasses.replace(request, gpus=sizing.gpus_per_compile)
+        say(sizing.describe())
+        max_in_flight = max_in_flight or sizing.slots
+        wanted = min(max_in_flight, sizing.slots) if prestart else 0
+        starts += start(max(0, wanted - len(starts)), first=not starts)
     start_refs = [ref for _, ref in members] if members else starts
-    plan = _plan(model, config, tp_size, num_layers, device_type, fingerprint,
-                 start_refs[0] if start_refs else None)
+    plan = draft if fingerprint is not None else _keyed(draft, config, device_type, start_refs[0])
     fp_id = plan.key_context.fingerprint_id
     tasks = plan.tasks()
     present = store.contains_many([t.key for t in tasks])
@@ -307,7 +339,7 @@ def _warm(model: str | ModelSpec, name: str, config: CompilationConfig, store: A
             + ("first" if tune_mode == "ahead" else "alongside the compiles"))
 
     ctx = TaskContext(run_id, config, store, device_type, fp_id, compile_retries, faults,
-                      codegen_threads, sharing)
+                      sharing)
     rows: list[dict[str, Any]] = [{"name": t.name, "key": t.key, "code_id": t.code_id,
                                    "shape": str(t.shape), "status": "cached", "seconds": 0.0}
                                   for t in tasks if present[t.key]]
