@@ -100,6 +100,41 @@ def test_report_table_and_round_trip() -> None:
     assert push_report(reports[0]) is False  # no Ray in this process: nothing to push to
 
 
+def test_kernel_work_counts_what_startup_compiles_and_tunes() -> None:
+    """The names `inductor.kernel_work` counts are Inductor's (a moved timer fails here); the
+    GPU-only events are recorded through the same timer and counter Inductor uses. Triton is
+    not on the CPU image: its listener is checked on its own. (A real C++ build is counted in
+    test_tp2_ranks_pull_inductor_artifacts.)"""
+    import inspect
+
+    from torch._dynamo.utils import counters, dynamo_timed
+    from torch._inductor import cpp_builder
+    from torch._inductor.runtime import triton_heuristics
+
+    from vllm_compile_ray import inductor
+
+    for name in inductor._AUTOTUNE_TIMERS:
+        assert f'"{name}"' in inspect.getsource(triton_heuristics), name
+    for name in inductor._KERNEL_BUILD_TIMERS:
+        assert f'dynamo_timed("{name}")' in inspect.getsource(cpp_builder), name
+    from torch._inductor import codecache
+    assert codecache._precompile_header.cache_info  # a functools.cache: its misses are counted
+    with inductor.kernel_work() as work:
+        for name in inductor._AUTOTUNE_TIMERS:
+            with dynamo_timed(name):
+                pass
+        counters["inductor"]["select_algorithm_autotune"] += 1  # a GEMM autotune
+    assert work == {"kernel_compiles": 0, "autotunes": 3}
+    with inductor.kernel_work() as nothing:
+        pass
+    assert nothing == {"kernel_compiles": 0, "autotunes": 0}
+    seen = []
+    listener = inductor._TritonCompiles(lambda **kw: seen.append(kw["cache_hit"]))
+    listener(src=None, cache_hit=True)
+    listener(src=None, cache_hit=False)
+    assert listener.count == 1 and seen == [True, False]  # misses counted, the one before called
+
+
 # ------------------------------------------------------------------- in-process, moto S3 cache
 
 
@@ -238,7 +273,10 @@ def test_crashed_download_is_never_taken_for_a_valid_file(tmp_path: Path) -> Non
 # ------------------------------------------------------------------- real 2-rank TP over gloo
 
 
-def _tp_rank(rank: int, world: int, cfg_json: str, num_layers: int, out_dir: str) -> None:
+def _tp_rank(rank: int, world: int, cfg_json: str, num_layers: int, out_dir: str,
+             fresh_cache_rank: int = -1) -> None:
+    if rank == fresh_cache_rank:  # an Inductor cache without the kernels the fill built
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(out_dir, f"inductor-{rank}")
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank,
                             world_size=world)
     try:
@@ -256,8 +294,10 @@ def _tp_rank(rank: int, world: int, cfg_json: str, num_layers: int, out_dir: str
         dist.destroy_process_group()
 
 
-def _run_tp(cfg: vcr.CompilationConfig, num_layers: int, tmp_path: Path, keys: list[str]) -> None:
-    mp.spawn(_tp_rank, args=(2, cfg.to_json(), num_layers, str(tmp_path)), nprocs=2)
+def _run_tp(cfg: vcr.CompilationConfig, num_layers: int, tmp_path: Path, keys: list[str],
+            fresh_cache_rank: int = -1) -> list[dict]:
+    mp.spawn(_tp_rank, args=(2, cfg.to_json(), num_layers, str(tmp_path), fresh_cache_rank),
+             nprocs=2)
     ref = vcr.models.build("llama-tiny", num_layers=num_layers)  # tp=1 equals the TP run
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank, res in enumerate(results):
@@ -274,6 +314,7 @@ def _run_tp(cfg: vcr.CompilationConfig, num_layers: int, tmp_path: Path, keys: l
     # One node, one staging dir: each artifact downloaded once, the other rank found it staged.
     assert sum(r["report"]["downloaded"] for r in results) == len(keys)
     assert sum(r["report"]["staged"] for r in results) == len(keys)
+    return [r["report"] for r in results]
 
 
 def test_tp2_ranks_pull_from_s3_and_compile_nothing(tmp_path: Path, s3_bucket: str,
@@ -281,7 +322,8 @@ def test_tp2_ranks_pull_from_s3_and_compile_nothing(tmp_path: Path, s3_bucket: s
     cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "node-stage", compile_sizes=[4],
                     on_miss="error", **EAGER)
     keys = fill(cfg.replace(staging_dir=str(tmp_path / "warm-stage")), num_layers=2)
-    _run_tp(cfg, 2, tmp_path, keys)
+    reports = _run_tp(cfg, 2, tmp_path, keys)
+    assert [(r["kernel_compiles"], r["autotunes"]) for r in reports] == [(0, 0), (0, 0)]
 
 
 @pytest.mark.inductor
@@ -293,7 +335,12 @@ def test_tp2_ranks_pull_inductor_artifacts(tmp_path: Path, s3_bucket: str,
                     on_miss="error")
     keys = fill(cfg.replace(staging_dir=str(tmp_path / "warm-stage")), num_layers=1)
     assert len(keys) == 4  # 2 pieces x (dynamic, 4)
-    _run_tp(cfg, 1, tmp_path, keys)
+    reports = _run_tp(cfg, 1, tmp_path, keys, fresh_cache_rank=1)
+    # CPU artifacts carry C++ source, not the built kernels: rank 0 finds them in the Inductor
+    # cache the fill built them in, rank 1 (a cache of its own, as on another node) builds them
+    # again at startup, and its report counts it. Nothing autotunes on CPU.
+    assert reports[0]["kernel_compiles"] == 0 and reports[1]["kernel_compiles"] > 0, reports
+    assert reports[0]["autotunes"] == reports[1]["autotunes"] == 0
 
 
 # ------------------------------------------------------------------------------ real Ray

@@ -392,3 +392,79 @@ def autotune_failures() -> Iterator[dict[str, Any]]:
         out["autotune_failed"] = failures.count - before
         if out["autotune_failed"]:
             out["autotune_error"] = failures.last
+
+
+# What loaded artifacts still compile or tune when they run (a complete artifact does neither):
+# the names of Inductor's phase timers for one C++ compiler run (cpp_builder.py) and for a Triton
+# kernel's autotuning at its first call (runtime/triton_heuristics.py), checked on torch 2.11 and
+# 2.13, and Triton's compile listener (`triton.knobs.compilation.listener`, Triton >= 3.4: called
+# by every `triton.compile`, with cache_hit=False when it compiled). A process's first C++ kernel
+# load also preprocesses the precompiled header once (codecache.py `_precompile_header`, a
+# functools.cache: its misses), kernels built or not: not a kernel compile. tests/test_load.py
+# fails when these move.
+_KERNEL_BUILD_TIMERS = ("compile_file",)
+_AUTOTUNE_TIMERS = ("CachingAutotuner.benchmark_all_configs",
+                    "CachingAutotuner.coordinate_descent_tuning")
+
+
+class _TritonCompiles:
+    """Counts the Triton compiles of this process that missed Triton's cache; calls the listener
+    installed before it."""
+
+    def __init__(self, before: Callable | None) -> None:
+        self.before, self.count = before, 0
+
+    def __call__(self, **kwargs: Any) -> None:
+        if not kwargs.get("cache_hit", False):
+            self.count += 1
+        if self.before is not None:
+            self.before(**kwargs)
+
+
+@functools.cache
+def _triton_compiles() -> _TritonCompiles | None:
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton (a CPU build), or one older than 3.4
+        return None
+    compilation = getattr(knobs, "compilation", None)
+    if compilation is None or not hasattr(compilation, "listener"):
+        return None
+    listener = _TritonCompiles(compilation.listener)
+    compilation.listener = listener
+    return listener
+
+
+def _header_preprocessings() -> int:
+    from torch._inductor import codecache
+
+    info = getattr(codecache._precompile_header, "cache_info", None)
+    return info().misses if info is not None else 0
+
+
+@contextmanager
+def kernel_work() -> Iterator[dict[str, int]]:
+    """Kernel compiles and autotunes in this process inside the block, filled when it ends:
+    "kernel_compiles" (Triton compiles that missed Triton's cache, C++ kernel builds) and
+    "autotunes" (Triton kernels benchmarked over their configs, coordinate descent runs, GEMM
+    autotunes). Work in Inductor's compile subprocesses is not seen (compile_threads > 1)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    def timed(names: tuple[str, ...]) -> int:
+        return sum(len(compilation_time_metrics.get(name, ())) for name in names)
+
+    def builds() -> int:  # C++ compiler runs, less the precompiled header's preprocessing
+        return timed(_KERNEL_BUILD_TIMERS) - _header_preprocessings()
+
+    triton = _triton_compiles()
+    built, tunes = builds(), timed(_AUTOTUNE_TIMERS)
+    gemms = counters["inductor"]["select_algorithm_autotune"]
+    compiled = triton.count if triton else 0
+    out: dict[str, int] = {}
+    try:
+        yield out
+    finally:
+        out["kernel_compiles"] = (builds() - built
+                                  + ((triton.count if triton else 0) - compiled))
+        out["autotunes"] = (timed(_AUTOTUNE_TIMERS) - tunes
+                            + counters["inductor"]["select_algorithm_autotune"] - gemms)

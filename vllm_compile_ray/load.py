@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import inductor
 from . import keys as keys_mod
 from .api import CompiledModel, compile as compile_model, model_device, open_store
 from .hf import maybe_prepare
@@ -78,6 +79,10 @@ class StartupReport:
     misses: int = 0
     compiles: int = 0
     eager_fallbacks: int = 0  # piece calls that ran eagerly during startup
+    # Kernels compiled (Triton compiles missing Triton's cache, C++ builds) and kernels autotuned
+    # in this process during startup: 0 when every artifact was complete (`inductor.kernel_work`)
+    kernel_compiles: int = 0
+    autotunes: int = 0
     rejected: int = 0  # artifacts found but refused (corrupt, foreign fingerprint)
     downloaded: int = 0  # artifacts this rank downloaded
     staged: int = 0  # artifacts already staged on this node (by another rank or an earlier start)
@@ -119,7 +124,8 @@ class StartupReport:
 _COLUMNS = (("rank", "{:d}"), ("trace_s", "{:.3f}"), ("key_s", "{:.3f}"), ("fetch_s", "{:.3f}"),
             ("load_s", "{:.3f}"), ("compile_s", "{:.3f}"), ("first_call_s", "{:.3f}"),
             ("total_s", "{:.3f}"), ("tasks", "{:d}"), ("hits", "{:d}"), ("misses", "{:d}"),
-            ("compiles", "{:d}"), ("eager_fallbacks", "{:d}"), ("downloaded", "{:d}"),
+            ("compiles", "{:d}"), ("eager_fallbacks", "{:d}"), ("kernel_compiles", "{:d}"),
+            ("autotunes", "{:d}"), ("downloaded", "{:d}"),
             ("staged", "{:d}"), ("bytes_loaded", "{:d}"))
 
 
@@ -266,26 +272,27 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     setup_done = time.perf_counter()
 
     trace_size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
-    try:
-        args, kwargs = inputs(trace_size)
-        compiled(*args, **kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as exc:
-        if isinstance(exc.inner_exception, VcrError):  # CacheMissError, CompileError, StoreError
-            raise exc.inner_exception from None
-        raise
-    first_done = time.perf_counter()
-    if backend.entered is None or backend.resolved is None:
-        raise RuntimeError("dynamo did not call the backend: the model was already compiled "
-                           "by this torch.compile cache; load() needs a fresh trace")
-    warm_sizes = [trace_size]
-    first_call_s = first_done - backend.resolved
-    if warmup:
-        for size in warmup_sizes(config, backend, trace_size):
-            t = time.perf_counter()
-            args, kwargs = inputs(size)
+    with inductor.kernel_work() as kernels:
+        try:
+            args, kwargs = inputs(trace_size)
             compiled(*args, **kwargs)
-            first_call_s += time.perf_counter() - t
-            warm_sizes.append(size)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            if isinstance(exc.inner_exception, VcrError):  # CacheMissError, CompileError, ...
+                raise exc.inner_exception from None
+            raise
+        first_done = time.perf_counter()
+        if backend.entered is None or backend.resolved is None:
+            raise RuntimeError("dynamo did not call the backend: the model was already compiled "
+                               "by this torch.compile cache; load() needs a fresh trace")
+        warm_sizes = [trace_size]
+        first_call_s = first_done - backend.resolved
+        if warmup:
+            for size in warmup_sizes(config, backend, trace_size):
+                t = time.perf_counter()
+                args, kwargs = inputs(size)
+                compiled(*args, **kwargs)
+                first_call_s += time.perf_counter() - t
+                warm_sizes.append(size)
 
     def spent(name: str) -> float:
         return sum(monitor.samples.get(name, [])[samples_before.get(name, 0):])
@@ -301,6 +308,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
         hits=delta.get("num_cache_hits", 0), misses=delta.get("num_cache_misses", 0),
         compiles=delta.get("num_backend_compilations", 0),
         eager_fallbacks=delta.get("num_fallback_eager_calls", 0),
+        kernel_compiles=kernels["kernel_compiles"], autotunes=kernels["autotunes"],
         rejected=delta.get("num_artifacts_rejected", 0), downloaded=staging.stats.downloaded,
         staged=staging.stats.staged, bytes_loaded=delta.get("bytes_loaded", 0),
         bytes_downloaded=staging.stats.bytes_downloaded, manifest_keys=len(manifest_rows),
