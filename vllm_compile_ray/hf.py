@@ -15,6 +15,7 @@ or custom masks, bidirectional attention, dropout in training, encoder-decoder m
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -31,11 +32,10 @@ SUPPORTED = ("causal attention", "grouped-query/multi-query heads", "a scale",
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # transformers is optional for models of one's own
-        return False
-    return isinstance(model, PreTrainedModel)
+    """True for a transformers PreTrainedModel. Never imports transformers (optional, and slow
+    to import): a model built by it means it is already imported."""
+    module = sys.modules.get("transformers")
+    return module is not None and isinstance(model, module.PreTrainedModel)
 
 
 def register() -> None:

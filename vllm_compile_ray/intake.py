@@ -73,8 +73,12 @@ def check(spec: str) -> None:
 
 def _resolve(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # `vcr`, `python jobs/...`: the
-        sys.path.append(os.getcwd())  # user's package in the working dir must import too
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:  # the working dir was removed under us: nothing to import from
+        cwd = ""
+    if cwd and cwd not in sys.path and "" not in sys.path:  # `vcr`, `python jobs/...`: the
+        sys.path.append(cwd)  # user's package in the working dir must import too
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
