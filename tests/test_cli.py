@@ -15,6 +15,7 @@ from vllm_compile_ray.config import CompilationConfig
 from vllm_compile_ray.warm_summary import WarmSummary
 
 TINY = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu", "--backend", "eager"]
+TINY_INDUCTOR = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu"]
 
 
 def vcr(capsys, *argv: str) -> tuple[int, str, str]:
@@ -226,3 +227,41 @@ def test_a_checkpoint_directory_plans_and_loads_with_its_weights(capsys, tmp_pat
         header, row = out.strip().splitlines()[-2:]
         report = dict(zip(header.split(), row.split()))
         assert code == 0 and int(report["compiles"]) == compiles, out
+
+
+def test_warm_summary_says_which_artifacts_a_rank_would_finish_compiling() -> None:
+    rows = [{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0,
+             "check_kernel_compiles": 0, "check_autotunes": 0},
+            {"name": "compile[a/8]", "status": "compiled", "seconds": 2.0,
+             "check_kernel_compiles": 3, "check_autotunes": 5}]
+    summary = WarmSummary("m", 1, "fp", total=2, compiled=2, cached=0, failed=0, timed_out=0,
+                          wall_s=2.0, plan_s=0.5, task_s_sum=3.0, total_s=3.0, rows=rows)
+    line = next(x for x in summary.format().splitlines() if x.startswith("complete artifacts"))
+    assert line.startswith("complete artifacts: 1 of 2 checked")
+    assert "1 need 3 kernel compiles, 5 autotunes" in line and "compile[a/8]" in line
+    summary.rows = rows[:1]
+    assert "complete artifacts: 1 of 1 checked" in summary.format()
+    summary.rows = [{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0}]  # CPU: none
+    assert "complete artifacts" not in summary.format()
+
+
+def test_max_autotune_leaves_out_what_cannot_ship(monkeypatch) -> None:
+    """--max-autotune adds coordinate descent only where its results load complete; asked for
+    explicitly where they do not, the compiler refuses it instead of shipping artifacts that
+    every rank re-tunes."""
+    from vllm_compile_ray import inductor
+    from vllm_compile_ray.compiler_interface import make_compiler
+    from vllm_compile_ray.errors import ConfigError
+
+    argv = [*TINY_INDUCTOR, "--max-autotune", "--cache", "/tmp/unused"]
+    for ships in (True, False):
+        monkeypatch.setattr(inductor, "COORDINATE_DESCENT_SHIPS", ships)
+        config = cli.make_config(cli.load.make_context("load", list(argv)).params)
+        assert config.inductor_compile_config.get("max_autotune") is True
+        assert config.inductor_compile_config.get("coordinate_descent_tuning", False) is ships
+        make_compiler(config)  # what the CLI builds compiles
+    explicit = CompilationConfig(backend="inductor", compile_sizes=[8], inductor_compile_config={
+        "max_autotune": True, "coordinate_descent_tuning": True})
+    with pytest.raises(ConfigError, match="coordinate_descent_tuning on torch .*ship_autotune"):
+        make_compiler(explicit)
+    make_compiler(CompilationConfig(**{**explicit.to_dict(), "ship_autotune": False}))

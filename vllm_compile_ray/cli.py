@@ -89,7 +89,8 @@ def model_options(fn: Callable) -> Callable:
         click.option("--inductor-config", callback=_json_dict, default="",
                      help='Inductor options as JSON, e.g. {"max_autotune": true}'),
         click.option("--max-autotune", is_flag=True,
-                     help="shorthand for max_autotune + coordinate_descent_tuning"),
+                     help="shorthand for max_autotune (+ coordinate_descent_tuning on torch >= 2.12, where "
+                          "its results ship in the artifacts)"),
         click.option("--max-compile-time", type=float, default=600.0, show_default=True,
                      help="seconds per compile"),
         click.option("--staging-dir", default="", help="node-local staging directory"),
@@ -101,7 +102,11 @@ def model_options(fn: Callable) -> Callable:
 def make_config(opts: dict[str, Any], **extra: Any) -> CompilationConfig:
     inductor_config = dict(opts["inductor_config"])
     if opts["max_autotune"]:
-        inductor_config.update(max_autotune=True, coordinate_descent_tuning=True)
+        from . import inductor
+
+        inductor_config.update(max_autotune=True)
+        if inductor.COORDINATE_DESCENT_SHIPS:  # where its results load complete
+            inductor_config.update(coordinate_descent_tuning=True)
     return CompilationConfig(
         backend=opts["backend"], use_inductor=opts["backend"] == "inductor",
         compile_sizes=opts["sizes"], compile_dynamic=not opts["no_dynamic"],

@@ -147,6 +147,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
             pass
         inductor.torch_fingerprint()
         inductor.set_compile_threads(int(cpus))  # more than one: Inductor's compile processes
+        inductor.quiet_autotune_logs()
         inductor.warm_compile_pool()
         step("imports")
     found = _local_fingerprint(device_type)  # after _before_cuda: it may start CUDA
@@ -268,6 +269,7 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
     if ctx.config.backend == "inductor":
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         inductor.set_compile_threads(int(cpus))
+        inductor.quiet_autotune_logs()
     manager = CompilerManager(ctx.config, make_compiler(ctx.config), ctx.store, ctx.device_type,
                               ctx.fingerprint_id, counter, monitor)
     errors = []
@@ -286,6 +288,7 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
                 "published": counter.num_artifacts_saved > saved_before,
                 "compile_attempts": len(errors) + 1, "torch": meta["torch"],
                 "tune_s": float(meta.get("tune_seconds", 0.0)),
+                **{k: meta[k] for k in ("check_kernel_compiles", "check_autotunes") if k in meta},
                 "publish_s": round(monitor.stats("publish")["total"], 4),
                 "error": "; ".join(errors)}
     return {"status": "failed", "compile_attempts": len(errors), "error": errors[-1]}

@@ -11,11 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from . import inductor
 from .canonical import InputSpec
 from .config import CompilationConfig
+from .errors import ConfigError
 from .keys import digest
 from .passes import PostGradPassManager
 
@@ -99,7 +101,9 @@ class InductorStandaloneAdaptor(CompilerInterface):
 
     On CUDA (with `config.ship_autotune`) each fresh artifact runs once on zero inputs so Triton's
     runtime autotuning happens in the compile task, and its results travel inside the artifact:
-    a loader's first call then runs the tuned kernels instead of benchmarking every config.
+    a loader's first call then runs the tuned kernels instead of benchmarking every config. The
+    task then loads what it publishes in a fresh cache and runs it once, counting the kernel
+    compiles and autotunes that first call needed (`inductor.check_complete`; 0 when complete).
     """
 
     name = "inductor_standalone"
@@ -112,6 +116,14 @@ class InductorStandaloneAdaptor(CompilerInterface):
         # values (max_autotune, ...) travel inside its `config_patches`.
         patches: dict[str, Any] = dict(config.inductor_compile_config)
         patches.update(patches.pop("config_patches", None) or {})
+        if (self.ship_autotune and patches.get("coordinate_descent_tuning")
+                and not inductor.COORDINATE_DESCENT_SHIPS):
+            raise ConfigError(
+                f"coordinate_descent_tuning on torch {torch.__version__} makes artifacts every "
+                "rank re-tunes and re-compiles at its first call (torch < 2.12 drops configs "
+                "found by coordinate descent when it loads an artifact): leave it off (the CLI's "
+                "--max-autotune does on this torch), or set ship_autotune=False to accept "
+                "tuning at first call")
         self.pass_manager = pass_manager
         if pass_manager:
             patches["post_grad_custom_post_pass"] = pass_manager
@@ -146,6 +158,9 @@ class InductorStandaloneAdaptor(CompilerInterface):
             result.artifact = pack_tuned(data, tuning)
             result.info = {"tuned_kernels": kernels,
                            "tune_seconds": round(time.perf_counter() - start, 4)}
+            start = time.perf_counter()
+            result.info.update(inductor.check_complete(data, tuning, inputs))
+            result.info["check_seconds"] = round(time.perf_counter() - start, 4)
         return result
 
     def load(self, artifact, graph, shape, device) -> Callable:

@@ -88,6 +88,24 @@ def environment_fingerprint(device_type: str) -> dict[str, str]:
     return {**torch_fingerprint(), **device_fingerprint(device_type)}
 
 
+# torch 2.11 restores a bundled kernel's tuned config only among the configs the bundle compiled
+# and drops the ones coordinate descent found (`recheck_autotune_cache`): a loader re-runs
+# coordinate descent and compiles its kernels at the first call (measured: 139 tunings, 79 Triton
+# compiles, llama-3-8b x 33 artifacts). torch 2.12 compiles the tuned config instead.
+COORDINATE_DESCENT_SHIPS = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 12)
+
+
+def quiet_autotune_logs() -> None:
+    """No per-GEMM autotune tables on stderr (a warm job's log would be mostly them); the
+    choices and timings stay in Inductor's debug logs."""
+    from torch._inductor import config as inductor_config
+
+    for name, value in (("autotune_num_choices_displayed", 0),
+                        ("max_autotune_report_choices_stats", False)):
+        if hasattr(inductor_config, name):
+            setattr(inductor_config, name, value)
+
+
 def set_compile_threads(threads: int) -> None:
     """Inductor's parallel compile workers for this process (a Ray task sets it from its CPUs).
 
@@ -288,6 +306,21 @@ def tune_once(fn: Callable, inputs: Sequence[Any]) -> tuple[bytes, int]:
     return data, len(getattr(info, "autotune_artifacts", ()))
 
 
+def check_complete(data: bytes, tuning: bytes, inputs: Sequence[Any]) -> dict[str, int]:
+    """Load artifact bytes (with their tuning) as a rank on a new node would, in a fresh Inductor
+    and Triton cache, and run them once on `inputs`: the kernel compiles and autotunes that
+    first call needed ("check_kernel_compiles", "check_autotunes"; both 0 for a complete one)."""
+    from torch._inductor.utils import fresh_cache
+
+    with fresh_cache(), kernel_work() as work:
+        fn = load_artifact(data, tuning)
+        with torch.no_grad():
+            fn(*inputs)
+        torch.cuda.synchronize()
+    return {"check_kernel_compiles": work["kernel_compiles"],
+            "check_autotunes": work["autotunes"]}
+
+
 def load_tuning(data: bytes) -> int:
     """Put autotune results from `tune_once` into this process's Inductor cache, where kernels
     loaded afterwards find them; returns how many kernels they cover."""
@@ -447,8 +480,10 @@ def kernel_work() -> Iterator[dict[str, int]]:
     """Kernel compiles and autotunes in this process inside the block, filled when it ends:
     "kernel_compiles" (Triton compiles that missed Triton's cache, C++ kernel builds) and
     "autotunes" (Triton kernels benchmarked over their configs, coordinate descent runs, GEMM
-    autotunes). Work in Inductor's compile subprocesses is not seen (compile_threads > 1)."""
+    autotunes). Kernels compile in this process inside the block (compile_threads=1), where
+    they are seen: Inductor's compile subprocesses would hide them."""
     from torch._dynamo.utils import compilation_time_metrics, counters
+    from torch._inductor import config as inductor_config
 
     def timed(names: tuple[str, ...]) -> int:
         return sum(len(compilation_time_metrics.get(name, ())) for name in names)
@@ -462,7 +497,8 @@ def kernel_work() -> Iterator[dict[str, int]]:
     compiled = triton.count if triton else 0
     out: dict[str, int] = {}
     try:
-        yield out
+        with inductor_config.patch(compile_threads=1):
+            yield out
     finally:
         out["kernel_compiles"] = (builds() - built
                                   + ((triton.count if triton else 0) - compiled))

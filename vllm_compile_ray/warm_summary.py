@@ -79,6 +79,18 @@ class WarmSummary:
             lines.append(f"GEMM tuning: {self.tuned} tuned, {self.tune_failed} failed, "
                          f"{self.tune_s_sum:.1f}s; compiles benchmarked {self.gemm_benchmarked} "
                          "GEMMs themselves")
+        checked = [r for r in self.rows if "check_kernel_compiles" in r]
+        if checked:
+            incomplete = [r for r in checked
+                          if r["check_kernel_compiles"] or r.get("check_autotunes")]
+            line = (f"complete artifacts: {len(checked) - len(incomplete)} of {len(checked)} "
+                    "checked load and run with no kernel compile or autotune")
+            if incomplete:
+                compiles = sum(r["check_kernel_compiles"] for r in incomplete)
+                tunes = sum(r.get("check_autotunes", 0) for r in incomplete)
+                line += (f"; {len(incomplete)} need {compiles} kernel compiles, {tunes} autotunes "
+                         f"at a rank's first call (e.g. {incomplete[0]['name']})")
+            lines.append(line)
         failed_choices = [r for r in self.rows if r.get("autotune_failed")]
         if failed_choices:
             lines.append(f"autotune: {sum(r['autotune_failed'] for r in failed_choices)} GEMM "

@@ -1,8 +1,9 @@
 """Deterministic weights from a seed, for models without a checkpoint (tests, benchmarks).
 
-Each parallel weight is generated FULL (float32, CPU, its own seeded generator keyed by its name)
-and sliced for the model's rank with the same `load_param` a checkpoint goes through, so ranks
-0..tp-1 together equal the tp=1 model. A full tensor exists for one parameter at a time: fine for
+Each parallel weight is generated FULL (float32, its own seeded generator keyed by its name, on
+the parameter's GPU when it has one: on CPU an 8B model takes over a minute) and sliced for the
+model's rank with the same `load_param` a checkpoint goes through, so ranks 0..tp-1 together
+equal the tp=1 model (on one device type). A full tensor exists for one parameter at a time: fine for
 small models; for a big preset with tp_size > 1 the largest (the embedding, 4 GB float32 for
 Llama-3-70B) bounds peak memory.
 """
@@ -35,8 +36,10 @@ def init_weights(model: nn.Module, seed: int) -> None:
         layouts = getattr(mod, "layouts", {})
         for pname, param in mod.named_parameters(recurse=False):
             layout = layouts.get(pname)
-            g = torch.Generator().manual_seed(param_seed(seed, f"{mod_name}.{pname}"))
-            full = torch.empty(full_shape(param, layout)).normal_(0.0, INIT_STD, generator=g)
+            device = param.device if param.device.type == "cuda" else torch.device("cpu")
+            g = torch.Generator(device).manual_seed(param_seed(seed, f"{mod_name}.{pname}"))
+            full = torch.empty(full_shape(param, layout), device=device)
+            full.normal_(0.0, INIT_STD, generator=g)
             load_param(param, full, layout)
     init_buffers(model)
 
