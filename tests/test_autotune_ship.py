@@ -104,8 +104,24 @@ def test_failed_tuning_ships_the_artifact_untuned(monkeypatch: pytest.MonkeyPatc
     result = adaptor.compile(None, [], 4, "cuda")
     assert result.artifact == b"standalone-bytes" and result.guard == (4, 4)
     assert result.info == {"tune_error": "RuntimeError: CUDA out of memory"}
-    monkeypatch.setattr(inductor, "tune_once", lambda fn, inputs: (b"tuning", 3))
+    monkeypatch.setattr(inductor, "tune_once", lambda data, inputs: (b"tuning", 3))
+    checked = []
+
+    def check(data, tuning, inputs):
+        checked.append((data, tuning))
+        return {"check_kernel_compiles": 0, "check_autotunes": 1}
+
+    monkeypatch.setattr(inductor, "check_complete", check)
     tuned = adaptor.compile(None, [], 4, "cuda")
     assert unpack_tuned(tuned.artifact) == (b"standalone-bytes", b"tuning")
     assert tuned.info["tuned_kernels"] == 3
+    assert checked == [(b"standalone-bytes", b"tuning")]  # what is published, as published
+    assert tuned.info["check_kernel_compiles"] == 0 and tuned.info["check_autotunes"] == 1
+
+    def broken(data, tuning, inputs):
+        raise RuntimeError("cannot load")
+
+    monkeypatch.setattr(inductor, "check_complete", broken)
+    noted = adaptor.compile(None, [], 4, "cuda").info
+    assert noted["check_error"] == "RuntimeError: cannot load" and noted["tuned_kernels"] == 3
     assert adaptor.compile(None, [], 4, "cpu").info == {}  # no runtime autotuning on CPU

@@ -149,7 +149,7 @@ class InductorStandaloneAdaptor(CompilerInterface):
                     size = max(guard[0], self.dynamic_tune_size)
                     size = size if guard[1] is None else min(size, guard[1])
                     inputs = inductor.example_tensors(input_specs, size, device)
-                tuning, kernels = inductor.tune_once(fn, inputs)
+                tuning, kernels = inductor.tune_once(data, inputs)
             except Exception as exc:  # the artifact is good without them: loaders tune instead
                 logger.warning("runtime autotuning of a %s artifact failed, shipping it "
                                "untuned: %s: %s", shape, type(exc).__name__, exc)
@@ -158,10 +158,22 @@ class InductorStandaloneAdaptor(CompilerInterface):
             result.artifact = pack_tuned(data, tuning)
             result.info = {"tuned_kernels": kernels,
                            "tune_seconds": round(time.perf_counter() - start, 4)}
-            start = time.perf_counter()
-            result.info.update(inductor.check_complete(data, tuning, inputs))
-            result.info["check_seconds"] = round(time.perf_counter() - start, 4)
+            result.info.update(self._check(data, tuning, inputs, shape))
         return result
+
+    @staticmethod
+    def _check(data: bytes, tuning: bytes, inputs: Sequence[Any], shape: int | str
+               ) -> dict[str, Any]:
+        """First-call kernel work of the artifact as a rank on a new node loads it."""
+        start = time.perf_counter()
+        try:
+            found: dict[str, Any] = inductor.check_complete(data, tuning, inputs)
+        except Exception as exc:  # noted with the artifact; a loader meets the same
+            logger.warning("checking a %s artifact in a fresh cache failed: %s: %s", shape,
+                           type(exc).__name__, exc)
+            return {"check_error": f"{type(exc).__name__}: {exc}"[:500]}
+        found["check_seconds"] = round(time.perf_counter() - start, 4)
+        return found
 
     def load(self, artifact, graph, shape, device) -> Callable:
         """Load for `device`; on CUDA the artifact runs on that GPU whichever index it was

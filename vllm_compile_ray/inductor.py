@@ -284,22 +284,28 @@ def compile_dynamic(gm: fx.GraphModule, specs: Sequence[InputSpec], device: str,
     return artifact, _artifact_bytes(artifact) if save else b"", (lo, hi)
 
 
-def tune_once(fn: Callable, inputs: Sequence[Any]) -> tuple[bytes, int]:
-    """Run a freshly compiled CUDA artifact once so Triton's runtime autotuning (pointwise and
-    reduction configs, coordinate descent) happens now; return its results as Mega-Cache bytes
+def tune_once(data: bytes, inputs: Sequence[Any]) -> tuple[bytes, int]:
+    """Load artifact bytes in a fresh Inductor and Triton cache, as a rank on a new node would,
+    and run them once so Triton's runtime autotuning (pointwise and reduction configs,
+    coordinate descent) happens now for every kernel; return the results as Mega-Cache bytes
     and how many kernels they cover ((b"", 0) when nothing was tuned).
 
     Inductor keeps these results beside the kernel sources (`<kernel>.best_config`), outside the
-    standalone artifact, so a loader without them autotunes again at its first call.
+    standalone artifact, so a loader without them autotunes again at its first call. Running
+    the freshly compiled callable instead misses kernels this worker already tuned for an
+    earlier task (their results are found, not made, so nothing records them).
     """
+    from torch._inductor.utils import fresh_cache
     from torch.compiler._cache import CacheArtifactManager
 
     device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
-    with CacheArtifactManager.with_fresh_cache():
-        with torch.no_grad():
-            fn(*inputs)
-        torch.cuda.synchronize(device)  # the inputs' GPU (None: current), no other
-        saved = torch.compiler.save_cache_artifacts()
+    with fresh_cache():
+        fn = _load_binary(data)
+        with CacheArtifactManager.with_fresh_cache():
+            with torch.no_grad():
+                fn(*inputs)
+            torch.cuda.synchronize(device)  # the inputs' GPU (None: current), no other
+            saved = torch.compiler.save_cache_artifacts()
     if not saved:
         return b"", 0
     data, info = saved

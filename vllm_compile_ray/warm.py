@@ -121,7 +121,10 @@ def _connect(address: str | None, runtime_env: dict | None) -> bool:
     # being throttled"). Measured on a 64-core host, 32 start-ups, one run each: the last ended
     # 12.9 s into the compile phase with the default, 10.4 s with this.
     os.environ.setdefault("RAY_max_pending_lease_requests_per_scheduling_category", "256")
-    ray.init(address=address, runtime_env=runtime_env)
+    # Workers' stdout/stderr (Inductor's and Triton's warnings, per compile) stay in Ray's logs
+    # and the dashboard: the terminal gets the progress lines and the summary, whose rows carry
+    # every task's error.
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     return True
 
 
