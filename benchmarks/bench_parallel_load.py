@@ -57,7 +57,8 @@ def child(args: argparse.Namespace) -> dict:
             for t in tasks:
                 size = 8 if t.shape == "dynamic" else int(t.shape)
                 torch.manual_seed(0)
-                inputs = [x.normal_() if x.is_floating_point() else x
+                inputs = [x.normal_() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                          else x
                           for x in inductor.example_tensors(t.piece.input_specs, size, "cuda")]
                 out = loaded[t.key](*inputs)
                 outs = out if isinstance(out, (list, tuple)) else [out]
