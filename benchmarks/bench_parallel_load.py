@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from vllm_compile_ray import CompilationConfig, inductor, models, plan_model
+    from vllm_compile_ray import CompilationConfig, inductor, inductor_metrics, models, plan_model
     from vllm_compile_ray.api import open_store
     from vllm_compile_ray.compiler_interface import make_compiler
 
@@ -44,7 +44,7 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.cuda.init()
     start = time.perf_counter()
-    with inductor.kernel_work() as work:
+    with inductor_metrics.kernel_work() as work:
         if args.child == 1:
             loaded = dict(map(load, tasks))
         else:

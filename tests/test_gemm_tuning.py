@@ -140,10 +140,10 @@ def test_failed_autotune_choices_are_counted_not_logged() -> None:
 
     from torch._inductor import select_algorithm
 
-    from vllm_compile_ray import inductor
+    from vllm_compile_ray import inductor_metrics
 
-    assert f'"{inductor.AUTOTUNE_FAILURE_MSG}"' in inspect.getsource(select_algorithm)
-    assert select_algorithm.log.name == inductor.AUTOTUNE_FAILURE_LOGGER
+    assert f'"{inductor_metrics.AUTOTUNE_FAILURE_MSG}"' in inspect.getsource(select_algorithm)
+    assert select_algorithm.log.name == inductor_metrics.AUTOTUNE_FAILURE_LOGGER
     error = RuntimeError("No valid triton configs. OutOfResources: out of resource: shared memory"
                          "\nsecond line")
     records: list[logging.LogRecord] = []
@@ -153,12 +153,12 @@ def test_failed_autotune_choices_are_counted_not_logged() -> None:
     level = select_algorithm.log.level
     select_algorithm.log.setLevel(logging.INFO)
     try:
-        with inductor.autotune_failures() as failed:
+        with inductor_metrics.autotune_failures() as failed:
             for choice in ("triton_mm_1", "triton_mm_2"):
-                select_algorithm.log.exception(inductor.AUTOTUNE_FAILURE_MSG, error, choice,
+                select_algorithm.log.exception(inductor_metrics.AUTOTUNE_FAILURE_MSG, error, choice,
                                                exc_info=error)
             select_algorithm.log.info("Precompiling benchmark choice %s took %.02fs", "mm", 0.1)
-        with inductor.autotune_failures() as none:
+        with inductor_metrics.autotune_failures() as none:
             pass
     finally:
         select_algorithm.log.removeHandler(handler)

@@ -101,7 +101,7 @@ def test_report_table_and_round_trip() -> None:
 
 
 def test_kernel_work_counts_what_startup_compiles_and_tunes() -> None:
-    """The names `inductor.kernel_work` counts are Inductor's (a moved timer fails here); the
+    """The names `inductor_metrics.kernel_work` counts are Inductor's (a moved timer fails here); the
     GPU-only events are recorded through the same timer and counter Inductor uses. Triton is
     not on the CPU image: its listener is checked on its own. (A real C++ build is counted in
     test_tp2_ranks_pull_inductor_artifacts.)"""
@@ -111,18 +111,18 @@ def test_kernel_work_counts_what_startup_compiles_and_tunes() -> None:
     from torch._inductor import cpp_builder
     from torch._inductor.runtime import triton_heuristics
 
-    from vllm_compile_ray import inductor
+    from vllm_compile_ray import inductor_metrics
 
-    for name in inductor._AUTOTUNE_TIMERS:
+    for name in inductor_metrics._AUTOTUNE_TIMERS:
         assert f'"{name}"' in inspect.getsource(triton_heuristics), name
     from torch._inductor import select_algorithm
-    assert f'f"{{name}}{inductor._GEMM_AUTOTUNE_TIMER_SUFFIX}"' in inspect.getsource(select_algorithm)
-    for name in inductor._KERNEL_BUILD_TIMERS:
+    assert f'f"{{name}}{inductor_metrics._GEMM_AUTOTUNE_TIMER_SUFFIX}"' in inspect.getsource(select_algorithm)
+    for name in inductor_metrics._KERNEL_BUILD_TIMERS:
         assert f'dynamo_timed("{name}")' in inspect.getsource(cpp_builder), name
     from torch._inductor import codecache
     assert codecache._precompile_header.cache_info  # a functools.cache: its misses are counted
-    with inductor.kernel_work() as work:
-        for name in inductor._AUTOTUNE_TIMERS:
+    with inductor_metrics.kernel_work() as work:
+        for name in inductor_metrics._AUTOTUNE_TIMERS:
             with dynamo_timed(name):
                 pass
         with dynamo_timed("mm_template_autotuning"):  # a GEMM autotune
@@ -130,11 +130,11 @@ def test_kernel_work_counts_what_startup_compiles_and_tunes() -> None:
         # a cache hit replays the counters of its compile: not work done here
         counters["inductor"]["select_algorithm_autotune"] += 63
     assert work == {"kernel_compiles": 0, "autotunes": 3}
-    with inductor.kernel_work() as nothing:
+    with inductor_metrics.kernel_work() as nothing:
         pass
     assert nothing == {"kernel_compiles": 0, "autotunes": 0}
     seen = []
-    listener = inductor._TritonCompiles(lambda **kw: seen.append(kw["cache_hit"]))
+    listener = inductor_metrics._TritonCompiles(lambda **kw: seen.append(kw["cache_hit"]))
     listener(src=None, cache_hit=True)
     listener(src=None, cache_hit=False)
     assert listener.count == 1 and seen == [True, False]  # misses counted, the one before called

@@ -19,7 +19,8 @@ from typing import Any
 
 import ray
 
-from . import autotune_cache, cpu_time, gemm_tuning, gpu_sharing, heap, inductor, metrics
+from . import (autotune_cache, cpu_time, gemm_tuning, gpu_sharing, heap, inductor,
+               inductor_metrics, metrics)
 from .canonical import CanonicalPiece
 from .compiler_interface import make_compiler
 from .config import CompilationConfig
@@ -241,8 +242,8 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
             row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
             benchmarked = autotune_cache.gemm_benchmarks()
             looked = autotune_cache.gemm_lookup_seconds()
-        with (inductor.phase_times() as phases, heap.collections() as collected,
-              cpu_time.measure() as cpu, inductor.autotune_failures() as autotune):
+        with (inductor_metrics.phase_times() as phases, heap.collections() as collected,
+              cpu_time.measure() as cpu, inductor_metrics.autotune_failures() as autotune):
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
         row["phases"] = phases
         row.update(autotune)  # autotune_failed, autotune_error: choices skipped, not tracebacks

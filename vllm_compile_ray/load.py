@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import inductor
+from . import inductor_metrics
 from . import keys as keys_mod
 from .api import CompiledModel, compile as compile_model, model_device, open_store
 from .hf import maybe_prepare
@@ -80,7 +80,8 @@ class StartupReport:
     compiles: int = 0
     eager_fallbacks: int = 0  # piece calls that ran eagerly during startup
     # Kernels compiled (Triton compiles missing Triton's cache, C++ builds) and kernels autotuned
-    # in this process during startup: 0 when every artifact was complete (`inductor.kernel_work`)
+    # in this process during startup: 0 when every artifact was complete
+    # (`inductor_metrics.kernel_work`)
     kernel_compiles: int = 0
     autotunes: int = 0
     rejected: int = 0  # artifacts found but refused (corrupt, foreign fingerprint)
@@ -272,7 +273,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     setup_done = time.perf_counter()
 
     trace_size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
-    with inductor.kernel_work() as kernels:
+    with inductor_metrics.kernel_work() as kernels:
         try:
             args, kwargs = inputs(trace_size)
             compiled(*args, **kwargs)
