@@ -1,4 +1,4 @@
-"""The artifact object format and key/path validation.
+"""The artifact object format (key and path checks: `artifact_keys`).
 
 One stored object = MAGIC | u32 header length | JSON header {key, sha256, size, meta[, signature]}
 | payload, so the checksum (and signature) is published atomically with the data.
@@ -8,38 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .artifact_keys import KEY_RE, check_key, check_relpath  # noqa: F401 (re-exported)
 from .errors import ArtifactCorruptError
 
-if TYPE_CHECKING:  # signing imports this module (check_key); only the types are needed here
+if TYPE_CHECKING:  # only the types: the format calls a signer/verifier it is given
     from .signing import Signer, Verifier
 
 MAGIC = b"VCRA1\n"
 _LEN = struct.Struct(">I")
 _MAX_HEADER = 1 << 20
-KEY_RE = re.compile(r"[0-9a-f]{64}")
-_RELPATH_RE = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
-
-
-def check_key(key: str) -> str:
-    """Return `key` if it is a lowercase hex sha256 string; raise ValueError naming it otherwise."""
-    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
-        raise ValueError(f"invalid artifact key {key!r}: expected 64 lowercase hex characters")
-    return key
-
-
-def check_relpath(relpath: str) -> str:
-    """Return `relpath` if it stays under the root: [A-Za-z0-9._/-], no '..', not absolute."""
-    ok = isinstance(relpath, str) and _RELPATH_RE.fullmatch(relpath)
-    parts = relpath.split("/") if ok else []
-    if not ok or parts[0] == "artifacts" or any(p in (".", "..") for p in parts):
-        raise ValueError(f"invalid relative path {relpath!r}: use [A-Za-z0-9._-] segments "
-                         "joined by '/', no '.', '..', leading '/' or 'artifacts/'")
-    return relpath
 
 
 @dataclass(frozen=True)

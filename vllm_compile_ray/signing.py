@@ -29,8 +29,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .errors import ArtifactCorruptError, ArtifactSignatureError, ConfigError
+from .artifact_keys import check_key
 from .keys import canonical_json
-from .artifact import check_key
 
 SCHEMES = ("hmac-sha256", "ed25519")
 MIN_HMAC_KEY_BYTES = 32
