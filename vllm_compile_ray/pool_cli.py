@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 
-from .cli import _epilog, _table, slot_options
+from .cli_options import epilog, slot_options, table
 from .config import CompilationConfig
 
 
-@click.group(epilog=_epilog("pool"))
+@click.group(epilog=epilog("pool"))
 def pool() -> None:
     """The standing pool of compile workers that `vcr warm --pool` starts and reuses."""
 
@@ -38,7 +38,7 @@ def _connected(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-@pool.command("up", epilog=_epilog("pool"))
+@pool.command("up", epilog=epilog("pool"))
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="compile target")
 @click.option("--backend", type=click.Choice(["inductor", "eager"]), default="inductor",
@@ -66,7 +66,7 @@ def pool_up(address: str | None, workers: int | None, timeout: float, **opts: An
         refs = [ref for _, ref in compile_pool.up(spec, size, opts["pool_idle_timeout"])]
         done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         rows = compile_pool.status()
-    click.echo(_table([r for r in rows if r["name"].startswith(compile_pool.PREFIX + spec.tag)],
+    click.echo(table([r for r in rows if r["name"].startswith(compile_pool.PREFIX + spec.tag)],
                       ["name", "pid", "started", "served", "idle_timeout_s"]))
     click.echo(f"{len(done)} of {size} compile workers started"
                + (f"; {len(pending)} still starting after {timeout:g}s" if pending else ""))
@@ -85,7 +85,7 @@ def pool_status(address: str | None) -> None:
         return
     for row in rows:
         row["node"] = row.pop("node_id", "")[:8]
-    click.echo(_table(rows, ["name", "pid", "node", "started", "busy", "served", "idle_s",
+    click.echo(table(rows, ["name", "pid", "node", "started", "busy", "served", "idle_s",
                              "idle_timeout_s", "error"]))
 
 
