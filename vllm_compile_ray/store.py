@@ -7,27 +7,23 @@ header with key/sha256/size/meta, payload) so the checksum is published atomical
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-from fsspec.asyn import sync
-from fsspec.registry import known_implementations, registry
-from fsspec.utils import get_protocol
-
-from .errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, StoreError
 from .artifact import (MAGIC, Artifact, check_key, check_relpath, decode_artifact,  # noqa: F401
                        encode_artifact, KEY_RE as _KEY_RE)
+from .errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, StoreError
+from .local_files import link_new, replace_file
 from .s3_options import check_s3_options as _check_s3_options
 from .store_errors import translate, translate_errors
+from .store_fs import S3_PROTOCOLS as _S3
+from .store_fs import filesystem_class, gather, open_filesystem
 
 if TYPE_CHECKING:  # only the types; the store never signs or verifies itself
     from .signing import Signer, Verifier
@@ -35,9 +31,6 @@ if TYPE_CHECKING:  # only the types; the store never signs or verifies itself
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".vcra"
-_COMMON_PROTOCOLS = "s3, gs/gcs, az/abfs, file (or a plain absolute path), memory"
-_S3 = ("s3", "s3a")
-_CONCURRENCY = 32
 # memory:// lives in this process only, so one lock makes its check-then-write publish exact.
 _MEMORY_LOCK = threading.Lock()
 # aiohttp starts its read timeout only once a request body is written, and botocore sends PUTs
@@ -45,23 +38,6 @@ _MEMORY_LOCK = threading.Lock()
 # publish forever (tests/test_faults.py). Writes on async backends therefore get an overall
 # deadline (fsspec `sync(timeout=)`): 4 x timeout_s plus the body at this many bytes/s.
 _MIN_WRITE_RATE = 1 << 20
-
-
-def _filesystem_class(url: str) -> tuple[str, type]:
-    """Resolve the protocol of `url`; ConfigError for unknown protocols or missing packages."""
-    if "::" in url:
-        raise ConfigError(f"store url {url!r}: chained URLs are not supported (the store does its "
-                          "own verified local staging); give a single protocol")
-    protocol = get_protocol(url)
-    if protocol not in known_implementations and protocol not in registry:
-        raise ConfigError(f"store url {url!r}: unknown protocol {protocol!r}; "
-                          f"common ones are {_COMMON_PROTOCOLS}")
-    try:
-        return protocol, fsspec.get_filesystem_class(protocol)
-    except ImportError as e:
-        hint = known_implementations.get(protocol, {}).get("err") or str(e)
-        raise ConfigError(f"store url {url!r}: protocol {protocol!r} needs an optional "
-                          f"package: {hint}") from e
 
 
 class ArtifactStore:
@@ -84,7 +60,7 @@ class ArtifactStore:
         self.timeout_s = float(timeout_s)
         self.signer = signer
         self.verifier = verifier
-        self._protocol, cls = _filesystem_class(url)
+        self._protocol, cls = filesystem_class(url)
         if self._protocol in _S3:
             _check_s3_options(url, self.storage_options)
         self._root = cls._strip_protocol(url).rstrip("/")
@@ -112,19 +88,7 @@ class ArtifactStore:
             return self._fs_obj
 
     def _make_fs(self) -> Any:
-        opts = dict(self.storage_options)
-        if self._protocol not in _S3:
-            return fsspec.filesystem(self._protocol, **opts)
-        cfg = dict(opts.get("config_kwargs") or {})
-        cfg.setdefault("connect_timeout", 5)
-        cfg.setdefault("read_timeout", self.timeout_s)
-        cfg.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
-        opts["config_kwargs"] = cfg
-        # Own instance: s3fs's outer retry loop (5 tries on top of botocore's) would multiply a
-        # frozen server's read timeout; botocore's retries above are the only ones we want.
-        fs = fsspec.filesystem(self._protocol, skip_instance_cache=True, **opts)
-        fs.retries = 1
-        return fs
+        return open_filesystem(self._protocol, self.storage_options, self.timeout_s)
 
     def _path(self, key: str) -> str:
         return f"{self._root}/artifacts/{key[:2]}/{key}{_SUFFIX}"
@@ -137,19 +101,7 @@ class ArtifactStore:
 
     def _gather(self, fn: Callable[[str], Any], afn_name: str, paths: list[str]) -> list[Any]:
         """Run one call per path concurrently (async backends) or in turn; exceptions returned."""
-        fs = self._fs
-        if not getattr(fs, "async_impl", False):
-            return [_call(fn, p) for p in paths]
-        afn = getattr(fs, afn_name)
-
-        async def run() -> list[Any]:
-            sem = asyncio.Semaphore(_CONCURRENCY)
-
-            async def one(p: str) -> Any:
-                async with sem:
-                    return await afn(p)
-            return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
-        return sync(fs.loop, run)
+        return gather(self._fs, fn, afn_name, paths)
 
     # ---- access ----
     def check_access(self, write: bool = True) -> None:
@@ -234,7 +186,7 @@ class ArtifactStore:
         """Write `blob` at `path` unless something is there; never overwrite."""
         fs = self._fs
         if self._protocol == "file":
-            return _link_new(path, blob)
+            return link_new(path, blob)
         if self._protocol == "memory":
             with _MEMORY_LOCK:
                 if fs.exists(path):
@@ -333,7 +285,7 @@ class ArtifactStore:
             if not self._create(path, data):
                 raise FileExistsError(f"{path} exists and overwrite=False")
         elif self._protocol == "file":
-            _replace(path, data, fsync=True)
+            replace_file(path, data, fsync=True)
         else:  # one PUT on object stores: atomic
             self._fs.pipe_file(path, data, **self._write_deadline(len(data)))
 
@@ -366,51 +318,5 @@ class ArtifactStore:
 
     def _stage(self, key: str, blob: bytes) -> None:
         with translate_errors(self.staging_dir, "stage", key):
-            _replace(self._staged_path(key), blob, fsync=False)
+            replace_file(self._staged_path(key), blob, fsync=False)
 
-
-def _call(fn: Callable[[str], Any], arg: str) -> Any:
-    """fn(arg), or the exception it raised (for the caller to re-raise or map)."""
-    try:
-        return fn(arg)
-    except Exception as e:
-        return e
-
-
-def _tmp_write(path: str, data: bytes, fsync: bool) -> str:
-    """Write `data` to a fresh temp file next to `path`; return the temp file's name."""
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _replace(path: str, data: bytes, fsync: bool) -> None:
-    """Atomically replace `path` (readers see the old or the new file, never a partial one)."""
-    tmp = _tmp_write(path, data, fsync)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _link_new(path: str, data: bytes) -> bool:
-    """Create `path` with `data` atomically unless it exists (a hard link never replaces)."""
-    tmp = _tmp_write(path, data, fsync=True)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
