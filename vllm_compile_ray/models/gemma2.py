@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from vllm_compile_ray.models.config import ArchInfo, ModelConfig, TPShapes
-from vllm_compile_ray.models.layers import RMSNorm, RotaryEmbedding
+from vllm_compile_ray.models.layers import RMSNorm, RotaryEmbedding, input_norm
 from vllm_compile_ray.models.llama import (LlamaAttention, LlamaForCausalLM, LlamaModel,
                                            make_mlp)
 
@@ -28,10 +28,7 @@ class Gemma2DecoderLayer(nn.Module):
 
     def forward(self, positions: Tensor, x: Tensor, residual: Tensor | None
                 ) -> tuple[Tensor, Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = input_norm(self.input_layernorm, x, residual)
         x = self.post_attention_layernorm(self.self_attn(positions, x))
         x, residual = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual
@@ -47,13 +44,8 @@ class Gemma2Model(LlamaModel):
         self.normalizer = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype,
                                        device="cpu").item()
 
-    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        x = self.embed_tokens(input_ids) * self.normalizer  # [T, H]
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
-        return x
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids) * self.normalizer  # [T, H]
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):

@@ -175,6 +175,14 @@ class RMSNorm(nn.Module):
         return y if residual is None else (y, residual)
 
 
+def input_norm(norm: RMSNorm, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A decoder layer's first norm -> (y, residual): the first layer has no residual yet (it
+    starts as x), every later one adds the previous layer's output to it (fused add+norm)."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style rope from a [max_pos, D] cos|sin cache indexed by positions (a buffer, so no
     device is ever named inside forward)."""

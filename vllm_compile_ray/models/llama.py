@@ -21,7 +21,7 @@ from vllm_compile_ray.models import ops
 from vllm_compile_ray.models.config import ArchInfo, ModelConfig, TPShapes
 from vllm_compile_ray.models.layers import (ACTIVATIONS, ColumnParallelLinear, Part, RMSNorm,
                                             RotaryEmbedding, RowParallelLinear,
-                                            VocabParallelEmbedding)
+                                            VocabParallelEmbedding, input_norm)
 from vllm_compile_ray.models.moe import SparseMoeBlock
 
 
@@ -95,10 +95,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: Tensor, x: Tensor, residual: Tensor | None
                 ) -> tuple[Tensor, Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = input_norm(self.input_layernorm, x, residual)
         x = self.self_attn(positions, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
@@ -121,8 +118,11 @@ class LlamaModel(nn.Module):
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, self.norm_offset)
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids)  # [T, H]
+
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        x = self.embed_tokens(input_ids)  # [T, H]
+        x = self.embed(input_ids)  # [T, H]
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
