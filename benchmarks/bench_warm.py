@@ -31,7 +31,8 @@ import torch
 from vllm_compile_ray import CompilationConfig, heap, models
 from vllm_compile_ray.api import example_args, key_context, open_store
 from vllm_compile_ray.compiler_interface import make_compiler
-from vllm_compile_ray.inductor import environment_fingerprint, phase_times, set_compile_threads
+from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads
+from vllm_compile_ray.inductor_metrics import phase_times
 from vllm_compile_ray.manager import CompilerManager
 from vllm_compile_ray.plan import capture, plan_graph
 from vllm_compile_ray.stats import cpu_sums, get_stats_actor, top_phases
