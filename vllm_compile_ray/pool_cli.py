@@ -54,15 +54,15 @@ def pool_up(address: str | None, workers: int | None, timeout: float, **opts: An
     import ray
 
     from . import pool as compile_pool
-    from .warm import _Request, cluster_capacity, pool_spec
+    from .warm_cluster import TaskRequest, cluster_capacity, pool_spec
 
     config = CompilationConfig(backend=opts["backend"], use_inductor=opts["backend"] == "inductor")
     with _connected(address):  # first: a cuda pool is sized from the cluster
         spec = pool_spec(config, opts["device"], opts["gpus_per_compile"],
                          opts["cpus_per_compile"], opts["resources"],
                          gpu_sharing=opts["gpu_sharing"])
-        size = min(workers or 1 << 30, cluster_capacity(_Request(spec.gpus, spec.cpus,
-                                                                 spec.resources)))
+        size = min(workers or 1 << 30, cluster_capacity(TaskRequest(spec.gpus, spec.cpus,
+                                                                    spec.resources)))
         refs = [ref for _, ref in compile_pool.up(spec, size, opts["pool_idle_timeout"])]
         done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         rows = compile_pool.status()
