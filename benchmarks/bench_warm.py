@@ -13,12 +13,12 @@ in-process Ray (or --address), once per --workers entry. Two ratios per Ray run:
 Prints one JSON line per run and the ratios, how busy the CPUs and GPUs were in each compile
 phase (`utilization.py`), and where the task seconds went: Inductor's phase timers summed over
 the tasks, serial against each Ray run (a phase that grows under Ray is where it loses).
+What it reports is made in `warm_report.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,12 +35,13 @@ from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threa
 from vllm_compile_ray.inductor_metrics import phase_times
 from vllm_compile_ray.manager import CompilerManager
 from vllm_compile_ray.plan import capture, plan_graph
-from vllm_compile_ray.stats import cpu_sums, get_stats_actor, top_phases
+from vllm_compile_ray.stats import get_stats_actor, top_phases
 from vllm_compile_ray import pool as compile_pool
 from vllm_compile_ray.sizing import gpu_fraction
 from vllm_compile_ray.warm import _connect, order_tasks, pool_spec, warm
 
 from utilization import Sampler
+from warm_report import ALL, print_results, run_row
 
 
 def per_run(text: str, runs: int, flag: str, allowed: str, ok: Callable[[str], bool]) -> list[str]:
@@ -137,117 +138,6 @@ def serial(config: CompilationConfig, args: argparse.Namespace
             top_phases(rows, top=ALL), started_at)
 
 
-ALL = 1 << 30
-
-
-def ray_phases(summary) -> dict[str, float]:
-    """Inductor phase seconds (and runtime tuning, publishing, the collector) summed over a Ray
-    run's compiles."""
-    return top_phases([{"phases": {**r.get("phases", {}), "tune_s": r.get("tune_s", 0.0),
-                                   "publish_s": r.get("publish_s", 0.0),
-                                   "gc_s": r.get("gc_s", 0.0)}}
-                       for r in summary.rows if r.get("status") == "compiled"], top=ALL)
-
-
-def print_phases(serial_phases: dict[str, float], runs: list[dict], top: int = 24) -> None:
-    """Phase seconds summed over the tasks: serial, then each Ray run with its ratio to serial."""
-    names = sorted(set(serial_phases) | {n for r in runs for n in r["phases"]},
-                   key=lambda n: -max([serial_phases.get(n, 0.0)] +
-                                      [r["phases"].get(n, 0.0) for r in runs]))[:top]
-    print(f"{'phase (s summed over tasks)':58} {'serial':>8} " +
-          " ".join(f"{_label(r):>16}" for r in runs))
-    for name in names:
-        base = serial_phases.get(name, 0.0)
-        cells = []
-        for r in runs:
-            value = r["phases"].get(name, 0.0)
-            cells.append(f"{value:8.1f} ({value / base:4.2f}x)" if base else f"{value:8.1f}       ")
-        print(f"{name[:58]:58} {base:8.1f} " + " ".join(f"{c:>16}" for c in cells))
-
-
-def _label(run: dict) -> str:
-    return f"ray {run['workers']}" + ("" if run["tune_gemms"] == "off" else f" {run['tune_gemms']}")
-
-
-def overhead(summary) -> dict[str, float]:
-    """Where the compile phase's wall time goes besides compiling, from the task rows: Ray's lag
-    to the first task, per task the time before compiling (CUDA start, fingerprint, stats actor)
-    and after (publish, checksum, report), and the phase's tail after the last task ended."""
-    rows = [r for r in summary.rows if r.get("entered_at")]
-    if not rows:
-        return {}
-    pre = [r["started_at"] - r["entered_at"] for r in rows]
-    post = [r["wall_s"] - r["seconds"] for r in rows]
-    end = summary.phase_started_at + summary.wall_s
-    return {"first_task_lag_s": round(min(r["entered_at"] for r in rows) - summary.phase_started_at, 3),
-            "pre_mean_s": round(sum(pre) / len(pre), 3), "pre_max_s": round(max(pre), 3),
-            "post_mean_s": round(sum(post) / len(post), 3), "post_max_s": round(max(post), 3),
-            "tail_s": round(end - max(r["finished_at"] for r in rows), 3),
-            "longest_task_ends_at_s": round(max(r["finished_at"] for r in rows
-                                                if r["seconds"] == max(x["seconds"] for x in rows))
-                                            - summary.phase_started_at, 3)}
-
-
-_KEY_PHASES = ("GraphLowering.run", "Scheduler.__init__", "PythonWrapperCodegen.generate",
-               "async_compile.precompile")
-
-
-def critical_tasks(summary, top: int = 6) -> list[str]:
-    """One line per task that ended last or ran longest: when it started and ended in the
-    compile phase, its GEMM waits and selections, and Inductor's main phases."""
-    t0 = summary.phase_started_at
-    rows = [r for r in summary.rows if r.get("status") == "compiled"]
-    last = sorted(rows, key=lambda r: -r["finished_at"])[:top]
-    longest = sorted(rows, key=lambda r: -r["seconds"])[:top]
-    lines = []
-    for row in last + [r for r in longest if r not in last]:
-        phases = row.get("phases", {})
-        lines.append(
-            f"path {row['name']:34} {row.get('submitted_at', t0) - t0:4.1f}>"
-            f"{row['started_at'] - t0:5.1f}-{row['finished_at'] - t0:5.1f}s "
-            f"compile {row['seconds']:5.1f}s gpu {','.join(map(str, row.get('process_gpu_ids', [])))}"
-            f" gemm: {row.get('gemm_benchmarked', 0)} benchmarked, wait {row.get('gemm_wait_s', 0):.1f}s,"
-            f" select {row.get('gemm_select_s', 0):.1f}s; cpu {row.get('cpu_s', 0.0):.1f} + children "
-            f"{row.get('child_cpu_s', 0.0):.1f} (thread "
-            f"ran {row.get('run_s', 0.0):.1f}, waited for a core {row.get('runq_s', 0.0):.1f}); "
-            f"gc {row.get('gc_s', 0.0):.1f}, "
-            + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
-    for row in sorted(summary.tune_rows, key=lambda r: -r.get("finished_at", 0))[:3]:
-        lines.append(f"path {row['name']:34} {row.get('started_at', t0) - t0:5.1f}-"
-                     f"{row.get('finished_at', t0) - t0:5.1f}s tune {row.get('seconds', 0):5.1f}s")
-    return lines
-
-
-def startups(summary) -> str:
-    """How the worker start-ups went, from the compile phase's start (negative: while planning):
-    Ray's lag from submit to the start-up running, each step's median / max seconds, when the
-    last one ended."""
-    rows = summary.prestart_rows
-    if not rows:
-        return "start-ups: none"
-    t0 = summary.phase_started_at
-
-    def spread(values: list[float]) -> str:
-        values = sorted(values)
-        return f"{values[len(values) // 2]:.1f}/{values[-1]:.1f}"
-
-    steps = {name: [r["steps"].get(name, 0.0) for r in rows]
-             for name in dict.fromkeys(n for r in rows for n in r.get("steps", {}))}
-    return (f"start-ups: {len(rows)} submitted at {rows[0]['submitted_at'] - t0:.1f}s, running "
-            f"after (median/max) {spread([r['entered_at'] - r['submitted_at'] for r in rows])}s, "
-            + ", ".join(f"{name} {spread(v)}s" for name, v in steps.items())
-            + f"; ended {spread([r['finished_at'] - t0 for r in rows])}s into the phase")
-
-
-def workers_per_gpu(rows: list[dict]) -> dict[str, int]:
-    """Compile worker processes per GPU they are bound to (the GPUs of each one's first task)."""
-    pids: dict[str, set] = {}
-    for row in rows:
-        for gpu in row.get("process_gpu_ids", []):
-            pids.setdefault(str(gpu), set()).add(row["pid"])
-    return {gpu: len(p) for gpu, p in sorted(pids.items())}
-
-
 def per_compile(args: argparse.Namespace, workers: int, cpus: float | None) -> dict[str, float]:
     if args.gpus_per_compile is not None:
         out = {"gpus_per_compile": args.gpus_per_compile, "cpus_per_compile": 1.0}
@@ -281,12 +171,9 @@ def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
     return seconds
 
 
-def main() -> int:
-    args = parse_args()
-    sizes = tuple(int(s) for s in args.sizes.split(",") if s)
-    options = {"max_autotune": True} if args.max_autotune else {}
-    if args.coordesc:
-        options["coordinate_descent_tuning"] = True
+def run_settings(args: argparse.Namespace) -> list[tuple]:
+    """(workers, cpus per compile, precompile threads, GEMM tuning, pool, GPU sharing) of each
+    Ray run, one per --workers entry."""
     workers = [int(w) for w in args.workers.split(",")]
     n = len(workers)
     cpus = ([float(c) for c in per_run(args.cpus_per_compile, n, "--cpus-per-compile",
@@ -300,6 +187,73 @@ def main() -> int:
     pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
     sharing = per_run(args.gpu_sharing, n, "--gpu-sharing", "time-slice or mps",
                       lambda v: v in ("time-slice", "mps"))
+    return list(zip(workers, cpus, precompile, tune, pools, sharing))
+
+
+def ray_run(args: argparse.Namespace, base: CompilationConfig, root: str, i: int, runs: int,
+            n: int, c: float | None, pre: str, tg: str, pl: str, gs: str) -> dict:
+    """Ray run `i` of `runs` (`warm`, with a cold Inductor cache of its own), its row."""
+    resources = per_compile(args, n, c)
+    env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
+    if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = (
+            str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
+    runtime_env = {"env_vars": env}
+    pool_start_s = start_pool(base, args, n, resources, runtime_env, gs) \
+        if pl == "on" else 0.0
+    try:
+        summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
+                       tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
+                       address=args.address, max_in_flight=n, runtime_env=runtime_env,
+                       tune_gemms=tg, pool=pl == "on", gpu_sharing=gs,
+                       progress=lambda line: print(line, flush=True), **resources)
+    finally:
+        if pl == "on":
+            compile_pool.down()
+            ray.shutdown()
+    row = run_row(summary, n, resources, pre, tg, pl, gs, pool_start_s)
+    print(f"ray run {i + 1}/{runs} ({n} workers, pool {pl}, GPU sharing {gs}, "
+          f"precompile threads {pre}): compile phase {summary.wall_s:.1f}s, longest task "
+          f"{row['longest_task_s']:.1f}s, plan {summary.plan_s:.1f}s, pool start "
+          f"{pool_start_s:.1f}s", flush=True)
+    return row
+
+
+def serial_run(args: argparse.Namespace, base: CompilationConfig, root: str, common: dict,
+               runs: list[dict]) -> tuple[dict[str, float], float, float]:
+    """The serial loop (cold Inductor cache) after the Ray runs; its numbers go into `common`,
+    the ratios into each of `runs`. (phase seconds, loop start as time.time(), loop seconds)"""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
+    if args.serial_compile_threads is not None:
+        set_compile_threads(args.serial_compile_threads)
+        common["serial_compile_threads"] = args.serial_compile_threads
+    elif args.device == "cpu":
+        set_compile_threads(1)  # faster than the default on small CPU hosts (NOTES)
+    common["serial_freeze_heap"] = args.serial_freeze_heap
+    plan_s, loop_s, n_tasks, per_task, serial_phases, loop_at = serial(
+        base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
+    # No fan-out beats its longest task: serial loop / longest serial task bounds the ratio
+    # as long as Ray's tasks take as long as serial's (shared GEMM timings and one compile
+    # thread per task made them shorter in the 2026-11-21 runs, see RESULTS.md).
+    common.update(serial_plan_s=round(plan_s, 3), serial_s=round(loop_s, 3),
+                  serial_tasks=n_tasks, serial_per_task_s=per_task,
+                  ceiling=round(loop_s / max(per_task), 2) if per_task else None)
+    for run in runs:
+        run["ratio_end_to_end"] = round((plan_s + loop_s) / run["ray_total_s"], 2)
+        run["ratio_compile"] = round(loop_s / run["ray_wall_s"], 2) if run["ray_wall_s"] else None
+        if run["pool"] == "on":  # counting the pool's start too, as a first run would
+            run["ratio_end_to_end_with_pool_start"] = round(
+                (plan_s + loop_s) / (run["ray_total_s"] + run["pool_start_s"]), 2)
+    return serial_phases, loop_at, loop_s
+
+
+def main() -> int:
+    args = parse_args()
+    sizes = tuple(int(s) for s in args.sizes.split(",") if s)
+    options = {"max_autotune": True} if args.max_autotune else {}
+    if args.coordesc:
+        options["coordinate_descent_tuning"] = True
+    settings = run_settings(args)
     root = tempfile.mkdtemp(prefix="vcr-bench-")
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
@@ -312,119 +266,19 @@ def main() -> int:
     common["host_cpus"] = os.cpu_count()
 
     # Ray first: its workers get a cold Inductor cache of their own through the runtime env.
-    runs = []
     sampler = Sampler().start()
-    for i, (n, c, pre, tg, pl, gs) in enumerate(zip(workers, cpus, precompile, tune,
-                                                        pools, sharing)):
-        resources = per_compile(args, n, c)
-        env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
-        if pre != "all":  # Inductor's select_algorithm sizes its precompile pool from this
-            env["TORCHINDUCTOR_COMPILE_THREADS"] = (
-                str(max(1, int(resources["cpus_per_compile"]))) if pre == "cpus" else pre)
-        runtime_env = {"env_vars": env}
-        pool_start_s = start_pool(base, args, n, resources, runtime_env, gs) \
-            if pl == "on" else 0.0
-        try:
-            summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
-                           tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
-                           address=args.address, max_in_flight=n, runtime_env=runtime_env,
-                           tune_gemms=tg, pool=pl == "on", gpu_sharing=gs,
-                           progress=lambda line: print(line, flush=True), **resources)
-        finally:
-            if pl == "on":
-                compile_pool.down()
-                ray.shutdown()
-        runs.append({"workers": n, **resources, "precompile_threads": pre,
-                     "tune_gemms": tg, "pool": pl, "gpu_sharing": gs,
-                     "pool_start_s": pool_start_s, "cpu": cpu_sums(summary.rows),
-                     "pool_reused": summary.pool_reused,
-                     "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
-                     "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
-                                           default=0.0),
-                     "gemm_benchmarked_in_compiles": summary.gemm_benchmarked,
-                     "overhead": overhead(summary), "phases": ray_phases(summary),
-                     "window": (summary.phase_started_at,
-                                summary.phase_started_at + summary.wall_s),
-                     "benchmarked_by_task": {r["name"]: r["gemm_benchmarked"] for r in summary.rows
-                                             if r.get("gemm_benchmarked")},
-                     "peak_rss_mb_max": max((r.get("peak_rss_mb", 0.0) for r in summary.rows),
-                                            default=0.0),
-                     "ray_total_s": summary.total_s,
-                     "ray_wall_s": summary.wall_s, "ray_plan_s": summary.plan_s,
-                     "ray_task_s_sum": summary.task_s_sum, "ray_compiled": summary.compiled,
-                     "ray_failed": summary.failed + summary.timed_out,
-                     "max_concurrent": summary.max_concurrent, "prestarted": summary.prestarted,
-                     "prestart_s": summary.prestart_s,
-                     "prestart_ready": summary.prestart_ready,
-                     "prestart_last_s": summary.prestart_last_s,
-                     "ran_in_prestarted": summary.ran_in_prestarted,
-                     "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
-                     "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
-                     "workers_per_gpu": workers_per_gpu(summary.rows),
-                     "all_workers_per_gpu": workers_per_gpu(summary.rows + summary.tune_rows),
-                     # printed as lines, not in the JSON:
-                     "critical": [startups(summary)] + critical_tasks(summary),
-                     "ok": summary.ok})
-        print(f"ray run {i + 1}/{len(workers)} ({n} workers, pool {pl}, GPU sharing {gs}, "
-              f"precompile threads {pre}): compile phase {summary.wall_s:.1f}s, longest task "
-              f"{runs[-1]['longest_task_s']:.1f}s, plan {summary.plan_s:.1f}s, pool start "
-              f"{pool_start_s:.1f}s", flush=True)
+    runs = [ray_run(args, base, root, i, len(settings), *run)
+            for i, run in enumerate(settings)]
+    serial_phases = None
     if not args.skip_serial:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "serial-inductor")  # cold cache
-        if args.serial_compile_threads is not None:
-            set_compile_threads(args.serial_compile_threads)
-            common["serial_compile_threads"] = args.serial_compile_threads
-        elif args.device == "cpu":
-            set_compile_threads(1)  # faster than the default on small CPU hosts (NOTES)
-        common["serial_freeze_heap"] = args.serial_freeze_heap
-        plan_s, loop_s, n_tasks, per_task, serial_phases, loop_at = serial(
-            base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
-        # No fan-out beats its longest task: serial loop / longest serial task bounds the ratio
-        # as long as Ray's tasks take as long as serial's (shared GEMM timings and one compile
-        # thread per task made them shorter in the 2026-11-21 runs, see RESULTS.md).
-        common.update(serial_plan_s=round(plan_s, 3), serial_s=round(loop_s, 3),
-                      serial_tasks=n_tasks, serial_per_task_s=per_task,
-                      ceiling=round(loop_s / max(per_task), 2) if per_task else None)
-        for run in runs:
-            run["ratio_end_to_end"] = round((plan_s + loop_s) / run["ray_total_s"], 2)
-            run["ratio_compile"] = round(loop_s / run["ray_wall_s"], 2) if run["ray_wall_s"] else None
-            if run["pool"] == "on":  # counting the pool's start too, as a first run would
-                run["ratio_end_to_end_with_pool_start"] = round(
-                    (plan_s + loop_s) / (run["ray_total_s"] + run["pool_start_s"]), 2)
+        serial_phases, loop_at, loop_s = serial_run(args, base, root, common, runs)
     sampler.stop()
     for run in runs:  # each window's mean once every sample covering it is in
         run["busy"] = sampler.mean(*run.pop("window"))
     if not args.skip_serial:
         common["serial_busy"] = sampler.mean(loop_at, loop_at + loop_s)
-    for run in runs:
-        print("result " + json.dumps({**common, **{k: v for k, v in run.items()
-                                                   if k != "critical"}}), flush=True)
-    if not args.skip_serial:
-        print(f"busy in the serial loop: {common['serial_busy']}")
-        print_phases(serial_phases, runs)
-    for run in runs:
-        print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}, "
-              f"{run['gpu_sharing']}): "
-              f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
-              f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
-              "or ran longest:")
-        print("\n".join(run["critical"]))
-    for run in runs:
-        if "ratio_end_to_end" in run:
-            print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
-                  f"threads: {run['precompile_threads']}, "
-                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}: "
-                  f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
-                  f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
-                  f"benchmarked in compiles): end to end serial "
-                  f"{common['serial_plan_s'] + common['serial_s']:.1f}s / ray {run['ray_total_s']:.1f}s"
-                  f" = {run['ratio_end_to_end']}x; compile phase {common['serial_s']:.1f}s / "
-                  f"{run['ray_wall_s']:.1f}s = {run['ratio_compile']}x ({common['serial_tasks']} tasks, "
-                  f"longest Ray task {run['longest_task_s']:.1f}s, peak RSS of a worker "
-                  f"{run['peak_rss_mb_max'] / 1024:.1f} GiB; serial loop / longest serial task "
-                  f"{common['ceiling']}x)")
+    print_results(common, runs, serial_phases)
     return 0 if all(run["ok"] for run in runs) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
