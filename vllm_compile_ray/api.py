@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from . import inductor, signing
+from . import aot, inductor, signing
 from .backend import VcrBackend
 from .compiler_interface import CompilerInterface, make_compiler
 from .config import CompilationConfig
@@ -22,6 +23,8 @@ from .hf import maybe_prepare
 from .inputs import ExampleInputs, example_call, mark_dynamic
 from .plan import Plan, capture, dynamo_settings, plan_graph, raise_traced_error
 from .store import ArtifactStore
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_compile_ray", "cache")
 
@@ -63,8 +66,19 @@ class CompiledModel:
         self.model = model
         self.backend = backend
         self._compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+        self.traced: Any = None  # `aot` function restored or traced by load(); else dynamo
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.traced is not None:
+            try:
+                with torch.no_grad():
+                    return self.traced(self.model, *args, **kwargs)
+            except RuntimeError as exc:
+                if not aot.is_guard_failure(exc):
+                    raise
+                logger.warning("a call outside the traced function's guards traces the model "
+                               "again: %s", str(exc)[:3000])
+                self.traced = None
         mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
         try:
             with dynamo_settings(), torch.no_grad():

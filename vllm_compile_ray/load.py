@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import inductor_metrics
+from . import aot, inductor_metrics
 from . import keys as keys_mod
 from .api import CompiledModel, compile as compile_model, model_device, open_store
 from .hf import maybe_prepare
@@ -65,7 +65,8 @@ class StartupReport:
     device: str = "cpu"
     on_miss: str = ""
     setup_s: float = 0.0  # compiler, environment fingerprint, store access check
-    trace_s: float = 0.0  # dynamo capture of the whole model
+    trace_s: float = 0.0  # dynamo capture of the whole model (or its restore: `aot`)
+    dynamo: str = ""  # "restored", "traced+published", "traced" or "off: <why>" (`aot.start`)
     key_s: float = 0.0  # split, canonicalize and key every piece
     lookup_s: float = 0.0  # which keys the cache holds: the warm job's manifest read (overlapped)
     fetch_s: float = 0.0  # the batched fetch: staged reads and downloads, verified
@@ -139,7 +140,8 @@ def format_reports(reports: Sequence[StartupReport]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     title = (f"startup of {reports[0].model} on {reports[0].device} (on_miss="
-             f"{reports[0].on_miss!r})" if reports else "startup")
+             f"{reports[0].on_miss!r}, dynamo {reports[0].dynamo or 'traced'})"
+             if reports else "startup")
     return "\n".join([title, line(header), *(line(r) for r in rows)])
 
 
@@ -276,6 +278,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     with inductor_metrics.kernel_work() as kernels:
         try:
             args, kwargs = inputs(trace_size)
+            dynamo = aot.start(compiled, staging.store, args, kwargs)
             compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             if isinstance(exc.inner_exception, VcrError):  # CacheMissError, CompileError, ...
@@ -303,6 +306,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     startup = StartupReport(
         rank=rank, world_size=world_size, model=model_name, device=str(device),
         on_miss=config.on_miss, setup_s=setup_done - start, trace_s=backend.entered - setup_done,
+        dynamo=dynamo,
         key_s=spent("plan"), lookup_s=lookup_s[0], fetch_s=spent("fetch"), load_s=spent("load"),
         compile_s=spent("compile"), first_call_s=first_call_s,
         total_s=time.perf_counter() - start, pieces=len(plan.pieces), tasks=len(plan.keys),
