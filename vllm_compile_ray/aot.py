@@ -2,7 +2,8 @@
 
 The first rank to load a model traces it as always, through `torch.compile(...).aot_compile`,
 and publishes the result (dynamo's bytecode and guards, and the captured graph) to the cache
-under a key of the model's code, parameters, call and environment (`dynamo_key`). Every later
+under a key of the model's code, parameters, call and environment (`dynamo_key`; under every
+miss policy but on_miss="compile", which keeps everything local). Every later
 rank, replica or restart restores it instead of tracing: torch rebuilds the guards, our
 `TracedModel` rebuilds the graph and hands it to the backend, which splits it and loads the
 compiled pieces as after a trace. A guard that fails at a call (another dtype, a size outside
@@ -217,6 +218,8 @@ def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
         logger.warning("AOT compile of the model failed, tracing it with dynamo: %s: %s",
                        type(exc).__name__, str(exc)[:300])
         return f"off: {type(exc).__name__}"
+    if backend.config.on_miss == "compile":  # local only: this policy publishes nothing
+        return "traced"
     try:
         data = serialize(compiled.traced)
         store.publish(key, data, {"kind": "dynamo", "torch": torch.__version__})
