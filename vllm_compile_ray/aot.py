@@ -63,9 +63,17 @@ class TracedModel(SerializableCallable):
         from torch.fx._graph_pickler import GraphPickler, Options
 
         gm = fn.graph
-        for node in gm.graph.nodes:  # stack traces and module stacks do not pickle; fake views
-            for name in [k for k in node.meta if node.op != "placeholder" or k not in _META_KEPT]:
-                del node.meta[name]  # neither: propagated again on restore
+        for node in gm.graph.nodes:  # stack traces and module stacks do not pickle
+            value = node.meta.get("example_value")
+            for name in [k for k in node.meta if k not in _META_KEPT]:
+                del node.meta[name]
+            node.meta.pop("val", None)
+            if value is not None and node.op != "placeholder":
+                plain = _unviewed(value)
+                if plain is None:
+                    del node.meta["example_value"]
+                else:
+                    node.meta["example_value"] = plain
         return pickle.dumps({"graph": GraphPickler.dumps(gm, Options(ops_filter=None))})
 
     @classmethod
@@ -82,11 +90,31 @@ class TracedModel(SerializableCallable):
         gm = GraphPickler.loads(pickle.loads(data)["graph"], fake_mode)
         gm.recompile()
         fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
-        FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fakes)
-        for node in gm.graph.nodes:
-            if "val" in node.meta:
-                node.meta["example_value"] = node.meta["val"]
+        if any("example_value" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+            FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fakes)
+            for node in gm.graph.nodes:
+                if "val" in node.meta:
+                    node.meta["example_value"] = node.meta["val"]
         return cls(gm, backend(gm, fakes))
+
+
+def _unviewed(value: Any) -> Any:
+    """A fake view does not pickle (its base's weak references): the same shape, strides and
+    dtype as a tensor of its own, which is all the planner reads. None when it cannot be made
+    (the restore then propagates the graph's values again)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _pytree as pytree
+
+    def plain(t: Any) -> Any:
+        if isinstance(t, FakeTensor) and t._is_view():
+            with t.fake_mode:
+                return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        return t
+
+    try:
+        return pytree.tree_map_only(torch.Tensor, plain, value)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def wrap(backend: Callable) -> Callable:
