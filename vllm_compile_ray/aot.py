@@ -250,7 +250,8 @@ def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
         return "traced"
     try:
         data = serialize(compiled.traced)
-        store.publish(key, data, {"kind": "dynamo", "torch": torch.__version__})
+        store.publish(key, data, {"kind": "dynamo", "torch": torch.__version__,
+                                  "fingerprint": backend.key_context.fingerprint_id})
     except Exception as exc:  # noqa: BLE001  (the traced function works; others trace too)
         logger.warning("publishing the traced model failed: %s: %s", type(exc).__name__, exc)
         return "traced"
