@@ -57,7 +57,7 @@ def test_nothing_to_compile_is_an_error() -> None:
 
 def test_dict_and_json_round_trip() -> None:
     cfg = CompilationConfig(compile_sizes=[1, 2], cache_dir="s3://b/p", storage_options={"anon": True},
-                            inductor_compile_config={"max_autotune": True}, custom_ops=["+rms_norm"],
+                            inductor_compile_config={"max_autotune": True},
                             compilation_level="dynamo_once", on_miss="error")
     assert CompilationConfig.from_dict(cfg.to_dict()) == cfg
     assert CompilationConfig.from_json(cfg.to_json()) == cfg
@@ -79,3 +79,13 @@ def test_hash_leaves_out_where_the_cache_lives() -> None:
     assert config_hash(base) != config_hash(base.replace(inductor_compile_config={"max_autotune": True}))
     assert config_hash(base) != config_hash(base.replace(compilation_level="dynamo_once"))
     assert config_hash(base) != config_hash(base.replace(splitting_ops=("vcr::other",)))
+
+
+def test_fields_that_change_nothing_warn_and_stay_out_of_keys() -> None:
+    base = CompilationConfig(compile_sizes=[1, 2])
+    with pytest.warns(DeprecationWarning, match="custom_ops has no effect"):
+        ops = base.replace(custom_ops=["+rms_norm"])
+    with pytest.warns(DeprecationWarning, match="debug_compile has no effect"):
+        debug = base.replace(debug_compile=True)
+    assert config_hash(base) == config_hash(ops) == config_hash(debug)
+    assert "custom_ops" not in base.hashed_fields() and "debug_compile" not in base.hashed_fields()

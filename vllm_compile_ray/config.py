@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +22,9 @@ DEFAULT_SPLITTING_OPS = ("vcr::attention",)
 _OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*::[A-Za-z_][A-Za-z0-9_.]*$")
 _CUSTOM_OP = re.compile(r"^(all|none|[+-][A-Za-z_][A-Za-z0-9_]*)$")
 # Fields that change what is compiled; the rest (where the cache lives, timeouts, policies) do not.
-_HASHED_FIELDS = (
-    "compilation_level", "backend", "custom_ops", "splitting_ops", "inductor_compile_config",
-    "debug_compile",
-)
+_HASHED_FIELDS = ("compilation_level", "backend", "splitting_ops", "inductor_compile_config")
+# vLLM's names that change nothing here: accepted (a warning says so), never part of a key
+_NO_EFFECT_FIELDS = {"custom_ops": (), "debug_compile": False}
 
 
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
@@ -89,6 +89,11 @@ class CompilationConfig:
         set_("use_inductor", backend == "inductor")
         set_("custom_ops", self._str_tuple("custom_ops", self.custom_ops, _CUSTOM_OP,
                                            "each entry is 'all', 'none', '+name' or '-name'"))
+        for name, default in _NO_EFFECT_FIELDS.items():
+            if getattr(self, name) != default:
+                warnings.warn(f"CompilationConfig.{name} has no effect in vllm_compile_ray (kept "
+                              "for vLLM's name; it will be removed)", DeprecationWarning,
+                              stacklevel=3)
         set_("splitting_ops", self._str_tuple("splitting_ops", self.splitting_ops, _OP_NAME,
                                               "each entry is an op name 'namespace::op'"))
         set_("compile_sizes", self._sizes(self.compile_sizes))
