@@ -11,6 +11,9 @@ between a node's workers) live in `autotune_cache.py`.
 Device index: generated CUDA code names the GPU it was compiled on; `load_artifact` moves an
 artifact to the loader's GPU first (retarget.py, the other module that reads Inductor's
 internals), so keys and artifacts carry no device index and one artifact serves every GPU.
+
+tests/test_torch_contract.py lists every private torch name the package uses (this module,
+retarget, inductor_metrics, autotune_cache, aot, ...) and fails, naming it, when one moves.
 """
 
 from __future__ import annotations

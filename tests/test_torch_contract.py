@@ -1,0 +1,463 @@
+"""Contract test of every private torch / Inductor / dynamo name the package relies on (issue 25).
+
+One row per touch: the torch name (`module:attr.attr`), the package code that uses it, and a
+check that it still takes what we pass it (`inspect.signature(...).bind`), still has the fields we
+read, or still behaves the way we rely on. A torch upgrade that moves one fails here, naming it
+and its user, instead of deep inside a compile. CPU-only, no compiles (a few seconds of imports).
+
+Names only some torch versions have carry the package's own gate (`aot.SUPPORTED`,
+`inductor.COORDINATE_DESCENT_SHIPS`): when one is missing the test asserts the gate is False, so
+the package switches the feature off rather than calling it. Checked on torch 2.13 (CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+Check = Callable[[Any], None]  # raises AssertionError (with a detail) when the contract broke
+
+
+@dataclass(frozen=True)
+class Touch:
+    target: str  # "torch.module.path:Attr.attr" (no ":": the module itself)
+    users: str  # the package code that relies on it, and how
+    check: Check | None = None  # None: existing is the whole contract
+    gate: str | None = None  # "aot.SUPPORTED": a vllm_compile_ray module's flag for the feature
+    aspect: str = ""  # told apart in the test id when one target has two rows
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+def call(*args: Any, **kwargs: Any) -> Check:
+    """The callable accepts these arguments (as the package passes them; values are stand-ins;
+    an unbound method's first is self)."""
+    def check(obj: Any) -> None:
+        try:
+            inspect.signature(obj).bind(*args, **kwargs)
+        except TypeError as exc:
+            shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+            raise AssertionError(f"signature {inspect.signature(obj)} no longer accepts "
+                                 f"({shown}): {exc}") from None
+    return check
+
+
+def has(*names: str) -> Check:
+    def check(obj: Any) -> None:
+        missing = [n for n in names if not hasattr(obj, n)]
+        assert not missing, f"has no {missing}"
+    return check
+
+
+def fields(*names: str) -> Check:
+    def check(obj: Any) -> None:
+        assert dataclasses.is_dataclass(obj), f"{obj} is no longer a dataclass"
+        missing = set(names) - {f.name for f in dataclasses.fields(obj)}
+        assert not missing, f"dataclass fields {sorted(missing)} are gone"
+    return check
+
+
+def literal(*values: str) -> Check:
+    def check(obj: Any) -> None:
+        missing = [v for v in values if v not in typing.get_args(obj)]
+        assert not missing, f"{obj} no longer allows {missing}"
+    return check
+
+
+def annotation_allows(param: str, value: str) -> Check:
+    def check(obj: Any) -> None:
+        annotation = str(inspect.signature(obj).parameters[param].annotation)
+        assert repr(value) in annotation, f"{param}: {annotation} no longer allows {value!r}"
+    return check
+
+
+def source_has(*texts: str) -> Check:
+    """The module's source (read, not imported) still has these strings: names of timers,
+    counters and log messages the package matches."""
+    def check(module: Any) -> None:
+        path = inspect.getsourcefile(module)
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        missing = [t for t in texts if t not in source]
+        assert not missing, f"{path} no longer has {missing}"
+    return check
+
+
+def both(*checks: Check) -> Check:
+    def check(obj: Any) -> None:
+        for c in checks:
+            c(obj)
+    return check
+
+
+# ---- behaviour checks (cheap: no compile) ---------------------------------------------------
+
+def _retarget_chunks_round_trip(_: Any) -> None:
+    from vllm_compile_ray import retarget
+
+    assert retarget._read_chunks(retarget._write_chunks([b"a", b"", b"bc"])) == [b"a", b"", b"bc"]
+
+
+def _retarget_caches_round_trip(factory: Any) -> None:
+    from vllm_compile_ray import retarget
+
+    artifact = factory.create("autotune", "ab/cdef.best_config", b"{}")
+    # retarget rebuilds entries as type(a)(key, content)
+    assert type(artifact)(artifact.key, artifact.content).key == artifact.key
+    caches = retarget._read_caches(retarget._write_caches({"autotune": [artifact]}))
+    assert [(a.key, a.content) for a in caches["autotune"]] == [(artifact.key, artifact.content)]
+
+
+def _autotune_key_shape(_: Any) -> None:
+    from vllm_compile_ray import retarget
+
+    key = retarget.autotune_key("def triton_poi_fused_0(): pass")
+    assert re.fullmatch(r"\w\w/\w+\.best_config", key), f"autotune key {key!r}"
+
+
+def _cache_dir_follows_env(cache_dir: Any) -> None:
+    from vllm_compile_ray import retarget
+
+    with retarget.cache_dir_for(3):
+        inside = cache_dir()
+    assert inside.endswith("vcr-cuda3"), \
+        f"cache_dir() ignores TORCHINDUCTOR_CACHE_DIR ({inside!r})"
+
+
+def _category_names(*names: str) -> Check:
+    def check(registry: Any) -> None:
+        import torch._inductor.codecache  # noqa: F401  (registers "inductor")
+        missing = [n for n in names if n not in registry._artifact_types]
+        assert not missing, f"no cache artifact type {missing}"
+    return check
+
+
+def _mark_dynamic_attributes(mark_dynamic: Any) -> None:
+    from vllm_compile_ray import aot
+
+    t = torch.zeros(4, 3)
+    mark_dynamic(t, 0)
+    assert aot.dynamic_dims_of([t], {}) == [(0, 0)], "mark_dynamic sets no _dynamo_dynamic_indices"
+    aot._unmark([t])
+    assert not [n for n in vars(t) if n.startswith("_dynamo_")]
+
+
+def _op_names(_: Any) -> None:
+    from vllm_compile_ray.splitting import op_name
+
+    assert op_name(torch.ops.aten.add.Tensor) == "aten::add"  # OpOverload._schema.name
+    assert op_name(torch.ops.aten.add) == "aten::add"  # OpOverloadPacket._qualified_op_name
+
+
+def _opdef_module(opdefs: Any) -> None:
+    from vllm_compile_ray.canonical import _OpRef
+    from vllm_compile_ray.models import ops
+
+    ref = _OpRef(torch.ops.vcr.attention.default)
+    assert (ref.qualname, ref.overload) == (ops.ATTENTION_OP, "default")
+    assert ref.module == ops.__name__, \
+        f"OPDEFS[{ops.ATTENTION_OP!r}]._init_fn.__module__ is {ref.module!r}"
+
+
+def _inner_exception(cls: Any) -> None:
+    inner = ValueError("ours")
+    assert cls(None, inner, None).inner_exception is inner
+
+
+def _var_to_range(shape_env_cls: Any) -> None:
+    assert hasattr(shape_env_cls().var_to_range, "get"), "ShapeEnv().var_to_range is no mapping"
+
+
+def _timings_by_name(metrics: Any) -> None:
+    assert isinstance(metrics, dict), f"{type(metrics)} is no dict of name -> [seconds]"
+
+
+def _inductor_counter(counters: Any) -> None:
+    assert isinstance(counters["inductor"]["select_algorithm_autotune"], int)
+
+
+def _logger_name(module: Any) -> None:
+    from vllm_compile_ray.inductor_metrics import AUTOTUNE_FAILURE_LOGGER
+
+    assert module.log.name == AUTOTUNE_FAILURE_LOGGER, f"its logger is {module.log.name!r}"
+
+
+def _cache_info(fn: Any) -> None:
+    assert fn.cache_info().misses >= 0, "no longer a functools.cache"
+
+
+def _abstract_within(*ours: str) -> Check:
+    def check(cls: Any) -> None:
+        extra = set(getattr(cls, "__abstractmethods__", ())) - set(ours)
+        assert not extra, f"new abstract methods {sorted(extra)} we do not implement"
+    return check
+
+
+def _aot_compile_method(compile_fn: Any) -> None:
+    compiled = compile_fn(lambda x: x + 1, fullgraph=True, dynamic=False, backend="eager")
+    assert hasattr(compiled, "aot_compile"), "torch.compile(fn) has no .aot_compile"
+    call(((), {}))(compiled.aot_compile)
+
+
+def _triton_gate() -> bool:
+    """inductor_metrics._triton_compiles' gate: Triton >= 3.4 has the compile listener."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 4)
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+IC = "torch._inductor.config"
+S = "stand-in"
+
+TOUCHES: list[Touch] = [
+    # inductor.py: compiles, artifacts, tuning
+    Touch("torch._inductor:standalone_compile",
+          "inductor.compile_static / compile_dynamic",
+          call(S, S, dynamic_shapes="from_example_inputs", options={})),
+    Touch("torch._inductor.standalone_compile:DynamicShapesType",
+          "inductor.compile_static / compile_dynamic (dynamic_shapes values)",
+          literal("from_example_inputs", "from_tracing_context")),
+    Touch("torch._inductor.standalone_compile:CompiledArtifact.load",
+          "inductor._load_binary", both(call(path=S, format="binary"),
+                                        annotation_allows("format", "binary"))),
+    Touch("torch._inductor.standalone_compile:CompiledArtifact.save",
+          "inductor._artifact_bytes", call(S, path=S, format="binary")),
+    Touch("torch._inductor.utils:fresh_cache",
+          "inductor.warm_device / tune_once / check_complete, autotune_cache.gemm_timings",
+          call()),
+    Touch("torch.compiler._cache:CacheArtifactManager.with_fresh_cache", "inductor.tune_once",
+          call()),
+    Touch("torch.compiler:save_cache_artifacts", "inductor.tune_once", call()),
+    Touch("torch.compiler:load_cache_artifacts", "inductor.load_tuning", call(S)),
+    Touch("torch.compiler._cache:CacheInfo", "inductor.tune_once / load_tuning (count)",
+          has("autotune_artifacts")),
+    Touch("torch._inductor.codecache:torch_key", "inductor.torch_fingerprint", call()),
+    Touch(f"{IC}:get_config_copy", "inductor.torch_fingerprint", call()),
+    Touch("torch._functorch.config:get_config_copy", "inductor.torch_fingerprint", call()),
+    Touch("torch._functorch.config:error_on_custom_op_aliasing",
+          "inductor._UNHASHED_FUNCTORCH_CONFIG (left out of the fingerprint)"),
+    Touch("torch._inductor.cpp_builder:get_compiler_version_info", "inductor.device_fingerprint",
+          call(S)),
+    Touch("torch._inductor.cpp_builder:get_cpp_compiler", "inductor.device_fingerprint", call()),
+    Touch("torch._inductor.cpu_vec_isa:pick_vec_isa", "inductor.device_fingerprint", call()),
+    Touch("torch._inductor.async_compile:AsyncCompile.warm_pool",
+          "inductor.warm_compile_pool (getattr: missing would make it a silent no-op)", call()),
+    Touch("torch._subclasses.fake_tensor:FakeTensorMode",
+          "inductor.compile_static / _symbolic_inputs", call(shape_env=S)),
+    Touch("torch._subclasses.fake_tensor:FakeTensorMode.from_tensor", "inductor.compile_static",
+          call(S, S)),
+    Touch("torch.fx.passes.fake_tensor_prop:FakeTensorProp",
+          "inductor._fake_propagate, aot.TracedModel.deserialize_compile_artifacts", call(S, S)),
+    Touch("torch.fx.passes.fake_tensor_prop:FakeTensorProp.propagate_dont_convert_inputs",
+          "inductor._fake_propagate, aot.TracedModel.deserialize_compile_artifacts",
+          call(S, S, S)),
+    Touch("torch._dynamo.source:ConstantSource", "inductor._symbolic_inputs", call("vcr_s0")),
+    Touch("torch.fx.experimental.symbolic_shapes:DimDynamic.DYNAMIC",
+          "inductor._symbolic_inputs"),
+    Touch("torch.fx.experimental.symbolic_shapes:ShapeEnv.create_symbol",
+          "inductor._symbolic_inputs", call(S, 8, source=S, dynamic_dim=S)),
+    Touch("torch.fx.experimental.symbolic_shapes:ShapeEnv.create_symintnode",
+          "inductor._symbolic_inputs", call(S, S, hint=None)),
+    Touch("torch.fx.experimental.symbolic_shapes:ShapeEnv",
+          "inductor.compile_dynamic (reads shape_env.var_to_range for the guard range)",
+          _var_to_range),
+    Touch("torch._guards:TracingContext", "inductor.compile_dynamic", call(S)),
+    Touch("torch._guards:tracing", "inductor.compile_dynamic", call(S)),
+    # Inductor config names the package reads, sets or patches
+    Touch(f"{IC}:compile_threads",
+          "inductor.set_compile_threads, inductor_metrics.kernel_work (patch), fingerprint"),
+    Touch(f"{IC}:worker_start_method", "inductor._UNHASHED_INDUCTOR_CONFIG"),
+    Touch(f"{IC}:autotune_num_choices_displayed",
+          "inductor.quiet_autotune_logs (hasattr: missing would make it a silent no-op)"),
+    Touch(f"{IC}:max_autotune_report_choices_stats",
+          "inductor.quiet_autotune_logs (hasattr: missing would make it a silent no-op)"),
+    Touch(f"{IC}:autotune_local_cache", "autotune_cache.share_gemm_timings, retarget"),
+    Touch(f"{IC}:max_autotune", "cli_options --max-autotune (inductor_compile_config)"),
+    Touch(f"{IC}:coordinate_descent_tuning",
+          "cli_options --max-autotune, compiler_interface.InductorStandaloneAdaptor",
+          gate="inductor.COORDINATE_DESCENT_SHIPS"),
+    Touch(f"{IC}:post_grad_custom_post_pass",
+          "compiler_interface.InductorStandaloneAdaptor (config_patches)"),
+    Touch(f"{IC}:patch", "inductor_metrics.kernel_work", call(compile_threads=1)),
+    Touch("torch._inductor.custom_graph_pass:CustomGraphPass",
+          "passes.InductorPass / PostGradPassManager (subclass __call__ and uuid)",
+          _abstract_within("__call__", "uuid")),
+    # inductor_metrics.py: timers, counters, logs
+    Touch("torch._dynamo.utils:compilation_time_metrics",
+          "inductor_metrics.phase_times / kernel_work", _timings_by_name),
+    Touch("torch._inductor.select_algorithm", "inductor_metrics.AUTOTUNE_FAILURE_LOGGER",
+          _logger_name),
+    Touch("torch._inductor.select_algorithm",
+          "inductor_metrics.AUTOTUNE_FAILURE_MSG, _GEMM_AUTOTUNE_TIMER_SUFFIX; "
+          "autotune_cache.gemm_benchmarks (counter)",
+          source_has("Exception %s for benchmark choice %s", "_template_autotuning",
+                     "select_algorithm_autotune"), aspect="strings"),
+    Touch("torch._inductor.runtime.triton_heuristics", "inductor_metrics._AUTOTUNE_TIMERS",
+          source_has("CachingAutotuner.benchmark_all_configs",
+                     "CachingAutotuner.coordinate_descent_tuning")),
+    Touch("torch._inductor.cpp_builder", "inductor_metrics._KERNEL_BUILD_TIMERS",
+          source_has('"compile_file"')),
+    Touch("torch._inductor.codecache:_precompile_header",
+          "inductor_metrics._header_preprocessings (getattr: missing would miscount)",
+          _cache_info),
+    Touch("triton.knobs:compilation.listener",
+          "inductor_metrics._triton_compiles (Triton compiles of kernel_work)",
+          gate="triton>=3.4"),
+    # compile_task.py: imports paid before the first compile
+    Touch("torch._inductor.compile_fx", "compile_task (import warm-up)"),
+    # autotune_cache.py: GEMM timings shared between a node's workers
+    Touch("torch._inductor.codecache:PersistentCache", "autotune_cache.gemm_timings", call()),
+    Touch("torch._inductor.codecache:PersistentCache.lookup",
+          "autotune_cache.share_gemm_timings (wrapped, called positionally)",
+          call(S, S, S, S, S, None)),
+    Touch("torch._inductor.codecache:CacheBase.get_local_cache",
+          "autotune_cache.gemm_timings / install_gemm_timings", call(S)),
+    Touch("torch._inductor.codecache:CacheBase.update_local_cache",
+          "autotune_cache.install_gemm_timings / share_gemm_timings (wrapped)", call(S, S)),
+    Touch("torch._inductor.codecache:get_lock_dir", "autotune_cache.share_gemm_timings", call()),
+    Touch("torch._dynamo.utils:counters", "autotune_cache.gemm_benchmarks", _inductor_counter),
+    # retarget.py: the standalone binary format and Inductor's caches inside it
+    Touch("torch._inductor.codecache:get_hash", "retarget.retarget / autotune_key", call(S)),
+    Touch("torch._inductor.codecache:get_path", "retarget.autotune_key", call(S, "py")),
+    Touch("torch._inductor.runtime.autotune_cache:AutotuneCache.create", "retarget.autotune_key",
+          both(call({"autotune_local_cache": True}, S, ""), _autotune_key_shape)),
+    Touch("torch._inductor.output_code:CompiledFxGraph", "retarget.retarget (rewritten in place)",
+          fields("source_code", "cache_key", "device_idxs", "_triton_bundle")),
+    Touch("torch._inductor.triton_bundler:TritonBundle", "retarget.retarget",
+          fields("kernel_artifacts", "static_autotuners")),
+    Touch("torch._inductor.triton_bundler:TritonKernelArtifacts", "retarget.retarget",
+          fields("device")),
+    Touch("torch.utils._appending_byte_serializer:BytesReader", "retarget._read_chunks",
+          both(has("is_finished", "read_bytes"), _retarget_chunks_round_trip)),
+    Touch("torch.utils._appending_byte_serializer:BytesWriter", "retarget._write_chunks",
+          has("write_bytes", "to_bytes")),
+    Touch("torch.utils._appending_byte_serializer:AppendingByteSerializer",
+          "retarget._write_caches", both(call(serialize_fn=S), has("extend", "to_bytes"))),
+    Touch("torch.compiler._cache:CacheArtifactManager.deserialize", "retarget._read_caches",
+          call(S)),
+    Touch("torch.compiler._cache:_serialize_single_cache", "retarget._write_caches", call(S, S)),
+    Touch("torch.compiler._cache:CacheArtifactFactory",
+          "retarget.retarget (cache types 'inductor', 'autotune'; entries type(a)(key, content))",
+          both(_category_names("inductor", "autotune"), _retarget_caches_round_trip)),
+    Touch("torch._inductor.runtime.cache_dir_utils:cache_dir",
+          "retarget.cache_dir_for (reads TORCHINDUCTOR_CACHE_DIR at each call)",
+          both(call(), _cache_dir_follows_env)),
+    # aot.py: dynamo's AOT compile (gated by aot.SUPPORTED)
+    Touch("torch._dynamo.aot_compile_types:SerializableCallable",
+          "aot.TracedModel (subclass)",
+          _abstract_within("__call__", "serialize_compile_artifacts",
+                           "deserialize_compile_artifacts"),
+          gate="aot.SUPPORTED"),
+    Touch("torch._dynamo.config:enable_aot_compile", "aot.trace (patch)", gate="aot.SUPPORTED"),
+    Touch("torch:compile", "aot.trace (torch.compile(...).aot_compile((args, kwargs)))",
+          _aot_compile_method, gate="aot.SUPPORTED"),
+    Touch("torch._dynamo.aot_compile:AOTCompiledFunction.serialize", "aot.serialize", call(S),
+          gate="aot.SUPPORTED"),
+    Touch("torch._dynamo.aot_compile:AOTCompileSaveResult", "aot.serialize",
+          fields("serialized_data"), gate="aot.SUPPORTED"),
+    Touch("torch.compiler:load_compiled_function", "aot.restore", call(S, f_globals={}),
+          gate="aot.SUPPORTED"),
+    Touch("torch.fx._graph_pickler:GraphPickler.dumps",
+          "aot.TracedModel.serialize_compile_artifacts", call(S, S), gate="aot.SUPPORTED"),
+    Touch("torch.fx._graph_pickler:Options", "aot.TracedModel.serialize_compile_artifacts",
+          call(ops_filter=None), gate="aot.SUPPORTED"),
+    Touch("torch.fx._graph_pickler:GraphPickler.loads",
+          "aot.TracedModel.deserialize_compile_artifacts", call(S, S), gate="aot.SUPPORTED"),
+    Touch("torch._subclasses:FakeTensorMode", "aot.TracedModel.deserialize_compile_artifacts",
+          call(shape_env=S)),
+    Touch("torch._subclasses.fake_tensor:FakeTensor._is_view", "aot._unviewed"),
+    Touch("torch.utils._pytree:tree_map_only", "aot._unviewed", call(S, S, S)),
+    # dynamo: marking, settings, errors (inputs.py, plan.py, api.py, load.py, aot.py)
+    Touch("torch._dynamo:mark_dynamic",
+          "inputs.mark_dynamic; aot.dynamic_dims_of / _unmark read _dynamo_dynamic_indices",
+          both(call(S, 0), _mark_dynamic_attributes)),
+    Touch("torch._dynamo.config:recompile_limit", "plan.dynamo_settings (patch)"),
+    Touch("torch._dynamo.config:accumulated_recompile_limit", "plan.dynamo_settings (patch)"),
+    Touch("torch._dynamo.config:patch", "plan.dynamo_settings, aot.trace",
+          call(recompile_limit=1, accumulated_recompile_limit=1)),
+    Touch("torch.fx.experimental._config:backed_size_oblivious", "plan.dynamo_settings (patch)"),
+    Touch("torch.fx.experimental._config:patch", "plan.dynamo_settings",
+          call(backed_size_oblivious=True)),
+    Touch("torch._dynamo.exc:Unsupported",
+          "plan.run_dynamo, api.CompiledModel, aot._restore_or_trace (except)"),
+    Touch("torch._dynamo.exc:BackendCompilerFailed",
+          "api.CompiledModel, load.load (except; read .inner_exception)", _inner_exception),
+    # canonical.py / splitting.py: op targets, graph modules
+    Touch("torch._ops:OpOverload", "splitting.op_name, canonical._OpRef (isinstance, "
+          "._schema.name, .overloadpacket, ._overloadname)", _op_names),
+    Touch("torch._ops:OpOverloadPacket", "splitting.op_name, canonical._OpRef "
+          "(._qualified_op_name)", _op_names),
+    Touch("torch._library.custom_ops:OPDEFS",
+          "canonical._OpRef (OPDEFS.get(name)._init_fn.__module__: where a custom op is defined)",
+          _opdef_module),
+    Touch("torch.fx._lazy_graph_module:_use_lazy_graph_module", "splitting.split_graph",
+          call(True)),
+    Touch("torch.fx._lazy_graph_module:_make_graph_module",
+          "splitting._split_by_structure / _piece_module", call(S, S)),
+    Touch("torch.fx.passes.split_module:split_module", "splitting.split_graph",
+          call(S, None, S, keep_original_order=True)),
+    Touch("torch.fx.experimental.symbolic_shapes:free_symbols", "splitting._split_by_structure",
+          call(S)),
+    Touch("torch.amp:_enter_autocast", "splitting._GLOBAL_STATE"),
+    Touch("torch.amp:_exit_autocast", "splitting._GLOBAL_STATE"),
+    Touch("torch._C:_set_grad_enabled", "splitting._GLOBAL_STATE"),
+    Touch("torch._C._nn:linear", "gemm_tuning._GEMM_FUNCTIONS"),
+]
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, attrs = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for attr in filter(None, attrs.split(".")):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _gate(name: str) -> bool:
+    if name == "triton>=3.4":
+        return _triton_gate()
+    module, attr = name.split(".")
+    return bool(getattr(importlib.import_module(f"vllm_compile_ray.{module}"), attr))
+
+
+def _id(touch: Touch) -> str:
+    return touch.target.replace(":", ".") + (f"[{touch.aspect}]" if touch.aspect else "")
+
+
+@pytest.mark.parametrize("touch", TOUCHES, ids=[_id(t) for t in TOUCHES])
+def test_torch_contract(touch: Touch) -> None:
+    where = f"used by vllm_compile_ray.{touch.users}; torch {torch.__version__}"
+    try:
+        obj = _resolve(touch.target)
+        if touch.check is not None:
+            touch.check(obj)
+        return
+    except AssertionError as exc:
+        broken = f"{touch.target} changed: {exc}"
+    except (ImportError, AttributeError) as exc:
+        broken = f"{touch.target} moved ({type(exc).__name__}: {exc})"
+    # A name only some torch versions have: missing, the package's gate must switch it off.
+    if touch.gate is None:
+        pytest.fail(f"{broken}; {where}", pytrace=False)
+    if _gate(touch.gate):
+        pytest.fail(f"{broken}; the package's gate {touch.gate} is True, so it will use it; "
+                    f"{where}", pytrace=False)
+
+
+def test_ids_are_distinct() -> None:
+    """Each parametrized id names one contract (two rows of a target differ by `aspect`)."""
+    ids = [_id(t) for t in TOUCHES]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
