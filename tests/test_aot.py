@@ -91,3 +91,15 @@ def test_the_key_follows_code_parameters_and_call() -> None:
     assert key(model, ids, pos, env="other") != base
     deeper = models.build(models.get_config("llama-tiny"), num_layers=3, device="meta")
     assert key(deeper, ids, pos) != base
+
+
+def test_transformers_models_trace_as_before(tmp_path) -> None:
+    """Their traced code refers to module objects a restore cannot find: no AOT for them, one
+    trace (not a failed AOT compile and a second trace)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_models
+
+    model = hf_models.build("llama")
+    compiled = vcr.load(model, _config(tmp_path / "cache"), model_name="tiny-hf-llama")
+    assert compiled.report.dynamo == "off: transformers model"
+    assert len(compiled.backend.plans) == 1

@@ -129,9 +129,24 @@ def trace(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
     """Trace `model`'s forward for this call (dims already marked dynamic) into a guarded,
     serializable compiled function; call it as fn(model, *args, **kwargs)."""
     with torch._dynamo.config.patch(enable_aot_compile=True):
-        compiled = torch.compile(model.forward, fullgraph=True, dynamic=False,
-                                 backend=wrap(backend))
-        return compiled.aot_compile((tuple(args), dict(kwargs)))
+        # Guards on tensors (inputs and parameters: dtype, shape, device), shapes and global
+        # state (grad mode, autocast); object-identity guards do not serialize (transformers'
+        # models have them) and `dynamo_key` already covers the model's code and parameters.
+        compiled = torch.compile(call_model, fullgraph=True, dynamic=False,
+                                 backend=wrap(backend),
+                                 options={"guard_filter_fn": _portable_guards})
+        return compiled.aot_compile(((model, *args), dict(kwargs)))
+
+
+def call_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What is traced: a function torch can save by reference (a model's own forward may be
+    wrapped by decorators, as transformers' are, and then cannot)."""
+    return model(*args, **kwargs)
+
+
+def _portable_guards(guard_entries: Sequence[Any]) -> list[bool]:
+    return [g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
+            or (g.guard_type == "TENSOR_MATCH" and not g.is_global) for g in guard_entries]
 
 
 def serialize(fn: Any) -> bytes:
@@ -142,8 +157,7 @@ def restore(data: bytes, model: torch.nn.Module, backend: Callable) -> Any:
     """A function `trace` made, from its bytes, its graph handed to `backend`."""
     token = _BACKEND.set(backend)
     try:
-        return torch.compiler.load_compiled_function(
-            io.BytesIO(data), f_globals=type(model).forward.__globals__)
+        return torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=globals())
     finally:
         _BACKEND.reset(token)
 
@@ -194,11 +208,14 @@ def start(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, A
     `store` when a rank published one, else traced here and published. Returns what happened
     ("restored", "traced+published", "traced", or "off: <why>"); on "off" the model traces
     through plain dynamo at its first call, as without this module."""
+    from .hf import is_transformers_model
     from .inputs import mark_dynamic
 
     if not SUPPORTED:
         return "off: torch has no AOT compile"
     model, backend = compiled.model, compiled.backend
+    if is_transformers_model(model):  # its traced code refers to module objects that a restore
+        return "off: transformers model"  # cannot find (measured on torch 2.13): trace as before
     config = backend.config
     if config.disable_compile_cache or store is None:
         return "off: no cache"
