@@ -23,7 +23,8 @@ def test_freeze_takes_live_objects_out_of_collections(unfrozen):
     kept = [[i] for i in range(50_000)]  # alive at the freeze
     assert gc.get_freeze_count() == 0
     frozen = heap.freeze()
-    assert frozen == gc.get_freeze_count() >= len(kept)
+    # frozen objects that die leave the count (another test's thread may free some meanwhile)
+    assert frozen >= gc.get_freeze_count() >= len(kept)
     tracked = len(gc.get_objects())
     assert tracked < frozen  # a full collection now walks far fewer objects than before
     _cycles(10)
