@@ -21,10 +21,16 @@ import sys
 import tempfile
 import time
 
-from vllm_compile_ray import CompilationConfig, autotune_cache, gemm_tuning, inductor, models
-from vllm_compile_ray.api import example_args, key_context
-from vllm_compile_ray.compiler_interface import make_compiler
-from vllm_compile_ray.plan import capture, plan_graph
+from vllm_compile_ray import CompilationConfig, models
+
+from vllm_compile_ray.compiling import autotune_cache
+
+from vllm_compile_ray.orchestration import gemm_tuning
+
+from vllm_compile_ray.compiling import inductor
+from vllm_compile_ray.runtime.api import example_args, key_context
+from vllm_compile_ray.compiling.compiler_interface import make_compiler
+from vllm_compile_ray.planning.plan import capture, plan_graph
 
 
 def parse_args() -> argparse.Namespace:

@@ -84,12 +84,12 @@ def child(spec: dict) -> dict:
 def write_manifest(compiled, cfg, model_name: str) -> None:
     """What the warm job leaves beside the artifacts: the manifest loads prefetch from."""
     try:
-        from vllm_compile_ray import manifest
+        from vllm_compile_ray.cache import manifest
     except ImportError:
         return
     import torch
 
-    from vllm_compile_ray.api import open_store
+    from vllm_compile_ray.runtime.api import open_store
 
     ctx = compiled.plan.key_context
     rows = [manifest.make_row(key=t.key, model=model_name, tp_size=1, piece=t.code_id,
@@ -142,7 +142,7 @@ def shared_cache(kind: str, workdir: Path) -> tuple[str, dict, object | None]:
 
 def copy_to_local(remote_url: str, options: dict, local_url: str) -> tuple[int, int]:
     """The shared cache's artifact bytes, copied as they are to a local-disk cache."""
-    from vllm_compile_ray.store import ArtifactStore
+    from vllm_compile_ray.cache.store import ArtifactStore
 
     remote, local = ArtifactStore(remote_url, options), ArtifactStore(local_url)
     total = 0
@@ -152,7 +152,7 @@ def copy_to_local(remote_url: str, options: dict, local_url: str) -> tuple[int, 
         local.write_raw(key, blob)
         total += len(blob)
     try:
-        from vllm_compile_ray import manifest
+        from vllm_compile_ray.cache import manifest
     except ImportError:
         return len(keys), total
     for entry in manifest.list_manifests(remote):

@@ -24,9 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from vllm_compile_ray import CompilationConfig, inductor, inductor_metrics, models, plan_model
-    from vllm_compile_ray.api import open_store
-    from vllm_compile_ray.compiler_interface import make_compiler
+    from vllm_compile_ray import CompilationConfig, models, plan_model
+
+    from vllm_compile_ray.compiling import inductor
+
+    from vllm_compile_ray.compiling import inductor_metrics
+    from vllm_compile_ray.runtime.api import open_store
+    from vllm_compile_ray.compiling.compiler_interface import make_compiler
 
     options = {"max_autotune": True} if args.max_autotune else {}
     config = CompilationConfig(compile_sizes=[int(s) for s in args.sizes.split(",")],

@@ -35,10 +35,10 @@ def main() -> int:
     import torch  # noqa: F401  (import cost shows in the baseline)
 
     from vllm_compile_ray import CompilationConfig, models
-    from vllm_compile_ray.api import example_args, key_context
-    from vllm_compile_ray.compiler_interface import make_compiler
-    from vllm_compile_ray.inductor import environment_fingerprint
-    from vllm_compile_ray.plan import capture, plan_graph
+    from vllm_compile_ray.runtime.api import example_args, key_context
+    from vllm_compile_ray.compiling.compiler_interface import make_compiler
+    from vllm_compile_ray.compiling.inductor import environment_fingerprint
+    from vllm_compile_ray.planning.plan import capture, plan_graph
 
     baseline = peak_rss_mb()
     config = CompilationConfig(compile_sizes=tuple(int(s) for s in args.sizes.split(",") if s))

@@ -143,7 +143,7 @@ def step_visible(spec: dict) -> dict:
     def counting(self, *args, **kwargs):
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        from vllm_compile_ray.retarget import autotune_key
+        from vllm_compile_ray.compiling.retarget import autotune_key
 
         filename = getattr(self, "filename", None)
         where = "?"
@@ -156,7 +156,7 @@ def step_visible(spec: dict) -> dict:
         return original(self, *args, **kwargs)
 
     triton_heuristics.CachingAutotuner.autotune_to_one_config = counting
-    from vllm_compile_ray import retarget as retarget_mod
+    from vllm_compile_ray.compiling import retarget as retarget_mod
 
     retarget, retarget_s = retarget_mod.retarget, [0.0]
 
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
 
-    from vllm_compile_ray.load import StartupReport, format_reports, rank_device_env
+    from vllm_compile_ray.runtime.load import StartupReport, format_reports, rank_device_env
 
     print(f"1. compile on physical GPU {gpus[0]} (CUDA_VISIBLE_DEVICES={gpus[0]})", flush=True)
     compiled = collect(spawn("compile", spec, gpus[0]), spec, "compile")

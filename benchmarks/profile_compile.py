@@ -30,11 +30,15 @@ import time
 # in one warm cache (seen on the GPU host: a second run of the same compile took 2.5 s, not 21 s).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vcr-prof-"))
 
-from vllm_compile_ray import CompilationConfig, cpu_time, heap, models
-from vllm_compile_ray.api import example_args, key_context
-from vllm_compile_ray.compiler_interface import make_compiler
-from vllm_compile_ray.inductor import environment_fingerprint, set_compile_threads, warm_device
-from vllm_compile_ray.plan import capture, plan_graph
+from vllm_compile_ray import CompilationConfig, models
+
+from vllm_compile_ray.compiling import cpu_time
+
+from vllm_compile_ray.compiling import heap
+from vllm_compile_ray.runtime.api import example_args, key_context
+from vllm_compile_ray.compiling.compiler_interface import make_compiler
+from vllm_compile_ray.compiling.inductor import environment_fingerprint, set_compile_threads, warm_device
+from vllm_compile_ray.planning.plan import capture, plan_graph
 
 
 def main() -> None:
@@ -142,7 +146,7 @@ def check(task, fn, device: str) -> None:
     """Compiled against eager on the same random inputs (static shapes: the task's size)."""
     import torch
 
-    from vllm_compile_ray.inductor import example_tensors
+    from vllm_compile_ray.compiling.inductor import example_tensors
 
     size = task.shape if task.shape != "dynamic" else 48
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from vllm_compile_ray.stats import cpu_sums, top_phases
+from vllm_compile_ray.orchestration.stats import cpu_sums, top_phases
 
 
 ALL = 1 << 30

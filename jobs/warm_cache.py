@@ -4,7 +4,7 @@
         --sizes 1,2,4,8,16,32,64,128,256,512 --cache s3://bucket/vcr
 
 The options are those of `vcr warm` (`python jobs/warm_cache.py --help`); both call
-`vllm_compile_ray.warm`. Exit status 1 when any compile failed or timed out. VCR_CACHE and
+`vllm_compile_ray.orchestration.warm`. Exit status 1 when any compile failed or timed out. VCR_CACHE and
 VCR_STORAGE_OPTIONS (JSON) are the defaults of --cache and --storage-options.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_compile_ray import cli
+from vllm_compile_ray.cli import main as cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray import aot, models
+from vllm_compile_ray import models
+from vllm_compile_ray.runtime import aot
 
 pytestmark = pytest.mark.skipif(not aot.SUPPORTED, reason="torch without AOT compile")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray import inductor
-from vllm_compile_ray.compiler_interface import (
+from vllm_compile_ray.compiling import inductor
+from vllm_compile_ray.compiling.compiler_interface import (
     InductorStandaloneAdaptor,
     pack_tuned,
     unpack_tuned,

@@ -23,9 +23,11 @@ import pytest
 
 import vllm_compile_ray as vcr
 from s3proc import MotoProcess, leftover_files
-from vllm_compile_ray import manifest, models, signing
-from vllm_compile_ray.api import open_store
-from vllm_compile_ray.cli import main as vcr_main
+from vllm_compile_ray import models
+from vllm_compile_ray.cache import manifest
+from vllm_compile_ray.cache import signing
+from vllm_compile_ray.runtime.api import open_store
+from vllm_compile_ray.cli.main import main as vcr_main
 from vllm_compile_ray.errors import (
     ArtifactCorruptError,
     CacheMissError,
@@ -34,7 +36,7 @@ from vllm_compile_ray.errors import (
     StorePermissionError,
     UnknownModelError,
 )
-from vllm_compile_ray.store import ArtifactStore
+from vllm_compile_ray.cache.store import ArtifactStore
 
 K1 = hashlib.sha256(b"bad-input").hexdigest()
 EAGER = dict(backend="eager", use_inductor=False)
@@ -391,7 +393,7 @@ def tmpfs(path: Path, options: str) -> Iterator[bool]:
 
 def _no_space(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a tmpfs: the staging temp file write fails as a full disk would."""
-    import vllm_compile_ray.store as store_mod
+    import vllm_compile_ray.cache.store as store_mod
     real = store_mod._tmp_write
 
     def full(path: str, data: bytes, fsync: bool) -> str:

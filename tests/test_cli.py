@@ -9,10 +9,12 @@ import sys
 
 import pytest
 
-from vllm_compile_ray import cli, manifest
-from vllm_compile_ray.api import open_store
+from vllm_compile_ray.cli import main as cli
+
+from vllm_compile_ray.cache import manifest
+from vllm_compile_ray.runtime.api import open_store
 from vllm_compile_ray.config import CompilationConfig
-from vllm_compile_ray.warm_summary import WarmSummary
+from vllm_compile_ray.orchestration.warm_summary import WarmSummary
 
 TINY = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu", "--backend", "eager"]
 TINY_INDUCTOR = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu"]
@@ -54,7 +56,7 @@ def test_warm_prints_progress_and_a_short_summary(warm_run) -> None:
 
 def _fake_warm(monkeypatch) -> None:
     """`vcr warm` without Ray: warm() says a progress line and its summary, as the real one."""
-    import vllm_compile_ray.warm  # noqa: F401  (the package's `warm` attribute is the function)
+    import vllm_compile_ray.orchestration.warm  # noqa: F401  (the package's `warm` attribute is the function)
 
     def fake(model, config, progress, **_):
         summary = WarmSummary(model, 1, "fp", total=2, compiled=1, cached=1, failed=0,
@@ -63,7 +65,7 @@ def _fake_warm(monkeypatch) -> None:
         progress("compiled 1/1 compile[a/1]")
         progress(summary.format())
         return summary
-    monkeypatch.setattr(sys.modules["vllm_compile_ray.warm"], "warm", fake)
+    monkeypatch.setattr(sys.modules["vllm_compile_ray.orchestration.warm"], "warm", fake)
 
 
 def test_warm_json_goes_to_stdout_alone(capsys, monkeypatch) -> None:
@@ -256,8 +258,8 @@ def test_max_autotune_leaves_out_what_cannot_ship(monkeypatch) -> None:
     """--max-autotune adds coordinate descent only where its results load complete; asked for
     explicitly where they do not, the compiler refuses it instead of shipping artifacts that
     every rank re-tunes."""
-    from vllm_compile_ray import inductor
-    from vllm_compile_ray.compiler_interface import make_compiler
+    from vllm_compile_ray.compiling import inductor
+    from vllm_compile_ray.compiling.compiler_interface import make_compiler
     from vllm_compile_ray.errors import ConfigError
 
     argv = [*TINY_INDUCTOR, "--max-autotune", "--cache", "/tmp/unused"]

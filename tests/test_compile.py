@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.manager import LoadedPiece
-from vllm_compile_ray.runtime import PieceRunner
+from vllm_compile_ray.runtime.manager import LoadedPiece
+from vllm_compile_ray.runtime.piece_runner import PieceRunner
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_model.py"
 EAGER = dict(backend="eager", use_inductor=False)
@@ -66,7 +66,7 @@ def test_dispatch_exact_then_dynamic_then_fallback(tmp_path: Path) -> None:
 
 
 def _piece_args(runner: PieceRunner, n: int) -> list:
-    from vllm_compile_ray.inductor import example_tensors
+    from vllm_compile_ray.compiling.inductor import example_tensors
     return example_tensors(runner.piece.input_specs, n, "cpu")
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vllm_compile_ray import cpu_time
+from vllm_compile_ray.compiling import cpu_time
 
 BUSY = "import time\nend = time.thread_time() + {s}\nwhile time.thread_time() < end: pass\n"
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import pytest
 
-from vllm_compile_ray import ArtifactStore, manifest
+from vllm_compile_ray import ArtifactStore
+
+from vllm_compile_ray.cache import manifest
 
 pytest.importorskip("ray.job_submission")
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402

@@ -30,12 +30,12 @@ import torch
 import vllm_compile_ray as vcr
 from s3proc import MotoProcess, leftover_files
 from test_signing import ExecAdaptor
-from vllm_compile_ray import signing
-from vllm_compile_ray.api import CompiledModel, key_context, open_store
-from vllm_compile_ray.backend import VcrBackend
+from vllm_compile_ray.cache import signing
+from vllm_compile_ray.runtime.api import CompiledModel, key_context, open_store
+from vllm_compile_ray.runtime.backend import VcrBackend
 from vllm_compile_ray.errors import ArtifactNotFoundError, StoreUnavailableError
-from vllm_compile_ray.manager import CompilerManager
-from vllm_compile_ray.store import ArtifactStore, decode_artifact, encode_artifact
+from vllm_compile_ray.runtime.manager import CompilerManager
+from vllm_compile_ray.cache.store import ArtifactStore, decode_artifact, encode_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "vcr-faults"
@@ -295,8 +295,8 @@ WARM = dict(device_type="cpu", gpus_per_compile=0, cpus_per_compile=0.5, progres
 @pytest.mark.ray
 @pytest.mark.slow
 def test_worker_killed_mid_compile_is_retried_and_counted_once(ray_head, tmp_path) -> None:
-    from vllm_compile_ray.compile_task import Faults
-    from vllm_compile_ray.warm import warm
+    from vllm_compile_ray.orchestration.compile_task import Faults
+    from vllm_compile_ray.orchestration.warm import warm
 
     config = vcr.CompilationConfig(compile_sizes=(2,), compile_dynamic=False,
                                    cache_dir=str(tmp_path / "cache"), **EAGER)
@@ -375,8 +375,8 @@ def test_driver_killed_mid_run_resumes_with_only_the_missing(ray_head, tmp_path)
 RACER = """
 import json, sys
 from vllm_compile_ray import CompilationConfig
-from vllm_compile_ray.compile_task import Faults
-from vllm_compile_ray.warm import warm
+from vllm_compile_ray.orchestration.compile_task import Faults
+from vllm_compile_ray.orchestration.warm import warm
 address, url, opts, staging, out = sys.argv[1:6]
 config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(2,),
                            compile_dynamic=False, cache_dir=url,
@@ -414,8 +414,8 @@ def test_two_warm_jobs_racing_publish_each_key_once(ray_head, s3: MotoProcess, t
 
 @pytest.mark.ray
 def test_signed_warm_run_signs_every_artifact_and_manifest_row(ray_head, tmp_path) -> None:
-    from vllm_compile_ray import manifest
-    from vllm_compile_ray.warm import warm
+    from vllm_compile_ray.cache import manifest
+    from vllm_compile_ray.orchestration.warm import warm
 
     priv, pub = str(tmp_path / "warm.pem"), str(tmp_path / "gpu.pub.pem")
     signer = signing.generate_ed25519_keypair(priv, pub)

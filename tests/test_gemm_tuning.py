@@ -11,10 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_compile_ray import CompilationConfig, autotune_cache, gemm_tuning, models
-from vllm_compile_ray.api import example_args, key_context
-from vllm_compile_ray.compiler_interface import make_compiler
-from vllm_compile_ray.plan import capture, plan_graph
+from vllm_compile_ray import CompilationConfig, models
+
+from vllm_compile_ray.compiling import autotune_cache
+
+from vllm_compile_ray.orchestration import gemm_tuning
+from vllm_compile_ray.runtime.api import example_args, key_context
+from vllm_compile_ray.compiling.compiler_interface import make_compiler
+from vllm_compile_ray.planning.plan import capture, plan_graph
 
 
 def llama_tasks(sizes: tuple[int, ...] = (8, 16), dynamic: bool = True, layers: int = 3):
@@ -140,7 +144,7 @@ def test_failed_autotune_choices_are_counted_not_logged() -> None:
 
     from torch._inductor import select_algorithm
 
-    from vllm_compile_ray import inductor_metrics
+    from vllm_compile_ray.compiling import inductor_metrics
 
     assert f'"{inductor_metrics.AUTOTUNE_FAILURE_MSG}"' in inspect.getsource(select_algorithm)
     assert select_algorithm.log.name == inductor_metrics.AUTOTUNE_FAILURE_LOGGER

@@ -4,7 +4,7 @@ import gc
 
 import pytest
 
-from vllm_compile_ray import heap
+from vllm_compile_ray.compiling import heap
 
 
 @pytest.fixture

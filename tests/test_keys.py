@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray import inductor
-from vllm_compile_ray.api import example_args, plan_model
+from vllm_compile_ray.compiling import inductor
+from vllm_compile_ray.runtime.api import example_args, plan_model
 from vllm_compile_ray.keys import piece_key
 
 CPU_FP = None
@@ -60,7 +60,7 @@ def test_meta_plan_keys_equal_cpu_model_keys() -> None:
 def test_same_keys_in_a_fresh_process() -> None:
     code = (
         "import json, vllm_compile_ray as vcr\n"
-        "from vllm_compile_ray.api import plan_model, example_args\n"
+        "from vllm_compile_ray.runtime.api import plan_model, example_args\n"
         "m = vcr.models.build('llama-tiny', device='meta', num_layers=4)\n"
         "p = plan_model(m, vcr.CompilationConfig(compile_sizes=[1, 2, 4]), device_type='cpu')\n"
         "print(json.dumps(p.keys))\n")

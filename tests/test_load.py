@@ -20,10 +20,10 @@ import torch.multiprocessing as mp
 
 import vllm_compile_ray as vcr
 from vllm_compile_ray.errors import ConfigError
-from vllm_compile_ray.load import (StartupReport, check_device, format_reports, push_report,
+from vllm_compile_ray.runtime.load import (StartupReport, check_device, format_reports, push_report,
                                    rank_device_env)
-from vllm_compile_ray.staging import SharedStaging
-from vllm_compile_ray.store import ArtifactStore
+from vllm_compile_ray.cache.staging import SharedStaging
+from vllm_compile_ray.cache.store import ArtifactStore
 
 EAGER = dict(backend="eager", use_inductor=False)
 SIZES = (3, 4, 7)  # 4: static artifact; 3, 7: the dynamic one
@@ -111,7 +111,7 @@ def test_kernel_work_counts_what_startup_compiles_and_tunes() -> None:
     from torch._inductor import cpp_builder
     from torch._inductor.runtime import triton_heuristics
 
-    from vllm_compile_ray import inductor_metrics
+    from vllm_compile_ray.compiling import inductor_metrics
 
     for name in inductor_metrics._AUTOTUNE_TIMERS:
         assert f'"{name}"' in inspect.getsource(triton_heuristics), name
@@ -208,7 +208,7 @@ def test_on_miss_compile_compiles_locally_without_publishing(tmp_path: Path) -> 
 
 
 def test_manifest_keys_are_fetched_while_tracing(tmp_path: Path) -> None:
-    manifest = pytest.importorskip("vllm_compile_ray.manifest")
+    manifest = pytest.importorskip("vllm_compile_ray.cache.manifest")
     model = vcr.models.build("llama-tiny", tp_size=2, rank=1, num_layers=2)
     cfg = vcr.CompilationConfig(cache_dir=f"file://{tmp_path}/cache", compile_sizes=[4],
                                 staging_dir=str(tmp_path / "stage"), on_miss="error", **EAGER)
@@ -356,7 +356,7 @@ def test_tp2_ranks_pull_inductor_artifacts(tmp_path: Path, s3_bucket: str,
 @pytest.mark.ray
 def test_report_reaches_the_stats_actor(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
-    from vllm_compile_ray.stats import get_stats_actor
+    from vllm_compile_ray.orchestration.stats import get_stats_actor
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:

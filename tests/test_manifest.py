@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from vllm_compile_ray import manifest
-from vllm_compile_ray.store import ArtifactStore
+from vllm_compile_ray.cache import manifest
+from vllm_compile_ray.cache.store import ArtifactStore
 
 FP = {"torch": "2.13.0", "device_type": "cpu", "isa": "avx2"}
 

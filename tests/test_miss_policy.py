@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.artifact import encode_artifact
-from vllm_compile_ray.compiler_interface import EagerAdaptor
+from vllm_compile_ray.cache.artifact import encode_artifact
+from vllm_compile_ray.compiling.compiler_interface import EagerAdaptor
 
 EAGER = dict(backend="eager", use_inductor=False)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vllm_compile_ray import CompilationConfig
-from vllm_compile_ray.warm import warm
+from vllm_compile_ray.orchestration.warm import warm
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

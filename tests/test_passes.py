@@ -4,9 +4,9 @@ import pytest
 import torch.fx as fx
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.passes import CallableInductorPass, InductorPass, PostGradPassManager
+from vllm_compile_ray.compiling.passes import CallableInductorPass, InductorPass, PostGradPassManager
 from test_keys import CFG, cpu_fingerprint
-from vllm_compile_ray.api import example_args, plan_model
+from vllm_compile_ray.runtime.api import example_args, plan_model
 
 
 class CountNodes(InductorPass):

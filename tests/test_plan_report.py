@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_compile_ray import CompilationConfig, models, plan_model
-from vllm_compile_ray.plan_report import plan_report, total_params, warm_command
+from vllm_compile_ray.planning.plan_report import plan_report, total_params, warm_command
 
 DATA = Path(__file__).parent / "data" / "configs"
 

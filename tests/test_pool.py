@@ -10,12 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig, cli
-from vllm_compile_ray import pool as compile_pool
-from vllm_compile_ray.api import open_store
-from vllm_compile_ray.compile_task import Faults
+from vllm_compile_ray import CompilationConfig
+
+from vllm_compile_ray.cli import main as cli
+from vllm_compile_ray.orchestration import pool as compile_pool
+from vllm_compile_ray.runtime.api import open_store
+from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.errors import ConfigError
-from vllm_compile_ray.warm import warm
+from vllm_compile_ray.orchestration.warm import warm
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -77,7 +79,7 @@ def test_a_run_without_the_pool_says_that_it_holds_resources(pool, tmp_path, cap
     spec = compile_pool.PoolSpec("cpu", "eager", gpus=0.5, cpus=0.5)
     ray.get([ref for _, ref in compile_pool.up(spec, 1)])
     config = eager(str(tmp_path)).replace(compile_sizes=(1,), compile_dynamic=False)
-    with caplog.at_level("WARNING", logger="vllm_compile_ray.warm"):
+    with caplog.at_level("WARNING", logger="vllm_compile_ray.orchestration.warm"):
         summary = warm("llama-tiny", config, max_in_flight=2, progress=None, **SLOT)
     assert summary.ok and summary.compiled == 3
     assert "1 compile workers of a standing pool hold their resources" in caplog.text
@@ -165,12 +167,12 @@ def test_cli_starts_shows_and_stops_the_pool(pool, tmp_path, capsys) -> None:
 
 
 def _cpu_fingerprint() -> dict[str, str]:
-    from vllm_compile_ray.inductor import environment_fingerprint
+    from vllm_compile_ray.compiling.inductor import environment_fingerprint
     return environment_fingerprint("cpu")
 
 
 def test_idle_workers_take_turns_across_gpus() -> None:
-    from vllm_compile_ray.dispatch import _spread
+    from vllm_compile_ray.orchestration.dispatch import _spread
 
     workers = [f"w{i}" for i in range(7)]  # any hashable stands in for an actor handle
     places = {w: ("node", (str(i // 3),)) for i, w in enumerate(workers)}  # GPU 0,0,0,1,1,1,2

@@ -18,8 +18,10 @@ import pytest
 import torch
 import torch.fx as fx
 
-from vllm_compile_ray import inductor, retarget
-from vllm_compile_ray.compiler_interface import cuda_index
+from vllm_compile_ray.compiling import inductor
+
+from vllm_compile_ray.compiling import retarget
+from vllm_compile_ray.compiling.compiler_interface import cuda_index
 
 from test_autotune_ship import BEST, tuning_bytes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_compile_ray.sizing import NodeResources, fits, gpu_fraction, size_compiles
+from vllm_compile_ray.orchestration.sizing import NodeResources, fits, gpu_fraction, size_compiles
 
 GiB = 2**30
 H200_HOST = NodeResources(cpus=16, gpus=1, memory=90 * GiB)  # the measured 1xH200 host
@@ -78,7 +78,7 @@ def test_cpu_requests_and_bad_arguments() -> None:
 
 def test_cluster_sizing_reads_ray_nodes_and_names_what_is_missing() -> None:
     from vllm_compile_ray.errors import ClusterResourceError
-    from vllm_compile_ray.warm import _Request, cluster_sizing
+    from vllm_compile_ray.orchestration.warm import _Request, cluster_sizing
 
     nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0, "memory": 90.0 * GiB}},
              {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0, "memory": 90.0 * GiB,

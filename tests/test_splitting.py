@@ -4,9 +4,9 @@ import torch
 from torch.library import custom_op
 
 from vllm_compile_ray import CompilationConfig
-from vllm_compile_ray.canonical import canonicalize
-from vllm_compile_ray.plan import capture
-from vllm_compile_ray.splitting import split_graph
+from vllm_compile_ray.planning.canonical import canonicalize
+from vllm_compile_ray.planning.plan import capture
+from vllm_compile_ray.planning.splitting import split_graph
 
 
 @custom_op("vcrtest::mix", mutates_args=())
@@ -104,7 +104,7 @@ def test_compiled_toy_matches_eager_with_eager_backend(tmp_path) -> None:
 
 def split_module_reference(gm, ops, monkeypatch):
     """split_graph through torch's split_module (the splitter's fallback) for comparison."""
-    from vllm_compile_ray import splitting
+    from vllm_compile_ray.planning import splitting
 
     with monkeypatch.context() as m:
         m.setattr(splitting, "_split_by_structure", lambda *args: None)
@@ -113,7 +113,7 @@ def split_module_reference(gm, ops, monkeypatch):
 
 def test_splitter_matches_split_module_and_shares_identical_layers(monkeypatch) -> None:
     import vllm_compile_ray as vcr
-    from vllm_compile_ray.api import example_args
+    from vllm_compile_ray.runtime.api import example_args
 
     for gm in (toy_graph(4)[1],
                capture(vcr.models.build("llama-tiny", device="meta", num_layers=4), example_args())):
@@ -149,7 +149,7 @@ def test_split_graph_computes_what_the_graph_computes() -> None:
 
 
 def test_graphs_with_global_state_use_split_module() -> None:
-    from vllm_compile_ray.splitting import _split_by_structure
+    from vllm_compile_ray.planning.splitting import _split_by_structure
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from vllm_compile_ray.counters import CompilationCounter
-from vllm_compile_ray.monitor import PerformanceMonitor
-from vllm_compile_ray.stats import CompileStats, StatsActor
+from vllm_compile_ray.compiling.counters import CompilationCounter
+from vllm_compile_ray.compiling.monitor import PerformanceMonitor
+from vllm_compile_ray.orchestration.stats import CompileStats, StatsActor
 
 
 def _report(n: int = 1, seconds: float = 2.0) -> tuple[dict, dict]:
@@ -79,10 +79,10 @@ def test_snapshot_sums_the_compile_phases_over_tasks() -> None:
     snap = stats.snapshot()
     # and their CPU seconds (`cpu_time`): rows without them (cached, failed) count nothing
     assert snap["cpu"] == {"cpu_s": 7.0, "child_cpu_s": 0.0, "run_s": 2.0, "runq_s": 0.5}
-    from vllm_compile_ray.stats import cpu_sums
+    from vllm_compile_ray.orchestration.stats import cpu_sums
     assert all(isinstance(v, float) and v == 0.0 for v in cpu_sums([]).values())  # a cached run
     assert snap["phases"] == {"mm_template_autotuning": 4.0, "GraphLowering.run": 2.0}
     assert list(snap["phases"]) == ["mm_template_autotuning", "GraphLowering.run"]  # largest first
     many = [{"phases": {f"p{i}": float(i) for i in range(40)}}]
-    from vllm_compile_ray.stats import top_phases
+    from vllm_compile_ray.orchestration.stats import top_phases
     assert list(top_phases(many, top=3)) == ["p39", "p38", "p37"]

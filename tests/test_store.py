@@ -25,14 +25,14 @@ from vllm_compile_ray.errors import (
     StorePermissionError,
     StoreUnavailableError,
 )
-from vllm_compile_ray.store import (
+from vllm_compile_ray.cache.store import (
     MAGIC,
     Artifact,
     ArtifactStore,
     decode_artifact,
     encode_artifact,
 )
-from vllm_compile_ray.store_errors import translate
+from vllm_compile_ray.cache.store_errors import translate
 
 MakeStore = Callable[..., ArtifactStore]
 

@@ -102,13 +102,13 @@ def both(*checks: Check) -> Check:
 # ---- behaviour checks (cheap: no compile) ---------------------------------------------------
 
 def _retarget_chunks_round_trip(_: Any) -> None:
-    from vllm_compile_ray import retarget
+    from vllm_compile_ray.compiling import retarget
 
     assert retarget._read_chunks(retarget._write_chunks([b"a", b"", b"bc"])) == [b"a", b"", b"bc"]
 
 
 def _retarget_caches_round_trip(factory: Any) -> None:
-    from vllm_compile_ray import retarget
+    from vllm_compile_ray.compiling import retarget
 
     artifact = factory.create("autotune", "ab/cdef.best_config", b"{}")
     # retarget rebuilds entries as type(a)(key, content)
@@ -118,14 +118,14 @@ def _retarget_caches_round_trip(factory: Any) -> None:
 
 
 def _autotune_key_shape(_: Any) -> None:
-    from vllm_compile_ray import retarget
+    from vllm_compile_ray.compiling import retarget
 
     key = retarget.autotune_key("def triton_poi_fused_0(): pass")
     assert re.fullmatch(r"\w\w/\w+\.best_config", key), f"autotune key {key!r}"
 
 
 def _cache_dir_follows_env(cache_dir: Any) -> None:
-    from vllm_compile_ray import retarget
+    from vllm_compile_ray.compiling import retarget
 
     with retarget.cache_dir_for(3):
         inside = cache_dir()
@@ -142,7 +142,7 @@ def _category_names(*names: str) -> Check:
 
 
 def _mark_dynamic_attributes(mark_dynamic: Any) -> None:
-    from vllm_compile_ray import aot
+    from vllm_compile_ray.runtime import aot
 
     t = torch.zeros(4, 3)
     mark_dynamic(t, 0)
@@ -152,14 +152,14 @@ def _mark_dynamic_attributes(mark_dynamic: Any) -> None:
 
 
 def _op_names(_: Any) -> None:
-    from vllm_compile_ray.splitting import op_name
+    from vllm_compile_ray.planning.splitting import op_name
 
     assert op_name(torch.ops.aten.add.Tensor) == "aten::add"  # OpOverload._schema.name
     assert op_name(torch.ops.aten.add) == "aten::add"  # OpOverloadPacket._qualified_op_name
 
 
 def _opdef_module(opdefs: Any) -> None:
-    from vllm_compile_ray.canonical import _OpRef
+    from vllm_compile_ray.planning.canonical import _OpRef
     from vllm_compile_ray.models import ops
 
     ref = _OpRef(torch.ops.vcr.attention.default)
@@ -186,7 +186,7 @@ def _inductor_counter(counters: Any) -> None:
 
 
 def _logger_name(module: Any) -> None:
-    from vllm_compile_ray.inductor_metrics import AUTOTUNE_FAILURE_LOGGER
+    from vllm_compile_ray.compiling.inductor_metrics import AUTOTUNE_FAILURE_LOGGER
 
     assert module.log.name == AUTOTUNE_FAILURE_LOGGER, f"its logger is {module.log.name!r}"
 

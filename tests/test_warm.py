@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_compile_ray import CompilationConfig, manifest, models, plan_model
-from vllm_compile_ray.api import open_store
-from vllm_compile_ray.compile_task import Faults
+from vllm_compile_ray import CompilationConfig, models, plan_model
+
+from vllm_compile_ray.cache import manifest
+from vllm_compile_ray.runtime.api import open_store
+from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.errors import ClusterResourceError
-from vllm_compile_ray.warm import warm
-from vllm_compile_ray.warm_summary import WarmSummary
+from vllm_compile_ray.orchestration.warm import warm
+from vllm_compile_ray.orchestration.warm_summary import WarmSummary
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -74,8 +76,8 @@ def test_tp8_preset_tasks_equal_unique_pieces_times_shapes() -> None:
 def test_a_plan_drafted_before_the_fingerprint_is_keyed_as_a_plan_made_with_it() -> None:
     """warm counts the tasks (to size its slots) before a compile node has the fingerprint, then
     keys the same pieces with it (`Plan.rekeyed`)."""
-    from vllm_compile_ray.api import key_context
-    from vllm_compile_ray.compiler_interface import make_compiler
+    from vllm_compile_ray.runtime.api import key_context
+    from vllm_compile_ray.compiling.compiler_interface import make_compiler
 
     config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 8))
     model = models.build("llama-3-8b", 1, 0, device="meta", num_layers=3)
@@ -92,8 +94,8 @@ def test_a_plan_drafted_before_the_fingerprint_is_keyed_as_a_plan_made_with_it()
 def test_tasks_run_longest_expected_first() -> None:
     """Pieces with more GEMMs first (their max-autotune compiles are the long ones at any size),
     each piece's sizes descending, its dynamic compile last."""
-    from vllm_compile_ray.gemm_tuning import gemm_count
-    from vllm_compile_ray.warm import order_tasks
+    from vllm_compile_ray.orchestration.gemm_tuning import gemm_count
+    from vllm_compile_ray.orchestration.warm import order_tasks
 
     config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 8, 64))
     plan = plan_model(models.build("llama-3-8b", 1, 0, device="meta", num_layers=4), config,
@@ -230,7 +232,7 @@ def test_cuda_default_sizes_slots_from_the_cluster_and_the_plan(ray_local, tmp_p
 def test_capacity_counts_resources_as_ray_does(gpus, cpus, slots) -> None:
     """A GPU fraction below one fits within one GPU, in Ray's units of 1/10000: 4 GPUs hold 8
     tasks of 4/33 GPU each, not 33 (the 33rd waits for a slot)."""
-    from vllm_compile_ray.warm import _Request, cluster_capacity
+    from vllm_compile_ray.orchestration.warm import _Request, cluster_capacity
 
     nodes = [{"Alive": True, "Resources": {"GPU": 4.0, "CPU": 16.0 if cpus == 3 else 64.0}},
              {"Alive": False, "Resources": {"GPU": 8.0, "CPU": 64.0}}]
@@ -283,7 +285,7 @@ def test_compiles_wait_for_started_workers(ray_local, tmp_path) -> None:
     """Slots are free (4) but the two started workers are still starting up: the compiles wait
     for them rather than take the free slots, where Ray would start new worker processes that
     pay the whole start-up inside the compile phase."""
-    from vllm_compile_ray.inductor import environment_fingerprint
+    from vllm_compile_ray.compiling.inductor import environment_fingerprint
 
     summary = warm("llama-tiny", eager(str(tmp_path)), prestart=True, max_in_flight=2,
                    fingerprint=environment_fingerprint("cpu"), progress=None,
@@ -341,7 +343,7 @@ def test_gemm_tuning_runs_before_the_compiles(ray_local, tmp_path) -> None:
     """tune_gemms: the model's one GEMM is tuned by a task of its own, which finishes before the
     compile that needs it starts; the compile installs its timings. A failed tune costs only
     the speed-up: the compile still succeeds."""
-    from vllm_compile_ray import stats
+    from vllm_compile_ray.orchestration import stats
 
     config = CompilationConfig(compile_sizes=(8,), compile_dynamic=False,
                                inductor_compile_config={"max_autotune": True},
@@ -429,7 +431,7 @@ def test_a_transformers_model_warmed_on_meta_loads_with_weights_compiling_nothin
     """The user's path for a transformers model: warm it built on meta (no weights), then a
     rank with real weights loads every piece the warm job published."""
     import hf_models
-    from vllm_compile_ray.load import load
+    from vllm_compile_ray.runtime.load import load
 
     config = eager(str(tmp_path)).replace(compile_sizes=(4,))
     summary = warm(hf_models.build("gemma2", device="meta"), config, model_name="hf-gemma2",

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig, manifest
-from vllm_compile_ray.store import ArtifactStore
-from vllm_compile_ray.warm import warm
+from vllm_compile_ray import CompilationConfig
+
+from vllm_compile_ray.cache import manifest
+from vllm_compile_ray.cache.store import ArtifactStore
+from vllm_compile_ray.orchestration.warm import warm
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

@@ -2,25 +2,25 @@
 shared object-store cache, with Ray fanning compiles out across GPU nodes."""
 
 from . import models
-from .api import CompiledModel, compile, open_store, plan_model
-from .backend import VcrBackend
-from .canonical import CanonicalPiece, InputSpec
-from .compiler_interface import (CompileResult, CompilerInterface, EagerAdaptor,
-                                 InductorStandaloneAdaptor)
+from .cache.store import ArtifactStore
+from .compiling.compiler_interface import (CompileResult, CompilerInterface, EagerAdaptor,
+                                           InductorStandaloneAdaptor)
+from .compiling.counters import CompilationCounter
+from .compiling.monitor import PerformanceMonitor
+from .compiling.passes import InductorPass, PostGradPassManager
 from .config import CompilationConfig
-from .counters import CompilationCounter
 from .errors import (ArtifactCorruptError, ArtifactNotFoundError, CacheMissError, CompileError,
                      ConfigError, StoreError, StorePermissionError, StoreUnavailableError,
                      UnknownModelError, VcrError)
-from .load import StartupReport, load
-from .manager import CompilerManager
-from .monitor import PerformanceMonitor
-from .passes import InductorPass, PostGradPassManager
-from .plan import CompileTask, Plan
-from .splitting import SplitItem, split_graph
-from .store import ArtifactStore
-from .warm import warm
-from .warm_summary import WarmSummary
+from .orchestration.warm import warm
+from .orchestration.warm_summary import WarmSummary
+from .planning.canonical import CanonicalPiece, InputSpec
+from .planning.plan import CompileTask, Plan
+from .planning.splitting import SplitItem, split_graph
+from .runtime.api import CompiledModel, compile, open_store, plan_model
+from .runtime.backend import VcrBackend
+from .runtime.load import StartupReport, load
+from .runtime.manager import CompilerManager
 
 __all__ = [
     "ArtifactCorruptError", "ArtifactNotFoundError", "ArtifactStore", "CacheMissError",

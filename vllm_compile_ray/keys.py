@@ -7,8 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .specs import InputSpec
 from .config import CompilationConfig
+from .specs import InputSpec
 
 KEY_VERSION = 1
 

@@ -1,0 +1,1 @@
+"""The shared artifact cache: the fsspec store, artifacts, manifests, signing, node-local staging."""

@@ -1,0 +1,5 @@
+"""`vcr`: the command line over the library."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Ray orchestration of a warm run: sizing, compile tasks, dispatcher, pool, stats actor."""

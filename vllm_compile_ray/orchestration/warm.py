@@ -1,0 +1,304 @@
+"""`warm`: compile every unique (piece, shape) of a model into the shared cache with Ray.
+
+The driver plans on the meta device (no weights, no GPU), drops what the cache already has,
+submits the rest longest-expected-first with a bounded number in flight, and writes the manifest
+and the stats snapshot. Bytes go from the compile tasks straight to the store.
+
+Its steps, in order: `_checked` (the arguments), `_on_cluster` (sized from the connected
+cluster: `warm_cluster`), `_plan` (`warm_plan`; worker start-ups meanwhile), `_dispatch`
+(`dispatch.Dispatcher`) and `warm_record.record_run` (manifest, stats, summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from ..cache.store import ArtifactStore
+from ..config import CompilationConfig
+from ..errors import ConfigError
+from ..experimental import gpu_sharing as gpu_sharing_mode
+from ..planning import intake
+from ..planning.inputs import ExampleInputs
+from ..planning.intake import ModelSpec
+from ..runtime.api import open_store
+from . import gemm_tuning
+from . import pool as compile_pool
+from .compile_task import Faults, TaskContext, start_worker_remote
+from .dispatch import Dispatcher
+from .stats import get_stats_actor
+from .warm_cluster import TaskRequest as _Request
+from .warm_cluster import cluster_capacity, cluster_sizing, pool_spec  # noqa: F401 (re-exported)
+from .warm_cluster import connect as _connect
+from .warm_plan import draft_plan, keyed, order_tasks
+from .warm_record import Dispatched, Planned, record_run, started_workers
+from .warm_summary import WarmSummary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One warm run's settings, checked: `warm`'s arguments as its steps use them."""
+
+    model: str | ModelSpec
+    name: str
+    config: CompilationConfig
+    store: ArtifactStore
+    tp_size: int
+    num_layers: int | None
+    device_type: str
+    max_retries: int
+    compile_retries: int
+    fingerprint: dict[str, str] | None
+    faults: Faults
+    say: Callable[[str], None]
+    tune_mode: str | None
+    sharing: str
+    pool_idle_timeout_s: float
+
+
+def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, *,
+         tp_size: int = 1, num_layers: int | None = None, model_name: str | None = None,
+         device_type: str = "cuda", address: str | None = None,
+         max_in_flight: int | None = None, gpus_per_compile: float | None = None,
+         cpus_per_compile: float = 1.0, resources: dict[str, float] | None = None,
+         max_retries: int = 3, compile_retries: int = 1,
+         fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
+         faults: Faults | None = None, prestart: bool | None = None,
+         tune_gemms: bool | str = False, pool: bool = False,
+         pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
+         gpu_sharing: str = "time-slice",
+         progress: Callable[[str], None] | None = print,
+         example_inputs: ExampleInputs | None = None) -> WarmSummary:
+    """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
+
+    model: a preset name, a config.json or its directory, an entry point "package.module:function"
+    (built on meta; see `intake`) or an nn.Module (named by `model_name`; a transformers model
+    works as it is). example_inputs(num_tokens, device) makes a call of an nn.Module (default
+    `inputs.default_example_inputs`).
+    device_type: the compile target ("cuda", or "cpu" for CPU compiles and fake-GPU tests).
+    gpus_per_compile: GPU fraction per task; several compiles share a GPU. None: on cpu 0; on
+    cuda sized from the cluster and the plan (`sizing.size_compiles`: one compile per CPU core
+    of each GPU node, within its memory, no more than the tasks; measured fastest on one H200
+    host), and max_in_flight (None) follows. cpus_per_compile also sets Inductor's compile
+    threads in the task.
+    max_retries: Ray retries of a task whose worker died; compile_retries: retries of a compile
+    that raised. A compile running past `config.max_compile_time` is cancelled ("timed_out").
+    address: a Ray cluster; None connects to RAY_ADDRESS or starts Ray in-process (and stops it).
+    fingerprint: the target environment fingerprint; None asks a compile node for it.
+    faults: test hooks (see `compile_task.Faults`).
+    prestart: start the compile workers (imports, compile pool, fingerprint, on CUDA a tiny
+    warm-up compile) while the driver plans; None:
+    with the inductor backend (eager compiles take milliseconds: there a worker per slot started
+    ahead would mostly add start-ups a small run never needs).
+    tune_gemms: tune each unique GEMM problem as a task of its own (`gemm_tuning`): False
+    (default), "ahead" (or True: before the compiles that use it, timings handed to them) or
+    "alongside" (at the same time; a node's compiles wait for its tunes' timings, so one piece's
+    GEMMs are benchmarked side by side; give it slots for tunes and compiles together). Both
+    measured slower than none on 4×H200 (benchmarks/RESULTS.md).
+    pool: compile in the cluster's standing pool of compile workers (`pool`: detached actors,
+    one per compile slot, that keep their started process between runs), starting the ones it
+    lacks and leaving them up for the next run until pool_idle_timeout_s without work or
+    `vcr pool down`. A later run starts compiling without the workers' start-up; the pool holds
+    its GPU fractions and CPUs while it is up (sized from the cluster alone, not the tasks, as
+    `vcr pool up` sizes it). With Ray started in-process it ends with it.
+    gpu_sharing: how the compiles on one GPU share it: "time-slice" (CUDA's default) or "mps"
+    (through each node's NVIDIA MPS daemon, started if the node runs none: `gpu_sharing`).
+    """
+    config = config or CompilationConfig()
+    sized = gpus_per_compile is None and device_type == "cuda"
+    request, sharing, tune_mode = _checked(config, device_type, gpus_per_compile,
+                                           cpus_per_compile, resources, gpu_sharing, tune_gemms,
+                                           max_in_flight)
+    name = model if isinstance(model, str) else (model_name or type(model).__name__)
+    if isinstance(model, str):
+        intake.check(model)  # an unknown model fails before Ray starts
+    else:
+        model = ModelSpec(model, example_inputs)
+    store = open_store(config)
+    store.check_access(write=True)  # a wrong bucket or credentials fail here, not in every task
+    run = _Run(model, name, config, store, tp_size, num_layers, device_type, max_retries,
+               compile_retries, fingerprint, faults or Faults(), progress or (lambda line: None),
+               tune_mode, sharing, pool_idle_timeout_s)
+    owned = _connect(address, runtime_env)
+    try:
+        ends_here = owned and not address and not os.environ.get("RAY_ADDRESS")
+        return _on_cluster(run, request, sized, max_in_flight, prestart, pool, runtime_env,
+                           ends_here)
+    finally:
+        if owned:
+            if sharing == "mps":
+                gpu_sharing_mode.stop_all()
+            ray.shutdown()
+
+
+def _checked(config: CompilationConfig, device_type: str, gpus_per_compile: float | None,
+             cpus_per_compile: float, resources: dict[str, float] | None, gpu_sharing: str,
+             tune_gemms: bool | str, max_in_flight: int | None
+             ) -> tuple[_Request, str, str | None]:
+    """`warm`'s arguments checked (ConfigError naming the bad one): one compile task's request
+    (gpus 0 when None: on cuda sized once connected), the GPU sharing and GEMM tuning modes."""
+    if device_type not in ("cuda", "cpu"):
+        raise ConfigError(f"device_type={device_type!r} is invalid: allowed 'cuda', 'cpu'")
+    if gpus_per_compile is None:
+        gpus_per_compile = 0.0  # cuda: sized once connected
+    if gpus_per_compile < 0 or cpus_per_compile < 0:
+        raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
+                          f"{cpus_per_compile!r} are invalid: must be >= 0")
+    sharing = gpu_sharing_mode.check(gpu_sharing, device_type)
+    tune_mode = _tune_mode(tune_gemms)
+    if tune_mode and config.backend != "inductor":
+        raise ConfigError(f"tune_gemms={tune_gemms!r} needs the inductor backend (GEMM autotuning "
+                          f"is Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
+                          "backend='inductor'")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
+    request = _Request(float(gpus_per_compile), float(cpus_per_compile), dict(resources or {}))
+    return request, sharing, tune_mode
+
+
+def _tune_mode(tune_gemms: bool | str) -> str | None:
+    """None (no GEMM tuning), "ahead" or "alongside" from `warm(tune_gemms=...)`."""
+    modes = {False: None, "off": None, True: "ahead", "ahead": "ahead", "alongside": "alongside"}
+    try:
+        return modes[tune_gemms]
+    except (KeyError, TypeError):
+        raise ConfigError(f"tune_gemms={tune_gemms!r} is invalid: allowed False/'off', "
+                          "True/'ahead', 'alongside'") from None
+
+
+def _on_cluster(run: _Run, request: _Request, sized: bool, max_in_flight: int | None,
+                prestart: bool | None, pool: bool, runtime_env: dict | None,
+                ends_here: bool) -> WarmSummary:
+    """Size the compile slots from the connected cluster and warn about what holds it, then
+    `_warm`. ends_here: Ray was started in this process (a pool ends with it)."""
+    if sized:  # from the cluster now (the pool, the first worker), the tasks after capture
+        sizing = cluster_sizing(request)
+        request = dataclasses.replace(request, gpus=sizing.gpus_per_compile)
+        if pool:
+            run.say(sizing.describe())
+    capacity = cluster_capacity(request)
+    if "://" not in run.store.url or run.store.url.startswith("file://"):
+        if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+            logger.warning("cache %s is a local path: every node must see the same "
+                           "filesystem there (use s3:// or a shared mount)", run.store.url)
+    if prestart is None:
+        prestart = run.config.backend == "inductor"
+    workers = min(max_in_flight or capacity, capacity) if prestart or pool else 0
+    spec = None
+    standing = [] if pool else compile_pool.names()
+    if standing:
+        logger.warning("%d compile workers of a standing pool hold their resources (%s...): "
+                       "this run's tasks get what is left; use pool=True (--pool) to compile "
+                       "in them, or stop them (`vcr pool down`)", len(standing), standing[0])
+    if pool:
+        if ends_here:
+            logger.warning("pool=True with Ray started in this process: the pool ends with "
+                           "this call (give address= to keep it on a cluster)")
+        spec = pool_spec(run.config, run.device_type, request.gpus, request.cpus,
+                         request.resources, runtime_env, run.sharing)
+    resize = sized and not pool
+    return _warm(run, request, max_in_flight if resize else max_in_flight or 2 * capacity,
+                 workers, spec, resize)
+
+
+def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int,
+          spec: compile_pool.PoolSpec | None = None, resize: bool = False) -> WarmSummary:
+    """Plan, compile and record. prestart: compile workers to start ahead (in the pool of
+    `spec` when given). resize: size the slots again with the plan's task count
+    (`cluster_sizing`) before starting the workers; max_in_flight None then follows the slots."""
+    run_id = uuid.uuid4().hex[:12]
+    t0 = time.perf_counter()
+    # Created now, its process starts while the driver plans: the first compile tasks would
+    # otherwise wait seconds for it (measured: 8 s on a busy 16-core GPU host).
+    stats = get_stats_actor()
+    starts_at = time.time()
+    members = compile_pool.up(spec, prestart, run.pool_idle_timeout_s,
+                              run.faults.startup_sleep_s) if spec else None
+    planned = _plan(run, request, max_in_flight, prestart, members, resize, run_id, t0)
+    done = _dispatch(run, planned, stats, members, run_id)
+    snap = ray.get(stats.snapshot.remote(run_id))
+    result = record_run(run.store, run.name, run.tp_size, run_id, planned, done, snap, starts_at,
+                        t0)
+    run.say(result.format())
+    return result
+
+
+def _start_workers(run: _Run, request: _Request, count: int, first: bool) -> list[ray.ObjectRef]:
+    """`count` compile worker start-ups; the first of the `first` batch reports as soon as it
+    has the fingerprint (no warm-up compile) when the run has none yet."""
+    return [start_worker_remote.options(name="vcr_start_worker", **request.options()).remote(
+        run.config.backend, request.cpus, run.device_type,
+        warm=not first or i > 0 or run.fingerprint is not None,
+        delay_s=run.faults.startup_sleep_s, sharing=run.sharing) for i in range(count)]
+
+
+def _plan(run: _Run, request: _Request, max_in_flight: int | None, prestart: int,
+          members: list | None, resize: bool, run_id: str, t0: float) -> Planned:
+    """Start the workers and plan meanwhile; what is left to compile, in order."""
+    # Worker start-ups, all at once, so Ray starts that many workers while the driver plans; the
+    # first one's fingerprint keys the plan. They hold the compile slots, so each compile task
+    # waits for a started worker to go idle and runs there (workers are reused: max_calls=0).
+    # The first one reports as soon as it has the fingerprint, without the warm-up compile.
+    # With a pool, its workers (started now, or already up) play that part. When resizing, only
+    # that first one starts now; the rest once capture has counted the tasks (a worker keeps
+    # the GPU of its start-up, so the start-ups must already ask for the final fraction).
+    needed = 1 if run.fingerprint is None else 0
+    starts = [] if members else _start_workers(
+        run, request, needed if resize else max(prestart, needed), first=True)
+    draft = draft_plan(run.model, run.config, run.tp_size, run.num_layers, run.device_type,
+                       run.fingerprint)
+    if resize:
+        sizing = cluster_sizing(request, tasks=len(draft.tasks()))
+        request = dataclasses.replace(request, gpus=sizing.gpus_per_compile)
+        run.say(sizing.describe())
+        max_in_flight = max_in_flight or sizing.slots
+        wanted = min(max_in_flight, sizing.slots) if prestart else 0
+        starts += _start_workers(run, request, max(0, wanted - len(starts)), first=not starts)
+    start_refs = [ref for _, ref in members] if members else starts
+    plan = draft if run.fingerprint is not None else keyed(draft, run.config, run.device_type,
+                                                           start_refs[0])
+    tasks = plan.tasks()
+    present = run.store.contains_many([t.key for t in tasks])
+    todo = order_tasks([t for t in tasks if not present[t.key]])
+    tunes, needs = gemm_tuning.tune_tasks(todo, run.device_type) if run.tune_mode else ([], {})
+    plan_s = time.perf_counter() - t0
+    summary = plan.summary()
+    run.say(f"planned {run.name} tp={run.tp_size}: {summary['unique_pieces']} unique pieces x "
+            f"{len(plan.shapes)} shapes = {len(tasks)} tasks; {len(tasks) - len(todo)} cached, "
+            f"{len(todo)} to compile (fingerprint {plan.key_context.fingerprint_id}, run "
+            f"{run_id}, {plan_s:.1f}s)")
+    if tunes:
+        run.say(f"tuning {len(tunes)} unique GEMM problems x shapes "
+                + ("first" if run.tune_mode == "ahead" else "alongside the compiles"))
+    return Planned(plan, summary, tasks, present, todo, tunes, needs, plan_s, request,
+                   max_in_flight, starts, start_refs)
+
+
+def _dispatch(run: _Run, planned: Planned, stats: ray.actor.ActorHandle, members: list | None,
+              run_id: str) -> Dispatched:
+    """Compile (and tune) what is left, a bounded number in flight; every task's row."""
+    ctx = TaskContext(run_id, run.config, run.store, run.device_type,
+                      planned.plan.key_context.fingerprint_id, run.compile_retries, run.faults,
+                      run.sharing)
+    rows = [{"name": t.name, "key": t.key, "code_id": t.code_id, "shape": str(t.shape),
+             "status": "cached", "seconds": 0.0} for t in planned.tasks if planned.present[t.key]]
+    start, phase_started_at = time.perf_counter(), time.time()
+    refs = planned.start_refs
+    ready = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+    dispatcher = Dispatcher(ctx, stats, planned.request.options(), run.max_retries, run.say)
+    rows += dispatcher.run(planned.todo, planned.max_in_flight, planned.tunes, planned.needs,
+                           alongside=run.tune_mode == "alongside", starts=planned.starts,
+                           pool=members)
+    wall_s = time.perf_counter() - start if planned.todo else 0.0
+    prestarted = started_workers(refs, cancel=not members)
+    return Dispatched(rows, dispatcher.tune_rows, wall_s, phase_started_at, ready, prestarted)

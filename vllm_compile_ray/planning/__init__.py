@@ -1,0 +1,1 @@
+"""Planning: capture a model with dynamo, split it at attention, canonicalize and key the pieces."""

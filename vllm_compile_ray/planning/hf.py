@@ -1,0 +1,143 @@
+"""Hugging Face transformers models: attention through `vcr::attention`, so they split like ours.
+
+    model = AutoModelForCausalLM.from_config(cfg)
+    vcr.hf.prepare(model)   # attention -> vcr::attention; no KV cache; clear error if unsupported
+    compiled = vcr.compile(model, config)
+    compiled(input_ids=ids)  # ids: [batch, seq]; seq is the dynamic dim
+
+`prepare` registers "vcr" with transformers' `AttentionInterface` (the attention function) and
+`AttentionMaskInterface` (mask creation: the op builds its own causal / sliding-window mask) and
+switches the model to it. The op covers causal grouped-query attention with a scale, sliding
+windows (per layer too), logit softcapping and attention sinks. What it cannot express (padding
+or custom masks, bidirectional attention, dropout in training, encoder-decoder models) raises
+`UnsupportedModelError` at trace time, naming the cause.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..models import ops
+
+ATTENTION_NAME = "vcr"
+
+# What the op expresses, for error messages.
+SUPPORTED = ("causal attention", "grouped-query/multi-query heads", "a scale",
+             "sliding windows (all layers or per layer)", "logit softcapping", "attention sinks")
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """True for a transformers PreTrainedModel. Never imports transformers (optional, and slow
+    to import): a model built by it means it is already imported."""
+    module = sys.modules.get("transformers")
+    return module is not None and isinstance(model, module.PreTrainedModel)
+
+
+def register() -> None:
+    """Register "vcr" with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, mask)
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Route `model`'s attention through `vcr::attention` and turn off its KV cache. In place;
+    returns the model. UnsupportedModelError for models the op cannot serve."""
+    if not is_transformers_model(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel; hf.prepare is for "
+            "those (a model of your own calls vcr.models.ops.attention itself)")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model; vcr attention is causal "
+            f"self-attention only (supported: {', '.join(SUPPORTED)})")
+    register()
+    model.set_attn_implementation(ATTENTION_NAME)
+    for sub in (config, *(getattr(config, n) for n in config.sub_configs if hasattr(config, n))):
+        if getattr(sub, "use_cache", None):
+            sub.use_cache = False  # pieces are stateless: HF's KV cache would enter the graph
+    return model
+
+
+def maybe_prepare(model: nn.Module) -> nn.Module:
+    """`prepare` a transformers model not yet switched to vcr attention; others as they are."""
+    if is_transformers_model(model) and \
+            getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
+        prepare(model)
+    return model
+
+
+def mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+    """transformers' mask creation for "vcr": no mask tensor, the op masks by position. A
+    padding mask is refused (the op cannot express it), never dropped."""
+    if attention_mask is not None:
+        raise UnsupportedModelError(
+            "vcr attention got an attention_mask: it computes the causal (and sliding-window) "
+            "mask from positions and cannot express padding or custom masks; call the model "
+            "without attention_mask, on unpadded sequences")
+    return None
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      scaling: float | None = None, dropout: float = 0.0,
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      s_aux: torch.Tensor | None = None, **kwargs: Any
+                      ) -> tuple[torch.Tensor, None]:
+    """transformers' attention function signature. query: [B, Hq, T, D], key/value:
+    [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
+    name = type(module).__name__
+    if attention_mask is not None:
+        mask(attention_mask=attention_mask)
+    if dropout and module.training:
+        raise UnsupportedModelError(f"{name}: attention dropout {dropout} in training mode; "
+                                    "vcr attention is for inference (call model.eval())")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise UnsupportedModelError(f"{name} is bidirectional (is_causal=False); supported: "
+                                    f"{', '.join(SUPPORTED)}")
+    _check_window(module, sliding_window)
+    b, hq, t, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    if scaling is None:
+        scaling = _default_scaling(module, d)
+    sinks = s_aux if s_aux is not None else kwargs.get("sinks")
+    q = query.transpose(1, 2).reshape(b, t, hq * d)
+    k = key.transpose(1, 2).reshape(b, s, hkv * d)
+    v = value.transpose(1, 2).reshape(b, s, hkv * d)
+    out = ops.attention(q, k, v, hq, hkv, d, float(scaling), int(sliding_window or 0),
+                        float(softcap or 0.0), sinks)
+    return out.reshape(b, t, hq, d), None
+
+
+def _default_scaling(module: nn.Module, head_dim: int) -> float:
+    """The scale of models that pass none (GPT-2: scale_attn_weights, and optionally
+    1/(layer_idx+1) with scale_attn_by_inverse_layer_idx)."""
+    scale = head_dim ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
+    if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        scale /= float(module.layer_idx + 1)
+    return scale
+
+
+def _check_window(module: nn.Module, sliding_window: int | None) -> None:
+    """A layer that its config makes a sliding-window layer must pass its window: the op takes
+    the window only from that argument (the mask that would carry it is not built)."""
+    config = getattr(module, "config", None)
+    layer = getattr(module, "layer_idx", None)
+    if config is None or sliding_window:
+        return
+    types = getattr(config, "layer_types", None)
+    declared = getattr(config, "sliding_window", None)
+    sliding = (types[layer] == "sliding_attention") if types and layer is not None else False
+    if declared and sliding:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (layer {layer}) is a sliding-window layer "
+            f"(sliding_window={declared}) but passes no window to its attention function; "
+            f"vcr attention cannot apply it (supported: {', '.join(SUPPORTED)})")

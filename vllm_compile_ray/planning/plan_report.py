@@ -1,0 +1,84 @@
+"""`vcr plan` for people: what the model is, how big each rank is, what the plan compiles, and
+the command that fills the cache. Pure text from a built (meta) model and its Plan."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import models
+from .plan import Plan
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters of `module` (a tied lm_head counted once); a meta model costs nothing."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def total_params(module: nn.Module) -> int | None:
+    """The whole model's parameters: a vcr model's tp=1 build of its config on meta; the module
+    itself when it is not sharded (a transformers model); None when unknown."""
+    if isinstance(getattr(module, "config", None), models.ModelConfig):
+        if getattr(module, "tp_size", 1) == 1:
+            return count_params(module)
+        return count_params(models.build(module.config, device="meta"))
+    return count_params(module) if getattr(module, "tp_size", 1) == 1 else None
+
+
+def warm_command(model: str, tp_size: int, shapes: Sequence[int | str], *, device: str = "cuda",
+                 num_layers: int | None = None, cache: str | None = None) -> str:
+    """The `vcr warm` line that compiles exactly this plan's tasks."""
+    sizes = [s for s in shapes if s != "dynamic"]
+    argv = ["vcr", "warm", "--model", model, "--tp", str(tp_size), "--device", device]
+    if sizes:
+        argv += ["--sizes", ",".join(str(s) for s in sizes)]
+    if "dynamic" not in shapes:
+        argv.append("--no-dynamic")
+    if num_layers is not None:
+        argv += ["--num-layers", str(num_layers)]
+    argv += ["--cache", cache or "URL"]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def plan_report(model: str, module: nn.Module, plan: Plan, *, tp_size: int, device: str = "cuda",
+                num_layers: int | None = None, cache: str | None = None) -> str:
+    """A few lines: architecture, parameters per rank and in total, layers, pieces, tasks and
+    the warm command.
+
+        Qwen3MoeForCausalLM (qwen3-30b-a3b.json), 48 layers, MoE 128 experts top-8
+        parameters: 3.84B per rank x tp 8, 30.53B total (bfloat16: 7.7 GB per rank)
+        plan: 49 pieces, 3 unique x 4 shapes (dynamic, 1, 8, 64) = 12 compile tasks
+        fill the cache: vcr warm --model qwen3-30b-a3b.json --tp 8 ... --cache URL
+    """
+    cfg = getattr(module, "config", None)
+    arch = getattr(cfg, "architecture", None) or type(module).__name__
+    layers = getattr(cfg, "num_hidden_layers", None)
+    head = f"{arch} ({model})" + (f", {layers} layers" if layers else "")
+    if getattr(cfg, "num_experts", 0):
+        head += f", MoE {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
+    if getattr(cfg, "sliding_window", 0):
+        head += f", sliding window {cfg.sliding_window}"
+    per_rank, total = count_params(module), total_params(module)
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    nbytes = per_rank * torch.empty((), dtype=dtype).element_size()
+    params = f"parameters: {_billions(per_rank)} per rank x tp {tp_size}, " + (
+        f"{_billions(total)} total" if total is not None else "total unknown")
+    params += f" ({str(dtype).removeprefix('torch.')}: {nbytes / 1e9:.1f} GB per rank)"
+    summary = plan.summary()
+    shapes = ", ".join(str(s) for s in plan.shapes)
+    lines = [
+        head,
+        params,
+        f"plan: {summary['pieces']} pieces, {summary['unique_pieces']} unique x "
+        f"{len(plan.shapes)} shapes ({shapes}) = {summary['tasks']} compile tasks",
+        "fill the cache: " + warm_command(model, tp_size, plan.shapes, device=device,
+                                          num_layers=num_layers, cache=cache),
+    ]
+    return "\n".join(lines)
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"

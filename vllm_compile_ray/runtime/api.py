@@ -1,0 +1,158 @@
+"""The library calls behind the CLI and the jobs: `compile`, `plan_model`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..cache import signing
+from ..cache.store import ArtifactStore
+from ..compiling import inductor
+from ..compiling.compiler_interface import CompilerInterface, make_compiler
+from ..compiling.counters import CompilationCounter
+from ..compiling.monitor import PerformanceMonitor
+from ..compiling.passes import PostGradPassManager
+from ..config import CompilationConfig
+from ..errors import VcrError
+from ..keys import KeyContext
+from ..planning.hf import maybe_prepare
+from ..planning.inputs import ExampleInputs, example_call, mark_dynamic
+from ..planning.plan import Plan, capture, dynamo_settings, plan_graph, raise_traced_error
+from . import aot
+from .backend import VcrBackend
+from .manager import CompilerManager
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_compile_ray", "cache")
+
+
+def open_store(config: CompilationConfig) -> ArtifactStore:
+    """The config's store, with its signing key loaded (from a file or the environment: here,
+    at the edge; the store then carries the key to Ray tasks)."""
+    signer, verifier = signing.from_config(config)
+    return ArtifactStore(config.cache_dir or DEFAULT_CACHE_DIR, config.storage_options,
+                         staging_dir=config.staging_dir or None, timeout_s=config.store_timeout_s,
+                         signer=signer, verifier=verifier)
+
+
+def key_context(config: CompilationConfig, compiler: CompilerInterface, device_type: str,
+                fingerprint: dict[str, str] | None = None,
+                pass_manager: PostGradPassManager | None = None) -> KeyContext:
+    """fingerprint: the target's environment fingerprint; computed here when None (a driver
+    planning for GPUs it does not have asks a GPU node for it)."""
+    fp = fingerprint if fingerprint is not None else inductor.environment_fingerprint(device_type)
+    uuids = pass_manager.uuids() if pass_manager else []
+    return KeyContext(config, compiler.compute_hash(config), fp, uuids)
+
+
+def model_device(model: torch.nn.Module) -> str:
+    """Where the model's weights are ("cuda:1", "cpu", ...; "cpu" for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return str(tensor.device)
+    return "cpu"
+
+
+def model_device_type(model: torch.nn.Module) -> str:
+    return torch.device(model_device(model)).type
+
+
+class CompiledModel:
+    """A model compiled piecewise through the artifact cache. Call it like the model."""
+
+    def __init__(self, model: torch.nn.Module, backend: VcrBackend):
+        self.model = model
+        self.backend = backend
+        self._compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+        self.traced: Any = None  # `aot` function restored or traced by load(); else dynamo
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.traced is not None:
+            try:
+                with torch.no_grad():
+                    return self.traced(self.model, *args, **kwargs)
+            except RuntimeError as exc:
+                if not aot.is_guard_failure(exc):
+                    raise
+                logger.warning("a call outside the traced function's guards traces the model "
+                               "again: %s", str(exc)[:3000])
+                self.traced = None
+        mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
+        try:
+            with dynamo_settings(), torch.no_grad():
+                return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, VcrError):  # dynamo wraps our errors; hand back the clear one
+                raise inner.with_traceback(None) from None
+            raise
+        except torch._dynamo.exc.Unsupported as exc:
+            raise_traced_error(exc)
+            raise
+
+    @property
+    def counter(self) -> CompilationCounter:
+        return self.backend.manager.counter
+
+    @property
+    def monitor(self) -> PerformanceMonitor:
+        return self.backend.manager.monitor
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.backend.plans[-1] if self.backend.plans else None
+
+
+def compile(model: torch.nn.Module, config: CompilationConfig | None = None, *,
+            store: ArtifactStore | None = None, counter: CompilationCounter | None = None,
+            monitor: PerformanceMonitor | None = None,
+            pass_manager: PostGradPassManager | None = None,
+            model_name: str = "<model>") -> CompiledModel:
+    """Compile `model` piecewise: the first call traces, then loads or compiles every unique
+    (piece, shape) through the cache at `config.cache_dir`. num_tokens is dynamic (`inputs`
+    says which dims carry it). A transformers model is switched to vcr attention (`hf.prepare`)."""
+    config = config or CompilationConfig()
+    model = maybe_prepare(model)
+    device_type = model_device_type(model)
+    if device_type == "meta":
+        raise ValueError("compile() needs a model with weights; use plan_model() for a meta model")
+    compiler = make_compiler(config, pass_manager)
+    context = key_context(config, compiler, device_type, pass_manager=pass_manager)
+    store = store if store is not None else open_store(config)
+    if not config.disable_compile_cache:  # fail here, clearly, not at the first forward
+        store.check_access(write=config.on_miss == "compile_and_publish")
+    # The manager compiles for and loads onto the model's own device (cuda:i included).
+    manager = CompilerManager(config, compiler, store, model_device(model),
+                              context.fingerprint_id, counter, monitor)
+    backend = VcrBackend(config, manager, context, device_type, model_name)
+    return CompiledModel(model, backend)
+
+
+def example_args(num_tokens: int = 8, device: str = "meta") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, positions) for a flat-token model."""
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    return ids, torch.arange(num_tokens, device=device)
+
+
+PLAN_TOKENS = 8  # the trace-time token count; keys never depend on it
+
+
+def plan_model(model: torch.nn.Module, config: CompilationConfig, *, device_type: str = "cuda",
+               fingerprint: dict[str, str] | None = None, args: Sequence[Any] | None = None,
+               example_inputs: ExampleInputs | None = None,
+               pass_manager: PostGradPassManager | None = None) -> Plan:
+    """Plan without compiling: capture (a meta model works), split, canonicalize, key for
+    `device_type`. Keys equal those `compile()` computes on a device of that fingerprint.
+    example_inputs(num_tokens, device) makes the call (default `inputs.default_example_inputs`);
+    `args` is a fixed positional call."""
+    model = maybe_prepare(model)
+    compiler = make_compiler(config, pass_manager)
+    context = key_context(config, compiler, device_type, fingerprint, pass_manager)
+    call_args, call_kwargs = (tuple(args), {}) if args is not None else example_call(
+        model, example_inputs, PLAN_TOKENS, model_device(model))
+    gm = capture(model, call_args, call_kwargs, config.dynamic_dims)
+    return plan_graph(gm, config, context, device_type)
