@@ -87,9 +87,6 @@ def parse_args() -> argparse.Namespace:
                    help="threads each compile task gives max-autotune's GEMM template "
                         "precompilation, one value or one per --workers entry: 'all' (Inductor's "
                         "default: every core of the node), 'cpus' (the task's CPUs) or a number")
-    p.add_argument("--tune-gemms", default="off",
-                   help="GEMM tuning tasks: off, ahead (or on) or alongside the compiles, one value "
-                        "or one per --workers entry, e.g. --workers 33,80 --tune-gemms off,alongside")
     p.add_argument("--pool", default="off",
                    help="off, or on: the run compiles in a standing pool of compile workers "
                         "(`warm(pool=True)`) started and warmed up before it (its start is timed "
@@ -174,7 +171,7 @@ def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
 
 
 def run_settings(args: argparse.Namespace) -> list[tuple]:
-    """(workers, cpus per compile, precompile threads, GEMM tuning, pool, GPU sharing) of each
+    """(workers, cpus per compile, precompile threads, pool, GPU sharing) of each
     Ray run, one per --workers entry."""
     workers = [int(w) for w in args.workers.split(",")]
     n = len(workers)
@@ -183,17 +180,14 @@ def run_settings(args: argparse.Namespace) -> list[tuple]:
             if args.cpus_per_compile else [None] * n)
     precompile = per_run(args.precompile_threads, n, "--precompile-threads",
                          "'all', 'cpus' or a number", lambda p: p in ("all", "cpus") or p.isdigit())
-    tune = ["ahead" if t == "on" else t for t in per_run(
-        args.tune_gemms, n, "--tune-gemms", "off, ahead (or on) or alongside",
-        lambda t: t in ("off", "on", "ahead", "alongside"))]
     pools = per_run(args.pool, n, "--pool", "off or on", lambda v: v in ("off", "on"))
     sharing = per_run(args.gpu_sharing, n, "--gpu-sharing", "time-slice or mps",
                       lambda v: v in ("time-slice", "mps"))
-    return list(zip(workers, cpus, precompile, tune, pools, sharing))
+    return list(zip(workers, cpus, precompile, pools, sharing))
 
 
 def ray_run(args: argparse.Namespace, base: CompilationConfig, root: str, i: int, runs: int,
-            n: int, c: float | None, pre: str, tg: str, pl: str, gs: str) -> dict:
+            n: int, c: float | None, pre: str, pl: str, gs: str) -> dict:
     """Ray run `i` of `runs` (`warm`, with a cold Inductor cache of its own), its row."""
     resources = per_compile(args, n, c)
     env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, f"ray-inductor-{i}")}
@@ -207,13 +201,13 @@ def ray_run(args: argparse.Namespace, base: CompilationConfig, root: str, i: int
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
                        tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
                        address=args.address, max_in_flight=n, runtime_env=runtime_env,
-                       tune_gemms=tg, pool=pl == "on", gpu_sharing=gs,
+                       pool=pl == "on", gpu_sharing=gs,
                        progress=lambda line: print(line, flush=True), **resources)
     finally:
         if pl == "on":
             compile_pool.down()
             ray.shutdown()
-    row = run_row(summary, n, resources, pre, tg, pl, gs, pool_start_s)
+    row = run_row(summary, n, resources, pre, pl, gs, pool_start_s)
     print(f"ray run {i + 1}/{runs} ({n} workers, pool {pl}, GPU sharing {gs}, "
           f"precompile threads {pre}): compile phase {summary.wall_s:.1f}s, longest task "
           f"{row['longest_task_s']:.1f}s, plan {summary.plan_s:.1f}s, pool start "

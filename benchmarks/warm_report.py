@@ -38,7 +38,7 @@ def print_phases(serial_phases: dict[str, float], runs: list[dict], top: int = 2
 
 
 def _label(run: dict) -> str:
-    return f"ray {run['workers']}" + ("" if run["tune_gemms"] == "off" else f" {run['tune_gemms']}")
+    return f"ray {run['workers']}"
 
 
 def overhead(summary) -> dict[str, float]:
@@ -84,9 +84,6 @@ def critical_tasks(summary, top: int = 6) -> list[str]:
             f"ran {row.get('run_s', 0.0):.1f}, waited for a core {row.get('runq_s', 0.0):.1f}); "
             f"gc {row.get('gc_s', 0.0):.1f}, "
             + ", ".join(f"{n.split('.')[-1]} {phases.get(n, 0.0):.1f}" for n in _KEY_PHASES))
-    for row in sorted(summary.tune_rows, key=lambda r: -r.get("finished_at", 0))[:3]:
-        lines.append(f"path {row['name']:34} {row.get('started_at', t0) - t0:5.1f}-"
-                     f"{row.get('finished_at', t0) - t0:5.1f}s tune {row.get('seconds', 0):5.1f}s")
     return lines
 
 
@@ -120,17 +117,14 @@ def workers_per_gpu(rows: list[dict]) -> dict[str, int]:
     return {gpu: len(p) for gpu, p in sorted(pids.items())}
 
 
-def run_row(summary, workers: int, resources: dict[str, float], precompile: str, tune: str,
+def run_row(summary, workers: int, resources: dict[str, float], precompile: str,
             pool: str, gpu_sharing: str, pool_start_s: float) -> dict:
     """One Ray run's results from its WarmSummary: the JSON line's fields, its compile phase's
     window (for the utilization sampler) and the lines printed about its slowest tasks."""
     return {"workers": workers, **resources, "precompile_threads": precompile,
-            "tune_gemms": tune, "pool": pool, "gpu_sharing": gpu_sharing,
+            "pool": pool, "gpu_sharing": gpu_sharing,
             "pool_start_s": pool_start_s, "cpu": cpu_sums(summary.rows),
             "pool_reused": summary.pool_reused,
-            "tuned": summary.tuned, "tune_s_sum": summary.tune_s_sum,
-            "longest_tune_s": max((r.get("seconds", 0.0) for r in summary.tune_rows),
-                                  default=0.0),
             "gemm_benchmarked_in_compiles": summary.gemm_benchmarked,
             "overhead": overhead(summary), "phases": ray_phases(summary),
             "window": (summary.phase_started_at,
@@ -151,7 +145,6 @@ def run_row(summary, workers: int, resources: dict[str, float], precompile: str,
             "longest_task_s": max((r.get("seconds", 0.0) for r in summary.rows), default=0.0),
             "worker_pids": len({r["pid"] for r in summary.rows if "pid" in r}),
             "workers_per_gpu": workers_per_gpu(summary.rows),
-            "all_workers_per_gpu": workers_per_gpu(summary.rows + summary.tune_rows),
             # printed as lines, not in the JSON:
             "critical": [startups(summary)] + critical_tasks(summary),
             "ok": summary.ok}
@@ -167,19 +160,16 @@ def print_results(common: dict, runs: list[dict], serial_phases: dict[str, float
         print(f"busy in the serial loop: {common['serial_busy']}")
         print_phases(serial_phases, runs)
     for run in runs:
-        print(f"busy in the compile phase of ray {run['workers']} (tune {run['tune_gemms']}, "
-              f"{run['gpu_sharing']}): "
-              f"{run['busy']}; overhead {run['overhead']}; workers per GPU (compiles / all) "
-              f"{run['workers_per_gpu']} / {run['all_workers_per_gpu']}; tasks that ended last "
+        print(f"busy in the compile phase of ray {run['workers']} ({run['gpu_sharing']}): "
+              f"{run['busy']}; overhead {run['overhead']}; workers per GPU "
+              f"{run['workers_per_gpu']}; tasks that ended last "
               "or ran longest:")
         print("\n".join(run["critical"]))
     for run in runs:
         if "ratio_end_to_end" in run:
             print(f"{run['workers']} workers x {run['cpus_per_compile']:g} CPUs (precompile "
                   f"threads: {run['precompile_threads']}, "
-                  f"GEMM tuning {run['tune_gemms']}, GPU sharing {run['gpu_sharing']}: "
-                  f"{run['tuned']} tune tasks, {run['tune_s_sum']:.1f}s, longest "
-                  f"{run['longest_tune_s']:.1f}s; {run['gemm_benchmarked_in_compiles']} GEMMs "
+                  f"GPU sharing {run['gpu_sharing']}: {run['gemm_benchmarked_in_compiles']} GEMMs "
                   f"benchmarked in compiles): end to end serial "
                   f"{common['serial_plan_s'] + common['serial_s']:.1f}s / ray {run['ray_total_s']:.1f}s"
                   f" = {run['ratio_end_to_end']}x; compile phase {common['serial_s']:.1f}s / "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_compile_ray.cli import main as cli
+from vllm_compile_ray.cli import commands as cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

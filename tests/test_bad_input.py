@@ -27,7 +27,7 @@ from vllm_compile_ray import models
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache import signing
 from vllm_compile_ray.runtime.api import open_store
-from vllm_compile_ray.cli.main import main as vcr_main
+from vllm_compile_ray.cli import main as vcr_main
 from vllm_compile_ray.errors import (
     ArtifactCorruptError,
     CacheMissError,

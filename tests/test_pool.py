@@ -12,7 +12,7 @@ import pytest
 
 from vllm_compile_ray import CompilationConfig
 
-from vllm_compile_ray.cli import main as cli
+from vllm_compile_ray.cli import commands as cli
 from vllm_compile_ray.orchestration import pool as compile_pool
 from vllm_compile_ray.runtime.api import open_store
 from vllm_compile_ray.orchestration.compile_task import Faults

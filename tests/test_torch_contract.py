@@ -319,14 +319,14 @@ TOUCHES: list[Touch] = [
     # compile_task.py: imports paid before the first compile
     Touch("torch._inductor.compile_fx", "compile_task (import warm-up)"),
     # autotune_cache.py: GEMM timings shared between a node's workers
-    Touch("torch._inductor.codecache:PersistentCache", "autotune_cache.gemm_timings", call()),
+    Touch("torch._inductor.codecache:PersistentCache", "autotune_cache.share_gemm_timings"),
     Touch("torch._inductor.codecache:PersistentCache.lookup",
           "autotune_cache.share_gemm_timings (wrapped, called positionally)",
           call(S, S, S, S, S, None)),
     Touch("torch._inductor.codecache:CacheBase.get_local_cache",
-          "autotune_cache.gemm_timings / install_gemm_timings", call(S)),
+          "autotune_cache.share_gemm_timings (merged_update)", call(S)),
     Touch("torch._inductor.codecache:CacheBase.update_local_cache",
-          "autotune_cache.install_gemm_timings / share_gemm_timings (wrapped)", call(S, S)),
+          "autotune_cache.share_gemm_timings (wrapped)", call(S, S)),
     Touch("torch._inductor.codecache:get_lock_dir", "autotune_cache.share_gemm_timings", call()),
     Touch("torch._dynamo.utils:counters", "autotune_cache.gemm_benchmarks", _inductor_counter),
     # retarget.py: the standalone binary format and Inductor's caches inside it
@@ -414,7 +414,7 @@ TOUCHES: list[Touch] = [
     Touch("torch.amp:_enter_autocast", "splitting._GLOBAL_STATE"),
     Touch("torch.amp:_exit_autocast", "splitting._GLOBAL_STATE"),
     Touch("torch._C:_set_grad_enabled", "splitting._GLOBAL_STATE"),
-    Touch("torch._C._nn:linear", "gemm_tuning._GEMM_FUNCTIONS"),
+    Touch("torch._C._nn:linear", "warm_plan._GEMM_FUNCTIONS"),
 ]
 
 

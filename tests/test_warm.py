@@ -94,13 +94,12 @@ def test_a_plan_drafted_before_the_fingerprint_is_keyed_as_a_plan_made_with_it()
 def test_tasks_run_longest_expected_first() -> None:
     """Pieces with more GEMMs first (their max-autotune compiles are the long ones at any size),
     each piece's sizes descending, its dynamic compile last."""
-    from vllm_compile_ray.orchestration.gemm_tuning import gemm_count
-    from vllm_compile_ray.orchestration.warm import order_tasks
+    from vllm_compile_ray.orchestration.warm_plan import gemm_count, order_tasks
 
     config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 8, 64))
     plan = plan_model(models.build("llama-3-8b", 1, 0, device="meta", num_layers=4), config,
                       device_type="cpu")
-    gemms = {t.code_id: gemm_count(t.piece) for t in plan.tasks()}
+    gemms = {t.code_id: gemm_count(t.piece.graph) for t in plan.tasks()}
     assert sorted(gemms.values()) == [1, 3, 4]  # first piece (qkv), last (3), layer (4)
     order = [(gemms[t.code_id], t.shape) for t in order_tasks(plan.tasks())]
     assert order == [(g, s) for g in (4, 3, 1) for s in (64, 8, 1, "dynamic")]
@@ -336,94 +335,6 @@ def test_failed_and_timed_out_compiles_are_recorded(ray_local, tmp_path) -> None
     assert sum(line.startswith("TIMED OUT") for line in lines) == 3
     assert not any(open_store(config).contains_many([r["key"] for r in summary.rows]).values())
 
-
-
-@pytest.mark.inductor
-def test_gemm_tuning_runs_before_the_compiles(ray_local, tmp_path) -> None:
-    """tune_gemms: the model's one GEMM is tuned by a task of its own, which finishes before the
-    compile that needs it starts; the compile installs its timings. A failed tune costs only
-    the speed-up: the compile still succeeds."""
-    from vllm_compile_ray.orchestration import stats
-
-    config = CompilationConfig(compile_sizes=(8,), compile_dynamic=False,
-                               inductor_compile_config={"max_autotune": True},
-                               cache_dir=str(tmp_path / "a"))
-    lines: list[str] = []
-    summary = warm(_Tiny(), config, model_name="tiny-gemm", progress=lines.append,
-                   max_in_flight=2, tune_gemms=True, **SLOT)
-    assert summary.ok and (summary.compiled, summary.tuned, summary.tune_failed) == (1, 1, 0)
-    (tune,), (row,) = summary.tune_rows, summary.rows
-    assert tune["name"].startswith("tune[") and tune["name"].endswith("/8]")
-    assert tune["finished_at"] <= row["started_at"]
-    assert row["gemm_benchmarked"] == 0 and "gemm_timings_installed" in row
-    assert any(line.startswith(f"tuned {tune['name']}") for line in lines)
-    assert "GEMM tuning: 1 tuned, 0 failed" in summary.format()
-    recorded = {r["name"] for r in stats.snapshot(summary.run_id)["tasks"]}
-    assert recorded == {tune["name"], row["name"]}
-
-    failing = warm(_Tiny(), config.replace(cache_dir=str(tmp_path / "b")),
-                   model_name="tiny-gemm", progress=None, tune_gemms=True,
-                   faults=Faults(fail="tune[*"), **SLOT)
-    assert failing.ok and (failing.compiled, failing.tuned, failing.tune_failed) == (1, 0, 1)
-    assert "injected compile failure" in failing.tune_rows[0]["error"]
-    assert failing.rows[0]["gemm_timings_installed"] == 0
-
-
-@pytest.mark.inductor
-def test_gemm_tuning_alongside_runs_tunes_and_compiles_at_once(ray_local, tmp_path) -> None:
-    """tune_gemms="alongside": the compile does not wait for its tune (held for 8 s here) and
-    gets no timings from the driver: it finds them in the node's Inductor cache, where the tune
-    benchmarks under the compiles' GEMM locks. The CLI takes the mode by name."""
-    config = CompilationConfig(compile_sizes=(8,), compile_dynamic=False,
-                               inductor_compile_config={"max_autotune": True},
-                               cache_dir=str(tmp_path / "a"))
-    lines: list[str] = []
-    summary = warm(_Tiny(), config, model_name="tiny-gemm", progress=lines.append,
-                   tune_gemms="alongside", faults=Faults(sleep="tune[*", sleep_s=8.0), **SLOT)
-    assert summary.ok and (summary.compiled, summary.tuned, summary.tune_failed) == (1, 1, 0)
-    (tune,), (row,) = summary.tune_rows, summary.rows
-    # The driver submitted the compile before its tune ended ("ahead" submits it only then).
-    # When Ray then starts it is Ray's: in full CI runs on 2 cores the compile twice began just
-    # as its tune ended (8.07 s after the tune began; 0.04 s after it ended), alone it begins
-    # at once.
-    assert row["submitted_at"] < tune["finished_at"] - 4.0
-    assert row["gemm_timings_installed"] == 0
-    assert any("tuning 1 unique GEMM problems x shapes alongside the compiles" in line
-               for line in lines)
-
-
-@pytest.mark.parametrize("value", ["sideways", 2, None])
-def test_gemm_tuning_modes_are_named(tmp_path, value) -> None:
-    from vllm_compile_ray.errors import ConfigError
-
-    config = CompilationConfig(cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ConfigError, match=r"tune_gemms=.* is invalid: allowed False/'off', "
-                                          r"True/'ahead', 'alongside'"):
-        warm("llama-tiny", config, tune_gemms=value, progress=None, **SLOT)
-    assert not (tmp_path / "cache").exists()
-
-
-def test_gemm_tuning_needs_inductor(tmp_path) -> None:
-    from vllm_compile_ray.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="tune_gemms=True needs the inductor backend"):
-        warm("llama-tiny", eager(str(tmp_path / "cache")), tune_gemms=True, progress=None, **SLOT)
-    with pytest.raises(ConfigError, match="tune_gemms='alongside' needs the inductor backend"):
-        warm("llama-tiny", eager(str(tmp_path / "cache")), tune_gemms="alongside", progress=None,
-             **SLOT)
-    assert not (tmp_path / "cache").exists()  # refused before the store or Ray is touched
-
-
-def test_tune_on_a_node_of_another_fingerprint_fails_without_tuning(ray_local, tmp_path) -> None:
-    """Timings measured on another GPU model would mislead the compiles: the tune refuses."""
-    config = CompilationConfig(compile_sizes=(8,), compile_dynamic=False,
-                               inductor_compile_config={"max_autotune": True},
-                               cache_dir=str(tmp_path))
-    summary = warm(_Tiny(), config, model_name="tiny-other", progress=None, tune_gemms=True,
-                   fingerprint={"device_type": "cpu", "isa": "elsewhere"}, **SLOT)
-    (tune,), (row,) = summary.tune_rows, summary.rows
-    assert tune["status"] == "failed" and "environment fingerprint" in tune["error"]
-    assert row["status"] == "failed" and not summary.ok
 
 
 def test_a_transformers_model_warmed_on_meta_loads_with_weights_compiling_nothing(

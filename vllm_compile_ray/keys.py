@@ -47,11 +47,6 @@ def piece_key(code: str, input_specs: Sequence[InputSpec], shape: int | str, con
     })
 
 
-def problem_id(code: str, input_specs: Sequence[InputSpec]) -> str:
-    """Short id of a GEMM problem (a one-matmul graph and its input specs; gemm_tuning.py)."""
-    return digest({"code": code, "inputs": [spec.to_dict() for spec in input_specs]})[:10]
-
-
 def code_id(code: str) -> str:
     """Short id naming a canonical piece in logs, task names and manifests."""
     return hashlib.sha256(code.encode()).hexdigest()[:10]

@@ -1,5 +1,5 @@
 """`vcr`: the command line over the library."""
 
-from .main import main
+from .commands import main
 
 __all__ = ["main"]

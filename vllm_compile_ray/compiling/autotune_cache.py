@@ -1,5 +1,5 @@
-"""Inductor's GEMM autotune cache: timings a tune task measured, installed where a compile's
-GEMM selections look, and shared by the compile workers of a node.
+"""Inductor's GEMM autotune cache shared by the compile workers of a node: one benchmark of a
+GEMM per node, and no worker's write dropping another's timings.
 
 Inductor keeps GEMM timings in one JSON file per cache directory (op -> inputs key -> float32
 matmul precision -> choice hash -> ms), beside other passes' cached decisions. With
@@ -23,56 +23,6 @@ GEMM_LOCK_TIMEOUT_S = 120.0
 # Seconds this process spent in shared GEMM lookups (`share_gemm_timings`): waiting for the lock
 # (another worker benchmarking the same GEMM), and under it (a cache hit, or a benchmark here).
 _LOOKUP_SECONDS = {"wait": 0.0, "select": 0.0}
-
-
-def gemm_timings(compile_fn: Callable[[], Any], private: bool = True
-                 ) -> tuple[dict[str, Any], int]:
-    """Run `compile_fn` (one compile) in a fresh, private Inductor cache; return the GEMM autotune
-    timings Inductor recorded there (its local autotune cache: op -> inputs key -> float32
-    matmul precision -> choice hash -> ms) and how many GEMM selections it benchmarked.
-
-    private=False compiles in this process's Inductor cache instead, shared with the node's
-    compile workers (`share_gemm_timings`): the timings stay there, where their GEMM lookups
-    read them, and none are returned."""
-    from torch._inductor.codecache import PersistentCache
-    from torch._inductor.utils import fresh_cache
-
-    before = gemm_benchmarks()
-    if not private:
-        share_gemm_timings()
-        compile_fn()
-        return {}, gemm_benchmarks() - before
-    with fresh_cache():
-        compile_fn()
-        timings = PersistentCache().get_local_cache()
-    return timings, gemm_benchmarks() - before
-
-
-def install_gemm_timings(timings: dict[str, Any]) -> int:
-    """Merge `gemm_timings` results into this process's Inductor autotune cache, where the next
-    compile's GEMM selections look first; returns how many choice timings were new."""
-    from torch._inductor.codecache import PersistentCache
-
-    cache = PersistentCache()
-    local = cache.get_local_cache()
-    added = merge_timings(local, timings)
-    if added:
-        cache.update_local_cache(local)
-    return added
-
-
-def merge_timings(into: dict[str, Any], timings: dict[str, Any]) -> int:
-    """Add the choice timings of `timings` missing from `into` (both `gemm_timings` results);
-    returns how many were added."""
-    added = 0
-    for op, by_inputs in timings.items():
-        for inputs, by_precision in by_inputs.items():
-            for precision, by_choice in by_precision.items():
-                have = into.setdefault(op, {}).setdefault(inputs, {}).setdefault(precision, {})
-                new = {c: t for c, t in by_choice.items() if c not in have}
-                have.update(new)
-                added += len(new)
-    return added
 
 
 def share_gemm_timings() -> None:
@@ -136,12 +86,6 @@ def _merge_nested(into: dict[str, Any], new: dict[str, Any]) -> None:
             _merge_nested(into[key], value)
         else:
             into[key] = value
-
-
-def count_timings(timings: dict[str, Any]) -> int:
-    """How many choice timings a `gemm_timings` result holds."""
-    return sum(len(by_choice) for by_inputs in timings.values()
-               for by_precision in by_inputs.values() for by_choice in by_precision.values())
 
 
 def gemm_lookup_seconds() -> dict[str, float]:

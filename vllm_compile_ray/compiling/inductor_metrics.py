@@ -37,7 +37,7 @@ def phase_times() -> Iterator[dict[str, float]]:
 # smaller than the templates assume ("No valid triton configs. OutOfResources: out of resource:
 # shared memory ..."), dozens of full tracebacks per compile in a job log, though the choice is
 # only skipped. Checked on torch 2.11 and 2.13 (select_algorithm.py, precompile's
-# `wait_on_futures`); tests/test_gemm_tuning.py fails when the message moves.
+# `wait_on_futures`); tests/test_autotune_cache.py fails when the message moves.
 AUTOTUNE_FAILURE_LOGGER = "torch._inductor.select_algorithm"
 AUTOTUNE_FAILURE_MSG = "Exception %s for benchmark choice %s"
 

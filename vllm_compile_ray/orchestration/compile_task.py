@@ -30,7 +30,7 @@ from ..experimental import gpu_sharing
 from ..keys import fingerprint_hash
 from ..planning.canonical import CanonicalPiece
 from ..runtime.manager import CompilerManager
-from . import gemm_tuning, metrics
+from . import metrics
 from .stats import get_stats_actor
 
 
@@ -204,12 +204,10 @@ def _where() -> dict[str, Any]:
 
 
 def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: str,
-                  shape: int | str, gemm_timings: dict[str, Any] | None = None) -> dict[str, Any]:
+                  shape: int | str) -> dict[str, Any]:
     """Compile one (piece, shape), publish it, report to the stats actor; returns its row.
 
-    gemm_timings: autotune timings of the piece's GEMMs from the run's tune tasks
-    (`gemm_tuning`), installed in this worker's Inductor cache before compiling. The row counts
-    the GEMM selections the compile still benchmarked itself ("gemm_benchmarked"), the seconds it
+    The row counts the GEMM selections the compile benchmarked ("gemm_benchmarked"), the seconds it
     waited for other workers' benchmarks of the same GEMMs ("gemm_wait_s") and spent selecting
     GEMMs under their locks ("gemm_select_s": lookups and its own benchmarks), and the GEMM
     autotune choices that failed to precompile ("autotune_failed"; their tracebacks not logged).
@@ -240,7 +238,6 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
     else:
         if ctx.config.backend == "inductor":
             autotune_cache.share_gemm_timings()  # with the node's other compile workers
-            row["gemm_timings_installed"] = autotune_cache.install_gemm_timings(gemm_timings or {})
             benchmarked = autotune_cache.gemm_benchmarks()
             looked = autotune_cache.gemm_lookup_seconds()
         with (inductor_metrics.phase_times() as phases, heap.collections() as collected,
@@ -296,41 +293,9 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
     return {"status": "failed", "compile_attempts": len(errors), "error": errors[-1]}
 
 
-def tune_gemm(problem: gemm_tuning.GemmProblem, shape: int | str, ctx: TaskContext,
-              shared: bool = False) -> dict[str, Any]:
-    """Tune one GEMM problem at one shape (`gemm_tuning.tune`; shared: in the node's Inductor
-    cache, for "alongside" tuning), report to the stats actor; returns its row with the timings.
-    Never raises: the compiles that wanted these timings benchmark the GEMM themselves."""
-    name = f"tune[{problem.problem_id}/{shape}]"
-    task_id = ray.get_runtime_context().get_task_id()
-    _before_cuda(ctx.gpu_sharing)
-    stats = get_stats_actor()
-    _, recorded = ray.get(stats.start.remote(ctx.run_id, task_id))
-    if recorded is not None:  # an earlier attempt reported, then its worker died
-        return recorded
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    inductor.set_compile_threads(int(cpus))  # inductor backend only
-
-    def before() -> None:
-        mismatch = _fingerprint_mismatch(ctx)  # timings of another GPU would mislead compiles
-        if mismatch:
-            raise VcrError(mismatch)
-        ctx.faults.before_compile(name)
-
-    row = {"name": name, "kind": "tune", "problem_id": problem.problem_id, "shape": str(shape),
-           **_where(), "started_at": time.time(),
-           **gemm_tuning.tune(problem, shape, make_compiler(ctx.config).options,
-                              ctx.device_type, before=before, shared=shared)}
-    row["finished_at"] = time.time()
-    timings = row.pop("timings")  # to the driver only: the stats snapshot keeps the row
-    kept = ray.get(stats.finish.remote(ctx.run_id, task_id, row))
-    return {**kept, "timings": timings if kept.get("pid") == row["pid"] else {}}
-
-
 # Ray makes GPU tasks single-use by default (max_calls=1, ray-project/ray#29624: frees GPU memory
 # held by frameworks). Compiles want the opposite: torch import and Triton start-up once per worker.
 # Measured: with max_calls=0, 8 fake-GPU tasks ran in 4 worker processes (one per concurrent slot),
 # and a second batch reused the same pids; without it every task started a new process.
 compile_remote = ray.remote(max_calls=0)(compile_piece)
 start_worker_remote = ray.remote(max_calls=0)(start_worker)
-tune_remote = ray.remote(max_calls=0)(tune_gemm)

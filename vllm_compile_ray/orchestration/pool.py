@@ -33,7 +33,7 @@ import ray
 from ..config import DEFAULT_POOL_IDLE_TIMEOUT_S as DEFAULT_IDLE_TIMEOUT_S
 from ..errors import ConfigError
 from ..experimental import gpu_sharing
-from .compile_task import compile_piece, start_worker, tune_gemm
+from .compile_task import compile_piece, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _code_id() -> str:
 
 @ray.remote(concurrency_groups={"control": 1})
 class CompileWorker:
-    """One compile process of the pool. Compiles and tunes run one at a time (the default
+    """One compile process of the pool. Compiles run one at a time (the default
     concurrency group); `describe` answers while a compile runs."""
 
     def __init__(self, spec: PoolSpec, idle_timeout_s: float):
@@ -114,11 +114,6 @@ class CompileWorker:
         with self._busy():
             return compile_piece(*args)
 
-    def tune(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """`compile_task.tune_gemm` here."""
-        with self._busy():
-            return tune_gemm(*args, **kwargs)
-
     @ray.method(concurrency_group="control")
     def describe(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -128,7 +123,7 @@ class CompileWorker:
 
     @contextmanager
     def _busy(self, serves: bool = True) -> Iterator[None]:
-        """A call at work: not idle meanwhile; `serves`: a compile or tune, counted."""
+        """A call at work: not idle meanwhile; `serves`: a compile, counted."""
         self.active += 1
         try:
             yield

@@ -30,7 +30,6 @@ from ..planning import intake
 from ..planning.inputs import ExampleInputs
 from ..planning.intake import ModelSpec
 from ..runtime.api import open_store
-from . import gemm_tuning
 from . import pool as compile_pool
 from .compile_task import Faults, TaskContext, start_worker_remote
 from .dispatch import Dispatcher
@@ -61,7 +60,6 @@ class _Run:
     fingerprint: dict[str, str] | None
     faults: Faults
     say: Callable[[str], None]
-    tune_mode: str | None
     sharing: str
     pool_idle_timeout_s: float
 
@@ -74,7 +72,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          max_retries: int = 3, compile_retries: int = 1,
          fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
          faults: Faults | None = None, prestart: bool | None = None,
-         tune_gemms: bool | str = False, pool: bool = False,
+         pool: bool = False,
          pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
          gpu_sharing: str = "time-slice",
          progress: Callable[[str], None] | None = print,
@@ -100,11 +98,6 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     warm-up compile) while the driver plans; None:
     with the inductor backend (eager compiles take milliseconds: there a worker per slot started
     ahead would mostly add start-ups a small run never needs).
-    tune_gemms: tune each unique GEMM problem as a task of its own (`gemm_tuning`): False
-    (default), "ahead" (or True: before the compiles that use it, timings handed to them) or
-    "alongside" (at the same time; a node's compiles wait for its tunes' timings, so one piece's
-    GEMMs are benchmarked side by side; give it slots for tunes and compiles together). Both
-    measured slower than none on 4×H200 (benchmarks/RESULTS.md).
     pool: compile in the cluster's standing pool of compile workers (`pool`: detached actors,
     one per compile slot, that keep their started process between runs), starting the ones it
     lacks and leaving them up for the next run until pool_idle_timeout_s without work or
@@ -116,9 +109,8 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     """
     config = config or CompilationConfig()
     sized = gpus_per_compile is None and device_type == "cuda"
-    request, sharing, tune_mode = _checked(config, device_type, gpus_per_compile,
-                                           cpus_per_compile, resources, gpu_sharing, tune_gemms,
-                                           max_in_flight)
+    request, sharing = _checked(config, device_type, gpus_per_compile, cpus_per_compile,
+                                resources, gpu_sharing, max_in_flight)
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
     if isinstance(model, str):
         intake.check(model)  # an unknown model fails before Ray starts
@@ -128,7 +120,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     store.check_access(write=True)  # a wrong bucket or credentials fail here, not in every task
     run = _Run(model, name, config, store, tp_size, num_layers, device_type, max_retries,
                compile_retries, fingerprint, faults or Faults(), progress or (lambda line: None),
-               tune_mode, sharing, pool_idle_timeout_s)
+               sharing, pool_idle_timeout_s)
     owned = _connect(address, runtime_env)
     try:
         ends_here = owned and not address and not os.environ.get("RAY_ADDRESS")
@@ -143,10 +135,9 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
 
 def _checked(config: CompilationConfig, device_type: str, gpus_per_compile: float | None,
              cpus_per_compile: float, resources: dict[str, float] | None, gpu_sharing: str,
-             tune_gemms: bool | str, max_in_flight: int | None
-             ) -> tuple[_Request, str, str | None]:
+             max_in_flight: int | None) -> tuple[_Request, str]:
     """`warm`'s arguments checked (ConfigError naming the bad one): one compile task's request
-    (gpus 0 when None: on cuda sized once connected), the GPU sharing and GEMM tuning modes."""
+    (gpus 0 when None: on cuda sized once connected) and the GPU sharing mode."""
     if device_type not in ("cuda", "cpu"):
         raise ConfigError(f"device_type={device_type!r} is invalid: allowed 'cuda', 'cpu'")
     if gpus_per_compile is None:
@@ -155,25 +146,10 @@ def _checked(config: CompilationConfig, device_type: str, gpus_per_compile: floa
         raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
                           f"{cpus_per_compile!r} are invalid: must be >= 0")
     sharing = gpu_sharing_mode.check(gpu_sharing, device_type)
-    tune_mode = _tune_mode(tune_gemms)
-    if tune_mode and config.backend != "inductor":
-        raise ConfigError(f"tune_gemms={tune_gemms!r} needs the inductor backend (GEMM autotuning "
-                          f"is Inductor's), got backend={config.backend!r}: drop tune_gemms or use "
-                          "backend='inductor'")
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
     request = _Request(float(gpus_per_compile), float(cpus_per_compile), dict(resources or {}))
-    return request, sharing, tune_mode
-
-
-def _tune_mode(tune_gemms: bool | str) -> str | None:
-    """None (no GEMM tuning), "ahead" or "alongside" from `warm(tune_gemms=...)`."""
-    modes = {False: None, "off": None, True: "ahead", "ahead": "ahead", "alongside": "alongside"}
-    try:
-        return modes[tune_gemms]
-    except (KeyError, TypeError):
-        raise ConfigError(f"tune_gemms={tune_gemms!r} is invalid: allowed False/'off', "
-                          "True/'ahead', 'alongside'") from None
+    return request, sharing
 
 
 def _on_cluster(run: _Run, request: _Request, sized: bool, max_in_flight: int | None,
@@ -270,17 +246,13 @@ def _plan(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     tasks = plan.tasks()
     present = run.store.contains_many([t.key for t in tasks])
     todo = order_tasks([t for t in tasks if not present[t.key]])
-    tunes, needs = gemm_tuning.tune_tasks(todo, run.device_type) if run.tune_mode else ([], {})
     plan_s = time.perf_counter() - t0
     summary = plan.summary()
     run.say(f"planned {run.name} tp={run.tp_size}: {summary['unique_pieces']} unique pieces x "
             f"{len(plan.shapes)} shapes = {len(tasks)} tasks; {len(tasks) - len(todo)} cached, "
             f"{len(todo)} to compile (fingerprint {plan.key_context.fingerprint_id}, run "
             f"{run_id}, {plan_s:.1f}s)")
-    if tunes:
-        run.say(f"tuning {len(tunes)} unique GEMM problems x shapes "
-                + ("first" if run.tune_mode == "ahead" else "alongside the compiles"))
-    return Planned(plan, summary, tasks, present, todo, tunes, needs, plan_s, request,
+    return Planned(plan, summary, tasks, present, todo, plan_s, request,
                    max_in_flight, starts, start_refs)
 
 
@@ -296,9 +268,8 @@ def _dispatch(run: _Run, planned: Planned, stats: ray.actor.ActorHandle, members
     refs = planned.start_refs
     ready = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
     dispatcher = Dispatcher(ctx, stats, planned.request.options(), run.max_retries, run.say)
-    rows += dispatcher.run(planned.todo, planned.max_in_flight, planned.tunes, planned.needs,
-                           alongside=run.tune_mode == "alongside", starts=planned.starts,
+    rows += dispatcher.run(planned.todo, planned.max_in_flight, starts=planned.starts,
                            pool=members)
     wall_s = time.perf_counter() - start if planned.todo else 0.0
     prestarted = started_workers(refs, cancel=not members)
-    return Dispatched(rows, dispatcher.tune_rows, wall_s, phase_started_at, ready, prestarted)
+    return Dispatched(rows, wall_s, phase_started_at, ready, prestarted)

@@ -3,7 +3,11 @@ keyed again for the fingerprint a compile node reports; its tasks longest expect
 
 from __future__ import annotations
 
+import operator
+
 import ray
+import torch
+import torch.fx as fx
 
 from ..compiling.compiler_interface import make_compiler
 from ..config import CompilationConfig
@@ -14,7 +18,11 @@ from ..planning.inputs import example_call
 from ..planning.intake import ModelSpec
 from ..planning.plan import CompileTask, Plan, capture, plan_graph
 from ..runtime.api import PLAN_TOKENS, key_context, model_device
-from . import gemm_tuning
+
+# Matmuls Inductor lowers through its GEMM autotuning (tuned_mm / tuned_addmm / tuned_bmm).
+_GEMM_FUNCTIONS = (torch._C._nn.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm,
+                   operator.matmul)
+_GEMM_METHODS = ("matmul", "mm", "bmm", "addmm")
 
 
 def order_tasks(tasks: list[CompileTask]) -> list[CompileTask]:
@@ -28,8 +36,16 @@ def order_tasks(tasks: list[CompileTask]) -> list[CompileTask]:
     its layer piece, and the layer piece at size 1 among the last tasks of the queue."""
     def cost(task: CompileTask) -> tuple[int, int, int]:
         size = 0 if task.shape == "dynamic" else int(task.shape)
-        return (-gemm_tuning.gemm_count(task.piece), -size, -len(task.piece.graph.graph.nodes))
+        return (-gemm_count(task.piece.graph), -size, -len(task.piece.graph.graph.nodes))
     return sorted(tasks, key=cost)
+
+
+def gemm_count(graph: fx.GraphModule) -> int:
+    """How many matmuls Inductor will autotune in the graph."""
+    def is_gemm(node: fx.Node) -> bool:
+        return (node.op == "call_function" and node.target in _GEMM_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _GEMM_METHODS)
+    return sum(1 for node in graph.graph.nodes if is_gemm(node))
 
 
 def draft_plan(model: str | ModelSpec, config: CompilationConfig, tp_size: int,

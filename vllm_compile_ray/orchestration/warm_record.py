@@ -16,7 +16,6 @@ import torch
 from ..cache import manifest
 from ..cache.store import ArtifactStore
 from ..planning.plan import CompileTask, Plan
-from .gemm_tuning import TuneTask
 from .warm_cluster import TaskRequest
 from .warm_summary import WarmSummary
 
@@ -35,8 +34,6 @@ class Planned:
     tasks: list[CompileTask]
     present: dict[str, bool]  # key -> in the store already
     todo: list[CompileTask]  # longest expected first
-    tunes: list[TuneTask]
-    needs: dict[str, list[str]]  # compile task key -> its tune tasks' names
     plan_s: float
     request: TaskRequest
     max_in_flight: int | None
@@ -46,10 +43,9 @@ class Planned:
 
 @dataclass(frozen=True)
 class Dispatched:
-    """warm's compile step: every task's row, the tune rows, and the workers started ahead."""
+    """warm's compile step: every task's row and the workers started ahead."""
 
     rows: list[dict[str, Any]]
-    tune_rows: list[dict[str, Any]]
     wall_s: float
     phase_started_at: float  # time.time() when the compile phase began
     ready: int  # workers started by then
@@ -97,7 +93,7 @@ def _summary(store: ArtifactStore, name: str, tp_size: int, run_id: str, planned
              done: Dispatched, by_status: dict[str, list[dict[str, Any]]], snap: dict[str, Any],
              starts_at: float, t0: float) -> WarmSummary:
     fp_id = planned.plan.key_context.fingerprint_id
-    prestarted, tune_rows = done.prestarted, done.tune_rows
+    prestarted = done.prestarted
     return WarmSummary(
         model=name, tp_size=tp_size, fingerprint_id=fp_id, total=len(planned.tasks),
         compiled=len(by_status["compiled"]), cached=len(by_status["cached"]),
@@ -120,11 +116,7 @@ def _summary(store: ArtifactStore, name: str, tp_size: int, run_id: str, planned
         stats_path=f"{store.url}/{manifest.stats_path(name, fp_id)}",
         errors={r["name"]: r.get("error", "") for r in by_status["failed"] + by_status["timed_out"]},
         rows=sorted(done.rows, key=lambda r: r["name"]),
-        tuned=sum(1 for r in tune_rows if r["status"] == "tuned"),
-        tune_failed=sum(1 for r in tune_rows if r["status"] != "tuned"),
-        tune_s_sum=round(sum(r.get("seconds", 0.0) for r in tune_rows), 3),
         gemm_benchmarked=sum(r.get("gemm_benchmarked", 0) for r in by_status["compiled"]),
-        tune_rows=sorted(tune_rows, key=lambda r: r["name"]),
         phase_started_at=done.phase_started_at)
 
 

@@ -36,25 +36,19 @@ class WarmSummary:
     stats_path: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # task name -> error
     rows: list[dict[str, Any]] = field(default_factory=list)
-    # GEMM tuning ahead of the compiles (gemm_tuning.py): tune tasks run, failed (or timed out),
-    # their seconds, and the GEMM selections the compiles still benchmarked themselves.
-    tuned: int = 0
-    tune_failed: int = 0
-    tune_s_sum: float = 0.0
-    gemm_benchmarked: int = 0
-    tune_rows: list[dict[str, Any]] = field(default_factory=list)
+    gemm_benchmarked: int = 0  # GEMM selections the compiles benchmarked
     phase_started_at: float = 0.0  # wall clock (time.time()) of the compile phase's first submit
 
     @property
     def ok(self) -> bool:
-        """Every compile succeeded (a failed tune task only costs speed)."""
+        """Every compile succeeded."""
         return self.failed == 0 and self.timed_out == 0
 
     @property
     def speedup(self) -> float:
-        """Sum of task times (compiles and tunes) over wall time: the parallel speedup over
-        running them in turn."""
-        return (self.task_s_sum + self.tune_s_sum) / self.wall_s if self.wall_s > 0 else 0.0
+        """Sum of compile times over wall time: the parallel speedup over running them in
+        turn."""
+        return self.task_s_sum / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "speedup": round(self.speedup, 3)}
@@ -75,10 +69,6 @@ class WarmSummary:
         if slow := self.slowest():
             lines.append("slowest: " + ", ".join(f"{r['name']} {r.get('seconds', 0.0):.1f}s"
                                                   for r in slow))
-        if self.tuned or self.tune_failed:
-            lines.append(f"GEMM tuning: {self.tuned} tuned, {self.tune_failed} failed, "
-                         f"{self.tune_s_sum:.1f}s; compiles benchmarked {self.gemm_benchmarked} "
-                         "GEMMs themselves")
         checked = [r for r in self.rows if "check_kernel_compiles" in r]
         if checked:
             incomplete = [r for r in checked

@@ -150,7 +150,30 @@ def _portable_guards(guard_entries: Sequence[Any]) -> list[bool]:
 
 
 def serialize(fn: Any) -> bytes:
+    _save_installed_globals(fn)
     return type(fn).serialize(fn).serialized_data
+
+
+def _save_installed_globals(fn: Any) -> None:
+    """Save with `fn` the globals its bytecode loads that torch would not: torch saves the
+    globals that hold graph inputs, builtins and `import_sources`, not those dynamo installed
+    in the traced frame's globals while tracing (`install_global_by_id`): the bytecode that
+    rebuilds transformers' ModelOutput loads `___module_collections_<id>_c<n>`, and a restore
+    without it fails ("Missing required external references"). Modules pickle by name, classes
+    and functions by reference; any other value is refused here, so the function is not
+    published (later ranks trace) rather than restored with a copy of the object."""
+    env = fn._artifacts.runtime_env
+    scope = fn.fn.__globals__  # the traced function's globals: every name its bytecode loads
+    saved = {*env.used_globals, *env.import_sources, fn._artifacts.backend_id}
+    for name in sorted(set(getattr(env, "external_refs", ())) - saved):
+        if name not in scope:
+            continue  # torch's own check names it at restore
+        value = scope[name]
+        if not (inspect.ismodule(value) or inspect.isclass(value) or inspect.isfunction(value)
+                or inspect.isbuiltin(value)):
+            raise TypeError(f"the traced bytecode loads the global {name!r}, a "
+                            f"{type(value).__name__}, which cannot be saved by reference")
+        env.used_globals[name] = value
 
 
 def restore(data: bytes, model: torch.nn.Module, backend: Callable) -> Any:
@@ -208,14 +231,11 @@ def start(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, A
     `store` when a rank published one, else traced here and published. Returns what happened
     ("restored", "traced+published", "traced", or "off: <why>"); on "off" the model traces
     through plain dynamo at its first call, as without this module."""
-    from ..planning.hf import is_transformers_model
     from ..planning.inputs import mark_dynamic
 
     if not SUPPORTED:
         return "off: torch has no AOT compile"
     model, backend = compiled.model, compiled.backend
-    if is_transformers_model(model):  # its traced code refers to module objects that a restore
-        return "off: transformers model"  # cannot find (measured on torch 2.13): trace as before
     config = backend.config
     if config.disable_compile_cache or store is None:
         return "off: no cache"

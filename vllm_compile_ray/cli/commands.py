@@ -39,10 +39,6 @@ def cli() -> None:
               help="retries of a compile that raised")
 @click.option("--address", default=None, envvar="RAY_ADDRESS",
               help="Ray cluster address [env RAY_ADDRESS; default: start Ray in this process]")
-@click.option("--tune-gemms", type=click.Choice(["off", "ahead", "alongside"]), default="off",
-              is_flag=False, flag_value="ahead", show_default=True,
-              help="tune each unique GEMM problem as a task of its own (max-autotune on cuda): "
-                   "'ahead' of the compiles that use it (the bare flag), or 'alongside' them")
 @click.option("--pool", is_flag=True,
               help="compile in the cluster's standing pool of compile workers, starting the ones "
                    "missing; they stay up for the next run (see `vcr pool`)")
@@ -64,7 +60,6 @@ def warm(**opts: Any) -> None:
                       cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or None,
                       max_retries=opts["max_retries"],
                       compile_retries=opts["compile_retries"],
-                      tune_gemms=opts["tune_gemms"],
                       pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
                       gpu_sharing=opts["gpu_sharing"],
                       progress=lambda line: click.echo(line, err=json_to_stdout))
