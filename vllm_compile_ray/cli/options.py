@@ -101,7 +101,7 @@ def slot_options(fn: Callable) -> Callable:
     for decorator in reversed([
         click.option("--gpus-per-compile", type=float, default=None,
                      help="GPU fraction per compile task [default: cpu 0; cuda sized from the "
-                          "cluster: one compile per CPU core of each GPU node, within its memory "
+                          "cluster: 3 compiles per 4 CPU cores of each GPU node, within its memory "
                           "and the task count]"),
         click.option("--cpus-per-compile", type=float, default=1.0, show_default=True,
                      help="CPUs per compile task; also Inductor's compile threads"),

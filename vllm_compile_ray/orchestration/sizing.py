@@ -2,9 +2,13 @@
 
 Measured on one H200 host (16 cores, llama-3-8b, 33 max-autotune compiles): the compile phase is
 CPU-bound. 4 compiles per GPU (the old default, 0.25 GPU each) took 160.7 s end to end, 16
-compiles of one CPU each 79.1 s. So a node runs one compile per CPU core, no more than its memory
-holds (`MEMORY_PER_COMPILE` each) and no more than the run has tasks (spread over the nodes,
-which spreads them over a node's GPUs too: Ray fills one GPU with fractions before the next).
+compiles of one CPU each 79.1 s. Session 18, `vcr warm` end to end on one such host: 8 compiles
+64.9 s, 12 compiles 58.8 s, 16 compiles 64.1 / 70.7 s (summed compile seconds 380 / 497 / 720:
+past 12 the compiles mostly slow each other down, and the driver, Ray and the compiles' own
+helper threads need cores too). So a node runs one compile per core of `CPU_SHARE` of its
+cores, no more than its memory holds (`MEMORY_PER_COMPILE` each) and no more than the run has
+tasks (spread over the nodes, which spreads them over a node's GPUs too: Ray fills one GPU
+with fractions before the next).
 
 Pure: node resources and a task count in, a `Sizing` out; no Ray.
 """
@@ -19,6 +23,7 @@ from typing import Any
 # A compile worker's peak RSS was 1.5-1.6 GiB (llama-3-8b pieces, max-autotune, RESULTS.md);
 # 4 GiB each leaves room for larger pieces and Inductor's compile subprocesses.
 MEMORY_PER_COMPILE = 4 * 2**30
+CPU_SHARE = 0.75  # of a node's cores that run compiles (see above)
 _UNITS = 10000  # Ray counts resources in units of 1/10000
 
 
@@ -84,9 +89,9 @@ def size_compiles(nodes: Sequence[NodeResources], tasks: int | None = None, *,
     """Compile slots for `tasks` (None: as many as the nodes hold) on the nodes with a GPU; None
     when no node has one.
 
-    Each GPU node wants min(its CPUs / cpus_per_compile, its share of the tasks) compiles, at
-    least one per GPU, spread over its GPUs; its memory caps them at memory / memory_per_compile
-    (rounded down per GPU). One GPU fraction serves every node, so the node that takes the
+    Each GPU node wants min(CPU_SHARE of its CPUs / cpus_per_compile, its share of the tasks)
+    compiles, at least one per GPU, spread over its GPUs; its memory caps them at
+    memory / memory_per_compile (rounded down per GPU). One GPU fraction serves every node, so the node that takes the
     fewest compiles per GPU sets it (a uniform cluster loses nothing). Ray's CPU request caps
     the rest: a node with fewer CPUs than GPU slots runs as many compiles as it has CPUs."""
     if tasks is not None and tasks < 1:
@@ -102,7 +107,8 @@ def size_compiles(nodes: Sequence[NodeResources], tasks: int | None = None, *,
     for node in gpu_nodes:
         gpus = math.floor(node.gpus + 1e-9)
         by_memory = int(node.memory // memory_per_compile) if node.memory else None
-        by_cpus = math.floor(node.cpus / cpus_per_compile + 1e-9) if cpus_per_compile else math.inf
+        by_cpus = max(1, math.floor(node.cpus * CPU_SHARE / cpus_per_compile + 1e-9)) \
+            if cpus_per_compile else math.inf
         wanted = min(share, by_cpus)
         if wanted == math.inf:  # no CPU request and no task count: memory, else one per GPU
             wanted = by_memory if by_memory is not None else gpus

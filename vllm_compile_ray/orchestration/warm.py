@@ -85,7 +85,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
     `inputs.default_example_inputs`).
     device_type: the compile target ("cuda", or "cpu" for CPU compiles and fake-GPU tests).
     gpus_per_compile: GPU fraction per task; several compiles share a GPU. None: on cpu 0; on
-    cuda sized from the cluster and the plan (`sizing.size_compiles`: one compile per CPU core
+    cuda sized from the cluster and the plan (`sizing.size_compiles`: 3 compiles per 4 CPU cores
     of each GPU node, within its memory, no more than the tasks; measured fastest on one H200
     host), and max_in_flight (None) follows. cpus_per_compile also sets Inductor's compile
     threads in the task.
