@@ -3,6 +3,7 @@
 Eager pieces (the logic, not Inductor); the restore runs in a fresh process, as a rank's would.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -94,13 +95,59 @@ def test_the_key_follows_code_parameters_and_call() -> None:
     assert key(deeper, ids, pos) != base
 
 
-def test_transformers_models_trace_as_before(tmp_path) -> None:
-    """Their traced code refers to module objects a restore cannot find: no AOT for them, one
-    trace (not a failed AOT compile and a second trace)."""
-    sys.path.insert(0, str(Path(__file__).parent))
+HF_RANK = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[2])
+    import hf_models
+    import vllm_compile_ray as vcr
+    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], cache_dir=sys.argv[1],
+                                   on_miss="error")
+    compiled = vcr.load(hf_models.build("llama"), config, model_name="tiny-hf-llama")
+    outs = [compiled(input_ids=hf_models.tokens(n, seed=n)).logits.tolist() for n in (4, 9)]
+    print(json.dumps({"dynamo": compiled.report.dynamo, "plans": len(compiled.backend.plans),
+                      "compiles": compiled.report.compiles, "outs": outs,
+                      "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}))
+""")
+
+
+def test_a_transformers_model_traced_in_one_process_restores_in_another(tmp_path) -> None:
+    """Its traced bytecode loads a global dynamo installed while tracing (the collections
+    module, to rebuild the ModelOutput): saved with the function, the restore finds it."""
+    tests = str(Path(__file__).parent)
+    sys.path.insert(0, tests)
     import hf_models
 
     model = hf_models.build("llama")
-    compiled = vcr.load(model, _config(tmp_path / "cache"), model_name="tiny-hf-llama")
-    assert compiled.report.dynamo == "off: transformers model"
-    assert len(compiled.backend.plans) == 1
+    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], cache_dir=str(tmp_path),
+                                   on_miss="compile_and_publish")
+    first = vcr.load(model, config, model_name="tiny-hf-llama")
+    assert first.report.dynamo == "traced+published"
+    traced = [first(input_ids=hf_models.tokens(n, seed=n)).logits for n in (4, 9)]
+
+    done = subprocess.run([sys.executable, "-c", HF_RANK, str(tmp_path), tests], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rank["dynamo"] == "restored", done.stderr[-3000:]
+    assert rank["graphs"] == 0 and rank["compiles"] == 0  # no trace, every piece from the cache
+    assert rank["plans"] == 1  # the restored graph was split once
+    for want, got in zip(traced, rank["outs"]):
+        torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=0)
+
+
+def test_a_config_value_is_in_the_key() -> None:
+    """Constants the traced code holds (an eps) are in no kept guard: a model that differs only
+    in one must not restore another's traced function."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_models
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    key = lambda m: aot.dynamo_key(m, (), {"input_ids": ids}, [(0, 1)], "e")  # noqa: E731
+    base = key(hf_models.build("llama", device="meta"))
+    assert key(hf_models.build("llama", device="meta")) == base
+    assert key(hf_models.build("llama", device="meta", rms_norm_eps=0.5)) != base
+    ours = lambda eps, **kw: models.build(  # noqa: E731
+        dataclasses.replace(models.get_config("llama-tiny"), rms_norm_eps=eps), num_layers=2,
+        device="meta", **kw)
+    assert key(ours(1e-5)) != key(ours(0.5))
+    assert key(ours(1e-5, tp_size=2, rank=0)) == key(ours(1e-5, tp_size=2, rank=1))

@@ -2,13 +2,15 @@
 
 The first rank to load a model traces it as always, through `torch.compile(...).aot_compile`,
 and publishes the result (dynamo's bytecode and guards, and the captured graph) to the cache
-under a key of the model's code, parameters, call and environment (`dynamo_key`; under every
-miss policy but on_miss="compile", which keeps everything local). Every later
+under a key of the model's code, settings, parameters, call and environment (`dynamo_key`;
+under every miss policy but on_miss="compile", which keeps everything local). Every later
 rank, replica or restart restores it instead of tracing: torch rebuilds the guards, our
 `TracedModel` rebuilds the graph and hands it to the backend, which splits it and loads the
 compiled pieces as after a trace. A guard that fails at a call (another dtype, a size outside
 the traced range) falls back to tracing; a restore that fails is logged and traced over. Shared
-objects are never deleted for it.
+objects are never deleted for it. transformers models restore too: the globals dynamo installs
+for their bytecode (the module it loads to rebuild a ModelOutput) are saved with it
+(`_save_installed_globals`).
 
 torch's API (2.11 and 2.13, `torch._dynamo.aot_compile`): the backend must return a
 `SerializableCallable`; `torch.compiler.load_compiled_function` checks Python, torch, CUDA,
@@ -19,9 +21,12 @@ theirs and the rest are propagated again on restore (the planner reads them).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import dis
 import hashlib
 import inspect
 import io
+import json
 import logging
 import pickle
 import sys
@@ -90,7 +95,9 @@ class TracedModel(SerializableCallable):
         gm = GraphPickler.loads(pickle.loads(data)["graph"], fake_mode)
         gm.recompile()
         fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
-        if any("example_value" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+        # A value nothing uses is no piece's input (transformers' graphs end in an unused
+        # _log_api_usage_once, valueless after the trace too): only the others are propagated.
+        if any("example_value" not in n.meta for n in gm.graph.nodes if n.users):
             FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fakes)
             for node in gm.graph.nodes:
                 if "val" in node.meta:
@@ -131,7 +138,8 @@ def trace(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
     with torch._dynamo.config.patch(enable_aot_compile=True):
         # Guards on tensors (inputs and parameters: dtype, shape, device), shapes and global
         # state (grad mode, autocast); object-identity guards do not serialize (transformers'
-        # models have them) and `dynamo_key` already covers the model's code and parameters.
+        # models have them) and `dynamo_key` already covers the model's code, settings and
+        # parameters.
         compiled = torch.compile(call_model, fullgraph=True, dynamic=False,
                                  backend=wrap(backend),
                                  options={"guard_filter_fn": _portable_guards})
@@ -164,8 +172,10 @@ def _save_installed_globals(fn: Any) -> None:
     published (later ranks trace) rather than restored with a copy of the object."""
     env = fn._artifacts.runtime_env
     scope = fn.fn.__globals__  # the traced function's globals: every name its bytecode loads
+    refs = getattr(env, "external_refs", None) or {  # a torch that lists none: as 2.13 does
+        i.argval for i in dis.get_instructions(env.bytecode) if i.opname == "LOAD_GLOBAL"}
     saved = {*env.used_globals, *env.import_sources, fn._artifacts.backend_id}
-    for name in sorted(set(getattr(env, "external_refs", ())) - saved):
+    for name in sorted(set(refs) - saved):
         if name not in scope:
             continue  # torch's own check names it at restore
         value = scope[name]
@@ -192,10 +202,11 @@ def is_guard_failure(exc: BaseException) -> bool:
 def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
                dynamic: Sequence[tuple[int, int]], environment: str) -> str:
     """Key of the traced function: the model's code (every module class's source file), its
-    parameters and buffers (names, shapes, dtypes, device type), the call (argument kinds,
-    shapes with the dynamic dims left out) and `environment` (the compile fingerprint and
-    config). Guards check the rest at every call."""
-    h = hashlib.sha256(f"vcr-dynamo-1|{environment}|{sys.version_info[:2]}".encode())
+    settings (`_settings`), parameters and buffers (names, shapes, dtypes, device type), the
+    call (argument kinds, shapes with the dynamic dims left out) and `environment` (the compile
+    fingerprint and config). Guards check the rest at every call."""
+    h = hashlib.sha256(f"vcr-dynamo-2|{environment}|{sys.version_info[:2]}".encode())
+    h.update(_settings(model).encode())
     files = sorted({inspect.getsourcefile(type(m)) or type(m).__qualname__
                     for m in model.modules()})
     for path in files:
@@ -217,6 +228,27 @@ def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str,
             h.update(f"{i}:{type(value).__name__}:{value!r}"[:200].encode())
     h.update(f"kwargs:{sorted(kwargs)}".encode())
     return h.hexdigest()
+
+
+def _settings(model: torch.nn.Module) -> str:
+    """What the traced code holds as constants besides code and tensors, which the kept guards
+    do not check: every module's plain attributes (eps, head counts, windows, training) and the
+    model's `config` (a transformers config or a dataclass: the flags its forward reads, as
+    transformers' code does). Not the root's `rank`: the ranks of a TP group share one key."""
+    parts = [f"{name}.{attr}={value!r}" for name, module in model.named_modules()
+             for attr, value in sorted(vars(module).items())
+             if isinstance(value, (bool, int, float, str, type(None)))
+             and not (name == "" and attr == "rank")]
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    try:
+        parts.append(json.dumps(config, sort_keys=True, default=repr))
+    except TypeError:  # keys that do not sort
+        parts.append(repr(config))
+    return "\n".join(parts)
 
 
 def dynamic_dims_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[int, int]]:
