@@ -40,6 +40,7 @@ from vllm_compile_ray.planning.plan import capture, plan_graph
 from vllm_compile_ray.orchestration.stats import get_stats_actor, top_phases
 from vllm_compile_ray.orchestration import pool as compile_pool
 from vllm_compile_ray.orchestration.sizing import gpu_fraction
+from vllm_compile_ray.orchestration.options import ComputeOptions
 from vllm_compile_ray.orchestration.warm import _connect, order_tasks, pool_spec, warm
 
 from utilization import Sampler
@@ -159,8 +160,8 @@ def start_pool(base: CompilationConfig, args: argparse.Namespace, workers: int,
     returns the seconds. (On a cluster both stay up between runs; here each run has its own
     Ray. A run that planned in 1 s otherwise waited 6-7 s for the stats actor's process.)"""
     _connect(args.address, runtime_env)
-    spec = pool_spec(base, args.device, runtime_env=runtime_env,
-                     gpu_sharing=gpu_sharing, **resources)
+    spec = pool_spec(base, ComputeOptions(device_type=args.device, runtime_env=runtime_env,
+                                          gpu_sharing=gpu_sharing, **resources))
     start = time.perf_counter()
     members = compile_pool.up(spec, workers)
     ray.get([worker.start.remote(warm=True) for worker, _ in members]  # worker 0's warm-up too
@@ -199,10 +200,11 @@ def ray_run(args: argparse.Namespace, base: CompilationConfig, root: str, i: int
         if pl == "on" else 0.0
     try:
         summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
-                       tp_size=args.tp, num_layers=args.num_layers, device_type=args.device,
-                       address=args.address, max_in_flight=n, runtime_env=runtime_env,
-                       pool=pl == "on", gpu_sharing=gs,
-                       progress=lambda line: print(line, flush=True), **resources)
+                       tp_size=args.tp, num_layers=args.num_layers,
+                       compute=ComputeOptions(device_type=args.device, address=args.address,
+                                              max_in_flight=n, runtime_env=runtime_env,
+                                              pool=pl == "on", gpu_sharing=gs, **resources),
+                       progress=lambda line: print(line, flush=True))
     finally:
         if pl == "on":
             compile_pool.down()

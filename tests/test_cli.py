@@ -156,19 +156,26 @@ def test_verify_reports_corruption(capsys, warmed, tmp_path) -> None:
 
 
 def test_gc_is_a_dry_run_unless_yes(capsys, tmp_path, warmed) -> None:
+    """Artifacts of other fingerprints go with their manifest rows, and so do the traced models
+    (`aot`, in no manifest) of other fingerprints; a traced model of a kept one stays."""
     import shutil
     cache = str(tmp_path / "copy")
     shutil.copytree(warmed, cache)
     store = open_store(CompilationConfig(cache_dir=cache, staging_dir=str(tmp_path / "stage")))
-    traced = _traced_models(store)  # in no manifest: gc goes by manifests (and leaves them)
+    traced = _traced_models(store)
+    kept = "ab" * 32
+    store.publish(kept, b"a traced model", {"kind": "dynamo", "fingerprint": "another-gpu",
+                                            "torch": "2.99", "published_at": 0.0})
     code, out, _ = vcr(capsys, "gc", "--cache", cache, "--keep-fingerprint", "another-gpu")
-    assert code == 0 and "9 artifacts to delete (dry run" in out
-    assert len(store.list_keys()) == 9 + len(traced)
+    assert code == 0 and f"{9 + len(traced)} artifacts to delete (dry run" in out
+    assert len(store.list_keys()) == 9 + len(traced) + 1
     code, out, _ = vcr(capsys, "gc", "--cache", cache, "--keep-fingerprint", "another-gpu", "--yes")
-    assert code == 0 and "9 artifacts deleted" in out
-    assert sorted(store.list_keys()) == sorted(traced)
+    assert code == 0 and f"{9 + len(traced)} artifacts deleted" in out
+    assert store.list_keys() == [kept]
     entry = manifest.list_manifests(store)[0]
     assert manifest.read_manifest(store, entry["model"], entry["fingerprint_id"]).num_rows == 0
+    code, out, _ = vcr(capsys, "gc", "--cache", cache, "--older-than-days", "1", "--yes")
+    assert code == 0 and "1 artifacts deleted" in out and store.list_keys() == []
     code, _, err = vcr(capsys, "gc", "--cache", cache)
     assert code == 2 and "--keep-fingerprint and/or --older-than-days" in err
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig
+from vllm_compile_ray import CompilationConfig, ComputeOptions
 
 from vllm_compile_ray.experimental import gpu_sharing
 from vllm_compile_ray.orchestration import pool as compile_pool
@@ -33,9 +33,10 @@ def test_modes_are_checked() -> None:
     with pytest.raises(ConfigError, match="shares CUDA GPUs, but device_type='cpu'"):
         gpu_sharing.check("mps", "cpu")
     with pytest.raises(ConfigError, match="gpu_sharing='mps' shares CUDA GPUs"):
-        warm("llama-tiny", device_type="cpu", gpu_sharing="mps", progress=None)
+        warm("llama-tiny", compute=ComputeOptions(device_type="cpu", gpu_sharing="mps"),
+             progress=None)
     with pytest.raises(ConfigError, match="allowed 'time-slice', 'mps'"):
-        pool_spec(CompilationConfig(), "cuda", gpu_sharing="MPS")
+        pool_spec(CompilationConfig(), ComputeOptions(gpu_sharing="MPS"))
 
 
 def test_a_node_without_the_daemon_binary_gets_a_clear_error(monkeypatch) -> None:

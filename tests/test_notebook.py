@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig
+from vllm_compile_ray import CompilationConfig, ComputeOptions
 from vllm_compile_ray.orchestration.warm import warm
 
 nbformat = pytest.importorskip("nbformat")
@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "cache_report.ipynb"
-SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5}
+SLOT = {"compute": ComputeOptions(device_type="cpu", gpus_per_compile=0.5, cpus_per_compile=0.5)}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig
+from vllm_compile_ray import CompilationConfig, ComputeOptions
 
 from vllm_compile_ray.cli import commands as cli
 from vllm_compile_ray.orchestration import pool as compile_pool
@@ -22,7 +22,7 @@ from vllm_compile_ray.orchestration.warm import warm
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5}  # 4 slots
+SLOT = {"compute": ComputeOptions(device_type="cpu", gpus_per_compile=0.5, cpus_per_compile=0.5)}  # 4 slots
 
 
 def eager(cache_dir: str, **kw) -> CompilationConfig:

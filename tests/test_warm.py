@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_compile_ray import CompilationConfig, models, plan_model
+from vllm_compile_ray import CompilationConfig, ComputeOptions, models, plan_model
 
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.runtime.api import open_store
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (1, 2, 4)
-SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5}  # 4 slots
+SLOT = {"compute": ComputeOptions(device_type="cpu", gpus_per_compile=0.5, cpus_per_compile=0.5)}  # 4 slots
 
 
 def eager(cache_dir: str, **kw) -> CompilationConfig:

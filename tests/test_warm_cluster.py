@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig
+from vllm_compile_ray import CompilationConfig, ComputeOptions
 
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache.store import ArtifactStore
@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-SLOT = {"device_type": "cpu", "gpus_per_compile": 0.5, "cpus_per_compile": 0.5}
+SLOT = {"compute": ComputeOptions(device_type="cpu", gpus_per_compile=0.5, cpus_per_compile=0.5)}
 
 
 def _free_port() -> int:

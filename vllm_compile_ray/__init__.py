@@ -12,6 +12,7 @@ from .config import CompilationConfig
 from .errors import (ArtifactCorruptError, ArtifactNotFoundError, CacheMissError, CompileError,
                      ConfigError, StoreError, StorePermissionError, StoreUnavailableError,
                      UnknownModelError, VcrError)
+from .orchestration.options import ComputeOptions, RetryOptions
 from .orchestration.warm import warm
 from .orchestration.warm_summary import WarmSummary
 from .planning.canonical import CanonicalPiece, InputSpec
@@ -25,9 +26,9 @@ from .runtime.manager import CompilerManager
 __all__ = [
     "ArtifactCorruptError", "ArtifactNotFoundError", "ArtifactStore", "CacheMissError",
     "CanonicalPiece", "CompilationConfig", "CompilationCounter", "CompileError", "CompileResult",
-    "CompileTask", "CompiledModel", "CompilerInterface", "CompilerManager", "ConfigError",
+    "CompileTask", "CompiledModel", "ComputeOptions", "CompilerInterface", "CompilerManager", "ConfigError",
     "EagerAdaptor", "InductorPass", "InductorStandaloneAdaptor", "InputSpec", "PerformanceMonitor",
-    "Plan", "PostGradPassManager", "SplitItem", "StartupReport", "StoreError", "StorePermissionError",
+    "Plan", "PostGradPassManager", "RetryOptions", "SplitItem", "StartupReport", "StoreError", "StorePermissionError",
     "StoreUnavailableError", "UnknownModelError", "VcrBackend", "VcrError", "WarmSummary", "compile",
     "load", "models", "open_store", "plan_model", "split_graph", "warm",
 ]

@@ -124,7 +124,8 @@ def verify(delete_corrupt: bool, **opts: Any) -> None:
 @click.option("--yes", is_flag=True, help="delete for real (default: dry run)")
 def gc(keep_fingerprint: tuple[str, ...], older_than_days: float | None, yes: bool,
        **opts: Any) -> None:
-    """Drop entries for other torch/GPU fingerprints or older than N days (dry run by default)."""
+    """Drop entries for other torch/GPU fingerprints or older than N days (dry run by default),
+    and the traced models (`vcr load`'s skip of dynamo) of other fingerprints or that old."""
     import time
 
     from ..cache import manifest
@@ -145,6 +146,7 @@ def gc(keep_fingerprint: tuple[str, ...], older_than_days: float | None, yes: bo
             kept = [r for r in rows if r not in gone]
             manifest.write_manifest(store, entry["model"], entry["fingerprint_id"],
                                     manifest.merge(manifest.empty(), kept))
+    drop += _stale_traced_models(store, keep_fingerprint, cutoff)
     verb = "deleting" if yes else "would delete"
     with click.progressbar(drop, label=verb, file=sys.stderr) as bar:
         for key, what in bar:
@@ -153,3 +155,30 @@ def gc(keep_fingerprint: tuple[str, ...], older_than_days: float | None, yes: bo
     for key, what in drop:
         click.echo(f"{verb} {key} ({what})")
     click.echo(f"{len(drop)} artifacts {'deleted' if yes else 'to delete (dry run; --yes deletes)'}")
+
+
+def _stale_traced_models(store: Any, keep_fingerprint: tuple[str, ...], cutoff: float | None
+                         ) -> list[tuple[str, str]]:
+    """(key, what) of the traced models a rank published (in no manifest, by design: `aot`)
+    whose fingerprint is not kept, or published before `cutoff` (an older one, without its
+    time, is kept). Only artifacts outside every manifest are read."""
+    from ..cache import manifest
+    from ..cache.store import decode_artifact
+    from ..errors import ArtifactCorruptError
+
+    listed = {row["key"] for entry in manifest.list_manifests(store)
+              for row in manifest.read_manifest(store, entry["model"],
+                                                entry["fingerprint_id"]).to_pylist()}
+    out = []
+    for key in sorted(set(store.list_keys()) - listed):
+        try:
+            meta = decode_artifact(store.read_raw(key), key, verifier=store.verifier).meta
+        except ArtifactCorruptError:
+            continue  # `vcr verify --delete-corrupt` reports and removes those
+        if meta.get("kind") != "dynamo":
+            continue
+        fingerprint = meta.get("fingerprint", "")
+        if (keep_fingerprint and fingerprint not in keep_fingerprint) or (
+                cutoff is not None and meta.get("published_at", cutoff) < cutoff):
+            out.append((key, f"traced model, fingerprint {fingerprint}, torch {meta.get('torch')}"))
+    return out

@@ -17,8 +17,8 @@ import click
 
 from ..errors import VcrError
 from .cache import gc, ls, stats, verify
-from .options import (EXAMPLES, SIGNING_HELP, cache_options, epilog, json_dict, make_config,
-                      model_options, slot_options, table)
+from .options import (EXAMPLES, SIGNING_HELP, cache_options, epilog, json_dict, make_compute,
+                      make_config, model_options, slot_options, table)
 from .pool import pool
 
 
@@ -49,19 +49,14 @@ def cli() -> None:
 def warm(**opts: Any) -> None:
     """Compile every unique (piece, shape) of a model into the cache, in parallel on Ray."""
     from ..planning import intake
+    from ..orchestration.options import RetryOptions
     from ..orchestration.warm import warm as warm_fn
 
     intake.check(opts["model"])  # an unknown model fails before Ray starts
     json_to_stdout = opts["summary_json"] == "-"
     summary = warm_fn(opts["model"], make_config(opts), tp_size=opts["tp"],
-                      num_layers=opts["num_layers"], device_type=opts["device"],
-                      address=opts["address"], max_in_flight=opts["max_in_flight"],
-                      gpus_per_compile=opts["gpus_per_compile"],
-                      cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or None,
-                      max_retries=opts["max_retries"],
-                      compile_retries=opts["compile_retries"],
-                      pool=opts["pool"], pool_idle_timeout_s=opts["pool_idle_timeout"],
-                      gpu_sharing=opts["gpu_sharing"],
+                      num_layers=opts["num_layers"], compute=make_compute(opts),
+                      retry=RetryOptions(opts["max_retries"], opts["compile_retries"]),
                       progress=lambda line: click.echo(line, err=json_to_stdout))
     # Progress lines as they come, then WarmSummary.format() (warm() says it last).
     if json_to_stdout:

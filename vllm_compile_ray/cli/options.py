@@ -137,6 +137,19 @@ def make_config(opts: dict[str, Any], **extra: Any) -> CompilationConfig:
         staging_dir=opts["staging_dir"], **_signing(opts), **extra)
 
 
+def make_compute(opts: dict[str, Any], **extra: Any):
+    """The ComputeOptions of a command's `slot_options` (and --device, --max-in-flight,
+    --address, --pool where the command has them)."""
+    from ..orchestration.options import ComputeOptions
+
+    return ComputeOptions(
+        device_type=opts["device"], gpus_per_compile=opts["gpus_per_compile"],
+        cpus_per_compile=opts["cpus_per_compile"], resources=opts["resources"] or {},
+        max_in_flight=opts.get("max_in_flight"), address=opts.get("address"),
+        pool=opts.get("pool", False), pool_idle_timeout_s=opts["pool_idle_timeout"],
+        gpu_sharing=opts["gpu_sharing"], **extra)
+
+
 def _signing(opts: dict[str, Any]) -> dict[str, str]:
     return {name: opts[name] for name in ("signing_scheme", "signing_key_file", "signing_key_env")}
 

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..config import CompilationConfig
-from .options import epilog, slot_options, table
+from .options import epilog, make_compute, slot_options, table
 
 
 @click.group(epilog=epilog("pool"))
@@ -58,9 +58,7 @@ def pool_up(address: str | None, workers: int | None, timeout: float, **opts: An
 
     config = CompilationConfig(backend=opts["backend"], use_inductor=opts["backend"] == "inductor")
     with _connected(address):  # first: a cuda pool is sized from the cluster
-        spec = pool_spec(config, opts["device"], opts["gpus_per_compile"],
-                         opts["cpus_per_compile"], opts["resources"],
-                         gpu_sharing=opts["gpu_sharing"])
+        spec = pool_spec(config, make_compute(opts))
         size = min(workers or 1 << 30, cluster_capacity(TaskRequest(spec.gpus, spec.cpus,
                                                                     spec.resources)))
         refs = [ref for _, ref in compile_pool.up(spec, size, opts["pool_idle_timeout"])]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import ray
@@ -24,12 +25,12 @@ import torch
 
 from ..cache.store import ArtifactStore
 from ..config import CompilationConfig
-from ..errors import ConfigError
 from ..experimental import gpu_sharing as gpu_sharing_mode
 from ..planning import intake
 from ..planning.inputs import ExampleInputs
 from ..planning.intake import ModelSpec
 from ..runtime.api import open_store
+from .options import ComputeOptions, RetryOptions, from_keywords
 from . import pool as compile_pool
 from .compile_task import Faults, TaskContext, start_worker_remote
 from .dispatch import Dispatcher
@@ -62,55 +63,35 @@ class _Run:
     say: Callable[[str], None]
     sharing: str
     pool_idle_timeout_s: float
+    compute: ComputeOptions
 
 
 def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, *,
          tp_size: int = 1, num_layers: int | None = None, model_name: str | None = None,
-         device_type: str = "cuda", address: str | None = None,
-         max_in_flight: int | None = None, gpus_per_compile: float | None = None,
-         cpus_per_compile: float = 1.0, resources: dict[str, float] | None = None,
-         max_retries: int = 3, compile_retries: int = 1,
-         fingerprint: dict[str, str] | None = None, runtime_env: dict | None = None,
-         faults: Faults | None = None, prestart: bool | None = None,
-         pool: bool = False,
-         pool_idle_timeout_s: float = compile_pool.DEFAULT_IDLE_TIMEOUT_S,
-         gpu_sharing: str = "time-slice",
-         progress: Callable[[str], None] | None = print,
-         example_inputs: ExampleInputs | None = None) -> WarmSummary:
+         example_inputs: ExampleInputs | None = None, compute: ComputeOptions | None = None,
+         retry: RetryOptions | None = None, progress: Callable[[str], None] | None = print,
+         fingerprint: dict[str, str] | None = None, faults: Faults | None = None,
+         **deprecated: Any) -> WarmSummary:
     """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
 
     model: a preset name, a config.json or its directory, an entry point "package.module:function"
     (built on meta; see `intake`) or an nn.Module (named by `model_name`; a transformers model
     works as it is). example_inputs(num_tokens, device) makes a call of an nn.Module (default
     `inputs.default_example_inputs`).
-    device_type: the compile target ("cuda", or "cpu" for CPU compiles and fake-GPU tests).
-    gpus_per_compile: GPU fraction per task; several compiles share a GPU. None: on cpu 0; on
-    cuda sized from the cluster and the plan (`sizing.size_compiles`: 3 compiles per 4 CPU cores
-    of each GPU node, within its memory, no more than the tasks; measured fastest on one H200
-    host), and max_in_flight (None) follows. cpus_per_compile also sets Inductor's compile
-    threads in the task.
-    max_retries: Ray retries of a task whose worker died; compile_retries: retries of a compile
-    that raised. A compile running past `config.max_compile_time` is cancelled ("timed_out").
-    address: a Ray cluster; None connects to RAY_ADDRESS or starts Ray in-process (and stops it).
+    compute: what the compiles run on (`ComputeOptions`: device, GPU and CPU per compile, the
+    Ray cluster, the standing pool); by default CUDA compiles sized from the cluster (3 per 4
+    CPU cores of each GPU node, within its memory and the task count: measured fastest on one
+    H200 host). retry: `RetryOptions`. progress: gets each progress line (None: quiet).
     fingerprint: the target environment fingerprint; None asks a compile node for it.
     faults: test hooks (see `compile_task.Faults`).
-    prestart: start the compile workers (imports, compile pool, fingerprint, on CUDA a tiny
-    warm-up compile) while the driver plans; None:
-    with the inductor backend (eager compiles take milliseconds: there a worker per slot started
-    ahead would mostly add start-ups a small run never needs).
-    pool: compile in the cluster's standing pool of compile workers (`pool`: detached actors,
-    one per compile slot, that keep their started process between runs), starting the ones it
-    lacks and leaving them up for the next run until pool_idle_timeout_s without work or
-    `vcr pool down`. A later run starts compiling without the workers' start-up; the pool holds
-    its GPU fractions and CPUs while it is up (sized from the cluster alone, not the tasks, as
-    `vcr pool up` sizes it). With Ray started in-process it ends with it.
-    gpu_sharing: how the compiles on one GPU share it: "time-slice" (CUDA's default) or "mps"
-    (through each node's NVIDIA MPS daemon, started if the node runs none: `gpu_sharing`).
+    The keyword arguments of earlier releases (device_type=, max_in_flight=, gpus_per_compile=,
+    ..., max_retries=, compile_retries=) still work for this release, with a DeprecationWarning.
     """
+    compute, retry = from_keywords(compute, retry, deprecated)
     config = config or CompilationConfig()
-    sized = gpus_per_compile is None and device_type == "cuda"
-    request, sharing = _checked(config, device_type, gpus_per_compile, cpus_per_compile,
-                                resources, gpu_sharing, max_in_flight)
+    sized = compute.gpus_per_compile is None and compute.device_type == "cuda"
+    request = _Request(compute.gpus_per_compile or 0.0, compute.cpus_per_compile,
+                       dict(compute.resources))  # gpus 0 when None: on cuda sized once connected
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
     if isinstance(model, str):
         intake.check(model)  # an unknown model fails before Ray starts
@@ -118,38 +99,21 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         model = ModelSpec(model, example_inputs)
     store = open_store(config)
     store.check_access(write=True)  # a wrong bucket or credentials fail here, not in every task
-    run = _Run(model, name, config, store, tp_size, num_layers, device_type, max_retries,
-               compile_retries, fingerprint, faults or Faults(), progress or (lambda line: None),
-               sharing, pool_idle_timeout_s)
-    owned = _connect(address, runtime_env)
+    run = _Run(model, name, config, store, tp_size, num_layers, compute.device_type,
+               retry.max_retries, retry.compile_retries, fingerprint, faults or Faults(),
+               progress or (lambda line: None), compute.gpu_sharing, compute.pool_idle_timeout_s,
+               compute)
+    runtime_env = dict(compute.runtime_env) if compute.runtime_env is not None else None
+    owned = _connect(compute.address, runtime_env)
     try:
-        ends_here = owned and not address and not os.environ.get("RAY_ADDRESS")
-        return _on_cluster(run, request, sized, max_in_flight, prestart, pool, runtime_env,
-                           ends_here)
+        ends_here = owned and not compute.address and not os.environ.get("RAY_ADDRESS")
+        return _on_cluster(run, request, sized, compute.max_in_flight, compute.prestart,
+                           compute.pool, runtime_env, ends_here)
     finally:
         if owned:
-            if sharing == "mps":
+            if compute.gpu_sharing == "mps":
                 gpu_sharing_mode.stop_all()
             ray.shutdown()
-
-
-def _checked(config: CompilationConfig, device_type: str, gpus_per_compile: float | None,
-             cpus_per_compile: float, resources: dict[str, float] | None, gpu_sharing: str,
-             max_in_flight: int | None) -> tuple[_Request, str]:
-    """`warm`'s arguments checked (ConfigError naming the bad one): one compile task's request
-    (gpus 0 when None: on cuda sized once connected) and the GPU sharing mode."""
-    if device_type not in ("cuda", "cpu"):
-        raise ConfigError(f"device_type={device_type!r} is invalid: allowed 'cuda', 'cpu'")
-    if gpus_per_compile is None:
-        gpus_per_compile = 0.0  # cuda: sized once connected
-    if gpus_per_compile < 0 or cpus_per_compile < 0:
-        raise ConfigError(f"gpus_per_compile={gpus_per_compile!r}, cpus_per_compile="
-                          f"{cpus_per_compile!r} are invalid: must be >= 0")
-    sharing = gpu_sharing_mode.check(gpu_sharing, device_type)
-    if max_in_flight is not None and max_in_flight < 1:
-        raise ConfigError(f"max_in_flight={max_in_flight!r} is invalid: must be >= 1")
-    request = _Request(float(gpus_per_compile), float(cpus_per_compile), dict(resources or {}))
-    return request, sharing
 
 
 def _on_cluster(run: _Run, request: _Request, sized: bool, max_in_flight: int | None,
@@ -180,8 +144,8 @@ def _on_cluster(run: _Run, request: _Request, sized: bool, max_in_flight: int | 
         if ends_here:
             logger.warning("pool=True with Ray started in this process: the pool ends with "
                            "this call (give address= to keep it on a cluster)")
-        spec = pool_spec(run.config, run.device_type, request.gpus, request.cpus,
-                         request.resources, runtime_env, run.sharing)
+        spec = pool_spec(run.config, run.compute.replace(gpus_per_compile=request.gpus,
+                                                         runtime_env=runtime_env))
     resize = sized and not pool
     return _warm(run, request, max_in_flight if resize else max_in_flight or 2 * capacity,
                  workers, spec, resize)

@@ -11,8 +11,8 @@ import ray
 
 from ..config import CompilationConfig
 from ..errors import ClusterResourceError
-from ..experimental import gpu_sharing as gpu_sharing_mode
 from . import pool as compile_pool
+from .options import ComputeOptions
 from .sizing import NodeResources, Sizing, fits, size_compiles
 
 
@@ -87,17 +87,14 @@ def connect(address: str | None, runtime_env: dict | None) -> bool:
     return True
 
 
-def pool_spec(config: CompilationConfig, device_type: str = "cuda",
-              gpus_per_compile: float | None = None, cpus_per_compile: float = 1.0,
-              resources: dict[str, float] | None = None, runtime_env: dict | None = None,
-              gpu_sharing: str = "time-slice") -> compile_pool.PoolSpec:
-    """The spec of the pool workers that `warm(pool=True)` with these arguments compiles in, to
+def pool_spec(config: CompilationConfig, compute: ComputeOptions) -> compile_pool.PoolSpec:
+    """The spec of the pool workers that `warm(compute=compute with pool=True)` compiles in, to
     start them ahead with `pool.up`. gpus_per_compile None on cuda: sized from the connected
     cluster, as `warm` sizes a pool."""
-    gpu_sharing_mode.check(gpu_sharing, device_type)  # before asking the cluster
-    if gpus_per_compile is None:
-        gpus_per_compile = 0.0 if device_type != "cuda" else cluster_sizing(
-            TaskRequest(0.0, float(cpus_per_compile), dict(resources or {}))).gpus_per_compile
-    return compile_pool.PoolSpec(device_type, config.backend, float(gpus_per_compile),
-                                 float(cpus_per_compile), dict(resources or {}),
-                                 dict(runtime_env or {}), gpu_sharing)
+    gpus = compute.gpus_per_compile
+    if gpus is None:
+        gpus = 0.0 if compute.device_type != "cuda" else cluster_sizing(
+            TaskRequest(0.0, compute.cpus_per_compile, dict(compute.resources))).gpus_per_compile
+    return compile_pool.PoolSpec(compute.device_type, config.backend, float(gpus),
+                                 compute.cpus_per_compile, dict(compute.resources),
+                                 dict(compute.runtime_env or {}), compute.gpu_sharing)
