@@ -5,15 +5,14 @@ shape compiles from symbolic fake inputs inside a tracing context; artifacts mov
 of `CompiledArtifact.save(format="binary")` and load through a temp file.
 
 What Inductor did in a process (phase seconds, failed autotune choices, kernel compiles at
-startup) is read in `inductor_metrics.py`; GEMM autotune timings (tune tasks, sharing them
-between a node's workers) live in `autotune_cache.py`.
+startup) is read in `inductor_metrics.py`.
 
 Device index: generated CUDA code names the GPU it was compiled on; `load_artifact` moves an
 artifact to the loader's GPU first (retarget.py, the other module that reads Inductor's
 internals), so keys and artifacts carry no device index and one artifact serves every GPU.
 
 tests/test_torch_contract.py lists every private torch name the package uses (this module,
-retarget, inductor_metrics, autotune_cache, aot, ...) and fails, naming it, when one moves.
+retarget, inductor_metrics, aot, ...) and fails, naming it, when one moves.
 """
 
 from __future__ import annotations

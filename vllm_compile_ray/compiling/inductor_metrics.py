@@ -33,11 +33,18 @@ def phase_times() -> Iterator[dict[str, float]]:
                 out[name] = round(sum(new), 4)
 
 
+def gemm_benchmarks() -> int:
+    """GEMM selections this process has benchmarked so far (Inductor's counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["select_algorithm_autotune"])
+
+
 # Inductor logs every GEMM template choice whose precompile failed with `log.exception`: on a GPU
 # smaller than the templates assume ("No valid triton configs. OutOfResources: out of resource:
 # shared memory ..."), dozens of full tracebacks per compile in a job log, though the choice is
 # only skipped. Checked on torch 2.11 and 2.13 (select_algorithm.py, precompile's
-# `wait_on_futures`); tests/test_autotune_cache.py fails when the message moves.
+# `wait_on_futures`); tests/test_inductor_metrics.py fails when the message moves.
 AUTOTUNE_FAILURE_LOGGER = "torch._inductor.select_algorithm"
 AUTOTUNE_FAILURE_MSG = "Exception %s for benchmark choice %s"
 

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from ..cache.store import ArtifactStore
-from ..compiling import autotune_cache, cpu_time, heap, inductor, inductor_metrics
+from ..compiling import cpu_time, heap, inductor, inductor_metrics
 from ..compiling.compiler_interface import make_compiler
 from ..compiling.counters import CompilationCounter
 from ..compiling.monitor import PerformanceMonitor
@@ -207,9 +207,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
                   shape: int | str) -> dict[str, Any]:
     """Compile one (piece, shape), publish it, report to the stats actor; returns its row.
 
-    The row counts the GEMM selections the compile benchmarked ("gemm_benchmarked"), the seconds it
-    waited for other workers' benchmarks of the same GEMMs ("gemm_wait_s") and spent selecting
-    GEMMs under their locks ("gemm_select_s": lookups and its own benchmarks), and the GEMM
+    The row counts the GEMM selections the compile benchmarked ("gemm_benchmarked") and the GEMM
     autotune choices that failed to precompile ("autotune_failed"; their tracebacks not logged).
     Raises CompileTaskError (after reporting) when every compile attempt failed.
     """
@@ -237,9 +235,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
         row["status"] = "cached"
     else:
         if ctx.config.backend == "inductor":
-            autotune_cache.share_gemm_timings()  # with the node's other compile workers
-            benchmarked = autotune_cache.gemm_benchmarks()
-            looked = autotune_cache.gemm_lookup_seconds()
+            benchmarked = inductor_metrics.gemm_benchmarks()
         with (inductor_metrics.phase_times() as phases, heap.collections() as collected,
               cpu_time.measure() as cpu, inductor_metrics.autotune_failures() as autotune):
             row.update(_compile_with_retries(piece, ctx, key, shape, name, counter, monitor))
@@ -248,9 +244,7 @@ def compile_piece(piece: CanonicalPiece, ctx: TaskContext, key: str, code_id: st
         row.update(cpu)  # cpu_s, child_cpu_s (the process's), run_s, runq_s (this thread's)
         row["gc_s"], row["gc_collections"] = collected["seconds"], collected["collections"]
         if ctx.config.backend == "inductor":
-            row["gemm_benchmarked"] = autotune_cache.gemm_benchmarks() - benchmarked
-            row.update({f"gemm_{k}_s": round(v - looked[k], 4)
-                        for k, v in autotune_cache.gemm_lookup_seconds().items()})
+            row["gemm_benchmarked"] = inductor_metrics.gemm_benchmarks() - benchmarked
     row["wall_s"] = round(time.perf_counter() - start, 4)
     row["finished_at"] = time.time()
     row["peak_rss_mb"] = round(_peak_rss_mb(), 1)

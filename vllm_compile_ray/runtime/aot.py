@@ -30,6 +30,7 @@ import json
 import logging
 import pickle
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -320,7 +321,8 @@ def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
     try:
         data = serialize(compiled.traced)
         store.publish(key, data, {"kind": "dynamo", "torch": torch.__version__,
-                                  "fingerprint": backend.key_context.fingerprint_id})
+                                  "fingerprint": backend.key_context.fingerprint_id,
+                                  "published_at": time.time()})  # `vcr gc --older-than-days`
     except Exception as exc:  # noqa: BLE001  (the traced function works; others trace too)
         logger.warning("publishing the traced model failed: %s: %s", type(exc).__name__, exc)
         return "traced"
