@@ -69,6 +69,7 @@ class CompiledModel:
         self.backend = backend
         self._compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         self.traced: Any = None  # `aot` function restored or traced by load(); else dynamo
+        self._guard_misses = 0  # calls outside the traced function's guards (traced by dynamo)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.traced is not None:
@@ -78,9 +79,13 @@ class CompiledModel:
             except RuntimeError as exc:
                 if not aot.is_guard_failure(exc):
                     raise
-                logger.warning("a call outside the traced function's guards traces the model "
-                               "again: %s", str(exc)[:3000])
-                self.traced = None
+                # This call goes through dynamo (its own cache keeps what it traced); the traced
+                # function stays for the calls within its guards (a warm-up at 1 token that a
+                # transformers model's guards exclude must not cost every later call a trace).
+                self._guard_misses += 1
+                if self._guard_misses == 1:
+                    logger.warning("a call outside the traced function's guards traces the "
+                                   "model with dynamo: %s", str(exc)[:3000])
         mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
         try:
             with dynamo_settings(), torch.no_grad():
