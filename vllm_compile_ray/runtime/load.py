@@ -236,8 +236,9 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     other compiled shape (each static size, one size the dynamic artifact covers) runs once too.
     example_inputs(n, device) makes the call for n tokens (positional args, keyword args or both;
     default `inputs.default_example_inputs`: input_ids and positions, or input_ids [1, n] for a
-    transformers model); make_inputs(n), positional args only, is the older form. Under a live process group every rank must call `load` with the same config:
-    the warm-up calls run the model's collectives. report=True also sends the report to the
+    transformers model); make_inputs(n), positional args only, is the older form. Under a live
+    process group every rank must call `load` with the same config: the warm-up calls run the
+    model's collectives. report=True also sends the report to the
     stats actor when Ray runs in this process. Raises CacheMissError (on_miss="error") listing
     the missing keys and the warm command, before any piece runs.
     """
@@ -260,44 +261,12 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
         inputs = lambda n: as_call(make_inputs(n))  # noqa: E731
     else:
         inputs = lambda n: example_call(model, example_inputs, n, device)  # noqa: E731
-    manifest_rows: list[str] = []
-    lookup_s = [0.0]
-    if manifest_mod is not None and model_name != "<model>" and not config.disable_compile_cache:
-        # The warm job's manifest names the keys before tracing does: fetch while dynamo traces.
-        def listed() -> list[str]:
-            t = time.perf_counter()
-            manifest_rows.extend(manifest_keys(staging.store, model_name,
-                                               backend.key_context.fingerprint_id, config,
-                                               world_size))
-            lookup_s[0] = time.perf_counter() - t
-            return manifest_rows
-
-        staging.prefetch_in_background(listed)
+    manifest_rows, lookup_s = _prefetch_listed(staging, backend, config, model_name, world_size)
     setup_done = time.perf_counter()
-
     trace_size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
     with inductor_metrics.kernel_work() as kernels:
-        try:
-            args, kwargs = inputs(trace_size)
-            dynamo = aot.start(compiled, staging.store, args, kwargs)
-            compiled(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            if isinstance(exc.inner_exception, VcrError):  # CacheMissError, CompileError, ...
-                raise exc.inner_exception from None
-            raise
-        first_done = time.perf_counter()
-        if backend.entered is None or backend.resolved is None:
-            raise RuntimeError("dynamo did not call the backend: the model was already compiled "
-                               "by this torch.compile cache; load() needs a fresh trace")
-        warm_sizes = [trace_size]
-        first_call_s = first_done - backend.resolved
-        if warmup:
-            for size in warmup_sizes(config, backend, trace_size):
-                t = time.perf_counter()
-                args, kwargs = inputs(size)
-                compiled(*args, **kwargs)
-                first_call_s += time.perf_counter() - t
-                warm_sizes.append(size)
+        dynamo, warm_sizes, first_call_s = _first_calls(compiled, backend, staging, inputs,
+                                                        trace_size, warmup)
 
     def spent(name: str) -> float:
         return sum(monitor.samples.get(name, [])[samples_before.get(name, 0):])
@@ -324,6 +293,56 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     if report:
         push_report(startup)
     return compiled
+
+
+def _prefetch_listed(staging: SharedStaging, backend: VcrBackend, config: CompilationConfig,
+                     model_name: str, world_size: int) -> tuple[list[str], list[float]]:
+    """Start fetching the keys the warm job's manifest lists for this config, in the background:
+    the manifest names them before tracing does. Returns the list (filled by the prefetch) and
+    [seconds the manifest read took]."""
+    manifest_rows: list[str] = []
+    lookup_s = [0.0]
+    if manifest_mod is not None and model_name != "<model>" and not config.disable_compile_cache:
+        def listed() -> list[str]:
+            t = time.perf_counter()
+            manifest_rows.extend(manifest_keys(staging.store, model_name,
+                                               backend.key_context.fingerprint_id, config,
+                                               world_size))
+            lookup_s[0] = time.perf_counter() - t
+            return manifest_rows
+
+        staging.prefetch_in_background(listed)
+    return manifest_rows, lookup_s
+
+
+def _first_calls(compiled: CompiledModel, backend: _StartupBackend, staging: SharedStaging,
+                 inputs: Callable[[int], tuple], trace_size: int, warmup: bool
+                 ) -> tuple[str, list[int], float]:
+    """Trace (or restore the traced model: `aot.start`) at `trace_size`, then, with warmup, run
+    every other compiled shape once. Returns how dynamo went, the sizes run and the seconds the
+    calls took after their pieces were resolved."""
+    try:
+        args, kwargs = inputs(trace_size)
+        dynamo = aot.start(compiled, staging.store, args, kwargs)
+        compiled(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        if isinstance(exc.inner_exception, VcrError):  # CacheMissError, CompileError, ...
+            raise exc.inner_exception from None
+        raise
+    first_done = time.perf_counter()
+    if backend.entered is None or backend.resolved is None:
+        raise RuntimeError("dynamo did not call the backend: the model was already compiled "
+                           "by this torch.compile cache; load() needs a fresh trace")
+    warm_sizes = [trace_size]
+    first_call_s = first_done - backend.resolved
+    if warmup:
+        for size in warmup_sizes(compiled.backend.config, backend, trace_size):
+            t = time.perf_counter()
+            args, kwargs = inputs(size)
+            compiled(*args, **kwargs)
+            first_call_s += time.perf_counter() - t
+            warm_sizes.append(size)
+    return dynamo, warm_sizes, first_call_s
 
 
 def manifest_keys(store: ArtifactStore, model_name: str, fingerprint_id: str,
