@@ -204,14 +204,14 @@ def test_killed_worker_task_is_retried_and_counted_once(ray_local, tmp_path) -> 
 
 
 def test_infeasible_request_fails_fast_naming_the_resource(ray_local, tmp_path) -> None:
-    start = time.perf_counter()
+    """Before any task is submitted (Ray would hold an infeasible one forever)."""
     with pytest.raises(ClusterResourceError, match=r"needs 4 GPU \(largest node has 2\)"):
         warm("llama-tiny", eager(str(tmp_path)), device_type="cpu", gpus_per_compile=4, progress=None)
     with pytest.raises(ClusterResourceError, match="1 compile_node"):
         warm("llama-tiny", eager(str(tmp_path)), resources={"compile_node": 1}, progress=None, **SLOT)
     with pytest.raises(ClusterResourceError, match="has a GPU and {'compile_node': 1}"):
         warm("llama-tiny", eager(str(tmp_path)), resources={"compile_node": 1}, progress=None)
-    assert time.perf_counter() - start < 10
+    assert not open_store(eager(str(tmp_path))).list_keys()  # nothing compiled or published
 
 
 def test_cuda_default_sizes_slots_from_the_cluster_and_the_plan(ray_local, tmp_path) -> None:
