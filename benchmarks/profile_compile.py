@@ -31,14 +31,12 @@ import time
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vcr-prof-"))
 
 from vllm_compile_ray import CompilationConfig, models
-
 from vllm_compile_ray.compiling import cpu_time
-
 from vllm_compile_ray.compiling import heap
-from vllm_compile_ray.runtime.api import example_args, key_context
 from vllm_compile_ray.compiling.compiler_interface import make_compiler
 from vllm_compile_ray.compiling.inductor import environment_fingerprint, set_compile_threads, warm_device
 from vllm_compile_ray.planning.plan import capture, plan_graph
+from vllm_compile_ray.runtime.api import example_args, key_context
 
 
 def main() -> None:

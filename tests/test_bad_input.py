@@ -26,7 +26,7 @@ from s3proc import MotoProcess, leftover_files
 from vllm_compile_ray import models
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache import signing
-from vllm_compile_ray.runtime.api import open_store
+from vllm_compile_ray.cache.store import ArtifactStore
 from vllm_compile_ray.cli import main as vcr_main
 from vllm_compile_ray.errors import (
     ArtifactCorruptError,
@@ -36,7 +36,7 @@ from vllm_compile_ray.errors import (
     StorePermissionError,
     UnknownModelError,
 )
-from vllm_compile_ray.cache.store import ArtifactStore
+from vllm_compile_ray.runtime.api import open_store
 
 K1 = hashlib.sha256(b"bad-input").hexdigest()
 EAGER = dict(backend="eager", use_inductor=False)

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 
-from vllm_compile_ray.cli import commands as cli
-
 from vllm_compile_ray.cache import manifest
-from vllm_compile_ray.runtime.api import open_store
+from vllm_compile_ray.cli import commands as cli
 from vllm_compile_ray.config import CompilationConfig
 from vllm_compile_ray.orchestration.warm_summary import WarmSummary
+from vllm_compile_ray.runtime.api import open_store
 
 TINY = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu", "--backend", "eager"]
 TINY_INDUCTOR = ["--model", "llama-tiny", "--num-layers", "2", "--device", "cpu"]

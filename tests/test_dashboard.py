@@ -31,7 +31,6 @@ from typing import Any
 import pytest
 
 from vllm_compile_ray import ArtifactStore
-
 from vllm_compile_ray.cache import manifest
 
 pytest.importorskip("ray.job_submission")

@@ -31,11 +31,11 @@ import vllm_compile_ray as vcr
 from s3proc import MotoProcess, leftover_files
 from test_signing import ExecAdaptor
 from vllm_compile_ray.cache import signing
+from vllm_compile_ray.cache.store import ArtifactStore, decode_artifact, encode_artifact
+from vllm_compile_ray.errors import ArtifactNotFoundError, StoreUnavailableError
 from vllm_compile_ray.runtime.api import CompiledModel, key_context, open_store
 from vllm_compile_ray.runtime.backend import VcrBackend
-from vllm_compile_ray.errors import ArtifactNotFoundError, StoreUnavailableError
 from vllm_compile_ray.runtime.manager import CompilerManager
-from vllm_compile_ray.cache.store import ArtifactStore, decode_artifact, encode_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "vcr-faults"

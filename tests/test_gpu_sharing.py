@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from vllm_compile_ray import CompilationConfig, ComputeOptions
-
+from vllm_compile_ray.errors import ConfigError, VcrError
 from vllm_compile_ray.experimental import gpu_sharing
 from vllm_compile_ray.orchestration import pool as compile_pool
-from vllm_compile_ray.errors import ConfigError, VcrError
 from vllm_compile_ray.orchestration.warm import pool_spec, warm
 
 STAND_IN = Path(__file__).parent / "mps_stand_in" / gpu_sharing.CONTROL

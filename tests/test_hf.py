@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import vllm_compile_ray as vcr
+from vllm_compile_ray.errors import ConfigError, UnsupportedModelError
 from vllm_compile_ray.planning import hf
 from vllm_compile_ray.runtime.api import plan_model
-from vllm_compile_ray.errors import ConfigError, UnsupportedModelError
 
 import hf_models
 

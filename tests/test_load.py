@@ -19,11 +19,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vllm_compile_ray as vcr
+from vllm_compile_ray.cache.staging import SharedStaging
+from vllm_compile_ray.cache.store import ArtifactStore
 from vllm_compile_ray.errors import ConfigError
 from vllm_compile_ray.runtime.load import (StartupReport, check_device, format_reports, push_report,
                                    rank_device_env)
-from vllm_compile_ray.cache.staging import SharedStaging
-from vllm_compile_ray.cache.store import ArtifactStore
 
 EAGER = dict(backend="eager", use_inductor=False)
 SIZES = (3, 4, 7)  # 4: static artifact; 3, 7: the dynamic one

@@ -11,13 +11,12 @@ from collections.abc import Iterator
 import pytest
 
 from vllm_compile_ray import CompilationConfig, ComputeOptions
-
 from vllm_compile_ray.cli import commands as cli
-from vllm_compile_ray.orchestration import pool as compile_pool
-from vllm_compile_ray.runtime.api import open_store
-from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.errors import ConfigError
+from vllm_compile_ray.orchestration import pool as compile_pool
+from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.orchestration.warm import warm
+from vllm_compile_ray.runtime.api import open_store
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

@@ -19,7 +19,6 @@ import torch
 import torch.fx as fx
 
 from vllm_compile_ray.compiling import inductor
-
 from vllm_compile_ray.compiling import retarget
 from vllm_compile_ray.compiling.compiler_interface import cuda_index
 

@@ -17,12 +17,12 @@ import torch
 import vllm_compile_ray as vcr
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache import signing
-from vllm_compile_ray.runtime.api import CompiledModel, key_context, open_store
-from vllm_compile_ray.runtime.backend import VcrBackend
+from vllm_compile_ray.cache.store import ArtifactStore, decode_artifact, encode_artifact
 from vllm_compile_ray.compiling.compiler_interface import CompileResult, CompilerInterface
 from vllm_compile_ray.errors import ArtifactCorruptError, ArtifactSignatureError, ConfigError
+from vllm_compile_ray.runtime.api import CompiledModel, key_context, open_store
+from vllm_compile_ray.runtime.backend import VcrBackend
 from vllm_compile_ray.runtime.manager import CompilerManager
-from vllm_compile_ray.cache.store import ArtifactStore, decode_artifact, encode_artifact
 
 K1 = hashlib.sha256(b"piece-1").hexdigest()
 K2 = hashlib.sha256(b"piece-2").hexdigest()

@@ -16,6 +16,14 @@ from collections.abc import Callable, Iterator
 import fsspec
 import pytest
 
+from vllm_compile_ray.cache.store import (
+    MAGIC,
+    Artifact,
+    ArtifactStore,
+    decode_artifact,
+    encode_artifact,
+)
+from vllm_compile_ray.cache.store_errors import translate
 from vllm_compile_ray.errors import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
@@ -25,14 +33,6 @@ from vllm_compile_ray.errors import (
     StorePermissionError,
     StoreUnavailableError,
 )
-from vllm_compile_ray.cache.store import (
-    MAGIC,
-    Artifact,
-    ArtifactStore,
-    decode_artifact,
-    encode_artifact,
-)
-from vllm_compile_ray.cache.store_errors import translate
 
 MakeStore = Callable[..., ArtifactStore]
 

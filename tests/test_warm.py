@@ -19,13 +19,12 @@ import pytest
 import torch
 
 from vllm_compile_ray import CompilationConfig, ComputeOptions, models, plan_model
-
 from vllm_compile_ray.cache import manifest
-from vllm_compile_ray.runtime.api import open_store
-from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.errors import ClusterResourceError
+from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.orchestration.warm import warm
 from vllm_compile_ray.orchestration.warm_summary import WarmSummary
+from vllm_compile_ray.runtime.api import open_store
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from vllm_compile_ray import CompilationConfig, ComputeOptions
-
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache.store import ArtifactStore
 from vllm_compile_ray.orchestration.warm import warm
