@@ -8,7 +8,7 @@ from .compiling.compiler_interface import (CompileResult, CompilerInterface, Eag
 from .compiling.counters import CompilationCounter
 from .compiling.monitor import PerformanceMonitor
 from .compiling.passes import InductorPass, PostGradPassManager
-from .config import CompilationConfig
+from .config import CacheConfig, CompilationConfig
 from .errors import (ArtifactCorruptError, ArtifactNotFoundError, CacheMissError, CompileError,
                      ConfigError, StoreError, StorePermissionError, StoreUnavailableError,
                      UnknownModelError, VcrError)
@@ -24,7 +24,7 @@ from .runtime.load import StartupReport, load
 from .runtime.manager import CompilerManager
 
 __all__ = [
-    "ArtifactCorruptError", "ArtifactNotFoundError", "ArtifactStore", "CacheMissError",
+    "ArtifactCorruptError", "ArtifactNotFoundError", "ArtifactStore", "CacheConfig", "CacheMissError",
     "CanonicalPiece", "CompilationConfig", "CompilationCounter", "CompileError", "CompileResult",
     "CompileTask", "CompiledModel", "ComputeOptions", "CompilerInterface", "CompilerManager", "ConfigError",
     "EagerAdaptor", "InductorPass", "InductorStandaloneAdaptor", "InputSpec", "PerformanceMonitor",

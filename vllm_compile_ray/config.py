@@ -1,4 +1,5 @@
-"""`CompilationConfig`: what to compile, how, and where the artifacts live."""
+"""`CompilationConfig`: what to compile and how; `CacheConfig`: where the artifacts live and
+signing (a compilation's is `CompilationConfig.cache`, built from its fields of the same names)."""
 
 from __future__ import annotations
 
@@ -108,50 +109,20 @@ class CompilationConfig:
         except (TypeError, ValueError) as exc:
             raise _fail("inductor_compile_config", self.inductor_compile_config,
                         f"values must be JSON-serializable ({exc})") from None
-        for name in ("max_compile_time", "store_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise _fail(name, value, "must be a number of seconds > 0")
-            set_(name, float(value))
+        value = self.max_compile_time
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise _fail("max_compile_time", value, "must be a number of seconds > 0")
+        set_("max_compile_time", float(value))
         if self.fallback not in FALLBACKS:
             raise _fail("fallback", self.fallback, f"allowed: {FALLBACKS}")
         if self.on_miss not in MISS_POLICIES:
             raise _fail("on_miss", self.on_miss, f"allowed: {MISS_POLICIES}")
-        for name in ("cache_dir", "staging_dir"):
-            if not isinstance(getattr(self, name), str):
-                raise _fail(name, getattr(self, name), "must be a string (a URL or a path)")
-        if self.cache_dir and "://" in self.cache_dir:
-            protocol = self.cache_dir.split("://", 1)[0]
-            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol):
-                raise _fail("cache_dir", self.cache_dir, "expected an fsspec URL such as s3://bucket/prefix")
-        if not isinstance(self.storage_options, dict):
-            raise _fail("storage_options", self.storage_options, "must be a dict of fsspec options")
-        self._check_signing()
+        _check_cache_fields(self, "CompilationConfig")
         if not isinstance(self.dynamic_dims, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                 for k, v in self.dynamic_dims.items()):
             raise _fail("dynamic_dims", self.dynamic_dims,
                         "must map argument names to a dim index, e.g. {'input_ids': -1}")
-
-    def _check_signing(self) -> None:
-        for name in ("signing_scheme", "signing_key_file", "signing_key_env"):
-            if not isinstance(getattr(self, name), str):
-                raise _fail(name, getattr(self, name), "must be a string")
-        if self.signing_scheme not in SIGNING_SCHEMES:
-            raise _fail("signing_scheme", self.signing_scheme, f"allowed: {SIGNING_SCHEMES}")
-        sources = [n for n in ("signing_key_file", "signing_key_env") if getattr(self, n)]
-        if self.signing_scheme and len(sources) != 1:
-            raise _fail("signing_scheme", self.signing_scheme,
-                        f"needs exactly one key source, signing_key_file or signing_key_env "
-                        f"(got {sources or 'neither'})")
-        if sources and not self.signing_scheme:
-            raise _fail(sources[0], getattr(self, sources[0]),
-                        f"a signing key needs signing_scheme (one of {SIGNING_SCHEMES[1:]})")
-        if self.signing_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
-                                                     self.signing_key_env):
-            raise _fail("signing_key_env", self.signing_key_env,
-                        "must be an environment variable name (the key itself never goes in "
-                        "the config)")
 
     @staticmethod
     def _str_tuple(name: str, value: Any, pattern: re.Pattern, allowed: str) -> tuple[str, ...]:
@@ -210,7 +181,81 @@ class CompilationConfig:
     def replace(self, **changes: Any) -> CompilationConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def cache(self) -> CacheConfig:
+        """Where this compilation's artifacts live and signing (never key material)."""
+        return CacheConfig(**{name: getattr(self, name) for name in CACHE_FIELDS})
+
+    def with_cache(self, cache: CacheConfig) -> CompilationConfig:
+        """This config with `cache`'s location and signing."""
+        return dataclasses.replace(self, **{name: getattr(cache, name) for name in CACHE_FIELDS})
+
     def hashed_fields(self) -> dict[str, Any]:
         """The fields that change compiled code; `keys.config_hash` hashes these."""
         data = self.to_dict()
         return {name: data[name] for name in _HASHED_FIELDS}
+
+
+def _check_cache_fields(obj: Any, owner: str) -> None:
+    """Where the cache lives and signing, checked for `CacheConfig` and `CompilationConfig` (its
+    fields of the same names): ConfigError naming `owner.field` and what is allowed."""
+    def fail(name: str, value: Any, allowed: str) -> ConfigError:
+        return ConfigError(f"{owner}.{name}={value!r} is invalid: {allowed}")
+
+    value = obj.store_timeout_s
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise fail("store_timeout_s", value, "must be a number of seconds > 0")
+    object.__setattr__(obj, "store_timeout_s", float(value))
+    for name in ("cache_dir", "staging_dir"):
+        if not isinstance(getattr(obj, name), str):
+            raise fail(name, getattr(obj, name), "must be a string (a URL or a path)")
+    if obj.cache_dir and "://" in obj.cache_dir:
+        protocol = obj.cache_dir.split("://", 1)[0]
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol):
+            raise fail("cache_dir", obj.cache_dir, "expected an fsspec URL such as s3://bucket/prefix")
+    if not isinstance(obj.storage_options, dict):
+        raise fail("storage_options", obj.storage_options, "must be a dict of fsspec options")
+    for name in ("signing_scheme", "signing_key_file", "signing_key_env"):
+        if not isinstance(getattr(obj, name), str):
+            raise fail(name, getattr(obj, name), "must be a string")
+    if obj.signing_scheme not in SIGNING_SCHEMES:
+        raise fail("signing_scheme", obj.signing_scheme, f"allowed: {SIGNING_SCHEMES}")
+    sources = [n for n in ("signing_key_file", "signing_key_env") if getattr(obj, n)]
+    if obj.signing_scheme and len(sources) != 1:
+        raise fail("signing_scheme", obj.signing_scheme,
+                   f"needs exactly one key source, signing_key_file or signing_key_env "
+                   f"(got {sources or 'neither'})")
+    if sources and not obj.signing_scheme:
+        raise fail(sources[0], getattr(obj, sources[0]),
+                   f"a signing key needs signing_scheme (one of {SIGNING_SCHEMES[1:]})")
+    if obj.signing_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", obj.signing_key_env):
+        raise fail("signing_key_env", obj.signing_key_env,
+                   "must be an environment variable name (the key itself never goes in the "
+                   "config)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where the artifacts live and who may write them: nothing here changes compiled code or
+    any key. The store (`runtime.api.open_store`) and the cache commands (`vcr ls`, `stats`,
+    `verify`, `gc`) take this alone; `CompilationConfig.cache` is the one of a compilation.
+
+    cache_dir is an fsspec URL (s3://bucket/prefix, gs://, az://, file:///path, /path, memory://x);
+    "" means the node-local default `~/.cache/vllm_compile_ray/cache`. staging_dir: the node-local
+    verified copies ("" a default per URL). Signing (signing.py): "" off; the key comes from a
+    file or an env var, read by `open_store`, at the edge.
+    """
+
+    cache_dir: str = ""
+    storage_options: dict = field(default_factory=dict)
+    staging_dir: str = ""
+    store_timeout_s: float = 30.0
+    signing_scheme: str = ""
+    signing_key_file: str = ""
+    signing_key_env: str = ""
+
+    def __post_init__(self) -> None:
+        _check_cache_fields(self, "CacheConfig")
+
+
+CACHE_FIELDS = tuple(f.name for f in dataclasses.fields(CacheConfig))

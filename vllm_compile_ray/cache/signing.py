@@ -290,8 +290,8 @@ def load_keys(scheme: str, key_file: str = "", key_env: str = "",
 
 def from_config(config: Any, environ: Mapping[str, str] | None = None
                 ) -> tuple[Signer | None, Verifier | None]:
-    """`load_keys` for a CompilationConfig's signing_scheme / signing_key_file / signing_key_env.
-    Called at the edge (`api.open_store`), where the environment may be read."""
+    """`load_keys` for a CacheConfig's (or CompilationConfig's) signing_scheme /
+    signing_key_file / signing_key_env. Called at the edge (`api.open_store`), where the environment may be read."""
     return load_keys(config.signing_scheme, config.signing_key_file, config.signing_key_env,
                      environ)
 

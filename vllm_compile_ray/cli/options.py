@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ..config import DEFAULT_POOL_IDLE_TIMEOUT_S, CompilationConfig
+from ..config import DEFAULT_POOL_IDLE_TIMEOUT_S, CacheConfig, CompilationConfig
 
 EXAMPLES = {
     "warm": "vcr warm --model llama-3-8b --tp 8 --sizes 1,2,4,8,16 --cache s3://bucket/vcr\n"
@@ -157,8 +157,8 @@ def _signing(opts: dict[str, Any]) -> dict[str, str]:
 def open_cache(opts: dict[str, Any]):
     """The ArtifactStore of a command's `cache_options`."""
     from ..runtime.api import open_store
-    return open_store(CompilationConfig(cache_dir=opts["cache"], storage_options=opts["storage_options"],
-                                        **_signing(opts)))
+    return open_store(CacheConfig(cache_dir=opts["cache"], storage_options=opts["storage_options"],
+                                  **_signing(opts)))
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

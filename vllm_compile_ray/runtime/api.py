@@ -16,7 +16,7 @@ from ..compiling.compiler_interface import CompilerInterface, make_compiler
 from ..compiling.counters import CompilationCounter
 from ..compiling.monitor import PerformanceMonitor
 from ..compiling.passes import PostGradPassManager
-from ..config import CompilationConfig
+from ..config import CacheConfig, CompilationConfig
 from ..errors import VcrError
 from ..keys import KeyContext
 from ..planning.hf import maybe_prepare
@@ -31,12 +31,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_compile_ray", "cache")
 
 
-def open_store(config: CompilationConfig) -> ArtifactStore:
-    """The config's store, with its signing key loaded (from a file or the environment: here,
-    at the edge; the store then carries the key to Ray tasks)."""
-    signer, verifier = signing.from_config(config)
-    return ArtifactStore(config.cache_dir or DEFAULT_CACHE_DIR, config.storage_options,
-                         staging_dir=config.staging_dir or None, timeout_s=config.store_timeout_s,
+def open_store(config: CompilationConfig | CacheConfig) -> ArtifactStore:
+    """The store of a cache config (or of a compilation's: `CompilationConfig.cache`), with its
+    signing key loaded (from a file or the environment: here, at the edge; the store then
+    carries the key to Ray tasks)."""
+    cache = config.cache if isinstance(config, CompilationConfig) else config
+    signer, verifier = signing.from_config(cache)
+    return ArtifactStore(cache.cache_dir or DEFAULT_CACHE_DIR, cache.storage_options,
+                         staging_dir=cache.staging_dir or None, timeout_s=cache.store_timeout_s,
                          signer=signer, verifier=verifier)
 
 
