@@ -142,12 +142,20 @@ def _split_by_structure(gm: fx.GraphModule, part_of: dict[fx.Node, int]
     piece come in split_module's order, so piece code and keys are the same. None for graphs
     this does not handle (attributes, submodules, grad or autocast regions): use split_module.
     """
-    import sympy
-    from torch.fx.experimental.symbolic_shapes import free_symbols
-
     nodes = list(gm.graph.nodes)
     if any(n.op in ("get_attr", "call_module") or n.target in _GLOBAL_STATE for n in nodes):
         return None
+    parts = _parts(nodes, part_of)
+    return None if parts is None else _assemble(nodes, parts)
+
+
+def _parts(nodes: list[fx.Node], part_of: dict[fx.Node, int]) -> dict[int, _Part] | None:
+    """Each piece's nodes, inputs and outputs in split_module's order (graph order; the size
+    symbols an input's shape uses come along as inputs too); None when there is no piece or a
+    symbol has no binding node (left to split_module)."""
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
     symbol_node: dict[sympy.Symbol, fx.Node] = {}  # where each size symbol is bound, first wins
     parts: dict[int, _Part] = {}  # in graph order
     for node in nodes:
@@ -187,7 +195,12 @@ def _split_by_structure(gm: fx.GraphModule, part_of: dict[fx.Node, int]
                 fx.node.map_arg((node.args, node.kwargs), lambda n, p=part_of[node]: use(n, p))
     except LookupError:  # a symbol without a binding node: leave it to split_module
         return None
+    return parts
 
+
+def _assemble(nodes: list[fx.Node], parts: dict[int, _Part]
+              ) -> tuple[fx.GraphModule, list[str]]:
+    """The split graph calling one submodule per piece; pieces of equal structure share one."""
     base = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in nodes:
