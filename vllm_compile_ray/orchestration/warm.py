@@ -4,9 +4,8 @@ The driver plans on the meta device (no weights, no GPU), drops what the cache a
 submits the rest longest-expected-first with a bounded number in flight, and writes the manifest
 and the stats snapshot. Bytes go from the compile tasks straight to the store.
 
-Its steps, in order: the options checked (`options`), the capture on meta started on a thread
-(`warm_plan.draft_plan`) while Ray starts, `_on_cluster` (sized from the connected cluster:
-`warm_cluster`), `_plan` (the capture keyed; worker start-ups meanwhile), `_dispatch`
+Its steps, in order: `_checked` (the arguments), `_on_cluster` (sized from the connected
+cluster: `warm_cluster`), `_plan` (`warm_plan`; worker start-ups meanwhile), `_dispatch`
 (`dispatch.Dispatcher`) and `warm_record.record_run` (manifest, stats, summary).
 """
 
@@ -18,7 +17,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from dataclasses import dataclass
 
@@ -66,7 +64,6 @@ class _Run:
     sharing: str
     pool_idle_timeout_s: float
     compute: ComputeOptions
-    draft: Future  # of `draft_plan`: captured on meta while Ray starts
 
 
 def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, *,
@@ -102,16 +99,10 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
         model = ModelSpec(model, example_inputs)
     store = open_store(config)
     store.check_access(write=True)  # a wrong bucket or credentials fail here, not in every task
-    # The driver's capture needs no cluster: it runs while Ray starts (measured on one H200
-    # host: Ray start ~10 s, the capture of llama-3-8b ~4.6 s, which then no longer adds up).
-    planner = ThreadPoolExecutor(1, thread_name_prefix="vcr-plan")
-    draft = planner.submit(draft_plan, model, config, tp_size, num_layers, compute.device_type,
-                           fingerprint)
-    planner.shutdown(wait=False)
     run = _Run(model, name, config, store, tp_size, num_layers, compute.device_type,
                retry.max_retries, retry.compile_retries, fingerprint, faults or Faults(),
                progress or (lambda line: None), compute.gpu_sharing, compute.pool_idle_timeout_s,
-               compute, draft)
+               compute)
     runtime_env = dict(compute.runtime_env) if compute.runtime_env is not None else None
     owned = _connect(compute.address, runtime_env)
     try:
@@ -204,7 +195,8 @@ def _plan(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     needed = 1 if run.fingerprint is None else 0
     starts = [] if members else _start_workers(
         run, request, needed if resize else max(prestart, needed), first=True)
-    draft = run.draft.result()
+    draft = draft_plan(run.model, run.config, run.tp_size, run.num_layers, run.device_type,
+                       run.fingerprint)
     if resize:
         sizing = cluster_sizing(request, tasks=len(draft.tasks()))
         request = dataclasses.replace(request, gpus=sizing.gpus_per_compile)
