@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import vllm_compile_ray as vcr
@@ -20,6 +22,12 @@ from vllm_compile_ray.errors import ConfigError
 def test_cache_config_names_the_bad_field(kwargs, needle) -> None:
     with pytest.raises(ConfigError, match=needle):
         vcr.CacheConfig(**kwargs)
+
+
+def test_compilation_config_has_every_cache_field_with_the_same_default() -> None:
+    assert vcr.CompilationConfig().cache == vcr.CacheConfig()
+    names = {f.name for f in dataclasses.fields(vcr.CompilationConfig)}
+    assert set(vcr.config.CACHE_FIELDS) <= names
 
 
 def test_a_compilation_s_cache_is_not_key_material(tmp_path) -> None:

@@ -53,12 +53,12 @@ class CompilationConfig:
     debug_compile: bool = False
     fallback: str = "eager"
     on_miss: str = "compile_and_publish"
+    # Where the cache lives and signing: `CacheConfig`'s fields (`self.cache`), kept flat here
+    # as every caller passes them; never hashed (tests/test_cache_config.py keeps the two in step).
     cache_dir: str = ""
     storage_options: dict = field(default_factory=dict)
     staging_dir: str = ""
     store_timeout_s: float = 30.0
-    # Artifact signing (see signing.py): "" off; the key comes from a file or an env var
-    # (read by `api.open_store`, at the edge). Not hashed: signing does not change compiled code.
     signing_scheme: str = ""
     signing_key_file: str = ""
     signing_key_env: str = ""
