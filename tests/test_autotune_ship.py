@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.compiling import inductor
+from vllm_compile_ray.compiling import artifact_format, inductor
 from vllm_compile_ray.compiling.compiler_interface import (
     InductorStandaloneAdaptor,
     pack_tuned,
@@ -72,7 +72,7 @@ def test_adaptor_loads_tuning_before_the_artifact(tmp_path: Path,
         seen.append((data, best.exists()))
         return "loaded"
 
-    monkeypatch.setattr(inductor, "_load_binary", fake_loader)
+    monkeypatch.setattr(artifact_format, "load", fake_loader)
     adaptor = InductorStandaloneAdaptor(vcr.CompilationConfig())
     payload = pack_tuned(b"standalone-bytes", tuning_bytes({"ab/abcdef.best_config": BEST}))
     assert adaptor.load(payload, None, 4, "cuda:0") == "loaded"

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from vllm_compile_ray.compiling import inductor
-from vllm_compile_ray.compiling import retarget
+from vllm_compile_ray.compiling import artifact_format, retarget
 from vllm_compile_ray.compiling.compiler_interface import cuda_index
 
 from test_autotune_ship import BEST, tuning_bytes
@@ -95,18 +95,50 @@ class _Piece(torch.nn.Module):
         return (torch.relu(x @ w) * 2 + 1,)
 
 
-@pytest.fixture(scope="module")
-def cpu_artifact() -> tuple[bytes, list[torch.Tensor]]:
-    """A real standalone artifact of this torch (CPU, so it compiles and loads here)."""
+@pytest.fixture(scope="module", params=["bundled", "cache"])
+def cpu_artifact(request) -> tuple[bytes, list[torch.Tensor]]:
+    """A real standalone artifact of this torch (CPU, so it compiles and loads here), in both
+    formats: the bundled AOT one `compile_static` makes, and the cache one (what torch < 2.10
+    made, and caches filled before still hold)."""
     gm = fx.symbolic_trace(_Piece())
     args = [torch.randn(4, 8), torch.randn(8, 8)]
-    _, data = inductor.compile_static(gm, args, {})
+    if request.param == "bundled":
+        assert artifact_format.save_options(), "this torch makes no bundled AOT artifact"
+        _, data = inductor.compile_static(gm, args, {})
+    else:
+        from torch._inductor import standalone_compile
+
+        data = inductor._artifact_bytes(standalone_compile(
+            gm, args, dynamic_shapes="from_example_inputs", options={}))
+    assert (retarget._read_chunks(data)[0] == artifact_format.aot_header()) == (
+        request.param == "bundled")
     return data, args
 
 
-def _graphs(data: bytes) -> tuple[list, dict]:
-    caches = retarget._read_caches(retarget._read_chunks(data)[-1])
-    return [pickle.loads(a.content) for a in caches["inductor"]], caches
+def _graphs(data: bytes) -> list:
+    """The artifact's compiled graphs (CompiledFxGraph), from either format."""
+    chunks = retarget._read_chunks(data)
+    if chunks[0] == artifact_format.aot_header():
+        entry = pickle.loads(chunks[-1])[0]
+        return [entry.compiled_fw.result]
+    return [pickle.loads(a.content) for a in retarget._read_caches(chunks[-1])["inductor"]]
+
+
+def _with_graph(data: bytes, graph, autotune: list) -> bytes:
+    """`data` with its one compiled graph replaced by `graph` (and, in the cache format, the
+    autotune entries `autotune` added to its caches)."""
+    chunks = retarget._read_chunks(data)
+    if chunks[0] == artifact_format.aot_header():
+        entry, *rest = pickle.loads(chunks[-1])
+        entry.compiled_fw.result = graph
+        chunks[-1] = pickle.dumps((entry, *rest))
+    else:
+        caches = retarget._read_caches(chunks[-1])
+        caches["inductor"] = [type(caches["inductor"][0])(caches["inductor"][0].key,
+                                                          pickle.dumps(graph))]
+        caches.setdefault("autotune", []).extend(autotune)
+        chunks[-1] = retarget._write_caches(caches)
+    return retarget._write_chunks(chunks)
 
 
 def test_retargeted_bytes_still_load_and_run(cpu_artifact) -> None:
@@ -116,7 +148,7 @@ def test_retargeted_bytes_still_load_and_run(cpu_artifact) -> None:
     moved, tuning = retarget.retarget(data, b"", 2)
     assert tuning == b"" and moved != data
     want = _Piece()(*args)[0]
-    assert torch.allclose(inductor._load_binary(moved)(*args)[0], want)
+    assert torch.allclose(artifact_format.load(moved)(*args)[0], want)
     assert torch.allclose(inductor.load_artifact(data, b"", 2)(*args)[0], want)
 
 
@@ -130,26 +162,24 @@ def test_retarget_moves_code_binaries_and_tuning(cpu_artifact, tmp_path, monkeyp
     from torch.compiler._cache import CacheArtifactFactory
 
     data, _ = cpu_artifact
-    chunks = retarget._read_chunks(data)
-    (graph,), caches = _graphs(data)
+    (graph,) = _graphs(data)
     graph.source_code, graph.device_idxs = WRAPPER, type(graph.device_idxs)([0])
     graph._triton_bundle = TritonBundle([TritonKernelArtifacts("kernelhash", 0, [])],
                                         ["static autotuner pickled for GPU 0"])
-    caches["inductor"] = [type(caches["inductor"][0])(caches["inductor"][0].key,
-                                                      pickle.dumps(graph))]
     kernels = list(dict.fromkeys(src for _, src in KERNELS.findall(WRAPPER)))  # listed twice
     assert len(kernels) >= 3
     inside = CacheArtifactFactory.create("autotune", retarget.autotune_key(kernels[0]),
                                          json.dumps(BEST).encode())
-    caches.setdefault("autotune", []).append(inside)
-    chunks[-1] = retarget._write_caches(caches)
-    cuda_like = retarget._write_chunks(chunks)
-    shipped = tuning_bytes({retarget.autotune_key(k): BEST for k in kernels[1:]})
+    cuda_like = _with_graph(data, graph, [inside])
+    bundled = retarget._read_chunks(data)[0] == artifact_format.aot_header()
+    # The bundled format has no caches inside: every result is shipped beside it.
+    shipped = tuning_bytes({retarget.autotune_key(k): BEST
+                            for k in (kernels if bundled else kernels[1:])})
     assert retarget.compiled_device_index(cuda_like) == 0
 
     moved, moved_tuning = retarget.retarget(cuda_like, shipped, 1)
     assert retarget.compiled_device_index(moved) == 1
-    (new,), new_caches = _graphs(moved)
+    (new,) = _graphs(moved)
     assert new.source_code == retarget.retarget_source(WRAPPER, 1)
     assert new.cache_key == get_hash(new.source_code.strip()) != graph.cache_key
     assert set(new.device_idxs) == {1}
@@ -158,9 +188,12 @@ def test_retarget_moves_code_binaries_and_tuning(cpu_artifact, tmp_path, monkeyp
     def moved_key(kernel: str) -> str:
         return retarget.autotune_key(retarget.retarget_source(kernel, 1))
 
-    assert [a.key for a in new_caches["autotune"]] == [moved_key(kernels[0])]
+    if not bundled:
+        new_caches = retarget._read_caches(retarget._read_chunks(moved)[-1])
+        assert [a.key for a in new_caches["autotune"]] == [moved_key(kernels[0])]
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    assert inductor.load_tuning(moved_tuning) == len(kernels) - 1
+    shipped_kernels = kernels if bundled else kernels[1:]
+    assert inductor.load_tuning(moved_tuning) == len(shipped_kernels)
     landed = {p.relative_to(tmp_path / "inductor").as_posix()
               for p in (tmp_path / "inductor").rglob("*.best_config")}
-    assert landed == {moved_key(k) for k in kernels[1:]}
+    assert landed == {moved_key(k) for k in shipped_kernels}

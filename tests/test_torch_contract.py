@@ -5,8 +5,8 @@ check that it still takes what we pass it (`inspect.signature(...).bind`), still
 read, or still behaves the way we rely on. A torch upgrade that moves one fails here, naming it
 and its user, instead of deep inside a compile. CPU-only, no compiles (a few seconds of imports).
 
-Names only some torch versions have carry the package's own gate (`aot.SUPPORTED`,
-`inductor.COORDINATE_DESCENT_SHIPS`): when one is missing the test asserts the gate is False, so
+Names only some torch versions have carry the package's own gate (`runtime.aot.SUPPORTED`,
+`compiling.inductor.COORDINATE_DESCENT_SHIPS`, `compiling.artifact_format.save_options()`): when one is missing the test asserts the gate is False, so
 the package switches the feature off rather than calling it. Checked on torch 2.13 (CPU).
 """
 
@@ -90,6 +90,10 @@ def source_has(*texts: str) -> Check:
         missing = [t for t in texts if t not in source]
         assert not missing, f"{path} no longer has {missing}"
     return check
+
+
+def _is_bytes(obj: Any) -> None:
+    assert isinstance(obj, bytes), f"{obj!r} is no longer bytes"
 
 
 def both(*checks: Check) -> Check:
@@ -227,11 +231,15 @@ TOUCHES: list[Touch] = [
     Touch("torch._inductor:standalone_compile",
           "inductor.compile_static / compile_dynamic",
           call(S, S, dynamic_shapes="from_example_inputs", options={})),
+    Touch("torch._inductor:standalone_compile",
+          "inductor.compile_static / compile_dynamic (the bundled AOT artifact)",
+          call(S, S, dynamic_shapes="from_example_inputs", options={}, aot=True),
+          gate="compiling.artifact_format.save_options", aspect="aot"),
     Touch("torch._inductor.standalone_compile:DynamicShapesType",
           "inductor.compile_static / compile_dynamic (dynamic_shapes values)",
           literal("from_example_inputs", "from_tracing_context")),
     Touch("torch._inductor.standalone_compile:CompiledArtifact.load",
-          "inductor._load_binary", both(call(path=S, format="binary"),
+          "artifact_format._load_through_file (the cache format)", both(call(path=S, format="binary"),
                                         annotation_allows("format", "binary"))),
     Touch("torch._inductor.standalone_compile:CompiledArtifact.save",
           "inductor._artifact_bytes", call(S, path=S, format="binary")),
@@ -244,7 +252,9 @@ TOUCHES: list[Touch] = [
     Touch("torch.compiler:load_cache_artifacts", "inductor.load_tuning", call(S)),
     Touch("torch.compiler._cache:CacheInfo", "inductor.tune_once / load_tuning (count)",
           has("autotune_artifacts")),
-    Touch("torch._inductor.codecache:torch_key", "inductor.torch_fingerprint", call()),
+    Touch("torch._inductor.codecache:torch_key",
+          "inductor.torch_fingerprint / artifact_format.load (the build an artifact names)",
+          both(call(), lambda torch_key: _is_bytes(torch_key()))),
     Touch(f"{IC}:get_config_copy", "inductor.torch_fingerprint", call()),
     Touch("torch._functorch.config:get_config_copy", "inductor.torch_fingerprint", call()),
     Touch("torch._functorch.config:error_on_custom_op_aliasing",
@@ -288,7 +298,7 @@ TOUCHES: list[Touch] = [
     Touch(f"{IC}:max_autotune", "cli_options --max-autotune (inductor_compile_config)"),
     Touch(f"{IC}:coordinate_descent_tuning",
           "cli_options --max-autotune, compiler_interface.InductorStandaloneAdaptor",
-          gate="inductor.COORDINATE_DESCENT_SHIPS"),
+          gate="compiling.inductor.COORDINATE_DESCENT_SHIPS"),
     Touch(f"{IC}:post_grad_custom_post_pass",
           "compiler_interface.InductorStandaloneAdaptor (config_patches)"),
     Touch(f"{IC}:patch", "inductor_metrics.kernel_work", call(compile_threads=1)),
@@ -342,6 +352,35 @@ TOUCHES: list[Touch] = [
     Touch("torch.compiler._cache:CacheArtifactFactory",
           "retarget.retarget (cache types 'inductor', 'autotune'; entries type(a)(key, content))",
           both(_category_names("inductor", "autotune"), _retarget_caches_round_trip)),
+    Touch("torch._inductor.standalone_compile:AOTCompiledArtifact.AOT_HEADER",
+          "retarget.retarget (tells the bundled AOT format apart)",
+          _is_bytes,
+          gate="compiling.artifact_format.save_options"),
+    Touch("torch._functorch._aot_autograd.aot_autograd_result:GenericAOTAutogradResult",
+          "retarget._retarget_bundled (the pickled entry's graphs)",
+          fields("compiled_fw", "compiled_bw"), gate="compiling.artifact_format.save_options"),
+    Touch("torch._functorch._aot_autograd.aot_autograd_result:BundledOutputCodeLoadable",
+          "retarget._retarget_bundled (`.result`: the CompiledFxGraph)", fields("result"),
+          gate="compiling.artifact_format.save_options"),
+    Touch("torch._functorch.config:bundled_autograd_cache",
+          "retarget._retarget_bundled (patched while pickling, as torch pickles the entry)",
+          gate="compiling.artifact_format.save_options"),
+    # artifact_format.py: the bundled AOT artifact loaded in memory
+    Touch("torch._functorch._aot_autograd.aot_autograd_result:BundledAOTAutogradResult",
+          "artifact_format._load_bundled (the pickled entry)",
+          fields("guards_expr", "sanitized_aot_config"),
+          gate="compiling.artifact_format.save_options"),
+    Touch("torch._functorch._aot_autograd.aot_autograd_result:"
+          "GenericAOTAutogradResult.wrap_post_compile", "artifact_format._load_bundled",
+          call(S, [], S, {}), gate="compiling.artifact_format.save_options"),
+    Touch("torch._inductor.standalone_compile:AOTCompiledArtifact.deserialize",
+          "artifact_format._load_bundled (entries with user Triton kernels)", call(S),
+          gate="compiling.artifact_format.save_options"),
+    Touch("torch._guards:TracingContext.try_get", "artifact_format._load_bundled", call()),
+    Touch("torch._inductor.cudagraph_utils:BoxedDeviceIndex", "artifact_format._load_bundled",
+          call(None)),
+    Touch("torch._inductor.utils:BoxedBool", "artifact_format._load_bundled", call(False)),
+    Touch(f"{IC}:triton.cudagraphs", "artifact_format._load_bundled"),
     Touch("torch._inductor.runtime.cache_dir_utils:cache_dir",
           "retarget.cache_dir_for (reads TORCHINDUCTOR_CACHE_DIR at each call)",
           both(call(), _cache_dir_follows_env)),
@@ -350,31 +389,31 @@ TOUCHES: list[Touch] = [
           "aot.TracedModel (subclass)",
           _abstract_within("__call__", "serialize_compile_artifacts",
                            "deserialize_compile_artifacts"),
-          gate="aot.SUPPORTED"),
-    Touch("torch._dynamo.config:enable_aot_compile", "aot.trace (patch)", gate="aot.SUPPORTED"),
+          gate="runtime.aot.SUPPORTED"),
+    Touch("torch._dynamo.config:enable_aot_compile", "aot.trace (patch)", gate="runtime.aot.SUPPORTED"),
     Touch("torch:compile", "aot.trace (torch.compile(...).aot_compile((args, kwargs)))",
-          _aot_compile_method, gate="aot.SUPPORTED"),
+          _aot_compile_method, gate="runtime.aot.SUPPORTED"),
     Touch("torch._dynamo.aot_compile:AOTCompiledFunction.serialize", "aot.serialize", call(S),
-          gate="aot.SUPPORTED"),
+          gate="runtime.aot.SUPPORTED"),
     Touch("torch._dynamo.aot_compile:AOTCompileSaveResult", "aot.serialize",
-          fields("serialized_data"), gate="aot.SUPPORTED"),
+          fields("serialized_data"), gate="runtime.aot.SUPPORTED"),
     Touch("torch._dynamo.aot_compile:AOTCompiledFunction",
           "aot._save_installed_globals (fn._artifacts; fn.fn.__globals__, the function it builds)",
           both(fields("_artifacts"), source_has("self.fn = self._artifacts.runtime_env")),
-          gate="aot.SUPPORTED"),
+          gate="runtime.aot.SUPPORTED"),
     Touch("torch._dynamo.aot_compile:CompileArtifacts", "aot._save_installed_globals",
-          fields("runtime_env", "backend_id"), gate="aot.SUPPORTED"),
+          fields("runtime_env", "backend_id"), gate="runtime.aot.SUPPORTED"),
     Touch("torch._dynamo.aot_compile:GraphRuntimeEnv",
           "aot._save_installed_globals (external_refs read with getattr: optional)",
-          fields("bytecode", "import_sources", "used_globals"), gate="aot.SUPPORTED"),
+          fields("bytecode", "import_sources", "used_globals"), gate="runtime.aot.SUPPORTED"),
     Touch("torch.compiler:load_compiled_function", "aot.restore", call(S, f_globals={}),
-          gate="aot.SUPPORTED"),
+          gate="runtime.aot.SUPPORTED"),
     Touch("torch.fx._graph_pickler:GraphPickler.dumps",
-          "aot.TracedModel.serialize_compile_artifacts", call(S, S), gate="aot.SUPPORTED"),
+          "aot.TracedModel.serialize_compile_artifacts", call(S, S), gate="runtime.aot.SUPPORTED"),
     Touch("torch.fx._graph_pickler:Options", "aot.TracedModel.serialize_compile_artifacts",
-          call(ops_filter=None), gate="aot.SUPPORTED"),
+          call(ops_filter=None), gate="runtime.aot.SUPPORTED"),
     Touch("torch.fx._graph_pickler:GraphPickler.loads",
-          "aot.TracedModel.deserialize_compile_artifacts", call(S, S), gate="aot.SUPPORTED"),
+          "aot.TracedModel.deserialize_compile_artifacts", call(S, S), gate="runtime.aot.SUPPORTED"),
     Touch("torch._subclasses:FakeTensorMode", "aot.TracedModel.deserialize_compile_artifacts",
           call(shape_env=S)),
     Touch("torch._subclasses.fake_tensor:FakeTensor._is_view", "aot._unviewed"),
@@ -428,8 +467,9 @@ def _resolve(target: str) -> Any:
 def _gate(name: str) -> bool:
     if name == "triton>=3.4":
         return _triton_gate()
-    module, attr = name.split(".")
-    return bool(getattr(importlib.import_module(f"vllm_compile_ray.{module}"), attr))
+    module, attr = name.rsplit(".", 1)
+    flag = getattr(importlib.import_module(f"vllm_compile_ray.{module}"), attr)
+    return bool(flag() if callable(flag) else flag)
 
 
 def _id(touch: Touch) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 
 from ..config import DEFAULT_POOL_IDLE_TIMEOUT_S
 from ..errors import ConfigError
-from ..experimental import gpu_sharing
 
 DEVICE_TYPES = ("cuda", "cpu")
 
@@ -88,6 +87,8 @@ class ComputeOptions:
         if not _number(self.pool_idle_timeout_s) or self.pool_idle_timeout_s <= 0:
             raise _fail(name, "pool_idle_timeout_s", self.pool_idle_timeout_s,
                         "must be a number of seconds > 0")
+        from ..experimental import gpu_sharing  # imports Ray
+
         gpu_sharing.check(self.gpu_sharing, self.device_type)
 
     def replace(self, **changes: Any) -> ComputeOptions:
