@@ -109,8 +109,9 @@ HF_RANK = textwrap.dedent("""
     config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], cache_dir=sys.argv[1],
                                    on_miss="error")
     compiled = vcr.load(hf_models.build("llama"), config, model_name="tiny-hf-llama")
-    outs = [compiled(input_ids=hf_models.tokens(n, seed=n)).logits.tolist() for n in (4, 9)]
+    outs = [compiled(input_ids=hf_models.tokens(n, seed=n)).logits.tolist() for n in (1, 4, 9)]
     print(json.dumps({"dynamo": compiled.report.dynamo, "plans": len(compiled.backend.plans),
+                      "guard_misses": compiled._guard_misses,
                       "compiles": compiled.report.compiles, "outs": outs,
                       "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}))
 """)
@@ -128,7 +129,7 @@ def test_a_transformers_model_traced_in_one_process_restores_in_another(tmp_path
                                    on_miss="compile_and_publish")
     first = vcr.load(model, config, model_name="tiny-hf-llama")
     assert first.report.dynamo == "traced+published"
-    traced = [first(input_ids=hf_models.tokens(n, seed=n)).logits for n in (4, 9)]
+    traced = [first(input_ids=hf_models.tokens(n, seed=n)).logits for n in (1, 4, 9)]
 
     done = subprocess.run([sys.executable, "-c", HF_RANK, str(tmp_path), tests], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
@@ -136,10 +137,30 @@ def test_a_transformers_model_traced_in_one_process_restores_in_another(tmp_path
     rank = json.loads(done.stdout.strip().splitlines()[-1])
     assert rank["dynamo"] == "restored", done.stderr[-3000:]
     assert rank["graphs"] == 0 and rank["compiles"] == 0  # no trace, every piece from the cache
-    assert rank["plans"] == 1  # the restored graph was split once
+    assert rank["plans"] == 1 and rank["guard_misses"] == 0  # split once, 1 token in its guards
     for want, got in zip(traced, rank["outs"]):
         torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt_oss"])
+def test_one_token_calls_stay_within_the_traced_guards(arch: str, tmp_path) -> None:
+    """Their attention gets q/k/v whose strides (a fused qkv split, rotary) make merging heads
+    depend on T == 1: merged in traced code, the guards refused 1 token, so the warm-up and
+    every decode step traced again. Traced here, as a restore would run it (same guards)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_models
+
+    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], cache_dir=str(tmp_path),
+                                   on_miss="compile_and_publish")
+    compiled = vcr.load(hf_models.build(arch, num_hidden_layers=2), config, model_name=arch)
+    assert compiled.traced is not None and 1 in compiled.report.warm_sizes
+    reference = hf_models.build(arch, attn="eager", num_hidden_layers=2)
+    for n in (1, 8):
+        ids = hf_models.tokens(n, seed=n)
+        with torch.no_grad():
+            want = reference(input_ids=ids).logits
+        torch.testing.assert_close(compiled(input_ids=ids).logits, want)
+    assert compiled._guard_misses == 0 and len(compiled.backend.plans) == 1
 
 def test_a_config_value_is_in_the_key() -> None:
     """Constants the traced code holds (an eps) are in no kept guard: a model that differs only

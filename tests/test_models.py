@@ -183,6 +183,19 @@ def test_attention_op_matches_naive(hq: int, hkv: int) -> None:
     assert meta.device.type == "meta" and meta.shape == (t, hq * d)
 
 
+def test_attention_op_takes_heads_first_views() -> None:
+    """transformers' layout, [B, H, T, D] views of a fused qkv projection as hf passes them."""
+    g = torch.Generator().manual_seed(0)
+    t, d, hq, hkv = 7, 8, 4, 2
+    q, k, v = torch.randn(1, t, (hq + 2 * hkv) * d, generator=g).split(
+        [hq * d, hkv * d, hkv * d], dim=-1)
+    heads = lambda x, h: x.view(1, t, h, d).transpose(1, 2)  # noqa: E731
+    args = (heads(q, hq), heads(k, hkv), heads(v, hkv), hq, hkv, d, 0.3)
+    out = torch.ops.vcr.attention(*args, heads_first=True)
+    torch.testing.assert_close(out, torch.ops.vcr.attention(q, k, v, hq, hkv, d, 0.3))
+    torch.library.opcheck(torch.ops.vcr.attention.default, args, {"heads_first": True},
+                          test_utils=("test_schema", "test_faketensor"))
+
 def test_attention_op_opcheck() -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(5, 32, generator=g), torch.randn(5, 16, generator=g), torch.randn(

@@ -21,6 +21,7 @@ ALL_REDUCE_OP = "vcr::all_reduce"
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     scale: float, sliding_window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+    heads_first: bool = False,
 ) -> Tensor:
     """Causal grouped-query attention over flat tokens.
 
@@ -29,12 +30,21 @@ def _attention(
     `sliding_window` keys up to itself (itself included), as transformers counts it. softcap > 0:
     scores become softcap * tanh(scores / softcap) before the softmax. sinks: [Hq] logits of one
     virtual key per head that takes part in the softmax and adds nothing to the output.
+    heads_first: q: [*B, Hq, T, D], k/v: [*B, Hkv, S, D] (transformers' layout, any strides), so
+    the caller merges no dims. Merging heads of a view that is contiguous only when T == 1 (a
+    fused qkv split, rotary outputs) makes dynamo guard T != 1: reshape asks is_contiguous,
+    which c10's SymbolicShapeMeta::compute_contiguous answers with a plain guard, not covered by
+    backed_size_oblivious (torch 2.13).
     """
-    *batch, t, _ = q.shape
-    s = k.shape[-2]
-    qh = q.reshape(*batch, t, num_heads, head_dim).transpose(-2, -3)  # [*B, Hq, T, D]
-    kh = k.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)  # [*B, Hkv, S, D]
-    vh = v.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)
+    if heads_first:
+        qh, kh, vh = q, k, v
+        batch, t, s = q.shape[:-3], q.shape[-2], k.shape[-2]
+    else:
+        *batch, t, _ = q.shape
+        s = k.shape[-2]
+        qh = q.reshape(*batch, t, num_heads, head_dim).transpose(-2, -3)  # [*B, Hq, T, D]
+        kh = k.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)  # [*B, Hkv, S, D]
+        vh = v.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)
     plain = sliding_window <= 0 and softcap <= 0 and sinks is None
     if plain and s == t:
         out = F.scaled_dot_product_attention(
@@ -72,7 +82,10 @@ def _attention_math(qh: Tensor, kh: Tensor, vh: Tensor, scale: float, sliding_wi
 def _attention_fake(
     q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     scale: float, sliding_window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+    heads_first: bool = False,
 ) -> Tensor:
+    if heads_first:
+        return q.new_empty((*q.shape[:-3], q.shape[-2], num_heads * head_dim))
     return q.new_empty((*q.shape[:-1], num_heads * head_dim))
 
 

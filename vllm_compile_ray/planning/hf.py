@@ -105,16 +105,14 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                     f"{', '.join(SUPPORTED)}")
     _check_window(module, sliding_window)
     b, hq, t, d = query.shape
-    hkv, s = key.shape[1], key.shape[2]
     if scaling is None:
         scaling = _default_scaling(module, d)
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
-    q = query.transpose(1, 2).reshape(b, t, hq * d)
-    k = key.transpose(1, 2).reshape(b, s, hkv * d)
-    v = value.transpose(1, 2).reshape(b, s, hkv * d)
-    out = ops.attention(q, k, v, hq, hkv, d, float(scaling), int(sliding_window or 0),
-                        float(softcap or 0.0), sinks)
-    return out.reshape(b, t, hq, d), None
+    # As transformers lays them out: merging heads here (transpose + reshape) guards T != 1
+    # where their strides come from a fused qkv split or rotary (phi3, gpt_oss): see the op.
+    out = ops.attention(query, key, value, hq, key.shape[1], d, float(scaling),
+                        int(sliding_window or 0), float(softcap or 0.0), sinks, heads_first=True)
+    return out.reshape(b, t, hq, d), None  # out: [B, T, Hq*D], contiguous
 
 
 def _default_scaling(module: nn.Module, head_dim: int) -> float:
