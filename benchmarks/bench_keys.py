@@ -31,9 +31,10 @@ def main() -> None:
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options (JSON)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    cache = vcr.CacheConfig(cache_dir=args.cache or tempfile.mkdtemp(prefix="vcr-keys-"),
+                            storage_options=args.storage_options)
     config = vcr.CompilationConfig(compile_sizes=[int(s) for s in args.sizes.split(",")],
-                                   cache_dir=args.cache or tempfile.mkdtemp(prefix="vcr-keys-"),
-                                   storage_options=args.storage_options)
+                                   cache=cache)
     model = vcr.models.build(args.model, device="meta", num_layers=args.num_layers)
     context = key_context(config, make_compiler(config), "cpu", inductor.environment_fingerprint("cpu"))
     start = time.perf_counter()

@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
             "inductor_compile_config": json.loads(args.inductor_config)}
 
     def spec(mode: str, cache_dir: str, storage_options: dict, on_miss: str) -> dict:
-        config = {**base, "cache_dir": cache_dir, "storage_options": storage_options,
-                  "on_miss": on_miss, "staging_dir": str(workdir / f"staging-{mode}-{time.time_ns()}")}
+        staging = str(workdir / f"staging-{mode}-{time.time_ns()}")
+        config = {**base, "on_miss": on_miss, "cache": {
+            "cache_dir": cache_dir, "storage_options": storage_options, "staging_dir": staging}}
         return {"mode": mode, "config": config, "model": args.model,
                 "num_layers": args.num_layers, "device": args.device}
 

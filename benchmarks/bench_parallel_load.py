@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from vllm_compile_ray import CompilationConfig, models, plan_model
+    from vllm_compile_ray import CacheConfig, CompilationConfig, models, plan_model
 
     from vllm_compile_ray.compiling import inductor
 
@@ -34,7 +34,8 @@ def child(args: argparse.Namespace) -> dict:
 
     options = {"max_autotune": True} if args.max_autotune else {}
     config = CompilationConfig(compile_sizes=[int(s) for s in args.sizes.split(",")],
-                               inductor_compile_config=options, cache_dir=args.cache)
+                               inductor_compile_config=options,
+                               cache=CacheConfig(cache_dir=args.cache))
     model = models.build(models.get_config(args.model), device="meta",
                          num_layers=args.num_layers)
     tasks = plan_model(model, config, device_type="cuda").tasks()

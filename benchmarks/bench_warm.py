@@ -28,7 +28,7 @@ from collections.abc import Callable
 import ray
 import torch
 
-from vllm_compile_ray import CompilationConfig, models
+from vllm_compile_ray import CacheConfig, CompilationConfig, models
 from vllm_compile_ray.compiling import heap
 from vllm_compile_ray.compiling.compiler_interface import make_compiler
 from vllm_compile_ray.compiling.inductor import environment_fingerprint, set_compile_threads
@@ -198,7 +198,8 @@ def ray_run(args: argparse.Namespace, base: CompilationConfig, root: str, i: int
     pool_start_s = start_pool(base, args, n, resources, runtime_env, gs) \
         if pl == "on" else 0.0
     try:
-        summary = warm(args.model, base.replace(cache_dir=os.path.join(root, f"ray-cache-{i}")),
+        cache = CacheConfig(cache_dir=os.path.join(root, f"ray-cache-{i}"))
+        summary = warm(args.model, base.replace(cache=cache),
                        tp_size=args.tp, num_layers=args.num_layers,
                        compute=ComputeOptions(device_type=args.device, address=args.address,
                                               max_in_flight=n, runtime_env=runtime_env,
@@ -228,7 +229,7 @@ def serial_run(args: argparse.Namespace, base: CompilationConfig, root: str, com
         set_compile_threads(1)  # faster than the default on small CPU hosts (NOTES)
     common["serial_freeze_heap"] = args.serial_freeze_heap
     plan_s, loop_s, n_tasks, per_task, serial_phases, loop_at = serial(
-        base.replace(cache_dir=os.path.join(root, "serial-cache")), args)
+        base.replace(cache=CacheConfig(cache_dir=os.path.join(root, "serial-cache"))), args)
     # No fan-out beats its longest task: serial loop / longest serial task bounds the ratio
     # as long as Ray's tasks take as long as serial's (shared GEMM timings and one compile
     # thread per task made them shorter in the 2026-11-21 runs, see RESULTS.md).

@@ -41,7 +41,8 @@ def main() -> None:
         raise SystemExit(f"vcr warm failed ({warm.returncode})")
 
     model = vcr.models.build(args.config, device=args.device, num_layers=args.num_layers)
-    config = vcr.CompilationConfig(compile_sizes=sizes, cache_dir=cache, on_miss="error")
+    config = vcr.CompilationConfig(compile_sizes=sizes, cache=vcr.CacheConfig(cache_dir=cache),
+                                   on_miss="error")
     compiled = vcr.load(model, config, model_name=args.config)
     diffs = {}
     for n in (*sizes, 100):  # 100: the dynamic artifact

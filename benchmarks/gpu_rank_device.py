@@ -72,8 +72,9 @@ def gpu_uuid() -> str:
 def config(spec: dict, on_miss: str, staging: str):
     import vllm_compile_ray as vcr
 
-    return vcr.CompilationConfig(compile_sizes=spec["sizes"], cache_dir=spec["cache"],
-                                 staging_dir=staging, on_miss=on_miss)
+    return vcr.CompilationConfig(compile_sizes=spec["sizes"], on_miss=on_miss,
+                                 cache=vcr.CacheConfig(cache_dir=spec["cache"],
+                                                       staging_dir=staging))
 
 
 # ---------------------------------------------------------------------------------- the steps

@@ -19,7 +19,8 @@ import vllm_compile_ray as vcr
 
 def run(args: argparse.Namespace) -> dict:
     config = vcr.CompilationConfig(compile_sizes=[int(s) for s in args.sizes.split(",")],
-                                   cache_dir=args.cache, staging_dir=args.staging)
+                                   cache=vcr.CacheConfig(cache_dir=args.cache,
+                                                         staging_dir=args.staging))
     start = time.perf_counter()
     model = vcr.models.build(args.model, num_layers=args.num_layers, device="cuda")
     compiled = vcr.compile(model, config, model_name=args.model)

@@ -99,11 +99,13 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="vcr-tuned-"))
     config = {"compile_sizes": [int(s) for s in args.sizes.split(",")],
-              "inductor_compile_config": json.loads(args.options), "cache_dir": f"file://{work}/cache",
+              "inductor_compile_config": json.loads(args.options),
               "ship_autotune": not args.no_ship}
     for mode, on_miss in (("compile", "compile_and_publish"), ("load", "error")):
         spec = {"mode": mode, "num_layers": args.num_layers, "model": args.model, "device": args.device,
-                "config": {**config, "on_miss": on_miss, "staging_dir": str(work / f"staging-{mode}")}}
+                "config": {**config, "on_miss": on_miss,
+                           "cache": {"cache_dir": f"file://{work}/cache",
+                                     "staging_dir": str(work / f"staging-{mode}")}}}
         print(json.dumps(run(spec, work)), flush=True)
 
 

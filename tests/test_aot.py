@@ -24,8 +24,8 @@ RANK = textwrap.dedent("""
     import json, sys, torch
     import vllm_compile_ray as vcr
     from vllm_compile_ray import models
-    config = vcr.CompilationConfig(backend="eager", compile_sizes=[1, 4], cache_dir=sys.argv[1],
-                                   on_miss="error")
+    config = vcr.CompilationConfig(backend="eager", compile_sizes=[1, 4], on_miss="error",
+                                   cache=vcr.CacheConfig(cache_dir=sys.argv[1]))
     model = models.build(models.get_config("llama-tiny"), num_layers=4, seed=3)
     compiled = vcr.load(model, config, model_name="llama-tiny")
     diffs = []
@@ -38,8 +38,9 @@ RANK = textwrap.dedent("""
 
 
 def _config(cache) -> vcr.CompilationConfig:
-    return vcr.CompilationConfig(backend="eager", compile_sizes=[1, 4], cache_dir=str(cache),
-                                 on_miss="compile_and_publish")
+    return vcr.CompilationConfig(backend="eager", compile_sizes=[1, 4],
+                                 on_miss="compile_and_publish",
+                                 cache=vcr.CacheConfig(cache_dir=str(cache)))
 
 
 def test_the_next_rank_restores_what_the_first_traced(tmp_path) -> None:
@@ -106,8 +107,8 @@ HF_RANK = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import hf_models
     import vllm_compile_ray as vcr
-    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], cache_dir=sys.argv[1],
-                                   on_miss="error")
+    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], on_miss="error",
+                                   cache=vcr.CacheConfig(cache_dir=sys.argv[1]))
     compiled = vcr.load(hf_models.build("llama"), config, model_name="tiny-hf-llama")
     outs = [compiled(input_ids=hf_models.tokens(n, seed=n)).logits.tolist() for n in (1, 4, 9)]
     print(json.dumps({"dynamo": compiled.report.dynamo, "plans": len(compiled.backend.plans),
@@ -125,8 +126,9 @@ def test_a_transformers_model_traced_in_one_process_restores_in_another(tmp_path
     import hf_models
 
     model = hf_models.build("llama")
-    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], cache_dir=str(tmp_path),
-                                   on_miss="compile_and_publish")
+    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4],
+                                   on_miss="compile_and_publish",
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     first = vcr.load(model, config, model_name="tiny-hf-llama")
     assert first.report.dynamo == "traced+published"
     traced = [first(input_ids=hf_models.tokens(n, seed=n)).logits for n in (1, 4, 9)]

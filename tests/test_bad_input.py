@@ -28,6 +28,7 @@ from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache import signing
 from vllm_compile_ray.cache.store import ArtifactStore
 from vllm_compile_ray.cli import main as vcr_main
+from vllm_compile_ray.config import CACHE_FIELDS
 from vllm_compile_ray.errors import (
     ArtifactCorruptError,
     CacheMissError,
@@ -69,7 +70,9 @@ class Case:
 
 
 def config(**kw: Any) -> vcr.CompilationConfig:
-    return vcr.CompilationConfig(**{**EAGER, **kw})
+    """An eager CompilationConfig; CacheConfig's fields in `kw` go to its `cache`."""
+    cache = {name: kw.pop(name) for name in CACHE_FIELDS if name in kw}
+    return vcr.CompilationConfig(**{**EAGER, **kw}, cache=vcr.CacheConfig(**cache))
 
 
 def store_of(ctx: Ctx, **kw: Any) -> ArtifactStore:
@@ -192,8 +195,10 @@ CASES = [
          cli_match=r"expected a JSON object"),
     Case("config_json", lambda c: vcr.CompilationConfig.from_json("{"), ConfigError,
          r"not valid JSON"),
-    Case("config_field", lambda c: vcr.CompilationConfig.from_dict({"cache": "/x"}), ConfigError,
-         r"no field\(s\) \['cache'\]; allowed"),
+    Case("config_field", lambda c: vcr.CompilationConfig.from_dict({"cache": {"url": "/x"}}),
+         ConfigError, r"CacheConfig has no field\(s\) \['url'\]; allowed"),
+    Case("config_cache", lambda c: vcr.CompilationConfig(cache="/x"), ConfigError,
+         r"CompilationConfig.cache='/x' is invalid: must be a CacheConfig"),
     # -- signing configuration and keys
     Case("signing_scheme", lambda c: config(signing_scheme="rsa"), ConfigError,
          r"signing_scheme='rsa'.*allowed: \('', 'hmac-sha256', 'ed25519'\)"),

@@ -11,7 +11,7 @@ import pytest
 
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cli import commands as cli
-from vllm_compile_ray.config import CompilationConfig
+from vllm_compile_ray.config import CacheConfig, CompilationConfig
 from vllm_compile_ray.orchestration.warm_summary import WarmSummary
 from vllm_compile_ray.runtime.api import open_store
 
@@ -138,7 +138,7 @@ def _traced_models(store) -> list[str]:
 
 def test_verify_reports_corruption(capsys, warmed, tmp_path) -> None:
     code, out, _ = vcr(capsys, "verify", "--cache", warmed)
-    store = open_store(CompilationConfig(cache_dir=warmed))
+    store = open_store(CompilationConfig(cache=CacheConfig(cache_dir=warmed)))
     traced = len(_traced_models(store))  # a `vcr load` of this module may have published one
     assert code == 0 and f"{9 + traced} artifacts: {9 + traced} ok, 0 corrupt, 0 orphaned" in out
     assert f"{traced} traced models" in out
@@ -160,7 +160,8 @@ def test_gc_is_a_dry_run_unless_yes(capsys, tmp_path, warmed) -> None:
     import shutil
     cache = str(tmp_path / "copy")
     shutil.copytree(warmed, cache)
-    store = open_store(CompilationConfig(cache_dir=cache, staging_dir=str(tmp_path / "stage")))
+    store = open_store(CompilationConfig(cache=CacheConfig(cache_dir=cache,
+                                                           staging_dir=str(tmp_path / "stage"))))
     traced = _traced_models(store)
     kept = "ab" * 32
     store.publish(kept, b"a traced model", {"kind": "dynamo", "fingerprint": "another-gpu",

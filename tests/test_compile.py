@@ -35,12 +35,13 @@ def inputs(n: int):
 
 
 def test_second_process_compiles_nothing(tmp_path: Path) -> None:
-    cfg = vcr.CompilationConfig(compile_sizes=[1, 4], cache_dir=f"file://{tmp_path}/cache",
-                                staging_dir=str(tmp_path / "stage-a"), **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[1, 4], **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage-a")))
     first = run_model(cfg, tmp_path)
     assert first["counter"]["num_backend_compilations"] == 9  # 3 unique pieces x 3 shapes
     assert first["counter"]["num_artifacts_saved"] == 9
-    second = run_model(cfg.replace(staging_dir=str(tmp_path / "stage-b")), tmp_path)
+    second = run_model(cfg.with_cache(staging_dir=str(tmp_path / "stage-b")), tmp_path)
     assert second["keys"] == first["keys"]
     assert second["counter"]["num_backend_compilations"] == 0
     assert second["counter"]["num_cache_hits"] == 9
@@ -50,7 +51,8 @@ def test_second_process_compiles_nothing(tmp_path: Path) -> None:
 
 def test_dispatch_exact_then_dynamic_then_fallback(tmp_path: Path) -> None:
     model = tiny()
-    cfg = vcr.CompilationConfig(compile_sizes=[4], cache_dir=str(tmp_path), **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[4], **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     compiled = vcr.compile(model, cfg)
     compiled(*inputs(4))
     runner = next(iter(compiled.backend.runners.values()))
@@ -73,7 +75,7 @@ def _piece_args(runner: PieceRunner, n: int) -> list:
 def test_fallback_compile_on_demand(tmp_path: Path) -> None:
     model = tiny(2)
     cfg = vcr.CompilationConfig(compile_sizes=[4], compile_dynamic=False, fallback="compile",
-                                cache_dir=str(tmp_path), **EAGER)
+                                **EAGER, cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     compiled = vcr.compile(model, cfg)
     ids, pos = inputs(4)
     with torch.no_grad():
@@ -86,7 +88,8 @@ def test_fallback_compile_on_demand(tmp_path: Path) -> None:
 
 def test_eager_fallback_when_no_artifact_covers_the_size(tmp_path: Path) -> None:
     model = tiny(2)
-    cfg = vcr.CompilationConfig(compile_sizes=[4], compile_dynamic=False, cache_dir=str(tmp_path), **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[4], compile_dynamic=False, **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     compiled = vcr.compile(model, cfg)
     compiled(*inputs(4))
     with compiled.counter.expect(num_fallback_eager_calls=3, num_backend_compilations=0):
@@ -97,7 +100,7 @@ def test_eager_fallback_when_no_artifact_covers_the_size(tmp_path: Path) -> None
 
 def test_on_miss_policies(tmp_path: Path) -> None:
     cache = str(tmp_path / "cache")
-    base = vcr.CompilationConfig(compile_sizes=[2], cache_dir=cache, **EAGER)
+    base = vcr.CompilationConfig(compile_sizes=[2], **EAGER, cache=vcr.CacheConfig(cache_dir=cache))
     with pytest.raises(vcr.CacheMissError) as info:
         vcr.compile(tiny(2), base.replace(on_miss="error"), model_name="llama-tiny")(*inputs(2))
     assert len(info.value.missing_keys) == 6
@@ -122,16 +125,16 @@ def test_on_miss_policies(tmp_path: Path) -> None:
 
 
 def test_disable_compile_cache_never_touches_the_store(tmp_path: Path) -> None:
-    cfg = vcr.CompilationConfig(compile_sizes=[2], cache_dir=str(tmp_path / "c"),
-                                disable_compile_cache=True, **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[2], disable_compile_cache=True, **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c")))
     compiled = vcr.compile(tiny(2), cfg)
     compiled(*inputs(2))
     assert compiled.counter.num_artifacts_saved == 0 and not (tmp_path / "c").exists()
 
 
 def test_dynamo_once_compiles_the_whole_graph(tmp_path: Path) -> None:
-    cfg = vcr.CompilationConfig(compile_sizes=[2], compilation_level="dynamo_once",
-                                cache_dir=str(tmp_path), **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[2], compilation_level="dynamo_once", **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     model = tiny(2)
     compiled = vcr.compile(model, cfg)
     ids, pos = inputs(3)
@@ -141,7 +144,8 @@ def test_dynamo_once_compiles_the_whole_graph(tmp_path: Path) -> None:
 
 
 def test_rejected_foreign_artifact_is_recompiled(tmp_path: Path) -> None:
-    cfg = vcr.CompilationConfig(compile_sizes=[2], cache_dir=str(tmp_path / "c"), **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[2], **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c")))
     first = vcr.compile(tiny(2), cfg)
     first(*inputs(2))
     store = vcr.open_store(cfg)
@@ -173,27 +177,30 @@ def test_unreachable_s3_cache_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = vcr.CompilationConfig(cache_dir="s3://bucket/vcr", store_timeout_s=2, storage_options={
-        "key": "k", "secret": "s", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}})
+    options = {"key": "k", "secret": "s",
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    cfg = vcr.CompilationConfig(cache=vcr.CacheConfig(cache_dir="s3://bucket/vcr", store_timeout_s=2,
+                                                      storage_options=options))
     with pytest.raises(vcr.StoreUnavailableError, match="s3://bucket/vcr"):
         vcr.compile(tiny(1), cfg)
 
 
 def test_missing_bucket_is_a_clear_error(s3_bucket: str, s3_store_options: dict) -> None:
-    cfg = vcr.CompilationConfig(cache_dir="s3://no-such-bucket/vcr", storage_options=s3_store_options)
+    cfg = vcr.CompilationConfig(cache=vcr.CacheConfig(cache_dir="s3://no-such-bucket/vcr",
+                                                      storage_options=s3_store_options))
     with pytest.raises(vcr.StoreError, match="no-such-bucket.*does not exist"):
         vcr.compile(tiny(1), cfg)
 
 
 def test_unwritable_local_cache(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    cfg = vcr.CompilationConfig(cache_dir=f"file://{tmp_path}/file/cache")
+    cfg = vcr.CompilationConfig(cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/file/cache"))
     with pytest.raises(vcr.StorePermissionError, match="file/cache"):
         vcr.compile(tiny(1), cfg)
 
 
 def test_unknown_protocol() -> None:
-    cfg = vcr.CompilationConfig(cache_dir="nosuch://bucket/x")
+    cfg = vcr.CompilationConfig(cache=vcr.CacheConfig(cache_dir="nosuch://bucket/x"))
     with pytest.raises(vcr.ConfigError, match="unknown protocol 'nosuch'"):
         vcr.compile(tiny(1), cfg)
 

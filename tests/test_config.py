@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig, ConfigError
+from vllm_compile_ray import CacheConfig, CompilationConfig, ConfigError
 from vllm_compile_ray.keys import config_hash
 
 
@@ -27,16 +27,13 @@ def test_defaults_and_shapes() -> None:
     ("custom_ops", ["rms_norm"], "'+name' or '-name'"),
     ("max_compile_time", 0, "> 0"),
     ("max_compile_time", "10", "> 0"),
-    ("store_timeout_s", -1, "> 0"),
     ("fallback", "cpu", "'eager', 'compile'"),
     ("on_miss", "ignore", "'error', 'compile', 'compile_and_publish', 'eager'"),
     ("inductor_compile_config", {"x": object()}, "JSON"),
     ("inductor_compile_config", [("max_autotune", True)], "dict"),
     ("use_inductor", "yes", "True or False"),
     ("debug_compile", 1, "True or False"),
-    ("cache_dir", 3, "string"),
-    ("cache_dir", "S3 ://bucket", "fsspec URL"),
-    ("storage_options", "key=x", "dict"),
+    ("cache", "s3://b/p", "must be a CacheConfig"),
 ])
 def test_bad_values_name_the_field_and_allowed_values(field, value, needle) -> None:
     with pytest.raises(ConfigError) as info:
@@ -56,11 +53,13 @@ def test_nothing_to_compile_is_an_error() -> None:
 
 
 def test_dict_and_json_round_trip() -> None:
-    cfg = CompilationConfig(compile_sizes=[1, 2], cache_dir="s3://b/p", storage_options={"anon": True},
-                            inductor_compile_config={"max_autotune": True},
-                            compilation_level="dynamo_once", on_miss="error")
+    cfg = CompilationConfig(compile_sizes=[1, 2], inductor_compile_config={"max_autotune": True},
+                            compilation_level="dynamo_once", on_miss="error",
+                            cache=CacheConfig(cache_dir="s3://b/p", storage_options={"anon": True}))
     assert CompilationConfig.from_dict(cfg.to_dict()) == cfg
     assert CompilationConfig.from_json(cfg.to_json()) == cfg
+    assert CompilationConfig(**cfg.to_dict()) == cfg  # `cache` given as a dict
+    assert cfg.to_dict()["cache"]["storage_options"] == {"anon": True}
 
 
 def test_from_dict_rejects_unknown_fields_and_bad_json() -> None:
@@ -72,9 +71,9 @@ def test_from_dict_rejects_unknown_fields_and_bad_json() -> None:
 
 def test_hash_leaves_out_where_the_cache_lives() -> None:
     base = CompilationConfig(compile_sizes=[1, 2])
-    moved = base.replace(cache_dir="s3://other/prefix", storage_options={"anon": True},
-                         staging_dir="/tmp/x", on_miss="error", fallback="compile",
-                         max_compile_time=5, compile_sizes=(4,))
+    moved = base.replace(on_miss="error", fallback="compile", max_compile_time=5,
+                         compile_sizes=(4,)).with_cache(
+        cache_dir="s3://other/prefix", storage_options={"anon": True}, staging_dir="/tmp/x")
     assert config_hash(base) == config_hash(moved)
     assert config_hash(base) != config_hash(base.replace(inductor_compile_config={"max_autotune": True}))
     assert config_hash(base) != config_hash(base.replace(compilation_level="dynamo_once"))

@@ -179,10 +179,11 @@ def test_server_frozen_during_fetch(s3: MotoProcess, tmp_path: Path) -> None:
 
 
 def _eager_config(s3: MotoProcess, tmp_path: Path, node: str, **kw) -> vcr.CompilationConfig:
-    return vcr.CompilationConfig(compile_sizes=[4], cache_dir=URL,
-                                 storage_options=s3.storage_options(),
-                                 staging_dir=str(tmp_path / f"stage-{node}"),
-                                 store_timeout_s=TIMEOUT_S, **EAGER, **kw)
+    return vcr.CompilationConfig(compile_sizes=[4], **EAGER, **kw,
+                                 cache=vcr.CacheConfig(cache_dir=URL,
+                                                       storage_options=s3.storage_options(),
+                                                       staging_dir=str(tmp_path / f"stage-{node}"),
+                                                       store_timeout_s=TIMEOUT_S))
 
 
 def test_frozen_store_fails_a_model_start_fast(s3: MotoProcess, tmp_path: Path) -> None:
@@ -258,14 +259,14 @@ def test_damaged_artifacts_are_rejected_before_loading_then_recompiled(
     damage = {key: kinds[i % len(kinds)] for i, key in enumerate(keys)}
     for key, kind in damage.items():
         store.write_raw(key, DAMAGE[kind](key, store.read_raw(key), store.fetch(key).meta))
-    loader, compiler = model_from(config.replace(staging_dir=str(tmp_path / "stage-gpu")))
+    loader, compiler = model_from(config.with_cache(staging_dir=str(tmp_path / "stage-gpu")))
     with loader.counter.expect(num_artifacts_rejected=len(keys), num_artifacts_loaded=0,
                                num_backend_compilations=len(keys)):
         run(loader)
     assert compiler.loaded == []  # no damaged byte reached the loader
     # The recompile's publish replaces every refused object, the foreign (intact, but made for
     # another torch/GPU under this environment's key) one included: the next loader loads all.
-    again, _ = model_from(config.replace(staging_dir=str(tmp_path / "stage-gpu2")))
+    again, _ = model_from(config.with_cache(staging_dir=str(tmp_path / "stage-gpu2")))
     with again.counter.expect(num_artifacts_loaded=len(keys), num_artifacts_rejected=0):
         run(again)
 
@@ -298,8 +299,8 @@ def test_worker_killed_mid_compile_is_retried_and_counted_once(ray_head, tmp_pat
     from vllm_compile_ray.orchestration.compile_task import Faults
     from vllm_compile_ray.orchestration.warm import warm
 
-    config = vcr.CompilationConfig(compile_sizes=(2,), compile_dynamic=False,
-                                   cache_dir=str(tmp_path / "cache"), **EAGER)
+    config = vcr.CompilationConfig(compile_sizes=(2,), compile_dynamic=False, **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path / "cache")))
     # Each task sits 3 s in its compile phase (after the stats actor saw it start, announced by
     # a sleeping-<pid> file); one is SIGKILLed there.
     markers = tmp_path / "markers"
@@ -374,13 +375,13 @@ def test_driver_killed_mid_run_resumes_with_only_the_missing(ray_head, tmp_path)
 # check, so two such jobs started together both compile every key and race to publish it.
 RACER = """
 import json, sys
-from vllm_compile_ray import CompilationConfig
+from vllm_compile_ray import CacheConfig, CompilationConfig
 from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.orchestration.warm import warm
 address, url, opts, staging, out = sys.argv[1:6]
 config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(2,),
-                           compile_dynamic=False, cache_dir=url,
-                           storage_options=json.loads(opts), staging_dir=staging)
+                           compile_dynamic=False, cache=CacheConfig(
+                               cache_dir=url, storage_options=json.loads(opts), staging_dir=staging))
 summary = warm("llama-tiny", config, num_layers=2, address=address, device_type="cpu",
                gpus_per_compile=0, cpus_per_compile=0.25, progress=None,
                faults=Faults(sleep="compile[*]", sleep_s=3.0))
@@ -419,12 +420,14 @@ def test_signed_warm_run_signs_every_artifact_and_manifest_row(ray_head, tmp_pat
 
     priv, pub = str(tmp_path / "warm.pem"), str(tmp_path / "gpu.pub.pem")
     signer = signing.generate_ed25519_keypair(priv, pub)
-    config = vcr.CompilationConfig(compile_sizes=(2,), cache_dir=str(tmp_path / "cache"),
-                                   signing_scheme="ed25519", signing_key_file=priv, **EAGER)
+    config = vcr.CompilationConfig(compile_sizes=(2,), **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path / "cache"),
+                                                         signing_scheme="ed25519",
+                                                         signing_key_file=priv))
     summary = warm("llama-tiny", config, num_layers=2, **WARM)
     assert summary.ok and summary.compiled == summary.total
     # GPU workers hold only the public key: everything verifies, nothing unsigned slips in.
-    reader = open_store(config.replace(signing_key_file=pub, staging_dir=str(tmp_path / "gpu")))
+    reader = open_store(config.with_cache(signing_key_file=pub, staging_dir=str(tmp_path / "gpu")))
     assert reader.signer is None
     for key in reader.list_keys():
         assert reader.fetch(key)

@@ -48,7 +48,8 @@ def test_vcr_attention_matches_transformers_eager_attention(arch: str) -> None:
 def test_transformers_model_splits_shares_layers_and_matches(arch: str, tmp_path: Path) -> None:
     reference = hf_models.build(arch)  # transformers' default attention (sdpa)
     model = hf_models.build(arch)
-    config = vcr.CompilationConfig(compile_sizes=[4], cache_dir=str(tmp_path), **EAGER)
+    config = vcr.CompilationConfig(compile_sizes=[4], **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     compiled = vcr.compile(model, config)
     for n in (4, 12, 7):  # the static size, then the dynamic artifact: one trace
         ids = hf_models.tokens(n, seed=n)
@@ -124,7 +125,8 @@ def test_split_at_an_aten_op_with_keyword_and_static_arguments(tmp_path: Path) -
     torch.manual_seed(0)
     model, table = SdpaBlock().eval(), torch.randn(64, 16)
     config = vcr.CompilationConfig(splitting_ops=("aten::scaled_dot_product_attention",),
-                                   compile_sizes=[8], cache_dir=str(tmp_path), **EAGER)
+                                   compile_sizes=[8], **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     compiled = vcr.compile(model, config)
     for n in (8, 5):
         ids = torch.randint(0, 64, (n,))
@@ -137,8 +139,8 @@ def test_split_at_an_aten_op_with_keyword_and_static_arguments(tmp_path: Path) -
 
 
 def test_a_splitting_op_the_graph_never_calls_is_an_error(tmp_path: Path) -> None:
-    config = vcr.CompilationConfig(splitting_ops=("aten::scaled_dot_product_attention",),
-                                   cache_dir=str(tmp_path), **EAGER)
+    config = vcr.CompilationConfig(splitting_ops=("aten::scaled_dot_product_attention",), **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     model = vcr.models.build("llama-tiny", num_layers=2)
     with pytest.raises(ConfigError, match=r"match no op.*vcr::attention"):
         plan_model(model, config, device_type="cpu", fingerprint=FINGERPRINT)
@@ -146,8 +148,8 @@ def test_a_splitting_op_the_graph_never_calls_is_an_error(tmp_path: Path) -> Non
 
 def test_dynamic_dims_by_argument_name(tmp_path: Path) -> None:
     model = hf_models.build("qwen2")
-    config = vcr.CompilationConfig(dynamic_dims={"input_ids": 1}, compile_sizes=[4],
-                                   cache_dir=str(tmp_path), **EAGER)
+    config = vcr.CompilationConfig(dynamic_dims={"input_ids": 1}, compile_sizes=[4], **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     compiled = vcr.compile(model, config)
     for n in (4, 9):
         compiled(input_ids=hf_models.tokens(n))

@@ -30,10 +30,10 @@ def run(config: vcr.CompilationConfig, out: Path, env: dict) -> dict:
 def test_transformers_models_compile_once_and_load_in_a_fresh_process(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    config = vcr.CompilationConfig(cache_dir=str(tmp_path / "cache"),
-                                   staging_dir=str(tmp_path / "a"))
+    config = vcr.CompilationConfig(cache=vcr.CacheConfig(cache_dir=str(tmp_path / "cache"),
+                                                         staging_dir=str(tmp_path / "a")))
     a = run(config, tmp_path / "a.json", env)
-    b = run(config.replace(staging_dir=str(tmp_path / "b"), on_miss="error"),
+    b = run(config.replace(on_miss="error").with_cache(staging_dir=str(tmp_path / "b")),
             tmp_path / "b.json", env)
     for arch in ARCHS:
         assert a[arch]["counter"]["num_inductor_compiles"] == a[arch]["unique"] == 3, arch

@@ -15,15 +15,17 @@ pytestmark = pytest.mark.inductor
 
 def test_process_b_loads_everything_from_s3_with_zero_compiles(
         tmp_path: Path, s3_bucket: str, s3_store_options: dict) -> None:
-    cfg = vcr.CompilationConfig(compile_sizes=[4], cache_dir=f"s3://{s3_bucket}/vcr",
-                                storage_options=s3_store_options, staging_dir=str(tmp_path / "a"))
+    cfg = vcr.CompilationConfig(compile_sizes=[4],
+                                cache=vcr.CacheConfig(cache_dir=f"s3://{s3_bucket}/vcr",
+                                                      storage_options=s3_store_options,
+                                                      staging_dir=str(tmp_path / "a")))
     a = run_model(cfg, tmp_path)
     assert a["summary"]["unique_pieces"] == 3
     assert a["counter"]["num_inductor_compiles"] == 6  # 3 unique pieces x (dynamic, 4)
     assert a["counter"]["num_artifacts_saved"] == 6
 
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-b")}
-    b = run_model(cfg.replace(staging_dir=str(tmp_path / "b")), tmp_path, env=env)
+    b = run_model(cfg.with_cache(staging_dir=str(tmp_path / "b")), tmp_path, env=env)
     assert b["keys"] == a["keys"]
     assert b["counter"]["num_inductor_compiles"] == 0
     assert b["counter"]["num_backend_compilations"] == 0

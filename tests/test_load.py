@@ -32,9 +32,9 @@ SIZES = (3, 4, 7)  # 4: static artifact; 3, 7: the dynamic one
 def s3_config(bucket: str, options: dict, staging: Path, **kw) -> vcr.CompilationConfig:
     opts = {**options, "config_kwargs": {"connect_timeout": 5, "read_timeout": 10,
                                          "retries": {"max_attempts": 1}}}
-    return vcr.CompilationConfig(cache_dir=f"s3://{bucket}/cache-{uuid.uuid4().hex[:8]}",
-                                 storage_options=opts, staging_dir=str(staging),
-                                 store_timeout_s=10, **kw)
+    cache = vcr.CacheConfig(cache_dir=f"s3://{bucket}/cache-{uuid.uuid4().hex[:8]}",
+                            storage_options=opts, staging_dir=str(staging), store_timeout_s=10)
+    return vcr.CompilationConfig(**kw, cache=cache)
 
 
 def inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ def test_device_check_and_rank_env() -> None:
 
 def test_rank_arguments_are_checked(tmp_path: Path) -> None:
     model = vcr.models.build("llama-tiny", tp_size=2, rank=1, num_layers=1)
-    cfg = vcr.CompilationConfig(cache_dir=str(tmp_path), **EAGER)
+    cfg = vcr.CompilationConfig(**EAGER, cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="model.rank=1"):
         vcr.load(model, cfg, rank=0, world_size=2)
     with pytest.raises(ConfigError, match="model.tp_size=2"):
@@ -156,7 +156,7 @@ def test_miss_policies_error_then_publish_then_nothing(tmp_path: Path, s3_bucket
     message, missing = str(info.value), info.value.missing_keys
     assert len(missing) == 6  # 3 unique pieces x (dynamic, 4)
     assert all(key in message for key in missing)
-    assert f"vcr warm --model llama-tiny --sizes 4 --cache {cfg.cache_dir}" in message
+    assert f"vcr warm --model llama-tiny --sizes 4 --cache {cfg.cache.cache_dir}" in message
     assert counter.num_backend_compilations == 0
 
     first = vcr.load(model, cfg.replace(on_miss="compile_and_publish"), model_name="llama-tiny")
@@ -165,7 +165,7 @@ def test_miss_policies_error_then_publish_then_nothing(tmp_path: Path, s3_bucket
     assert first.counter.num_artifacts_saved == 6
 
     # A second start on another node (fresh staging dir): everything from the store.
-    cfg_b = cfg.replace(on_miss="error", staging_dir=str(tmp_path / "stage-b"))
+    cfg_b = cfg.replace(on_miss="error").with_cache(staging_dir=str(tmp_path / "stage-b"))
     second = vcr.load(model, cfg_b, model_name="llama-tiny")
     r = second.report
     assert (r.misses, r.compiles, r.hits, r.downloaded, r.staged) == (0, 0, 6, 6, 0)
@@ -193,29 +193,31 @@ def test_on_miss_eager_runs_eagerly_and_counts(tmp_path: Path, s3_bucket: str,
     with compiled.counter.expect(num_fallback_eager_calls=3, num_backend_compilations=0):
         out = compiled(*inputs(7))
     torch.testing.assert_close(out, model(*inputs(7)), rtol=0, atol=0)
-    store = ArtifactStore(cfg.cache_dir, cfg.storage_options)
+    store = ArtifactStore(cfg.cache.cache_dir, cfg.cache.storage_options)
     # no compiled piece: only the traced model (`aot`), which skips the next rank's trace
     assert [store.fetch(k).meta["kind"] for k in store.list_keys()] == ["dynamo"]
 
 
 def test_on_miss_compile_compiles_locally_without_publishing(tmp_path: Path) -> None:
     model = vcr.models.build("llama-tiny", num_layers=1)
-    cfg = vcr.CompilationConfig(cache_dir=f"file://{tmp_path}/cache", compile_sizes=[4],
-                                staging_dir=str(tmp_path / "stage"), on_miss="compile", **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[4], on_miss="compile", **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage")))
     r = vcr.load(model, cfg).report
     assert (r.misses, r.compiles) == (r.tasks, r.tasks)
-    assert ArtifactStore(cfg.cache_dir).list_keys() == []
+    assert ArtifactStore(cfg.cache.cache_dir).list_keys() == []
 
 
 def test_manifest_keys_are_fetched_while_tracing(tmp_path: Path) -> None:
     manifest = pytest.importorskip("vllm_compile_ray.cache.manifest")
     model = vcr.models.build("llama-tiny", tp_size=2, rank=1, num_layers=2)
-    cfg = vcr.CompilationConfig(cache_dir=f"file://{tmp_path}/cache", compile_sizes=[4],
-                                staging_dir=str(tmp_path / "stage"), on_miss="error", **EAGER)
-    warm = vcr.compile(model, cfg.replace(on_miss="compile_and_publish",
-                                          staging_dir=str(tmp_path / "warm")))
+    cfg = vcr.CompilationConfig(compile_sizes=[4], on_miss="error", **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage")))
+    warm = vcr.compile(model, cfg.replace(on_miss="compile_and_publish")
+                       .with_cache(staging_dir=str(tmp_path / "warm")))
     warm(*inputs(4))
-    plan, store = warm.plan, ArtifactStore(cfg.cache_dir)
+    plan, store = warm.plan, ArtifactStore(cfg.cache.cache_dir)
     fp_id = plan.key_context.fingerprint_id
     rows = [manifest.make_row(key=t.key, model="llama-tiny", tp_size=2, piece=t.code_id,
                               shape=t.shape, bytes=1, sha256="", compile_seconds=0.0, node="n",
@@ -328,7 +330,7 @@ def test_tp2_ranks_pull_from_s3_and_compile_nothing(tmp_path: Path, s3_bucket: s
                                                     s3_store_options: dict) -> None:
     cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "node-stage", compile_sizes=[4],
                     on_miss="error", **EAGER)
-    keys = fill(cfg.replace(staging_dir=str(tmp_path / "warm-stage")), num_layers=2)
+    keys = fill(cfg.with_cache(staging_dir=str(tmp_path / "warm-stage")), num_layers=2)
     reports = _run_tp(cfg, 2, tmp_path, keys)
     assert [(r["kernel_compiles"], r["autotunes"]) for r in reports] == [(0, 0), (0, 0)]
 
@@ -340,7 +342,7 @@ def test_tp2_ranks_pull_inductor_artifacts(tmp_path: Path, s3_bucket: str,
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # faster on 2 cores (NOTES)
     cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "node-stage", compile_sizes=[4],
                     on_miss="error")
-    keys = fill(cfg.replace(staging_dir=str(tmp_path / "warm-stage")), num_layers=1)
+    keys = fill(cfg.with_cache(staging_dir=str(tmp_path / "warm-stage")), num_layers=1)
     assert len(keys) == 4  # 2 pieces x (dynamic, 4)
     reports = _run_tp(cfg, 1, tmp_path, keys, fresh_cache_rank=1)
     # CPU artifacts carry C++ source, not the built kernels: rank 0 finds them in the Inductor
@@ -362,7 +364,8 @@ def test_report_reaches_the_stats_actor(tmp_path: Path) -> None:
     try:
         actor = get_stats_actor()  # the warm job's actor: named, namespaced, detached
         model = vcr.models.build("llama-tiny", num_layers=1)
-        cfg = vcr.CompilationConfig(cache_dir=str(tmp_path), compile_sizes=[2], **EAGER)
+        cfg = vcr.CompilationConfig(compile_sizes=[2], **EAGER,
+                                    cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
         compiled = vcr.load(model, cfg, model_name="llama-tiny")
         got = ray.get(actor.startup_reports.remote())
         assert [StartupReport.from_dict(r) for r in got] == [compiled.report]

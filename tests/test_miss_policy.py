@@ -26,8 +26,9 @@ def run(compiled: vcr.CompiledModel) -> None:
 
 def warmed(tmp_path: Path) -> tuple[vcr.CompilationConfig, vcr.ArtifactStore, list[str]]:
     """A cache holding every artifact of tiny() at size 2; the config, its store, the keys."""
-    cfg = vcr.CompilationConfig(compile_sizes=[2], cache_dir=f"file://{tmp_path}/cache",
-                                staging_dir=str(tmp_path / "stage-warm"), **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[2], **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage-warm")))
     first = vcr.compile(tiny(), cfg)
     run(first)
     assert first.counter.num_artifacts_saved == len(first.plan.keys) == 6
@@ -36,7 +37,8 @@ def warmed(tmp_path: Path) -> tuple[vcr.CompilationConfig, vcr.ArtifactStore, li
 
 def node(cfg: vcr.CompilationConfig, tmp_path: Path, name: str, **kw) -> vcr.CompiledModel:
     """A loader on a fresh node: its own staging dir, so it reads the shared store."""
-    return vcr.compile(tiny(), cfg.replace(staging_dir=str(tmp_path / f"stage-{name}"), **kw))
+    return vcr.compile(tiny(), cfg.replace(**kw)
+                       .with_cache(staging_dir=str(tmp_path / f"stage-{name}")))
 
 
 def test_rejected_artifacts_fail_on_miss_error_with_reasons_and_compile_nothing(
@@ -86,8 +88,9 @@ def test_miss_advice_warms_a_model_vcr_warm_can_build(tmp_path: Path, model_name
                                                       advice: str) -> None:
     """A module passed in ("<model>", its class name) is no preset: the advice names an entry
     point or a config.json, not `vcr warm --model <model>`."""
-    cfg = vcr.CompilationConfig(compile_sizes=[2], cache_dir=f"file://{tmp_path}/cache",
-                                staging_dir=str(tmp_path / "stage"), on_miss="error", **EAGER)
+    cfg = vcr.CompilationConfig(compile_sizes=[2], on_miss="error", **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage")))
     loader = vcr.compile(tiny(), cfg, model_name=model_name)
     with loader.counter.expect(num_backend_compilations=0):
         with pytest.raises(vcr.CacheMissError) as info:
@@ -159,8 +162,8 @@ def test_load_counts_a_corrupt_artifact_once(tmp_path: Path) -> None:
     """vcr.load fetches through SharedStaging: its batch and the manager saw the same rejection."""
     cfg, store, keys = warmed(tmp_path)
     store.write_raw(keys[0], b"garbage")
-    compiled = vcr.load(tiny(), cfg.replace(staging_dir=str(tmp_path / "stage-gpu"),
-                                            compile_sizes=(2,)))
+    compiled = vcr.load(tiny(), cfg.replace(compile_sizes=(2,))
+                        .with_cache(staging_dir=str(tmp_path / "stage-gpu")))
     c = compiled.counter
     assert (c.num_artifacts_rejected, c.num_artifacts_deleted, c.num_artifacts_saved) == (1, 1, 1)
     assert compiled.report.rejected == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig, ComputeOptions
+from vllm_compile_ray import CacheConfig, CompilationConfig, ComputeOptions
 from vllm_compile_ray.orchestration.warm import warm
 
 nbformat = pytest.importorskip("nbformat")
@@ -32,7 +32,7 @@ def cache(tmp_path_factory) -> Iterator[Path]:
 
     def config(sizes: tuple[int, ...]) -> CompilationConfig:
         return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=sizes,
-                                 cache_dir=str(root))
+                                 cache=CacheConfig(cache_dir=str(root)))
 
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
     try:

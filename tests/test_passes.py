@@ -72,7 +72,7 @@ def test_post_grad_passes_run_inside_a_real_inductor_compile(tmp_path, monkeypat
     manager = PostGradPassManager()
     manager.add(lambda graph: graphs.append(len(graph.nodes)))
     cfg = vcr.CompilationConfig(inductor_compile_config={"max_autotune": False, "epilogue_fusion": True},
-                                cache_dir=str(tmp_path))
+                                cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
     model = vcr.models.build("llama-tiny", num_layers=1)
     compiled = vcr.compile(model, cfg, pass_manager=manager)
     ids, pos = torch.randint(0, 512, (3,)), torch.arange(3)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig, ComputeOptions
+from vllm_compile_ray import CacheConfig, CompilationConfig, ComputeOptions
 from vllm_compile_ray.cli import commands as cli
 from vllm_compile_ray.errors import ConfigError
 from vllm_compile_ray.orchestration import pool as compile_pool
@@ -25,8 +25,8 @@ SLOT = {"compute": ComputeOptions(device_type="cpu", gpus_per_compile=0.5, cpus_
 
 
 def eager(cache_dir: str, **kw) -> CompilationConfig:
-    return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 2),
-                             cache_dir=cache_dir, **kw)
+    return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 2), **kw,
+                             cache=CacheConfig(cache_dir=cache_dir))
 
 
 @pytest.fixture
@@ -123,8 +123,8 @@ def test_a_compile_past_max_compile_time_restarts_its_worker(pool, tmp_path) -> 
     assert all("max_compile_time=3s" in e for e in summary.errors.values())
     # The workers restarted (their calls were retried and found the run's rows recorded):
     # the pool serves the next run.
-    again = warm("llama-tiny", config.replace(cache_dir=str(tmp_path / "b"), max_compile_time=60.0),
-                 pool=True, max_in_flight=3, progress=None, **SLOT)
+    moved = config.replace(max_compile_time=60.0).with_cache(cache_dir=str(tmp_path / "b"))
+    again = warm("llama-tiny", moved, pool=True, max_in_flight=3, progress=None, **SLOT)
     assert again.ok and again.compiled == 3 and len(compile_pool.names()) == 3
 
 

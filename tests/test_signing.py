@@ -100,16 +100,19 @@ def test_openssh_public_key(tmp_path, ed_keys) -> None:
 def test_keys_from_env_and_open_store_wiring(tmp_path, monkeypatch) -> None:
     secret = "k" * 40
     monkeypatch.setenv("VCR_TEST_SIGNING_KEY", secret)
-    cfg = vcr.CompilationConfig(cache_dir=str(tmp_path / "c"), staging_dir=str(tmp_path / "s"),
-                                signing_scheme="hmac-sha256",
-                                signing_key_env="VCR_TEST_SIGNING_KEY", **EAGER)
+    cfg = vcr.CompilationConfig(**EAGER,
+                                cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"),
+                                                      staging_dir=str(tmp_path / "s"),
+                                                      signing_scheme="hmac-sha256",
+                                                      signing_key_env="VCR_TEST_SIGNING_KEY"))
     store = open_store(cfg)
     assert store.signer is store.verifier and store.signer.key_id == signing.HmacKey(
         secret.encode()).key_id
     assert secret not in repr(store.signer) and secret not in repr(store.__reduce__())
     # Signing does not change what is compiled: keys and the config hash stay the same.
-    assert cfg.hashed_fields() == cfg.replace(signing_scheme="", signing_key_env="").hashed_fields()
-    assert open_store(cfg.replace(signing_scheme="", signing_key_env="")).verifier is None
+    assert cfg.hashed_fields() == cfg.with_cache(signing_scheme="",
+                                                 signing_key_env="").hashed_fields()
+    assert open_store(cfg.with_cache(signing_scheme="", signing_key_env="")).verifier is None
 
 
 @pytest.mark.parametrize("scheme", ["hmac-sha256", "ed25519"])
@@ -243,12 +246,14 @@ def test_planted_artifact_is_refused_and_never_runs(tmp_path, signed: bool) -> N
     signing.generate_hmac_key(str(key_file))
     marker = tmp_path / "PLANTED_CODE_RAN"
     extra = dict(signing_scheme="hmac-sha256", signing_key_file=str(key_file)) if signed else {}
-    config = vcr.CompilationConfig(compile_sizes=[4], cache_dir=f"file://{tmp_path}/cache",
-                                   staging_dir=str(tmp_path / "stage-warm"), **EAGER, **extra)
+    config = vcr.CompilationConfig(compile_sizes=[4], **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                         staging_dir=str(tmp_path / "stage-warm"),
+                                                         **extra))
     keys = _plant(config, marker)
     assert not marker.exists()
     # A fresh node (its own staging dir) starts the model from the poisoned cache.
-    loader = _compiled(config.replace(staging_dir=str(tmp_path / "stage-gpu")))
+    loader = _compiled(config.with_cache(staging_dir=str(tmp_path / "stage-gpu")))
     ids, pos = torch.randint(0, 512, (4,)), torch.arange(4)
     with torch.no_grad():
         out = loader(ids, pos)
@@ -262,7 +267,7 @@ def test_planted_artifact_is_refused_and_never_runs(tmp_path, signed: bool) -> N
     assert (c.num_artifacts_rejected, c.num_artifacts_loaded) == (len(keys), 0)
     assert c.num_backend_compilations == len(keys)  # recompiled locally ...
     assert c.num_artifacts_saved == len(keys)  # ... and the refused objects replaced, signed
-    again = _compiled(config.replace(staging_dir=str(tmp_path / "stage-gpu2")))
+    again = _compiled(config.with_cache(staging_dir=str(tmp_path / "stage-gpu2")))
     again(ids, pos)
     assert again.counter.num_artifacts_loaded == len(keys) and not marker.exists()
 

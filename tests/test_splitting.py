@@ -3,7 +3,7 @@
 import torch
 from torch.library import custom_op
 
-from vllm_compile_ray import CompilationConfig
+from vllm_compile_ray import CacheConfig, CompilationConfig
 from vllm_compile_ray.planning.canonical import canonicalize
 from vllm_compile_ray.planning.plan import capture
 from vllm_compile_ray.planning.splitting import split_graph
@@ -92,7 +92,8 @@ def test_compiled_toy_matches_eager_with_eager_backend(tmp_path) -> None:
 
     model = Toy(3)
     cfg = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=[4],
-                            splitting_ops=["vcrtest::mix"], cache_dir=str(tmp_path))
+                            splitting_ops=["vcrtest::mix"],
+                            cache=CacheConfig(cache_dir=str(tmp_path)))
     compiled = vcr.compile(model, cfg)
     for n in (1, 4, 6):
         x, s = torch.randn(n, 8), torch.rand(n)

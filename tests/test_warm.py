@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_compile_ray import CompilationConfig, ComputeOptions, models, plan_model
+from vllm_compile_ray import CacheConfig, CompilationConfig, ComputeOptions, models, plan_model
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.errors import ClusterResourceError
 from vllm_compile_ray.orchestration.compile_task import Faults
@@ -35,8 +35,8 @@ SLOT = {"compute": ComputeOptions(device_type="cpu", gpus_per_compile=0.5, cpus_
 
 
 def eager(cache_dir: str, **kw) -> CompilationConfig:
-    return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=SIZES,
-                             cache_dir=cache_dir, **kw)
+    return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=SIZES, **kw,
+                             cache=CacheConfig(cache_dir=cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,8 @@ class _Tiny(torch.nn.Module):
 @pytest.mark.inductor
 def test_one_real_inductor_compile(ray_local, tmp_path) -> None:
     """A tiny one-piece model compiled by Inductor in a Ray task; the artifact loads and runs."""
-    config = CompilationConfig(compile_sizes=(4,), compile_dynamic=False, cache_dir=str(tmp_path))
+    config = CompilationConfig(compile_sizes=(4,), compile_dynamic=False,
+                               cache=CacheConfig(cache_dir=str(tmp_path)))
     summary = warm(_Tiny(), config, model_name="tiny", progress=None, max_in_flight=1, **SLOT)
     assert (summary.compiled, summary.total) == (1, 1), summary.errors
     # Inductor: the worker started (imports, fingerprint) while the driver planned, then compiled

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_compile_ray import CompilationConfig, ComputeOptions
+from vllm_compile_ray import CacheConfig, CompilationConfig, ComputeOptions
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache.store import ArtifactStore
 from vllm_compile_ray.orchestration.warm import warm
@@ -71,7 +71,7 @@ def cluster() -> Iterator[tuple[object, set[str], str]]:
 def test_compile_tasks_never_land_on_the_cpu_only_node(cluster, tmp_path) -> None:
     c, gpu_node_ids, _ = cluster
     config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 2),
-                               cache_dir=str(tmp_path))
+                               cache=CacheConfig(cache_dir=str(tmp_path)))
     summary = warm("llama-tiny", config, address=c.address, progress=None, **SLOT)
     assert summary.ok and summary.compiled == summary.total == 9
     assert {r["node_id"] for r in summary.rows} <= gpu_node_ids

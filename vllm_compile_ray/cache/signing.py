@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from ..config import CacheConfig
 from ..errors import ArtifactCorruptError, ArtifactSignatureError, ConfigError
 from ..keys import canonical_json
 from .artifact_keys import check_key
@@ -288,10 +289,10 @@ def load_keys(scheme: str, key_file: str = "", key_env: str = "",
     return None, key
 
 
-def from_config(config: Any, environ: Mapping[str, str] | None = None
+def from_config(config: CacheConfig, environ: Mapping[str, str] | None = None
                 ) -> tuple[Signer | None, Verifier | None]:
-    """`load_keys` for a CacheConfig's (or CompilationConfig's) signing_scheme /
-    signing_key_file / signing_key_env. Called at the edge (`api.open_store`), where the environment may be read."""
+    """`load_keys` for a CacheConfig's signing_scheme / signing_key_file / signing_key_env.
+    Called at the edge (`api.open_store`), where the environment may be read."""
     return load_keys(config.signing_scheme, config.signing_key_file, config.signing_key_env,
                      environ)
 

@@ -133,8 +133,7 @@ def make_config(opts: dict[str, Any], **extra: Any) -> CompilationConfig:
         backend=opts["backend"], use_inductor=opts["backend"] == "inductor",
         compile_sizes=opts["sizes"], compile_dynamic=not opts["no_dynamic"],
         inductor_compile_config=inductor_config, max_compile_time=opts["max_compile_time"],
-        cache_dir=opts["cache"], storage_options=opts["storage_options"],
-        staging_dir=opts["staging_dir"], **_signing(opts), **extra)
+        cache=make_cache(opts), **extra)
 
 
 def make_compute(opts: dict[str, Any], **extra: Any):
@@ -150,15 +149,18 @@ def make_compute(opts: dict[str, Any], **extra: Any):
         gpu_sharing=opts["gpu_sharing"], **extra)
 
 
-def _signing(opts: dict[str, Any]) -> dict[str, str]:
-    return {name: opts[name] for name in ("signing_scheme", "signing_key_file", "signing_key_env")}
+def make_cache(opts: dict[str, Any]) -> CacheConfig:
+    """The CacheConfig of a command's `cache_options` (and --staging-dir where it has one)."""
+    return CacheConfig(cache_dir=opts["cache"], storage_options=opts["storage_options"],
+                       staging_dir=opts.get("staging_dir") or "",
+                       **{name: opts[name] for name in ("signing_scheme", "signing_key_file",
+                                                        "signing_key_env")})
 
 
 def open_cache(opts: dict[str, Any]):
     """The ArtifactStore of a command's `cache_options`."""
     from ..runtime.api import open_store
-    return open_store(CacheConfig(cache_dir=opts["cache"], storage_options=opts["storage_options"],
-                                  **_signing(opts)))
+    return open_store(make_cache(opts))
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

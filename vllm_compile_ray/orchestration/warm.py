@@ -72,7 +72,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
          retry: RetryOptions | None = None, progress: Callable[[str], None] | None = print,
          fingerprint: dict[str, str] | None = None, faults: Faults | None = None,
          **deprecated: Any) -> WarmSummary:
-    """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache_dir`.
+    """Compile every unique (piece, shape) of `model` at `tp_size` into `config.cache`.
 
     model: a preset name, a config.json or its directory, an entry point "package.module:function"
     (built on meta; see `intake`) or an nn.Module (named by `model_name`; a transformers model

@@ -120,7 +120,7 @@ def compile(model: torch.nn.Module, config: CompilationConfig | None = None, *,
             pass_manager: PostGradPassManager | None = None,
             model_name: str = "<model>") -> CompiledModel:
     """Compile `model` piecewise: the first call traces, then loads or compiles every unique
-    (piece, shape) through the cache at `config.cache_dir`. num_tokens is dynamic (`inputs`
+    (piece, shape) through the cache at `config.cache`. num_tokens is dynamic (`inputs`
     says which dims carry it). A transformers model is switched to vcr attention (`hf.prepare`)."""
     config = config or CompilationConfig()
     model = maybe_prepare(model)

@@ -30,7 +30,7 @@ def warm_command(config: CompilationConfig, model_name: str = "<model>") -> str:
     its directory) or an entry point; any other name ("<model>", a module's class name) is an
     nn.Module passed in, which `vcr warm` can only reach through an entry point or a config.json."""
     sizes = ",".join(str(s) for s in config.compile_sizes)
-    cache = config.cache_dir or "<cache-url>"
+    cache = config.cache.cache_dir or "<cache-url>"
     if _names_a_model(model_name):
         return f"vcr warm --model {model_name} --sizes {sizes} --cache {cache}"
     return (f"vcr warm --model package.module:function --sizes {sizes} --cache {cache}\n"
@@ -98,7 +98,7 @@ class VcrBackend:
             return loaded
         self.manager.counter.num_cache_misses += len(missing) + len(rejected)
         why = {t.key: self.manager.rejected[t.key] for t in rejected}
-        cache = self.config.cache_dir or "the local cache"
+        cache = self.config.cache.cache_dir or "the local cache"
         head = f"{len(missing) + len(rejected)} of {len(tasks)} compiled pieces are " + (
             f"missing from {cache}" if not rejected else f"missing from or rejected in {cache}")
         lines = [f"  {t.key}  {t.name}  missing" for t in missing]

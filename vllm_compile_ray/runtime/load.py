@@ -229,7 +229,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
          example_inputs: ExampleInputs | None = None,
          counter: CompilationCounter | None = None, monitor: PerformanceMonitor | None = None,
          pass_manager: PostGradPassManager | None = None) -> CompiledModel:
-    """Pull every compiled piece of `model` from the cache at `config.cache_dir` and return it
+    """Pull every compiled piece of `model` from the cache at `config.cache` and return it
     ready to serve; `compiled.report` is this rank's `StartupReport`.
 
     The model is traced by calling it once at the smallest compile size; with warmup=True every
@@ -251,7 +251,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     monitor = monitor if monitor is not None else PerformanceMonitor()
     before, samples_before = counter.clone(), {k: len(v) for k, v in monitor.samples.items()}
     staging = SharedStaging(store if store is not None else open_store(config), counter,
-                            wait_timeout_s=4 * config.store_timeout_s)
+                            wait_timeout_s=4 * config.cache.store_timeout_s)
     base = compile_model(model, config, store=staging, counter=counter, monitor=monitor,
                          pass_manager=pass_manager, model_name=model_name)
     backend = _StartupBackend(base.backend)
