@@ -75,6 +75,18 @@ def test_a_call_outside_the_guards_traces_again(tmp_path, caplog) -> None:
     assert len(compiled.backend.plans) == 2
 
 
+def test_sliced_inputs_stay_within_the_guards(tmp_path, caplog) -> None:
+    """A slice of a wider tensor (other strides than the trace's) runs the traced function."""
+    model = models.build(models.get_config("llama-tiny"), num_layers=2)
+    compiled = vcr.load(model, _config(tmp_path / "cache"), model_name="llama-tiny")
+    wide = torch.randint(0, 100, (12,))
+    ids, pos = wide[::2], torch.arange(12)[::2]
+    assert not ids.is_contiguous()
+    torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
+    assert compiled._guard_misses == 0 and len(compiled.backend.plans) == 1
+    assert "outside the traced function's guards" not in caplog.text
+
+
 def test_a_restore_that_fails_traces_and_says_so(tmp_path, monkeypatch, caplog) -> None:
     model = models.build(models.get_config("llama-tiny"), num_layers=2)
     vcr.load(model, _config(tmp_path / "cache"), model_name="llama-tiny")

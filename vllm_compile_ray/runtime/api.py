@@ -74,6 +74,10 @@ class CompiledModel:
         self._guard_misses = 0  # calls outside the traced function's guards (traced by dynamo)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Inputs as the trace saw them: a slice of a wider tensor (`ids[:, -1:]` of a decode
+        # step) has other strides, which the traced function's guards refuse (a new trace).
+        args = tuple(_dense(a) for a in args)
+        kwargs = {k: _dense(v) for k, v in kwargs.items()}
         if self.traced is not None:
             try:
                 with torch.no_grad():
@@ -112,6 +116,11 @@ class CompiledModel:
     @property
     def plan(self) -> Plan | None:
         return self.backend.plans[-1] if self.backend.plans else None
+
+
+def _dense(value: Any) -> Any:
+    """A tensor input made contiguous (a copy only when it is not already)."""
+    return value.contiguous() if isinstance(value, torch.Tensor) else value
 
 
 def compile(model: torch.nn.Module, config: CompilationConfig | None = None, *,
