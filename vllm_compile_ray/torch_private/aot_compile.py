@@ -76,7 +76,8 @@ class TracedModel(SerializableCallable):
 
         backend = _BACKEND.get()
         if backend is None:
-            raise RuntimeError("a vllm_compile_ray traced model restores inside aot.restore()")
+            raise RuntimeError("a vllm_compile_ray traced model restores inside "
+                               "aot_compile.restore()")
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
         gm = GraphPickler.loads(pickle.loads(data)["graph"], fake_mode)
         gm.recompile()
