@@ -152,7 +152,8 @@ def test_one_token_calls_stay_within_the_traced_guards(arch: str, tmp_path) -> N
     sys.path.insert(0, str(Path(__file__).parent))
     import hf_models
 
-    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4], cache_dir=str(tmp_path),
+    config = vcr.CompilationConfig(backend="eager", compile_sizes=[4],
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)),
                                    on_miss="compile_and_publish")
     compiled = vcr.load(hf_models.build(arch, num_hidden_layers=2), config, model_name=arch)
     assert compiled.traced is not None and 1 in compiled.report.warm_sizes
