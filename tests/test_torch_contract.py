@@ -521,6 +521,25 @@ def test_torch_contract(touch: Touch) -> None:
                     f"{where}", pytrace=False)
 
 
+def test_users_exist() -> None:
+    """Each row's first user (`module.name` up to the first space or comma) is still there: the
+    table names the code a torch upgrade breaks."""
+    stale = []
+    for touch in TOUCHES:
+        path = re.match(r"[\w.]+", _user(touch)).group().split(".")
+        for cut in range(len(path), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj: Any = importlib.import_module(".".join(path[:cut]))
+            except ImportError:
+                continue
+            for attr in path[cut:]:
+                obj = getattr(obj, attr, None)
+            break
+        if obj is None:
+            stale.append(f"{_id(touch)}: {'.'.join(path)}")
+    assert not stale, stale
+
+
 def test_ids_are_distinct() -> None:
     """Each parametrized id names one contract (two rows of a target differ by `aspect`)."""
     ids = [_id(t) for t in TOUCHES]
