@@ -17,9 +17,9 @@ import time
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.compiling import artifact_format, inductor
 from vllm_compile_ray.compiling.compiler_interface import unpack_tuned
-from vllm_compile_ray.compiling.inductor_metrics import kernel_work
+from vllm_compile_ray.torch_private import artifact_format, inductor
+from vllm_compile_ray.torch_private.inductor_metrics import kernel_work
 
 
 def main() -> None:

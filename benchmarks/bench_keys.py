@@ -16,10 +16,10 @@ import tempfile
 import time
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.compiling import inductor
 from vllm_compile_ray.compiling.compiler_interface import make_compiler
 from vllm_compile_ray.planning.plan import capture, plan_graph
 from vllm_compile_ray.runtime.api import example_args, key_context, open_store
+from vllm_compile_ray.torch_private import inductor
 
 
 def main() -> None:

@@ -26,9 +26,9 @@ def child(args: argparse.Namespace) -> dict:
 
     from vllm_compile_ray import CacheConfig, CompilationConfig, models, plan_model
 
-    from vllm_compile_ray.compiling import inductor
+    from vllm_compile_ray.torch_private import inductor
 
-    from vllm_compile_ray.compiling import inductor_metrics
+    from vllm_compile_ray.torch_private import inductor_metrics
     from vllm_compile_ray.runtime.api import open_store
     from vllm_compile_ray.compiling.compiler_interface import make_compiler
 

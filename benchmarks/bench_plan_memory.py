@@ -37,7 +37,7 @@ def main() -> int:
     from vllm_compile_ray import CompilationConfig, models
     from vllm_compile_ray.runtime.api import example_args, key_context
     from vllm_compile_ray.compiling.compiler_interface import make_compiler
-    from vllm_compile_ray.compiling.inductor import environment_fingerprint
+    from vllm_compile_ray.torch_private.inductor import environment_fingerprint
     from vllm_compile_ray.planning.plan import capture, plan_graph
 
     baseline = peak_rss_mb()

@@ -31,8 +31,6 @@ import torch
 from vllm_compile_ray import CacheConfig, CompilationConfig, models
 from vllm_compile_ray.compiling import heap
 from vllm_compile_ray.compiling.compiler_interface import make_compiler
-from vllm_compile_ray.compiling.inductor import environment_fingerprint, set_compile_threads
-from vllm_compile_ray.compiling.inductor_metrics import phase_times
 from vllm_compile_ray.orchestration import pool as compile_pool
 from vllm_compile_ray.orchestration.options import ComputeOptions
 from vllm_compile_ray.orchestration.sizing import gpu_fraction
@@ -41,6 +39,8 @@ from vllm_compile_ray.orchestration.warm import _connect, order_tasks, pool_spec
 from vllm_compile_ray.planning.plan import capture, plan_graph
 from vllm_compile_ray.runtime.api import example_args, key_context, open_store
 from vllm_compile_ray.runtime.manager import CompilerManager
+from vllm_compile_ray.torch_private.inductor import environment_fingerprint, set_compile_threads
+from vllm_compile_ray.torch_private.inductor_metrics import phase_times
 
 from utilization import Sampler
 from warm_report import ALL, print_results, run_row

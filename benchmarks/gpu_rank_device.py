@@ -144,7 +144,7 @@ def step_visible(spec: dict) -> dict:
     def counting(self, *args, **kwargs):
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        from vllm_compile_ray.compiling.retarget import autotune_key
+        from vllm_compile_ray.torch_private.retarget import autotune_key
 
         filename = getattr(self, "filename", None)
         where = "?"
@@ -157,7 +157,7 @@ def step_visible(spec: dict) -> dict:
         return original(self, *args, **kwargs)
 
     triton_heuristics.CachingAutotuner.autotune_to_one_config = counting
-    from vllm_compile_ray.compiling import retarget as retarget_mod
+    from vllm_compile_ray.torch_private import retarget as retarget_mod
 
     retarget, retarget_s = retarget_mod.retarget, [0.0]
 

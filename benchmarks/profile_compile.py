@@ -34,9 +34,9 @@ from vllm_compile_ray import CompilationConfig, models
 from vllm_compile_ray.compiling import cpu_time
 from vllm_compile_ray.compiling import heap
 from vllm_compile_ray.compiling.compiler_interface import make_compiler
-from vllm_compile_ray.compiling.inductor import environment_fingerprint, set_compile_threads, warm_device
 from vllm_compile_ray.planning.plan import capture, plan_graph
 from vllm_compile_ray.runtime.api import example_args, key_context
+from vllm_compile_ray.torch_private.inductor import environment_fingerprint, set_compile_threads, warm_device
 
 
 def main() -> None:
@@ -144,7 +144,7 @@ def check(task, fn, device: str) -> None:
     """Compiled against eager on the same random inputs (static shapes: the task's size)."""
     import torch
 
-    from vllm_compile_ray.compiling.inductor import example_tensors
+    from vllm_compile_ray.torch_private.inductor import example_tensors
 
     size = task.shape if task.shape != "dynamic" else 48
     torch.manual_seed(0)

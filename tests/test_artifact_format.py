@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from vllm_compile_ray.compiling import artifact_format, inductor
+from vllm_compile_ray.torch_private import artifact_format, inductor
 
 pytestmark = pytest.mark.skipif(not artifact_format.save_options(),
                                 reason="this torch makes no bundled AOT artifact")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.compiling import artifact_format, inductor
 from vllm_compile_ray.compiling.compiler_interface import (
     InductorStandaloneAdaptor,
     pack_tuned,
     unpack_tuned,
 )
+from vllm_compile_ray.torch_private import artifact_format, inductor
 
 BEST = {"XBLOCK": 128, "num_warps": 4, "num_stages": 1, "configs_hash": "c0ffee",
         "found_by_coordesc": True, "time_taken_ms": 12}

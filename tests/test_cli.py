@@ -263,7 +263,7 @@ def test_max_autotune_leaves_out_what_cannot_ship(monkeypatch) -> None:
     """--max-autotune adds coordinate descent only where its results load complete; asked for
     explicitly where they do not, the compiler refuses it instead of shipping artifacts that
     every rank re-tunes."""
-    from vllm_compile_ray.compiling import inductor
+    from vllm_compile_ray.torch_private import inductor
     from vllm_compile_ray.compiling.compiler_interface import make_compiler
     from vllm_compile_ray.errors import ConfigError
 

@@ -68,7 +68,7 @@ def test_dispatch_exact_then_dynamic_then_fallback(tmp_path: Path) -> None:
 
 
 def _piece_args(runner: PieceRunner, n: int) -> list:
-    from vllm_compile_ray.compiling.inductor import example_tensors
+    from vllm_compile_ray.torch_private.inductor import example_tensors
     return example_tensors(runner.piece.input_specs, n, "cpu")
 
 

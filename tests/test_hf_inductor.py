@@ -60,7 +60,7 @@ def test_a_piece_holding_a_tensor_constant_compiles_and_loads() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-    from vllm_compile_ray.compiling import inductor
+    from vllm_compile_ray.torch_private import inductor
     from vllm_compile_ray.planning.canonical import canonicalize
 
     gm = torch.fx.symbolic_trace(WithConstant())

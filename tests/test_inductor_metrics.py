@@ -11,7 +11,7 @@ def test_failed_autotune_choices_are_counted_not_logged() -> None:
 
     from torch._inductor import select_algorithm
 
-    from vllm_compile_ray.compiling import inductor_metrics
+    from vllm_compile_ray.torch_private import inductor_metrics
 
     assert f'"{inductor_metrics.AUTOTUNE_FAILURE_MSG}"' in inspect.getsource(select_algorithm)
     assert select_algorithm.log.name == inductor_metrics.AUTOTUNE_FAILURE_LOGGER

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
-from vllm_compile_ray.compiling import inductor
 from vllm_compile_ray.keys import piece_key
 from vllm_compile_ray.runtime.api import example_args, plan_model
+from vllm_compile_ray.torch_private import inductor
 
 CPU_FP = None
 

@@ -111,7 +111,7 @@ def test_kernel_work_counts_what_startup_compiles_and_tunes() -> None:
     from torch._inductor import cpp_builder
     from torch._inductor.runtime import triton_heuristics
 
-    from vllm_compile_ray.compiling import inductor_metrics
+    from vllm_compile_ray.torch_private import inductor_metrics
 
     for name in inductor_metrics._AUTOTUNE_TIMERS:
         assert f'"{name}"' in inspect.getsource(triton_heuristics), name

@@ -166,7 +166,7 @@ def test_cli_starts_shows_and_stops_the_pool(pool, tmp_path, capsys) -> None:
 
 
 def _cpu_fingerprint() -> dict[str, str]:
-    from vllm_compile_ray.compiling.inductor import environment_fingerprint
+    from vllm_compile_ray.torch_private.inductor import environment_fingerprint
     return environment_fingerprint("cpu")
 
 

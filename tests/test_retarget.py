@@ -18,9 +18,8 @@ import pytest
 import torch
 import torch.fx as fx
 
-from vllm_compile_ray.compiling import inductor
-from vllm_compile_ray.compiling import artifact_format, retarget
 from vllm_compile_ray.compiling.compiler_interface import cuda_index
+from vllm_compile_ray.torch_private import artifact_format, inductor, retarget
 
 from test_autotune_ship import BEST, tuning_bytes
 

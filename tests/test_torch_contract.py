@@ -1,24 +1,33 @@
 """Contract test of every private torch / Inductor / dynamo name the package relies on (issue 25).
 
-One row per touch: the torch name (`module:attr.attr`), the package code that uses it, and a
-check that it still takes what we pass it (`inspect.signature(...).bind`), still has the fields we
-read, or still behaves the way we rely on. A torch upgrade that moves one fails here, naming it
-and its user, instead of deep inside a compile. CPU-only, no compiles (a few seconds of imports).
+One row per touch: the torch name (`module:attr.attr`), the code in `vllm_compile_ray.torch_private`
+that uses it (`module.function`; a subpackage path names code outside it), and a check that it
+still takes what we pass it (`inspect.signature(...).bind`), still has the fields we read, or
+still behaves the way we rely on. A torch upgrade that moves one fails here, naming it and its
+user, instead of deep inside a compile. CPU-only, no compiles (a few seconds of imports).
 
-Names only some torch versions have carry the package's own gate (`runtime.aot.SUPPORTED`,
-`compiling.inductor.COORDINATE_DESCENT_SHIPS`, `compiling.artifact_format.save_options()`): when one is missing the test asserts the gate is False, so
-the package switches the feature off rather than calling it. Checked on torch 2.13 (CPU).
+Names only some torch versions have carry the package's own gate
+(`torch_private.aot_compile.SUPPORTED`, `torch_private.inductor.COORDINATE_DESCENT_SHIPS`,
+`torch_private.artifact_format.save_options()`): when one is missing the test asserts the gate
+is False, so the package switches the feature off rather than calling it. Checked on torch 2.13
+(CPU).
+
+`test_private_names_stay_in_torch_private` keeps the rest of the package off torch's private
+names: only `torch_private/` may touch them.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
 import re
+import textwrap
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,13 +115,13 @@ def both(*checks: Check) -> Check:
 # ---- behaviour checks (cheap: no compile) ---------------------------------------------------
 
 def _retarget_chunks_round_trip(_: Any) -> None:
-    from vllm_compile_ray.compiling import retarget
+    from vllm_compile_ray.torch_private import retarget
 
     assert retarget._read_chunks(retarget._write_chunks([b"a", b"", b"bc"])) == [b"a", b"", b"bc"]
 
 
 def _retarget_caches_round_trip(factory: Any) -> None:
-    from vllm_compile_ray.compiling import retarget
+    from vllm_compile_ray.torch_private import retarget
 
     artifact = factory.create("autotune", "ab/cdef.best_config", b"{}")
     # retarget rebuilds entries as type(a)(key, content)
@@ -122,14 +131,14 @@ def _retarget_caches_round_trip(factory: Any) -> None:
 
 
 def _autotune_key_shape(_: Any) -> None:
-    from vllm_compile_ray.compiling import retarget
+    from vllm_compile_ray.torch_private import retarget
 
     key = retarget.autotune_key("def triton_poi_fused_0(): pass")
     assert re.fullmatch(r"\w\w/\w+\.best_config", key), f"autotune key {key!r}"
 
 
 def _cache_dir_follows_env(cache_dir: Any) -> None:
-    from vllm_compile_ray.compiling import retarget
+    from vllm_compile_ray.torch_private import retarget
 
     with retarget.cache_dir_for(3):
         inside = cache_dir()
@@ -146,20 +155,23 @@ def _category_names(*names: str) -> Check:
 
 
 def _mark_dynamic_attributes(mark_dynamic: Any) -> None:
-    from vllm_compile_ray.runtime import aot
+    from vllm_compile_ray.torch_private import dynamo
 
     t = torch.zeros(4, 3)
     mark_dynamic(t, 0)
-    assert aot.dynamic_dims_of([t], {}) == [(0, 0)], "mark_dynamic sets no _dynamo_dynamic_indices"
-    aot._unmark([t])
+    assert dynamo.marked_dims([t], {}) == [(0, 0)], "mark_dynamic sets no _dynamo_dynamic_indices"
+    dynamo.unmark([t])
     assert not [n for n in vars(t) if n.startswith("_dynamo_")]
 
 
 def _op_names(_: Any) -> None:
-    from vllm_compile_ray.planning.splitting import op_name
+    from vllm_compile_ray.torch_private import ops
 
-    assert op_name(torch.ops.aten.add.Tensor) == "aten::add"  # OpOverload._schema.name
-    assert op_name(torch.ops.aten.add) == "aten::add"  # OpOverloadPacket._qualified_op_name
+    assert ops.is_op(torch.ops.aten.add.Tensor) and ops.is_op(torch.ops.aten.add)
+    assert ops.op_name(torch.ops.aten.add.Tensor) == "aten::add"  # OpOverload._schema.name
+    assert ops.op_name(torch.ops.aten.add) == "aten::add"  # OpOverloadPacket._qualified_op_name
+    assert ops.qualname_and_overload(torch.ops.aten.add.Tensor) == ("aten::add", "Tensor")
+    assert ops.qualname_and_overload(torch.ops.aten.add) == ("aten::add", None)
 
 
 def _opdef_module(opdefs: Any) -> None:
@@ -190,7 +202,7 @@ def _inductor_counter(counters: Any) -> None:
 
 
 def _logger_name(module: Any) -> None:
-    from vllm_compile_ray.compiling.inductor_metrics import AUTOTUNE_FAILURE_LOGGER
+    from vllm_compile_ray.torch_private.inductor_metrics import AUTOTUNE_FAILURE_LOGGER
 
     assert module.log.name == AUTOTUNE_FAILURE_LOGGER, f"its logger is {module.log.name!r}"
 
@@ -225,6 +237,8 @@ def _triton_gate() -> bool:
 
 IC = "torch._inductor.config"
 S = "stand-in"
+AOT = "torch_private.aot_compile.SUPPORTED"  # the gates (vllm_compile_ray.<module>.<flag>)
+BUNDLED = "torch_private.artifact_format.save_options"
 
 TOUCHES: list[Touch] = [
     # inductor.py: compiles, artifacts, tuning
@@ -234,13 +248,13 @@ TOUCHES: list[Touch] = [
     Touch("torch._inductor:standalone_compile",
           "inductor.compile_static / compile_dynamic (the bundled AOT artifact)",
           call(S, S, dynamic_shapes="from_example_inputs", options={}, aot=True),
-          gate="compiling.artifact_format.save_options", aspect="aot"),
+          gate=BUNDLED, aspect="aot"),
     Touch("torch._inductor.standalone_compile:DynamicShapesType",
           "inductor.compile_static / compile_dynamic (dynamic_shapes values)",
           literal("from_example_inputs", "from_tracing_context")),
     Touch("torch._inductor.standalone_compile:CompiledArtifact.load",
-          "artifact_format._load_through_file (the cache format)", both(call(path=S, format="binary"),
-                                        annotation_allows("format", "binary"))),
+          "artifact_format._load_through_file (the cache format)",
+          both(call(path=S, format="binary"), annotation_allows("format", "binary"))),
     Touch("torch._inductor.standalone_compile:CompiledArtifact.save",
           "inductor._artifact_bytes", call(S, path=S, format="binary")),
     Touch("torch._inductor.utils:fresh_cache",
@@ -270,9 +284,10 @@ TOUCHES: list[Touch] = [
     Touch("torch._subclasses.fake_tensor:FakeTensorMode.from_tensor", "inductor.compile_static",
           call(S, S)),
     Touch("torch.fx.passes.fake_tensor_prop:FakeTensorProp",
-          "inductor._fake_propagate, aot.TracedModel.deserialize_compile_artifacts", call(S, S)),
+          "inductor._fake_propagate, aot_compile.TracedModel.deserialize_compile_artifacts",
+          call(S, S)),
     Touch("torch.fx.passes.fake_tensor_prop:FakeTensorProp.propagate_dont_convert_inputs",
-          "inductor._fake_propagate, aot.TracedModel.deserialize_compile_artifacts",
+          "inductor._fake_propagate, aot_compile.TracedModel.deserialize_compile_artifacts",
           call(S, S, S)),
     Touch("torch._dynamo.source:ConstantSource", "inductor._symbolic_inputs", call("vcr_s0")),
     Touch("torch.fx.experimental.symbolic_shapes:DimDynamic.DYNAMIC",
@@ -295,15 +310,16 @@ TOUCHES: list[Touch] = [
     Touch(f"{IC}:max_autotune_report_choices_stats",
           "inductor.quiet_autotune_logs (hasattr: missing would make it a silent no-op)"),
     Touch(f"{IC}:autotune_local_cache", "retarget"),
-    Touch(f"{IC}:max_autotune", "cli_options --max-autotune (inductor_compile_config)"),
+    Touch(f"{IC}:max_autotune", "cli.options.make_config --max-autotune (inductor_compile_config)"),
     Touch(f"{IC}:coordinate_descent_tuning",
-          "cli_options --max-autotune, compiler_interface.InductorStandaloneAdaptor",
-          gate="compiling.inductor.COORDINATE_DESCENT_SHIPS"),
+          "cli.options.make_config --max-autotune, compiling.compiler_interface (config_patches)",
+          gate="torch_private.inductor.COORDINATE_DESCENT_SHIPS"),
     Touch(f"{IC}:post_grad_custom_post_pass",
-          "compiler_interface.InductorStandaloneAdaptor (config_patches)"),
+          "compiling.compiler_interface.InductorStandaloneAdaptor (config_patches)"),
     Touch(f"{IC}:patch", "inductor_metrics.kernel_work", call(compile_threads=1)),
     Touch("torch._inductor.custom_graph_pass:CustomGraphPass",
-          "passes.InductorPass / PostGradPassManager (subclass __call__ and uuid)",
+          "graph_pass.CustomGraphPass (compiling.passes.InductorPass / PostGradPassManager "
+          "subclass it: __call__ and uuid)",
           _abstract_within("__call__", "uuid")),
     # inductor_metrics.py: timers, counters, logs
     Touch("torch._dynamo.utils:compilation_time_metrics",
@@ -327,7 +343,7 @@ TOUCHES: list[Touch] = [
           "inductor_metrics._triton_compiles (Triton compiles of kernel_work)",
           gate="triton>=3.4"),
     # compile_task.py: imports paid before the first compile
-    Touch("torch._inductor.compile_fx", "compile_task (import warm-up)"),
+    Touch("torch._inductor.compile_fx", "inductor.import_compiler (import warm-up)"),
     Touch("torch._dynamo.utils:counters", "inductor_metrics.gemm_benchmarks", _inductor_counter),
     # retarget.py: the standalone binary format and Inductor's caches inside it
     Touch("torch._inductor.codecache:get_hash", "retarget.retarget / autotune_key", call(S)),
@@ -355,27 +371,27 @@ TOUCHES: list[Touch] = [
     Touch("torch._inductor.standalone_compile:AOTCompiledArtifact.AOT_HEADER",
           "retarget.retarget (tells the bundled AOT format apart)",
           _is_bytes,
-          gate="compiling.artifact_format.save_options"),
+          gate=BUNDLED),
     Touch("torch._functorch._aot_autograd.aot_autograd_result:GenericAOTAutogradResult",
           "retarget._retarget_bundled (the pickled entry's graphs)",
-          fields("compiled_fw", "compiled_bw"), gate="compiling.artifact_format.save_options"),
+          fields("compiled_fw", "compiled_bw"), gate=BUNDLED),
     Touch("torch._functorch._aot_autograd.aot_autograd_result:BundledOutputCodeLoadable",
           "retarget._retarget_bundled (`.result`: the CompiledFxGraph)", fields("result"),
-          gate="compiling.artifact_format.save_options"),
+          gate=BUNDLED),
     Touch("torch._functorch.config:bundled_autograd_cache",
           "retarget._retarget_bundled (patched while pickling, as torch pickles the entry)",
-          gate="compiling.artifact_format.save_options"),
+          gate=BUNDLED),
     # artifact_format.py: the bundled AOT artifact loaded in memory
     Touch("torch._functorch._aot_autograd.aot_autograd_result:BundledAOTAutogradResult",
           "artifact_format._load_bundled (the pickled entry)",
           fields("guards_expr", "sanitized_aot_config"),
-          gate="compiling.artifact_format.save_options"),
+          gate=BUNDLED),
     Touch("torch._functorch._aot_autograd.aot_autograd_result:"
           "GenericAOTAutogradResult.wrap_post_compile", "artifact_format._load_bundled",
-          call(S, [], S, {}), gate="compiling.artifact_format.save_options"),
+          call(S, [], S, {}), gate=BUNDLED),
     Touch("torch._inductor.standalone_compile:AOTCompiledArtifact.deserialize",
           "artifact_format._load_bundled (entries with user Triton kernels)", call(S),
-          gate="compiling.artifact_format.save_options"),
+          gate=BUNDLED),
     Touch("torch._guards:TracingContext.try_get", "artifact_format._load_bundled", call()),
     Touch("torch._inductor.cudagraph_utils:BoxedDeviceIndex", "artifact_format._load_bundled",
           call(None)),
@@ -384,75 +400,78 @@ TOUCHES: list[Touch] = [
     Touch("torch._inductor.runtime.cache_dir_utils:cache_dir",
           "retarget.cache_dir_for (reads TORCHINDUCTOR_CACHE_DIR at each call)",
           both(call(), _cache_dir_follows_env)),
-    # aot.py: dynamo's AOT compile (gated by aot.SUPPORTED)
+    # aot_compile.py: dynamo's AOT compile (gated by aot_compile.SUPPORTED)
     Touch("torch._dynamo.aot_compile_types:SerializableCallable",
-          "aot.TracedModel (subclass)",
+          "aot_compile.TracedModel (subclass)",
           _abstract_within("__call__", "serialize_compile_artifacts",
                            "deserialize_compile_artifacts"),
-          gate="runtime.aot.SUPPORTED"),
-    Touch("torch._dynamo.config:enable_aot_compile", "aot.trace (patch)", gate="runtime.aot.SUPPORTED"),
-    Touch("torch:compile", "aot.trace (torch.compile(...).aot_compile((args, kwargs)))",
-          _aot_compile_method, gate="runtime.aot.SUPPORTED"),
-    Touch("torch._dynamo.aot_compile:AOTCompiledFunction.serialize", "aot.serialize", call(S),
-          gate="runtime.aot.SUPPORTED"),
-    Touch("torch._dynamo.aot_compile:AOTCompileSaveResult", "aot.serialize",
-          fields("serialized_data"), gate="runtime.aot.SUPPORTED"),
+          gate=AOT),
+    Touch("torch._dynamo.config:enable_aot_compile", "aot_compile.trace (patch)", gate=AOT),
+    Touch("torch:compile", "aot_compile.trace (torch.compile(...).aot_compile((args, kwargs)))",
+          _aot_compile_method, gate=AOT),
+    Touch("torch._dynamo.aot_compile:AOTCompiledFunction.serialize", "aot_compile.serialize",
+          call(S), gate=AOT),
+    Touch("torch._dynamo.aot_compile:AOTCompileSaveResult", "aot_compile.serialize",
+          fields("serialized_data"), gate=AOT),
     Touch("torch._dynamo.aot_compile:AOTCompiledFunction",
-          "aot._save_installed_globals (fn._artifacts; fn.fn.__globals__, the function it builds)",
+          "aot_compile._save_installed_globals (fn._artifacts; fn.fn.__globals__, the function "
+          "it builds)",
           both(fields("_artifacts"), source_has("self.fn = self._artifacts.runtime_env")),
-          gate="runtime.aot.SUPPORTED"),
-    Touch("torch._dynamo.aot_compile:CompileArtifacts", "aot._save_installed_globals",
-          fields("runtime_env", "backend_id"), gate="runtime.aot.SUPPORTED"),
+          gate=AOT),
+    Touch("torch._dynamo.aot_compile:CompileArtifacts", "aot_compile._save_installed_globals",
+          fields("runtime_env", "backend_id"), gate=AOT),
     Touch("torch._dynamo.aot_compile:GraphRuntimeEnv",
-          "aot._save_installed_globals (external_refs read with getattr: optional)",
-          fields("bytecode", "import_sources", "used_globals"), gate="runtime.aot.SUPPORTED"),
-    Touch("torch.compiler:load_compiled_function", "aot.restore", call(S, f_globals={}),
-          gate="runtime.aot.SUPPORTED"),
+          "aot_compile._save_installed_globals (external_refs read with getattr: optional)",
+          fields("bytecode", "import_sources", "used_globals"), gate=AOT),
+    Touch("torch.compiler:load_compiled_function", "aot_compile.restore", call(S, f_globals={}),
+          gate=AOT),
     Touch("torch.fx._graph_pickler:GraphPickler.dumps",
-          "aot.TracedModel.serialize_compile_artifacts", call(S, S), gate="runtime.aot.SUPPORTED"),
-    Touch("torch.fx._graph_pickler:Options", "aot.TracedModel.serialize_compile_artifacts",
-          call(ops_filter=None), gate="runtime.aot.SUPPORTED"),
+          "aot_compile.TracedModel.serialize_compile_artifacts", call(S, S), gate=AOT),
+    Touch("torch.fx._graph_pickler:Options", "aot_compile.TracedModel.serialize_compile_artifacts",
+          call(ops_filter=None), gate=AOT),
     Touch("torch.fx._graph_pickler:GraphPickler.loads",
-          "aot.TracedModel.deserialize_compile_artifacts", call(S, S), gate="runtime.aot.SUPPORTED"),
-    Touch("torch._subclasses:FakeTensorMode", "aot.TracedModel.deserialize_compile_artifacts",
+          "aot_compile.TracedModel.deserialize_compile_artifacts", call(S, S), gate=AOT),
+    Touch("torch._subclasses:FakeTensorMode",
+          "aot_compile.TracedModel.deserialize_compile_artifacts",
           call(shape_env=S)),
-    Touch("torch._subclasses.fake_tensor:FakeTensor._is_view", "aot._unviewed"),
-    Touch("torch.utils._pytree:tree_map_only", "aot._unviewed", call(S, S, S)),
-    # dynamo: marking, settings, errors (inputs.py, plan.py, api.py, load.py, aot.py)
+    Touch("torch._subclasses.fake_tensor:FakeTensor._is_view", "aot_compile._unviewed"),
+    Touch("torch.utils._pytree:tree_map_only", "aot_compile._unviewed", call(S, S, S)),
+    # dynamo: marking, settings, errors (inputs.py, plan.py, api.py, load.py, aot_compile.py)
     Touch("torch._dynamo:mark_dynamic",
-          "inputs.mark_dynamic; aot.dynamic_dims_of / _unmark read _dynamo_dynamic_indices",
+          "dynamo.mark_dynamic; marked_dims / unmark read _dynamo_dynamic_indices",
           both(call(S, 0), _mark_dynamic_attributes)),
-    Touch("torch._dynamo.config:recompile_limit", "plan.dynamo_settings (patch)"),
-    Touch("torch._dynamo.config:accumulated_recompile_limit", "plan.dynamo_settings (patch)"),
-    Touch("torch._dynamo.config:patch", "plan.dynamo_settings, aot.trace",
+    Touch("torch._dynamo.config:recompile_limit", "dynamo.capture_settings (patch)"),
+    Touch("torch._dynamo.config:accumulated_recompile_limit", "dynamo.capture_settings (patch)"),
+    Touch("torch._dynamo.config:patch", "dynamo.capture_settings, aot_compile.trace",
           call(recompile_limit=1, accumulated_recompile_limit=1)),
-    Touch("torch.fx.experimental._config:backed_size_oblivious", "plan.dynamo_settings (patch)"),
-    Touch("torch.fx.experimental._config:patch", "plan.dynamo_settings",
+    Touch("torch.fx.experimental._config:backed_size_oblivious", "dynamo.capture_settings (patch)"),
+    Touch("torch.fx.experimental._config:patch", "dynamo.capture_settings",
           call(backed_size_oblivious=True)),
     Touch("torch._dynamo.exc:Unsupported",
-          "plan.run_dynamo, api.CompiledModel, aot._restore_or_trace (except)"),
+          "dynamo.is_unsupported (plan.run_dynamo, api, aot)"),
     Touch("torch._dynamo.exc:BackendCompilerFailed",
-          "api.CompiledModel, load.load (except; read .inner_exception)", _inner_exception),
+          "dynamo.backend_failure_cause (api, load; reads .inner_exception)", _inner_exception),
     # canonical.py / splitting.py: op targets, graph modules
-    Touch("torch._ops:OpOverload", "splitting.op_name, canonical._OpRef (isinstance, "
-          "._schema.name, .overloadpacket, ._overloadname)", _op_names),
-    Touch("torch._ops:OpOverloadPacket", "splitting.op_name, canonical._OpRef "
-          "(._qualified_op_name)", _op_names),
+    Touch("torch._ops:OpOverload", "ops.is_op / op_name / qualname_and_overload "
+          "(isinstance, ._schema.name, .overloadpacket, ._overloadname)", _op_names),
+    Touch("torch._ops:OpOverloadPacket", "ops.is_op / op_name / "
+          "qualname_and_overload (._qualified_op_name)", _op_names),
     Touch("torch._library.custom_ops:OPDEFS",
-          "canonical._OpRef (OPDEFS.get(name)._init_fn.__module__: where a custom op is defined)",
+          "ops.defining_module (OPDEFS.get(name)._init_fn.__module__)",
           _opdef_module),
-    Touch("torch.fx._lazy_graph_module:_use_lazy_graph_module", "splitting.split_graph",
+    Touch("torch.fx._lazy_graph_module:_use_lazy_graph_module",
+          "graphs.lazy_graph_modules",
           call(True)),
     Touch("torch.fx._lazy_graph_module:_make_graph_module",
-          "splitting._split_by_structure / _piece_module", call(S, S)),
-    Touch("torch.fx.passes.split_module:split_module", "splitting.split_graph",
+          "graphs.make_graph_module", call(S, S)),
+    Touch("torch.fx.passes.split_module:split_module", "planning.splitting.split_graph (public)",
           call(S, None, S, keep_original_order=True)),
-    Touch("torch.fx.experimental.symbolic_shapes:free_symbols", "splitting._split_by_structure",
+    Touch("torch.fx.experimental.symbolic_shapes:free_symbols", "graphs.free_symbols",
           call(S)),
-    Touch("torch.amp:_enter_autocast", "splitting._GLOBAL_STATE"),
-    Touch("torch.amp:_exit_autocast", "splitting._GLOBAL_STATE"),
-    Touch("torch._C:_set_grad_enabled", "splitting._GLOBAL_STATE"),
-    Touch("torch._C._nn:linear", "warm_plan._GEMM_FUNCTIONS"),
+    Touch("torch.amp:_enter_autocast", "graphs.GLOBAL_STATE_FUNCTIONS"),
+    Touch("torch.amp:_exit_autocast", "graphs.GLOBAL_STATE_FUNCTIONS"),
+    Touch("torch._C:_set_grad_enabled", "graphs.GLOBAL_STATE_FUNCTIONS"),
+    Touch("torch._C._nn:linear", "ops.LINEAR (warm_plan._GEMM_FUNCTIONS)"),
 ]
 
 
@@ -472,13 +491,19 @@ def _gate(name: str) -> bool:
     return bool(flag() if callable(flag) else flag)
 
 
+def _user(touch: Touch) -> str:
+    """`users` as a module path: within torch_private unless it names another subpackage."""
+    outside = touch.users.split(".", 1)[0] in ("cli", "compiling", "planning")
+    return f"vllm_compile_ray.{'' if outside else 'torch_private.'}{touch.users}"
+
+
 def _id(touch: Touch) -> str:
     return touch.target.replace(":", ".") + (f"[{touch.aspect}]" if touch.aspect else "")
 
 
 @pytest.mark.parametrize("touch", TOUCHES, ids=[_id(t) for t in TOUCHES])
 def test_torch_contract(touch: Touch) -> None:
-    where = f"used by vllm_compile_ray.{touch.users}; torch {torch.__version__}"
+    where = f"used by {_user(touch)}; torch {torch.__version__}"
     try:
         obj = _resolve(touch.target)
         if touch.check is not None:
@@ -496,7 +521,111 @@ def test_torch_contract(touch: Touch) -> None:
                     f"{where}", pytrace=False)
 
 
+def test_users_exist() -> None:
+    """Each row's first user (`module.name` up to the first space or comma) is still there: the
+    table names the code a torch upgrade breaks."""
+    stale = []
+    for touch in TOUCHES:
+        path = re.match(r"[\w.]+", _user(touch)).group().split(".")
+        for cut in range(len(path), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj: Any = importlib.import_module(".".join(path[:cut]))
+            except ImportError:
+                continue
+            for attr in path[cut:]:
+                obj = getattr(obj, attr, None)
+            break
+        if obj is None:
+            stale.append(f"{_id(touch)}: {'.'.join(path)}")
+    assert not stale, stale
+
+
 def test_ids_are_distinct() -> None:
     """Each parametrized id names one contract (two rows of a target differ by `aspect`)."""
     ids = [_id(t) for t in TOUCHES]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+# ---- nothing outside torch_private/ touches a private name ----------------------------------
+
+PACKAGE = Path(__file__).resolve().parent.parent / "vllm_compile_ray"
+# A private module or attribute under torch (`torch._inductor`, `torch.fx._lazy_graph_module`,
+# `torch.amp._enter_autocast`, `torch._C`; not dunders), or torch.fx.experimental.
+PRIVATE = re.compile(r"\btorch(?:\.[A-Za-z]\w*)*\._(?!_)\w*|\btorch\.fx\.experimental\b")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring constants of a module, its classes and functions."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def _dotted(node: ast.AST) -> tuple[str, str] | None:
+    """(root name, ".a.b") of an attribute chain on a name; None for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return (node.id, "".join(f".{p}" for p in reversed(parts))) if isinstance(node, ast.Name) \
+        else None
+
+
+def private_names(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every private torch name `source` uses in code: imports, attributes of
+    names bound to torch modules (`import torch.fx as fx`: `fx._x` counts) and string constants;
+    comments and docstrings are left out."""
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}  # local name -> the torch path it holds
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "torch":
+                    bound[a.asname or "torch"] = a.name if a.asname else "torch"
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            for a in node.names:
+                bound[a.asname or a.name] = f"{node.module}.{a.name}"
+    skip, found = _docstrings(tree), []
+    for node in ast.walk(tree):
+        texts: list[str] = []
+        if isinstance(node, ast.Import):
+            texts = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            texts = [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and (chain := _dotted(node)) and chain[0] in bound:
+            texts = [bound[chain[0]] + chain[1]]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            texts = [node.value]
+        found += [(node.lineno, m.group()) for t in texts for m in PRIVATE.finditer(t)]
+    return sorted(set(found))
+
+
+def test_private_names_stay_in_torch_private() -> None:
+    """Only torch_private/ may name torch's private API: every other module calls a function
+    there (issue 25, "lean core")."""
+    hits = [f"{path.relative_to(PACKAGE.parent)}:{line}: {name}"
+            for path in sorted(PACKAGE.rglob("*.py"))
+            if "torch_private" not in path.relative_to(PACKAGE).parts
+            for line, name in private_names(path.read_text(encoding="utf-8"))]
+    assert not hits, "private torch names outside vllm_compile_ray/torch_private/ (add a " \
+        "function there and call it):\n" + "\n".join(hits)
+
+
+def test_the_scan_finds_private_names() -> None:
+    source = textwrap.dedent('''
+        """torch._inductor in a docstring is allowed."""
+        import torch
+        import torch.fx as fx
+        from torch._inductor import config
+        from torch.fx import _lazy_graph_module
+        x = torch._dynamo.mark_dynamic  # torch._C in a comment is allowed
+        y = fx._lazy_graph_module
+        z = torch.amp._enter_autocast, torch.__version__, torch.ops.aten.add
+        logger = "torch._inductor.select_algorithm"
+        from torch.fx.experimental.symbolic_shapes import free_symbols
+        ''')
+    assert [line for line, _ in private_names(source)] == [5, 6, 7, 8, 9, 10, 11]

@@ -284,7 +284,7 @@ def test_compiles_wait_for_started_workers(ray_local, tmp_path) -> None:
     """Slots are free (4) but the two started workers are still starting up: the compiles wait
     for them rather than take the free slots, where Ray would start new worker processes that
     pay the whole start-up inside the compile phase."""
-    from vllm_compile_ray.compiling.inductor import environment_fingerprint
+    from vllm_compile_ray.torch_private.inductor import environment_fingerprint
 
     summary = warm("llama-tiny", eager(str(tmp_path)), prestart=True, max_in_flight=2,
                    fingerprint=environment_fingerprint("cpu"), progress=None,

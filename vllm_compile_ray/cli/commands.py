@@ -100,9 +100,9 @@ def load(**opts: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def plan(**opts: Any) -> None:
     """Show a model's pieces, unique keys, shapes and task count, without compiling."""
-    from ..compiling import inductor
     from ..planning import intake
     from ..runtime.api import plan_model
+    from ..torch_private import inductor
 
     config = make_config(opts)
     spec = intake.build(opts["model"], tp_size=opts["tp"], device="meta",

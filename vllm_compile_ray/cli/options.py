@@ -124,7 +124,7 @@ def make_config(opts: dict[str, Any], **extra: Any) -> CompilationConfig:
     """The CompilationConfig of a command's `model_options`."""
     inductor_config = dict(opts["inductor_config"])
     if opts["max_autotune"]:
-        from ..compiling import inductor
+        from ..torch_private import inductor
 
         inductor_config.update(max_autotune=True)
         if inductor.COORDINATE_DESCENT_SHIPS:  # where its results load complete

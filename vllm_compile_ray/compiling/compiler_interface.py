@@ -18,7 +18,7 @@ from ..config import CompilationConfig
 from ..errors import ConfigError
 from ..keys import digest
 from ..planning.canonical import InputSpec
-from . import inductor
+from ..torch_private import inductor
 from .passes import PostGradPassManager
 
 Guard = tuple[int, "int | None"]
@@ -97,7 +97,8 @@ def unpack_tuned(payload: bytes) -> tuple[bytes, bytes]:
 
 
 class InductorStandaloneAdaptor(CompilerInterface):
-    """Compiles with `torch._inductor.standalone_compile`; artifacts are its binary format.
+    """Compiles with Inductor's `standalone_compile` (`torch_private.inductor`); artifacts are
+    its binary format.
 
     On CUDA (with `config.ship_autotune`) each fresh artifact runs once on zero inputs so Triton's
     runtime autotuning happens in the compile task, and its results travel inside the artifact:

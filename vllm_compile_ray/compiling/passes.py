@@ -10,7 +10,8 @@ import types
 from collections.abc import Callable
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from ..torch_private.graph_pass import CustomGraphPass
 
 
 class InductorPass(CustomGraphPass):

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from ..cache.store import ArtifactStore
-from ..compiling import cpu_time, heap, inductor, inductor_metrics
+from ..compiling import cpu_time, heap
 from ..compiling.compiler_interface import make_compiler
 from ..compiling.counters import CompilationCounter
 from ..compiling.monitor import PerformanceMonitor
@@ -30,6 +30,7 @@ from ..experimental import gpu_sharing
 from ..keys import fingerprint_hash
 from ..planning.canonical import CanonicalPiece
 from ..runtime.manager import CompilerManager
+from ..torch_private import inductor, inductor_metrics
 from . import metrics
 from .stats import get_stats_actor
 
@@ -141,8 +142,7 @@ def start_worker(backend: str, cpus: float, device_type: str, warm: bool = True,
     step("gpu_sharing")
 
     if backend == "inductor":
-        import torch._inductor.compile_fx  # noqa: F401  (the heavy imports of a first compile)
-        import torch._inductor.select_algorithm  # noqa: F401
+        inductor.import_compiler()  # the heavy imports of a first compile
         try:
             import triton  # noqa: F401
         except ImportError:

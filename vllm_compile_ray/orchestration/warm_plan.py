@@ -18,9 +18,10 @@ from ..planning.inputs import example_call
 from ..planning.intake import ModelSpec
 from ..planning.plan import CompileTask, Plan, capture, plan_graph
 from ..runtime.api import PLAN_TOKENS, key_context, model_device
+from ..torch_private import ops
 
 # Matmuls Inductor lowers through its GEMM autotuning (tuned_mm / tuned_addmm / tuned_bmm).
-_GEMM_FUNCTIONS = (torch._C._nn.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm,
+_GEMM_FUNCTIONS = (ops.LINEAR, torch.matmul, torch.mm, torch.bmm, torch.addmm,
                    operator.matmul)
 _GEMM_METHODS = ("matmul", "mm", "bmm", "addmm")
 

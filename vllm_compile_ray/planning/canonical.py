@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..specs import InputSpec
+from ..torch_private import ops
 
 __all__ = ["CanonicalPiece", "InputSpec", "canonicalize", "structure", "structure_of"]
 
@@ -229,13 +230,8 @@ class _OpRef:
     __slots__ = ("qualname", "overload", "module")
 
     def __init__(self, target: Any):
-        packet = target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
-        self.qualname = packet._qualified_op_name
-        self.overload = target._overloadname if isinstance(target, torch._ops.OpOverload) else None
-        from torch._library.custom_ops import OPDEFS
-
-        opdef = OPDEFS.get(self.qualname)
-        self.module = getattr(getattr(opdef, "_init_fn", None), "__module__", None)
+        self.qualname, self.overload = ops.qualname_and_overload(target)
+        self.module = ops.defining_module(self.qualname)
 
     def __getstate__(self) -> tuple:
         return self.qualname, self.overload, self.module
@@ -254,7 +250,7 @@ class _OpRef:
 
 
 def _ship_target(target: Any) -> Any:
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+    if ops.is_op(target):
         return _OpRef(target)
     return target
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..torch_private import dynamo
 
 DEFAULT_DYNAMIC_DIMS = {"input_ids": -1, "positions": -1, "position_ids": -1, "inputs_embeds": -2}
 
@@ -70,7 +71,7 @@ def mark_dynamic(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
             if not -value.dim() <= dim < value.dim():
                 raise ConfigError(f"dynamic_dims[{name!r}]={dim} is out of range for a "
                                   f"{value.dim()}-d argument of shape {tuple(value.shape)}")
-            torch._dynamo.mark_dynamic(value, dim % value.dim())
+            dynamo.mark_dynamic(value, dim % value.dim())
             marked.add(id(value))
     if dynamic_dims:
         unknown = sorted(set(dynamic_dims) - set(bound))
@@ -84,7 +85,7 @@ def mark_dynamic(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
     # The first argument has no token name (forward(self, x)): dim 0 of each tensor as long as it.
     for tensor in tensors:
         if id(tensor) not in marked and tensor.shape[0] == tensors[0].shape[0]:
-            torch._dynamo.mark_dynamic(tensor, 0)
+            dynamo.mark_dynamic(tensor, 0)
 
 
 def _bind(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from .. import errors
 from ..config import DEFAULT_SPLITTING_OPS, CompilationConfig
 from ..errors import ConfigError
 from ..keys import KeyContext, code_id
+from ..torch_private import dynamo
 from .canonical import CanonicalPiece, canonicalize, structure
 from .inputs import mark_dynamic
 from .splitting import SplitItem, graph_op_names, split_graph
@@ -129,18 +129,6 @@ def check_splitting_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> N
                    "own calls vllm_compile_ray.models.ops.attention)", unmatched)
 
 
-@contextlib.contextmanager
-def dynamo_settings():
-    """Size-oblivious tracing of num_tokens (see `inputs.mark_dynamic`), so size 1 reuses the
-    graph instead of dynamo specializing it, as vLLM does. Each compile gets its own backend, so dynamo sees a recompile per `compile()`/`capture()`
-    of one model class; lift the recompile limit so it never silently falls back to eager."""
-    from torch.fx.experimental import _config as shape_config
-
-    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20), \
-            shape_config.patch(backed_size_oblivious=True):
-        yield
-
-
 def run_dynamo(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
                kwargs: dict[str, Any] | None = None,
                dynamic_dims: dict[str, int] | None = None) -> Any:
@@ -148,10 +136,11 @@ def run_dynamo(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
     kwargs = kwargs or {}
     mark_dynamic(model, args, kwargs, dynamic_dims)
     try:
-        with dynamo_settings(), torch.no_grad():
+        with dynamo.capture_settings(), torch.no_grad():
             return compiled(*args, **kwargs)
-    except torch._dynamo.exc.Unsupported as exc:
-        raise_traced_error(exc)
+    except Exception as exc:
+        if dynamo.is_unsupported(exc):
+            raise_traced_error(exc)
         raise
 
 

@@ -8,13 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 from torch.fx.passes.split_module import split_module
 
+from ..torch_private import graphs, ops
 from .canonical import structure_of
-
-# Nodes whose global effect (grad mode, autocast) split_module carries across pieces.
-_GLOBAL_STATE = (torch.amp._enter_autocast, torch.amp._exit_autocast, torch._C._set_grad_enabled)
 
 
 @dataclass
@@ -29,10 +26,8 @@ def op_name(target: object) -> str | None:
     """"ns::op" for an OpOverload or OpOverloadPacket target (dynamo records packets); for a
     torch function with an aten op of the same name (F.scaled_dot_product_attention, as dynamo
     records it), "aten::name"; else None."""
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target._qualified_op_name
+    if ops.is_op(target):
+        return ops.op_name(target)
     name = getattr(target, "__name__", None)
     module = getattr(target, "__module__", None) or ""
     if name and module.startswith("torch") and hasattr(torch.ops.aten, name):
@@ -69,7 +64,7 @@ def split_graph(gm: fx.GraphModule, splitting_ops: tuple[str, ...] | list[str]
     _rematerialize_sizes(gm, node_to_subgraph)
     # Lazy graph modules: the pieces' Python code is generated on first call, not here (code
     # generation was most of the planning time; compiled pieces are never called as fx code).
-    with _use_lazy_graph_module(True):
+    with graphs.lazy_graph_modules():
         split = _split_by_structure(gm, node_to_subgraph)
         if split is None:
             split_gm = split_module(gm, None, lambda node: node_to_subgraph[node],
@@ -143,7 +138,8 @@ def _split_by_structure(gm: fx.GraphModule, part_of: dict[fx.Node, int]
     this does not handle (attributes, submodules, grad or autocast regions): use split_module.
     """
     nodes = list(gm.graph.nodes)
-    if any(n.op in ("get_attr", "call_module") or n.target in _GLOBAL_STATE for n in nodes):
+    if any(n.op in ("get_attr", "call_module") or n.target in graphs.GLOBAL_STATE_FUNCTIONS
+           for n in nodes):
         return None
     parts = _parts(nodes, part_of)
     return None if parts is None else _assemble(nodes, parts)
@@ -154,7 +150,6 @@ def _parts(nodes: list[fx.Node], part_of: dict[fx.Node, int]) -> dict[int, _Part
     symbols an input's shape uses come along as inputs too); None when there is no piece or a
     symbol has no binding node (left to split_module)."""
     import sympy
-    from torch.fx.experimental.symbolic_shapes import free_symbols
 
     symbol_node: dict[sympy.Symbol, fx.Node] = {}  # where each size symbol is bound, first wins
     parts: dict[int, _Part] = {}  # in graph order
@@ -179,7 +174,7 @@ def _parts(nodes: list[fx.Node], part_of: dict[fx.Node, int]) -> dict[int, _Part
         parts[user].inputs.setdefault(value)
         example = value.meta.get("example_value")
         if example is not None:  # the symbols in its sizes come along as inputs too
-            for symbol in sorted(free_symbols(example), key=str):
+            for symbol in sorted(graphs.free_symbols(example), key=str):
                 bound = symbol_node.get(symbol)
                 if bound is None:
                     raise LookupError(symbol)
@@ -231,7 +226,7 @@ def _assemble(nodes: list[fx.Node], parts: dict[int, _Part]
                 env[value] = base.call_function(operator.getitem, (call, i))
     output = nodes[-1]
     base.output(fx.node.map_arg(output.args[0], lambda n: env[n]))
-    return _make_graph_module(root, base), names
+    return graphs.make_graph_module(root, base), names
 
 
 def _piece_module(inputs: list[fx.Node], body: list[fx.Node], outputs: list[fx.Node]
@@ -248,4 +243,4 @@ def _piece_module(inputs: list[fx.Node], body: list[fx.Node], outputs: list[fx.N
         env[node] = new
     values = [env[n] for n in outputs]
     graph.output(values[0] if len(values) == 1 else tuple(values))
-    return _make_graph_module(torch.nn.Module(), graph)
+    return graphs.make_graph_module(torch.nn.Module(), graph)

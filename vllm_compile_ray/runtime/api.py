@@ -11,7 +11,6 @@ import torch
 
 from ..cache import signing
 from ..cache.store import ArtifactStore
-from ..compiling import inductor
 from ..compiling.compiler_interface import CompilerInterface, make_compiler
 from ..compiling.counters import CompilationCounter
 from ..compiling.monitor import PerformanceMonitor
@@ -21,8 +20,8 @@ from ..errors import VcrError
 from ..keys import KeyContext
 from ..planning.hf import maybe_prepare
 from ..planning.inputs import ExampleInputs, example_call, mark_dynamic
-from ..planning.plan import Plan, capture, dynamo_settings, plan_graph, raise_traced_error
-from . import aot
+from ..planning.plan import Plan, capture, plan_graph, raise_traced_error
+from ..torch_private import aot_compile, dynamo, inductor
 from .backend import VcrBackend
 from .manager import CompilerManager
 
@@ -83,7 +82,7 @@ class CompiledModel:
                 with torch.no_grad():
                     return self.traced(self.model, *args, **kwargs)
             except RuntimeError as exc:
-                if not aot.is_guard_failure(exc):
+                if not aot_compile.is_guard_failure(exc):
                     raise
                 # This call goes through dynamo (its own cache keeps what it traced); the traced
                 # function stays for the calls within its guards (a warm-up at 1 token that a
@@ -94,15 +93,14 @@ class CompiledModel:
                                    "model with dynamo: %s", str(exc)[:3000])
         mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
         try:
-            with dynamo_settings(), torch.no_grad():
+            with dynamo.capture_settings(), torch.no_grad():
                 return self._compiled(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            inner = getattr(exc, "inner_exception", None)
+        except Exception as exc:
+            inner = dynamo.backend_failure_cause(exc)
             if isinstance(inner, VcrError):  # dynamo wraps our errors; hand back the clear one
                 raise inner.with_traceback(None) from None
-            raise
-        except torch._dynamo.exc.Unsupported as exc:
-            raise_traced_error(exc)
+            if dynamo.is_unsupported(exc):
+                raise_traced_error(exc)
             raise
 
     @property

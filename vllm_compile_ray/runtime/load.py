@@ -31,7 +31,6 @@ import torch.fx as fx
 from .. import keys as keys_mod
 from ..cache.staging import SharedStaging
 from ..cache.store import ArtifactStore
-from ..compiling import inductor_metrics
 from ..compiling.counters import CompilationCounter
 from ..compiling.monitor import PerformanceMonitor
 from ..compiling.passes import PostGradPassManager
@@ -39,6 +38,8 @@ from ..config import CompilationConfig
 from ..errors import ConfigError, VcrError
 from ..planning.hf import maybe_prepare
 from ..planning.inputs import ExampleInputs, as_call, example_call
+from ..torch_private import inductor_metrics
+from ..torch_private.dynamo import backend_failure_cause
 from . import aot
 from .api import CompiledModel, compile as compile_model, model_device, open_store
 from .backend import VcrBackend
@@ -325,9 +326,10 @@ def _first_calls(compiled: CompiledModel, backend: _StartupBackend, staging: Sha
         args, kwargs = inputs(trace_size)
         dynamo = aot.start(compiled, staging.store, args, kwargs)
         compiled(*args, **kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as exc:
-        if isinstance(exc.inner_exception, VcrError):  # CacheMissError, CompileError, ...
-            raise exc.inner_exception from None
+    except Exception as exc:
+        inner = backend_failure_cause(exc)
+        if isinstance(inner, VcrError):  # CacheMissError, CompileError, ...
+            raise inner from None
         raise
     first_done = time.perf_counter()
     if backend.entered is None or backend.resolved is None:

@@ -1,4 +1,4 @@
-"""Every `torch._inductor` call of the package, so a torch upgrade touches one file.
+"""Compiling, loading and tuning through Inductor: `standalone_compile` and its artifacts.
 
 Shipping recipe (see NOTES): static shapes compile from concrete example tensors; the dynamic
 shape compiles from symbolic fake inputs inside a tracing context; artifacts move as the bytes
@@ -10,14 +10,14 @@ loaded in 2.9-3.4 s bundled vs 4.0-4.4 s (restart) and 4.1 vs 4.6 s (new node), 
 torch's loader. Both formats load, so a cache filled before keeps serving.
 
 What Inductor did in a process (phase seconds, failed autotune choices, kernel compiles at
-startup) is read in `inductor_metrics.py`.
+startup) is read in `inductor_metrics.py`; the artifact's bytes in `artifact_format.py`.
 
 Device index: generated CUDA code names the GPU it was compiled on; `load_artifact` moves an
-artifact to the loader's GPU first (retarget.py, the other module that reads Inductor's
-internals), so keys and artifacts carry no device index and one artifact serves every GPU.
+artifact to the loader's GPU first (`retarget.py`), so keys and artifacts carry no device index
+and one artifact serves every GPU.
 
-tests/test_torch_contract.py lists every private torch name the package uses (this module,
-retarget, inductor_metrics, aot, ...) and fails, naming it, when one moves.
+tests/test_torch_contract.py lists every private torch name the package uses (this module and
+the rest of `torch_private/`) and fails, naming it, when one moves.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..planning.canonical import InputSpec
+from ..specs import InputSpec
 from . import artifact_format
 from .inductor_metrics import kernel_work
 
@@ -122,6 +122,14 @@ def set_compile_threads(threads: int) -> None:
     from torch._inductor import config as inductor_config
 
     inductor_config.compile_threads = max(1, int(threads))
+
+
+def import_compiler() -> None:
+    """Import what a first compile imports (Inductor's compile and GEMM autotuning), now."""
+    import importlib
+
+    for name in ("torch._inductor.compile_fx", "torch._inductor.select_algorithm"):
+        importlib.import_module(name)
 
 
 def warm_compile_pool() -> None:

@@ -2,8 +2,8 @@
 compile listener: phase seconds of a compile, GEMM autotune choices that failed, and the kernel
 compiles and autotunes of a rank's startup (0 when its artifacts were complete).
 
-The second module that reads Inductor's internals (after `inductor`); tests/test_load.py and
-tests/test_inductor_cache.py fail when the names it relies on move.
+tests/test_torch_contract.py, tests/test_load.py and tests/test_inductor_cache.py fail when the
+names it relies on move.
 """
 
 from __future__ import annotations

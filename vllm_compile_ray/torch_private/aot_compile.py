@@ -1,0 +1,186 @@
+"""dynamo's AOT compile: trace a call into a guarded, serializable function, save it, restore it.
+
+torch's API (2.11 and 2.13, `torch._dynamo.aot_compile`): the backend must return a
+`SerializableCallable`; `torch.compiler.load_compiled_function` checks Python, torch, CUDA,
+Triton and the GPU itself. Graph values that are fake views do not pickle: only the inputs keep
+theirs and the rest are propagated again on restore (the planner reads them). What is traced,
+under which key, and when it is published or restored is `runtime/aot.py`'s business.
+
+`SUPPORTED` gates it: False on a torch without AOT compile, and the package traces as before.
+A saved function names `TracedModel` by module path (its deserializer is pickled by reference):
+moving the class changes what old entries load, so `runtime.aot.dynamo_key` changes with it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dis
+import inspect
+import io
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+try:
+    from torch._dynamo.aot_compile_types import SerializableCallable
+except ImportError:  # torch without AOT compile
+    SUPPORTED = False
+    SerializableCallable = object  # type: ignore[assignment,misc]
+else:
+    SUPPORTED = hasattr(torch._dynamo.config, "enable_aot_compile") and hasattr(
+        torch.compiler, "load_compiled_function")
+
+# The backend a restore hands its graph to (deserialization is a classmethod torch calls).
+_BACKEND: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("vcr_aot_backend",
+                                                                          default=None)
+_META_KEPT = ("example_value", "val", "tensor_dict")
+
+
+class TracedModel(SerializableCallable):
+    """What the backend returns under AOT compile: the captured graph (kept to serialize) and
+    the backend's runtime for it (the split graph with its compiled pieces)."""
+
+    def __init__(self, graph: fx.GraphModule, runtime: Callable):
+        self.graph, self.runtime = graph, runtime
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.runtime(*args, **kwargs)
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: TracedModel) -> bytes:
+        from torch.fx._graph_pickler import GraphPickler, Options
+
+        gm = fn.graph
+        for node in gm.graph.nodes:  # stack traces and module stacks do not pickle
+            value = node.meta.get("example_value")
+            for name in [k for k in node.meta if k not in _META_KEPT]:
+                del node.meta[name]
+            node.meta.pop("val", None)
+            if value is not None and node.op != "placeholder":
+                plain = _unviewed(value)
+                if plain is None:
+                    del node.meta["example_value"]
+                else:
+                    node.meta["example_value"] = plain
+        return pickle.dumps({"graph": GraphPickler.dumps(gm, Options(ops_filter=None))})
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> TracedModel:
+        from torch._subclasses import FakeTensorMode
+        from torch.fx._graph_pickler import GraphPickler
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        backend = _BACKEND.get()
+        if backend is None:
+            raise RuntimeError("a vllm_compile_ray traced model restores inside "
+                               "aot_compile.restore()")
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        gm = GraphPickler.loads(pickle.loads(data)["graph"], fake_mode)
+        gm.recompile()
+        fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        # A value nothing uses is no piece's input (transformers' graphs end in an unused
+        # _log_api_usage_once, valueless after the trace too): only the others are propagated.
+        if any("example_value" not in n.meta for n in gm.graph.nodes if n.users):
+            FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fakes)
+            for node in gm.graph.nodes:
+                if "val" in node.meta:
+                    node.meta["example_value"] = node.meta["val"]
+        return cls(gm, backend(gm, fakes))
+
+
+def _unviewed(value: Any) -> Any:
+    """A fake view does not pickle (its base's weak references): the same shape, strides and
+    dtype as a tensor of its own, which is all the planner reads. None when it cannot be made
+    (the restore then propagates the graph's values again)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _pytree as pytree
+
+    def plain(t: Any) -> Any:
+        if isinstance(t, FakeTensor) and t._is_view():
+            with t.fake_mode:
+                return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        return t
+
+    try:
+        return pytree.tree_map_only(torch.Tensor, plain, value)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def wrap(backend: Callable) -> Callable:
+    """The backend, returning a `TracedModel` (what AOT compile can serialize)."""
+    def aot_backend(gm: fx.GraphModule, example_inputs: list) -> TracedModel:
+        return TracedModel(gm, backend(gm, example_inputs))
+    return aot_backend
+
+
+def trace(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
+          kwargs: Mapping[str, Any]) -> Any:
+    """Trace `model`'s forward for this call (dims already marked dynamic) into a guarded,
+    serializable compiled function; call it as fn(model, *args, **kwargs)."""
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        # Guards on tensors (inputs and parameters: dtype, shape, device), shapes and global
+        # state (grad mode, autocast); object-identity guards do not serialize (transformers'
+        # models have them) and `dynamo_key` already covers the model's code, settings and
+        # parameters.
+        compiled = torch.compile(call_model, fullgraph=True, dynamic=False,
+                                 backend=wrap(backend),
+                                 options={"guard_filter_fn": _portable_guards})
+        return compiled.aot_compile(((model, *args), dict(kwargs)))
+
+
+def call_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What is traced: a function torch can save by reference (a model's own forward may be
+    wrapped by decorators, as transformers' are, and then cannot)."""
+    return model(*args, **kwargs)
+
+
+def _portable_guards(guard_entries: Sequence[Any]) -> list[bool]:
+    return [g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
+            or (g.guard_type == "TENSOR_MATCH" and not g.is_global) for g in guard_entries]
+
+
+def serialize(fn: Any) -> bytes:
+    _save_installed_globals(fn)
+    return type(fn).serialize(fn).serialized_data
+
+
+def _save_installed_globals(fn: Any) -> None:
+    """Save with `fn` the globals its bytecode loads that torch would not: torch saves the
+    globals that hold graph inputs, builtins and `import_sources`, not those dynamo installed
+    in the traced frame's globals while tracing (`install_global_by_id`): the bytecode that
+    rebuilds transformers' ModelOutput loads `___module_collections_<id>_c<n>`, and a restore
+    without it fails ("Missing required external references"). Modules pickle by name, classes
+    and functions by reference; any other value is refused here, so the function is not
+    published (later ranks trace) rather than restored with a copy of the object."""
+    env = fn._artifacts.runtime_env
+    scope = fn.fn.__globals__  # the traced function's globals: every name its bytecode loads
+    refs = getattr(env, "external_refs", None) or {  # a torch that lists none: as 2.13 does
+        i.argval for i in dis.get_instructions(env.bytecode) if i.opname == "LOAD_GLOBAL"}
+    saved = {*env.used_globals, *env.import_sources, fn._artifacts.backend_id}
+    for name in sorted(set(refs) - saved):
+        if name not in scope:
+            continue  # torch's own check names it at restore
+        value = scope[name]
+        if not (inspect.ismodule(value) or inspect.isclass(value) or inspect.isfunction(value)
+                or inspect.isbuiltin(value)):
+            raise TypeError(f"the traced bytecode loads the global {name!r}, a "
+                            f"{type(value).__name__}, which cannot be saved by reference")
+        env.used_globals[name] = value
+
+
+def restore(data: bytes, model: torch.nn.Module, backend: Callable) -> Any:
+    """A function `trace` made, from its bytes, its graph handed to `backend`."""
+    token = _BACKEND.set(backend)
+    try:
+        return torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=globals())
+    finally:
+        _BACKEND.reset(token)
+
+
+def is_guard_failure(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "GuardManager check failed" in str(exc)

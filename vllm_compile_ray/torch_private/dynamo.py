@@ -1,0 +1,60 @@
+"""dynamo for capture: marking dims dynamic, the settings a capture runs under, its errors.
+
+`torch._dynamo` is imported at first use (not with this module), as the package did before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Trace `dim` of `tensor` as a symbol (dynamo records it on the tensor)."""
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def marked_dims(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(argument position, dim) of every dim `mark_dynamic` marked, kwargs after args by name."""
+    values = (*args, *(kwargs[k] for k in sorted(kwargs)))
+    return [(i, d) for i, v in enumerate(values) if isinstance(v, torch.Tensor)
+            for d in sorted(getattr(v, "_dynamo_dynamic_indices", ()))]
+
+
+def unmark(values: Sequence[Any]) -> None:
+    """Drop every mark dynamo left on the tensors among `values` (a marked tensor fails a
+    traced function's guards on torch >= 2.13)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            for name in [n for n in vars(value) if n.startswith(("_dynamo_", "_has_dynamo_"))]:
+                delattr(value, name)
+
+
+@contextlib.contextmanager
+def capture_settings() -> Iterator[None]:
+    """Size-oblivious tracing of num_tokens (see `planning.inputs.mark_dynamic`), so size 1
+    reuses the graph instead of dynamo specializing it, as vLLM does. Each compile gets its own
+    backend, so dynamo sees a recompile per `compile()`/`capture()` of one model class; the
+    recompile limit is lifted so it never silently falls back to eager."""
+    from torch.fx.experimental import _config as shape_config
+
+    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20), \
+            shape_config.patch(backed_size_oblivious=True):
+        yield
+
+
+def is_unsupported(exc: BaseException) -> bool:
+    """dynamo could not trace the code (`Unsupported`; an exception our traced code raised
+    comes as one too)."""
+    return isinstance(exc, torch._dynamo.exc.Unsupported)
+
+
+def backend_failure_cause(exc: BaseException) -> BaseException | None:
+    """What the backend raised, when `exc` is dynamo's wrapper of it (`BackendCompilerFailed`);
+    else None."""
+    if isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
+        return getattr(exc, "inner_exception", None)
+    return None
