@@ -212,31 +212,7 @@ def parse_config(d: dict[str, Any], arch: ArchInfo) -> ModelConfig:
     def refuse(what: str, supported: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"{arch.name}: {what} is not supported; {supported}")
 
-    for key in _NEVER:
-        if d.get(key) not in (None, 0, False, {}, []):
-            raise refuse(f"config field {key}={_short(d[key])}", "no architecture here implements "
-                         "it (unquantized checkpoints only)")
-    if d.get("mlp_bias"):
-        raise refuse("mlp_bias=true", "MLP projections have no bias")
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise refuse(f"partial_rotary_factor={d['partial_rotary_factor']}",
-                     "rope on the whole head")
-    act = d.get(arch.activation_key) or arch.activations[0]
-    if act not in arch.activations:
-        raise refuse(f"{arch.activation_key}={act!r}", f"supported: {list(arch.activations)}")
-    if "gemma2" not in feats:
-        for key in _GEMMA2_KEYS:
-            if d.get(key) not in (None, 0):
-                raise refuse(f"config field {key}={d[key]!r}", "only Gemma2ForCausalLM has it")
-    if "moe" not in feats:
-        present = [k for k in _MOE_KEYS if d.get(k) not in (None, 0, [], False)]
-        if present:
-            raise refuse(f"MoE config fields {present}", "this is a dense architecture; MoE "
-                         "architectures: MixtralForCausalLM, Qwen3MoeForCausalLM")
-    # Qwen2 has q/k/v biases whatever attention_bias says (transformers ignores the key there).
-    attention_bias = bool(d.get("attention_bias", False)) and "qkv_bias" not in feats
-    if attention_bias and "attention_bias" not in feats:
-        raise refuse("attention_bias=true", "its attention projections have no bias")
+    act, attention_bias = _checked(d, arch, refuse)
 
     kw: dict[str, Any] = {k: d[k] for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -262,6 +238,37 @@ def parse_config(d: dict[str, Any], arch: ArchInfo) -> ModelConfig:
         kw["attn_logit_softcapping"] = d.get("attn_logit_softcapping") or 0.0
         kw["final_logit_softcapping"] = d.get("final_logit_softcapping") or 0.0
     return ModelConfig(**kw)
+
+
+def _checked(d: dict[str, Any], arch: ArchInfo, refuse) -> tuple[str, bool]:
+    """Refuse the config fields `arch` does not honour; (activation, attention bias)."""
+    feats = arch.features
+    for key in _NEVER:
+        if d.get(key) not in (None, 0, False, {}, []):
+            raise refuse(f"config field {key}={_short(d[key])}", "no architecture here implements "
+                         "it (unquantized checkpoints only)")
+    if d.get("mlp_bias"):
+        raise refuse("mlp_bias=true", "MLP projections have no bias")
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise refuse(f"partial_rotary_factor={d['partial_rotary_factor']}",
+                     "rope on the whole head")
+    act = d.get(arch.activation_key) or arch.activations[0]
+    if act not in arch.activations:
+        raise refuse(f"{arch.activation_key}={act!r}", f"supported: {list(arch.activations)}")
+    if "gemma2" not in feats:
+        for key in _GEMMA2_KEYS:
+            if d.get(key) not in (None, 0):
+                raise refuse(f"config field {key}={d[key]!r}", "only Gemma2ForCausalLM has it")
+    if "moe" not in feats:
+        present = [k for k in _MOE_KEYS if d.get(k) not in (None, 0, [], False)]
+        if present:
+            raise refuse(f"MoE config fields {present}", "this is a dense architecture; MoE "
+                         "architectures: MixtralForCausalLM, Qwen3MoeForCausalLM")
+    # Qwen2 has q/k/v biases whatever attention_bias says (transformers ignores the key there).
+    attention_bias = bool(d.get("attention_bias", False)) and "qkv_bias" not in feats
+    if attention_bias and "attention_bias" not in feats:
+        raise refuse("attention_bias=true", "its attention projections have no bias")
+    return act, attention_bias
 
 
 def _rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:

@@ -89,16 +89,22 @@ class Dispatcher:
                 self._record(task, row)
             if in_flight and time.perf_counter() - last_poll >= _POLL_S:
                 last_poll = time.perf_counter()
-                for ref, task in _overdue(self.stats, run_id, in_flight, limit):
-                    if ray.wait([ref], timeout=0)[0]:
-                        continue  # finished meanwhile: collected next round
-                    slots.cancel(ref)
-                    del in_flight[ref]
-                    submitted.pop(ref)
-                    row = {**_identity(task), "status": "timed_out", "seconds": 0.0,
-                           "error": f"cancelled after max_compile_time={limit:g}s"}
-                    self._record(task, self._finish_here(ref, row))
+                self._cancel_overdue(run_id, in_flight, submitted, slots, limit)
         return self.rows
+
+    def _cancel_overdue(self, run_id: str, in_flight: dict[ray.ObjectRef, CompileTask],
+                        submitted: dict[ray.ObjectRef, float], slots: _Slots,
+                        limit: float) -> None:
+        """Cancel the tasks running past `limit` seconds and record them as timed out."""
+        for ref, task in _overdue(self.stats, run_id, in_flight, limit):
+            if ray.wait([ref], timeout=0)[0]:
+                continue  # finished meanwhile: collected next round
+            slots.cancel(ref)
+            del in_flight[ref]
+            submitted.pop(ref)
+            row = {**_identity(task), "status": "timed_out", "seconds": 0.0,
+                   "error": f"cancelled after max_compile_time={limit:g}s"}
+            self._record(task, self._finish_here(ref, row))
 
     def _submit(self, task: CompileTask, worker: Any, ctx_ref: ray.ObjectRef,
                 piece_refs: dict[str, ray.ObjectRef]) -> ray.ObjectRef:

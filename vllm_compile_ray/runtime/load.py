@@ -269,31 +269,41 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
         dynamo, warm_sizes, first_call_s = _first_calls(compiled, backend, staging, inputs,
                                                         trace_size, warmup)
 
+    startup = _startup_report(
+        compiled, backend, staging, monitor, samples_before, counter.diff(before), kernels,
+        rank=rank, world_size=world_size, model=model_name, device=str(device),
+        on_miss=config.on_miss, setup_s=setup_done - start, dynamo=dynamo,
+        lookup_s=lookup_s[0], first_call_s=first_call_s, manifest_keys=len(manifest_rows),
+        warm_sizes=tuple(warm_sizes), start=start, setup_done=setup_done)
+    compiled.report = startup
+    if report:
+        push_report(startup)
+    return compiled
+
+
+def _startup_report(compiled: CompiledModel, backend: _StartupBackend, staging: SharedStaging,
+                    monitor: PerformanceMonitor, samples_before: dict[str, int],
+                    delta: dict[str, int], kernels: dict[str, int], *, start: float,
+                    setup_done: float, **fields: Any) -> StartupReport:
+    """The report of a startup that began at `start`: phase seconds from the monitor's samples
+    since `samples_before`, counts from the counter's `delta`, `fields` as given."""
     def spent(name: str) -> float:
         return sum(monitor.samples.get(name, [])[samples_before.get(name, 0):])
 
-    delta = counter.diff(before)
     plan = compiled.plan
-    startup = StartupReport(
-        rank=rank, world_size=world_size, model=model_name, device=str(device),
-        on_miss=config.on_miss, setup_s=setup_done - start, trace_s=backend.entered - setup_done,
-        dynamo=dynamo,
-        key_s=spent("plan"), lookup_s=lookup_s[0], fetch_s=spent("fetch"), load_s=spent("load"),
-        compile_s=spent("compile"), first_call_s=first_call_s,
-        total_s=time.perf_counter() - start, pieces=len(plan.pieces), tasks=len(plan.keys),
+    return StartupReport(
+        **fields, trace_s=backend.entered - setup_done,
+        key_s=spent("plan"), fetch_s=spent("fetch"), load_s=spent("load"),
+        compile_s=spent("compile"), total_s=time.perf_counter() - start,
+        pieces=len(plan.pieces), tasks=len(plan.keys),
         hits=delta.get("num_cache_hits", 0), misses=delta.get("num_cache_misses", 0),
         compiles=delta.get("num_backend_compilations", 0),
         eager_fallbacks=delta.get("num_fallback_eager_calls", 0),
         kernel_compiles=kernels["kernel_compiles"], autotunes=kernels["autotunes"],
         rejected=delta.get("num_artifacts_rejected", 0), downloaded=staging.stats.downloaded,
         staged=staging.stats.staged, bytes_loaded=delta.get("bytes_loaded", 0),
-        bytes_downloaded=staging.stats.bytes_downloaded, manifest_keys=len(manifest_rows),
-        prefetched_unused=staging.unused_prefetched(), warm_sizes=tuple(warm_sizes),
-        keys_id=keys_mod.digest(sorted(plan.keys)))
-    compiled.report = startup
-    if report:
-        push_report(startup)
-    return compiled
+        bytes_downloaded=staging.stats.bytes_downloaded,
+        prefetched_unused=staging.unused_prefetched(), keys_id=keys_mod.digest(sorted(plan.keys)))
 
 
 def _prefetch_listed(staging: SharedStaging, backend: VcrBackend, config: CompilationConfig,
