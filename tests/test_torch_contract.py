@@ -219,9 +219,25 @@ def _abstract_within(*ours: str) -> Check:
 
 
 def _aot_compile_method(compile_fn: Any) -> None:
-    compiled = compile_fn(lambda x: x + 1, fullgraph=True, dynamic=False, backend="eager")
+    """As aot_compile.trace makes it: torch 2.11 adds .aot_compile only under this flag."""
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        compiled = compile_fn(lambda x: x + 1, fullgraph=True, dynamic=False, backend="eager")
     assert hasattr(compiled, "aot_compile"), "torch.compile(fn) has no .aot_compile"
     call(((), {}))(compiled.aot_compile)
+
+
+def _dynamic_shapes_allow(*values: str) -> Check:
+    """standalone_compile's dynamic_shapes takes these values: the Literal in its signature
+    (torch 2.11), or the `DynamicShapesType` alias that signature names (2.13)."""
+    def check(fn: Any) -> None:
+        annotation = str(inspect.signature(fn).parameters["dynamic_shapes"].annotation)
+        if "DynamicShapesType" in annotation:
+            module = importlib.import_module("torch._inductor.standalone_compile")
+            literal(*values)(module.DynamicShapesType)
+            return
+        missing = [v for v in values if repr(v) not in annotation and f'"{v}"' not in annotation]
+        assert not missing, f"dynamic_shapes: {annotation} no longer allows {missing}"
+    return check
 
 
 def _triton_gate() -> bool:
@@ -249,9 +265,10 @@ TOUCHES: list[Touch] = [
           "inductor.compile_static / compile_dynamic (the bundled AOT artifact)",
           call(S, S, dynamic_shapes="from_example_inputs", options={}, aot=True),
           gate=BUNDLED, aspect="aot"),
-    Touch("torch._inductor.standalone_compile:DynamicShapesType",
+    Touch("torch._inductor:standalone_compile",
           "inductor.compile_static / compile_dynamic (dynamic_shapes values)",
-          literal("from_example_inputs", "from_tracing_context")),
+          _dynamic_shapes_allow("from_example_inputs", "from_tracing_context"),
+          aspect="dynamic_shapes"),
     Touch("torch._inductor.standalone_compile:CompiledArtifact.load",
           "artifact_format._load_through_file (the cache format)",
           both(call(path=S, format="binary"), annotation_allows("format", "binary"))),
