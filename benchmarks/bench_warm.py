@@ -89,11 +89,11 @@ def parse_args() -> argparse.Namespace:
                         "default: every core of the node), 'cpus' (the task's CPUs) or a number")
     p.add_argument("--pool", default="off",
                    help="off, or on: the run compiles in a standing pool of compile workers "
-                        "(`warm(pool=True)`) started and warmed up before it (its start is timed "
-                        "apart), one value or one per --workers entry")
+                        "(`ComputeOptions(pool=True)`) started and warmed up before it (its start "
+                        "is timed apart), one value or one per --workers entry")
     p.add_argument("--gpu-sharing", default="time-slice",
                    help="time-slice or mps: how the compiles on one GPU share it "
-                        "(`warm(gpu_sharing=...)`), one value or one per --workers entry")
+                        "(`ComputeOptions(gpu_sharing=...)`), one value or one per --workers entry")
     p.add_argument("--address", default=None, help="Ray cluster (default: in-process Ray)")
     p.add_argument("--skip-serial", action="store_true", help="only the Ray run")
     p.add_argument("--serial-freeze-heap", action="store_true",

@@ -290,7 +290,8 @@ def test_damaged_staged_copy_is_refetched(s3: MotoProcess, tmp_path: Path) -> No
 
 # ---------------------------------------------------------------- Ray: workers, drivers, races
 
-WARM = dict(device_type="cpu", gpus_per_compile=0, cpus_per_compile=0.5, progress=None)
+WARM = dict(progress=None, compute=vcr.ComputeOptions(device_type="cpu", gpus_per_compile=0,
+                                                   cpus_per_compile=0.5))
 
 
 @pytest.mark.ray
@@ -375,15 +376,16 @@ def test_driver_killed_mid_run_resumes_with_only_the_missing(ray_head, tmp_path)
 # check, so two such jobs started together both compile every key and race to publish it.
 RACER = """
 import json, sys
-from vllm_compile_ray import CacheConfig, CompilationConfig
+from vllm_compile_ray import CacheConfig, CompilationConfig, ComputeOptions
 from vllm_compile_ray.orchestration.compile_task import Faults
 from vllm_compile_ray.orchestration.warm import warm
 address, url, opts, staging, out = sys.argv[1:6]
 config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(2,),
                            compile_dynamic=False, cache=CacheConfig(
                                cache_dir=url, storage_options=json.loads(opts), staging_dir=staging))
-summary = warm("llama-tiny", config, num_layers=2, address=address, device_type="cpu",
-               gpus_per_compile=0, cpus_per_compile=0.25, progress=None,
+summary = warm("llama-tiny", config, num_layers=2, progress=None,
+               compute=ComputeOptions(address=address, device_type="cpu", gpus_per_compile=0,
+                                      cpus_per_compile=0.25),
                faults=Faults(sleep="compile[*]", sleep_s=3.0))
 json.dump(summary.to_dict(), open(out, "w"), default=str)
 sys.exit(0 if summary.ok else 1)

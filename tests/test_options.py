@@ -45,8 +45,8 @@ def test_old_keywords_still_work_for_a_release_with_a_warning() -> None:
                       r"deprecated.*max_in_flight= -> compute, max_retries= -> retry"):
         compute, retry = from_keywords(base, None, {"max_in_flight": 2, "max_retries": 0})
     assert compute == base.replace(max_in_flight=2) and retry == RetryOptions(max_retries=0)
-    with pytest.raises(ConfigError, match="max_in_flight=0"):  # validated like the new form
-        from_keywords(None, None, {"max_in_flight": 0})
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="max_in_flight=0"):
+        from_keywords(None, None, {"max_in_flight": 0})  # validated like the new form
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['tune_gemms'\]"):
         from_keywords(None, None, {"tune_gemms": True})
     with warnings.catch_warnings():

@@ -1,9 +1,10 @@
-"""The standing pool of compile workers (`pool.py`, `warm(pool=True)`) on a real local Ray
-instance with two fake GPUs (`ray_local`, conftest). Compiles use the EagerAdaptor; one Ray
+"""The standing pool of compile workers (`pool.py`, `ComputeOptions(pool=True)`) on a real local
+Ray instance with two fake GPUs (`ray_local`, conftest). Compiles use the EagerAdaptor; one Ray
 instance serves the module and every test stops the workers it started."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -24,6 +25,11 @@ pytestmark = pytest.mark.ray
 SLOT = {"compute": ComputeOptions(device_type="cpu", gpus_per_compile=0.5, cpus_per_compile=0.5)}  # 4 slots
 
 
+def slot(**changes) -> dict:
+    """SLOT's compute options with `changes`."""
+    return {"compute": dataclasses.replace(SLOT["compute"], **changes)}
+
+
 def eager(cache_dir: str, **kw) -> CompilationConfig:
     return CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 2), **kw,
                              cache=CacheConfig(cache_dir=cache_dir))
@@ -41,8 +47,8 @@ def pool(ray_local) -> Iterator[None]:
 
 
 def test_a_second_run_compiles_in_the_first_runs_workers(pool, tmp_path) -> None:
-    first = warm("llama-tiny", eager(str(tmp_path / "a")), pool=True, max_in_flight=2,
-                 progress=None, **SLOT)
+    first = warm("llama-tiny", eager(str(tmp_path / "a")), progress=None,
+                 **slot(pool=True, max_in_flight=2))
     assert first.ok and first.compiled == first.total == 9
     assert first.pool_reused == 0
     names = compile_pool.names()
@@ -53,8 +59,8 @@ def test_a_second_run_compiles_in_the_first_runs_workers(pool, tmp_path) -> None
     pool_pids = {r["pid"] for r in compile_pool.status()}
     assert len(pool_pids) == 2 and {r["pid"] for r in first.rows} <= pool_pids
 
-    second = warm("llama-tiny", eager(str(tmp_path / "b")), pool=True, max_in_flight=2,
-                  progress=None, **SLOT)
+    second = warm("llama-tiny", eager(str(tmp_path / "b")), progress=None,
+                  **slot(pool=True, max_in_flight=2))
     assert second.ok and second.compiled == 9
     assert (second.prestarted, second.pool_reused) == (2, 2)
     assert {r["pid"] for r in second.rows} <= pool_pids
@@ -65,10 +71,10 @@ def test_a_second_run_compiles_in_the_first_runs_workers(pool, tmp_path) -> None
 
 
 def test_other_settings_get_workers_of_their_own(pool, tmp_path) -> None:
-    warm("llama-tiny", eager(str(tmp_path / "a")), pool=True, max_in_flight=1, progress=None,
-         **SLOT)
-    warm("llama-tiny", eager(str(tmp_path / "b")), pool=True, max_in_flight=1, progress=None,
-         **{**SLOT, "gpus_per_compile": 0.25})
+    warm("llama-tiny", eager(str(tmp_path / "a")), progress=None,
+         **slot(pool=True, max_in_flight=1))
+    warm("llama-tiny", eager(str(tmp_path / "b")), progress=None,
+         **slot(pool=True, max_in_flight=1, gpus_per_compile=0.25))
     names = compile_pool.names()
     assert len(names) == 2 and len({n.rsplit("-", 1)[0] for n in names}) == 2
     assert len(compile_pool.down()) == 2 and compile_pool.names() == []
@@ -79,7 +85,7 @@ def test_a_run_without_the_pool_says_that_it_holds_resources(pool, tmp_path, cap
     ray.get([ref for _, ref in compile_pool.up(spec, 1)])
     config = eager(str(tmp_path)).replace(compile_sizes=(1,), compile_dynamic=False)
     with caplog.at_level("WARNING", logger="vllm_compile_ray.orchestration.warm"):
-        summary = warm("llama-tiny", config, max_in_flight=2, progress=None, **SLOT)
+        summary = warm("llama-tiny", config, progress=None, **slot(max_in_flight=2))
     assert summary.ok and summary.compiled == 3
     assert "1 compile workers of a standing pool hold their resources" in caplog.text
 
@@ -101,8 +107,8 @@ def test_a_crashed_worker_restarts_and_its_compile_counts_once(pool, tmp_path) -
     config = eager(str(tmp_path / "cache")).replace(compile_sizes=(2,), compile_dynamic=False)
     (tmp_path / "markers").mkdir()
     faults = Faults(crash_once="compile[*/2]", marker_dir=str(tmp_path / "markers"))
-    summary = warm("llama-tiny", config, faults=faults, pool=True, max_in_flight=2,
-                   progress=None, **SLOT)
+    summary = warm("llama-tiny", config, faults=faults, progress=None,
+                   **slot(pool=True, max_in_flight=2))
     assert (summary.compiled, summary.failed, summary.total) == (3, 0, 3)
     assert len(list((tmp_path / "markers").iterdir())) == 3  # every compile's worker died once
     store = open_store(config)
@@ -116,23 +122,23 @@ def test_a_compile_past_max_compile_time_restarts_its_worker(pool, tmp_path) -> 
                                                                        compile_dynamic=False)
     faults = Faults(sleep="compile[*/1]", sleep_s=600)
     start = time.perf_counter()
-    summary = warm("llama-tiny", config, faults=faults, pool=True, max_in_flight=3,
-                   progress=None, **SLOT)
+    summary = warm("llama-tiny", config, faults=faults, progress=None,
+                   **slot(pool=True, max_in_flight=3))
     assert time.perf_counter() - start < 120  # stopped, not slept out
     assert summary.timed_out == 3 and summary.compiled == 0
     assert all("max_compile_time=3s" in e for e in summary.errors.values())
     # The workers restarted (their calls were retried and found the run's rows recorded):
     # the pool serves the next run.
     moved = config.replace(max_compile_time=60.0).with_cache(cache_dir=str(tmp_path / "b"))
-    again = warm("llama-tiny", moved, pool=True, max_in_flight=3, progress=None, **SLOT)
+    again = warm("llama-tiny", moved, progress=None, **slot(pool=True, max_in_flight=3))
     assert again.ok and again.compiled == 3 and len(compile_pool.names()) == 3
 
 
 def test_a_pool_that_never_starts_fails_the_run_naming_the_pool(pool, tmp_path) -> None:
     config = eager(str(tmp_path), max_compile_time=2.0).replace(compile_sizes=(1,),
                                                                  compile_dynamic=False)
-    summary = warm("llama-tiny", config, pool=True, max_in_flight=1, progress=None,
-                   fingerprint=_cpu_fingerprint(), faults=Faults(startup_sleep_s=60), **SLOT)
+    summary = warm("llama-tiny", config, progress=None, fingerprint=_cpu_fingerprint(),
+                   faults=Faults(startup_sleep_s=60), **slot(pool=True, max_in_flight=1))
     assert summary.failed == 3 and not summary.ok
     assert all("no compile worker of the pool" in e for e in summary.errors.values())
 
@@ -147,12 +153,13 @@ def test_bad_pool_settings_are_refused(ray_local) -> None:
 
 
 def test_cli_starts_shows_and_stops_the_pool(pool, tmp_path, capsys) -> None:
-    """`vcr pool up` starts the workers `warm(pool=True)` with the same options compiles in."""
+    """`vcr pool up` starts the workers a warm with `ComputeOptions(pool=True)` and the same
+    options compiles in."""
     assert cli.main(["pool", "up", "--device", "cpu", "--backend", "eager", "--workers", "2",
                      "--gpus-per-compile", "0.5", "--cpus-per-compile", "0.5"]) == 0
     assert "2 of 2 compile workers started" in capsys.readouterr().out
-    summary = warm("llama-tiny", eager(str(tmp_path)), pool=True, max_in_flight=2, progress=None,
-                   **SLOT)
+    summary = warm("llama-tiny", eager(str(tmp_path)), progress=None,
+                   **slot(pool=True, max_in_flight=2))
     assert summary.ok and summary.pool_reused == 2
     assert cli.main(["pool", "status"]) == 0
     out = capsys.readouterr().out

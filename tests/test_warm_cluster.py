@@ -5,6 +5,7 @@ against the moto S3 server, with Ray's default token auth.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -72,7 +73,8 @@ def test_compile_tasks_never_land_on_the_cpu_only_node(cluster, tmp_path) -> Non
     c, gpu_node_ids, _ = cluster
     config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 2),
                                cache=CacheConfig(cache_dir=str(tmp_path)))
-    summary = warm("llama-tiny", config, address=c.address, progress=None, **SLOT)
+    summary = warm("llama-tiny", config, progress=None,
+                   compute=dataclasses.replace(SLOT["compute"], address=c.address))
     assert summary.ok and summary.compiled == summary.total == 9
     assert {r["node_id"] for r in summary.rows} <= gpu_node_ids
     assert not ray.is_initialized()  # warm() disconnected the driver it connected

@@ -4,9 +4,9 @@ between warm runs.
 A warm run with Ray tasks starts its compile workers every time (Ray starts worker processes per
 job): Ray's worker start and the torch import, Inductor's imports, CUDA and a first Triton compile
 (~19 s on 4xH200 with 33 started together, against a ~15 s longest compile). Pool workers pay that
-once: `up` starts them, `warm(pool=True)` compiles in them (starting the ones missing) and leaves
-them up for the next run. Each holds its compile resources (GPU fraction, CPUs) while it lives and
-exits after `idle_timeout_s` without work, or on `down`.
+once: `up` starts them, `warm(compute=ComputeOptions(pool=True))` compiles in them (starting the
+ones missing) and leaves them up for the next run. Each holds its compile resources (GPU
+fraction, CPUs) while it lives and exits after `idle_timeout_s` without work, or on `down`.
 
 Workers are named `vcr-compile-<spec>-<i>` in the `vllm_compile_ray` namespace, where <spec>
 hashes what they were started for (device type, backend, resources, GPU sharing): a run with
