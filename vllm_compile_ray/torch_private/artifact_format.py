@@ -65,14 +65,17 @@ def fields(data: bytes) -> list[memoryview]:
 
 
 def is_bundled(data: bytes) -> bool:
-    parts = fields(data)
+    return _is_bundled(fields(data))
+
+
+def _is_bundled(parts: list[memoryview]) -> bool:
     return len(parts) == 3 and parts[0] == aot_header()
 
 
 def load(data: bytes) -> Callable:
     """A callable of artifact bytes of either format (positional tensors in, a tuple out)."""
     parts = fields(data)
-    if len(parts) == 3 and parts[0] == aot_header():
+    if _is_bundled(parts):
         from torch._inductor.codecache import torch_key
 
         if parts[1] != torch_key():

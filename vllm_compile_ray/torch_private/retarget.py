@@ -69,7 +69,7 @@ def retarget(data: bytes, tuning: bytes, index: int) -> tuple[bytes, bytes]:
     pickled AOTAutograd entry) and the cache one (compiled graphs inside Inductor's caches).
     """
     chunks = _read_chunks(data)  # the standalone format: length-prefixed fields, payload last
-    if chunks[0] == artifact_format.aot_header():
+    if artifact_format.is_bundled(data):
         moved, renamed = _retarget_bundled(chunks[-1], index)
         chunks[-1] = moved
     else:
@@ -149,12 +149,7 @@ def autotune_key(kernel_source: str) -> str:
 
 
 def _read_chunks(data: bytes) -> list[bytes]:
-    from torch.utils._appending_byte_serializer import BytesReader
-
-    reader, chunks = BytesReader(data), []
-    while not reader.is_finished():
-        chunks.append(reader.read_bytes())
-    return chunks
+    return [bytes(field) for field in artifact_format.fields(data)]
 
 
 def _write_chunks(chunks: list[bytes]) -> bytes:
