@@ -102,6 +102,41 @@ def test_a_restore_that_fails_traces_and_says_so(tmp_path, monkeypatch, caplog) 
     torch.testing.assert_close(again(ids, torch.arange(3)), model(ids, torch.arange(3)))
 
 
+def test_a_restore_rebuilds_only_the_values_the_planner_reads(tmp_path, monkeypatch) -> None:
+    """The saved graph keeps the fake values of the pieces' inputs and outputs (and of the
+    graph's inputs and sizes) only; the restore plans the same keys from them without
+    propagating values through the graph."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from vllm_compile_ray.runtime import backend as backend_mod
+
+    model = models.build(models.get_config("llama-tiny"), num_layers=4, seed=3)
+    first = vcr.load(model, _config(tmp_path / "cache"), model_name="llama-tiny")
+    assert first.report.dynamo == "traced+published"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the restore propagated values through the graph")
+
+    graphs = []
+
+    def plan_graph(gm, *args, **kwargs):
+        graphs.append([n for n in gm.graph.nodes if n.op not in ("placeholder", "output")])
+        return plan(gm, *args, **kwargs)
+
+    plan = backend_mod.plan_graph
+    monkeypatch.setattr(FakeTensorProp, "propagate_dont_convert_inputs", refuse)
+    monkeypatch.setattr(backend_mod, "plan_graph", plan_graph)
+    again = vcr.load(model, _config(tmp_path / "cache"), model_name="llama-tiny")
+    assert again.report.dynamo == "restored"
+    assert again.backend.plans[0].keys == first.backend.plans[0].keys
+    with_values = [n for n in graphs[0] if "example_value" in n.meta]
+    assert 0 < len(with_values) < len(graphs[0]) / 3
+    assert all(n.meta.get("vcr_piece_io") or not isinstance(n.meta["example_value"], torch.Tensor)
+               for n in with_values)
+    ids = torch.randint(0, 100, (5,))
+    torch.testing.assert_close(again(ids, torch.arange(5)), model(ids, torch.arange(5)))
+
+
 def test_the_key_follows_code_parameters_and_call() -> None:
     model = models.build(models.get_config("llama-tiny"), num_layers=2, device="meta")
     ids, pos = torch.zeros(8, dtype=torch.long), torch.arange(8)

@@ -62,6 +62,7 @@ def split_graph(gm: fx.GraphModule, splitting_ops: tuple[str, ...] | list[str]
         else:
             node_to_subgraph[node] = subgraph_id
     _rematerialize_sizes(gm, node_to_subgraph)
+    _mark_piece_io(gm, node_to_subgraph)
     # Lazy graph modules: the pieces' Python code is generated on first call, not here (code
     # generation was most of the planning time; compiled pieces are never called as fx code).
     with graphs.lazy_graph_modules():
@@ -121,6 +122,20 @@ def _rematerialize_sizes(gm: fx.GraphModule, part_of: dict[fx.Node, int]) -> Non
             if _is_size_expr(node) and not node.users:
                 gm.graph.erase_node(node)
                 part_of.pop(node, None)
+
+
+def _mark_piece_io(gm: fx.GraphModule, part_of: dict[fx.Node, int]) -> None:
+    """Flag (`graphs.PIECE_IO`) each value used outside the piece that makes it: the inputs and
+    outputs of the pieces and of the graph."""
+    def flag(value: fx.Node, user: int | None) -> None:
+        if user is None or part_of.get(value) != user:
+            value.meta[graphs.PIECE_IO] = True
+
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            fx.node.map_arg(node.args, lambda n: flag(n, None))
+        elif node.op != "placeholder":
+            fx.node.map_arg((node.args, node.kwargs), lambda n, p=part_of[node]: flag(n, p))
 
 
 @dataclass

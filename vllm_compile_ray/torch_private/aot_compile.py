@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import graphs
+
 try:
     from torch._dynamo.aot_compile_types import SerializableCallable
 except ImportError:  # torch without AOT compile
@@ -36,7 +38,7 @@ else:
 # The backend a restore hands its graph to (deserialization is a classmethod torch calls).
 _BACKEND: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("vcr_aot_backend",
                                                                           default=None)
-_META_KEPT = ("example_value", "val", "tensor_dict")
+_META_KEPT = ("example_value", "val", "tensor_dict", graphs.PIECE_IO)
 
 
 class TracedModel(SerializableCallable):
@@ -54,18 +56,27 @@ class TracedModel(SerializableCallable):
         from torch.fx._graph_pickler import GraphPickler, Options
 
         gm = fn.graph
+        # Sparse: the tensor values kept are those the splitter flagged as a piece's input or
+        # output (with the graph's inputs and sizes, all the planner reads); rebuilding every
+        # node's fake tensor was most of a restore.
+        sparse = any(graphs.PIECE_IO in node.meta for node in gm.graph.nodes)
         for node in gm.graph.nodes:  # stack traces and module stacks do not pickle
             value = node.meta.get("example_value")
             for name in [k for k in node.meta if k not in _META_KEPT]:
                 del node.meta[name]
             node.meta.pop("val", None)
-            if value is not None and node.op != "placeholder":
-                plain = _unviewed(value)
-                if plain is None:
-                    del node.meta["example_value"]
-                else:
-                    node.meta["example_value"] = plain
-        return pickle.dumps({"graph": GraphPickler.dumps(gm, Options(ops_filter=None))})
+            if value is None or node.op == "placeholder":
+                continue
+            if sparse and not node.meta.get(graphs.PIECE_IO) and _has_tensor(value):
+                del node.meta["example_value"]
+                continue
+            plain = _unviewed(value)
+            if plain is None:
+                del node.meta["example_value"]
+            else:
+                node.meta["example_value"] = plain
+        return pickle.dumps({"graph": GraphPickler.dumps(gm, Options(ops_filter=None)),
+                             "sparse": sparse})
 
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> TracedModel:
@@ -79,17 +90,27 @@ class TracedModel(SerializableCallable):
             raise RuntimeError("a vllm_compile_ray traced model restores inside "
                                "aot_compile.restore()")
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-        gm = GraphPickler.loads(pickle.loads(data)["graph"], fake_mode)
+        payload = pickle.loads(data)
+        gm = GraphPickler.loads(payload["graph"], fake_mode)
         gm.recompile()
         fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
-        # A value nothing uses is no piece's input (transformers' graphs end in an unused
-        # _log_api_usage_once, valueless after the trace too): only the others are propagated.
-        if any("example_value" not in n.meta for n in gm.graph.nodes if n.users):
+        sparse = payload.get("sparse", False)
+        # Values are propagated again when one the planner reads is missing (a view `_unviewed`
+        # could not make plain). A value nothing uses is no piece's input (transformers' graphs
+        # end in an unused _log_api_usage_once, valueless after the trace too).
+        if any("example_value" not in n.meta for n in gm.graph.nodes if n.users and (
+                not sparse or n.op == "placeholder" or n.meta.get(graphs.PIECE_IO))):
             FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fakes)
             for node in gm.graph.nodes:
                 if "val" in node.meta:
                     node.meta["example_value"] = node.meta["val"]
         return cls(gm, backend(gm, fakes))
+
+
+def _has_tensor(value: Any) -> bool:
+    from torch.utils import _pytree as pytree
+
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
 def _unviewed(value: Any) -> Any:

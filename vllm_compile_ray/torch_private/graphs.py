@@ -13,6 +13,11 @@ import torch.fx as fx
 GLOBAL_STATE_FUNCTIONS = (torch.amp._enter_autocast, torch.amp._exit_autocast,
                           torch._C._set_grad_enabled)
 
+# Node meta flag the splitter sets on every value a piece takes or returns: with placeholders
+# and size values, all the planner reads of a graph's values (a saved traced graph keeps only
+# theirs).
+PIECE_IO = "vcr_piece_io"
+
 
 def make_graph_module(root: torch.nn.Module | dict[str, Any], graph: fx.Graph) -> fx.GraphModule:
     """A graph module of `graph` over `root`, lazy (its code made at first call) inside
