@@ -13,6 +13,8 @@ moving the class changes what old entries load, so `runtime.aot.dynamo_key` chan
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import contextvars
 import dis
 import inspect
@@ -34,6 +36,12 @@ except ImportError:  # torch without AOT compile
 else:
     SUPPORTED = hasattr(torch._dynamo.config, "enable_aot_compile") and hasattr(
         torch.compiler, "load_compiled_function")
+
+# torch < 2.12 leaves the builtins the traced bytecode loads (`type`, in transformers' code) out
+# of the function's saved globals, and its own check then fails the trace ("Missing required
+# external references"); torch 2.12 saves them. On those, `trace` adds them (`_with_builtins`).
+BUILTINS_OMITTED = SUPPORTED and tuple(
+    int(part) for part in torch.__version__.split(".")[:2]) < (2, 12)
 
 # The backend a restore hands its graph to (deserialization is a classmethod torch calls).
 _BACKEND: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("vcr_aot_backend",
@@ -143,7 +151,7 @@ def trace(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
           kwargs: Mapping[str, Any]) -> Any:
     """Trace `model`'s forward for this call (dims already marked dynamic) into a guarded,
     serializable compiled function; call it as fn(model, *args, **kwargs)."""
-    with torch._dynamo.config.patch(enable_aot_compile=True):
+    with torch._dynamo.config.patch(enable_aot_compile=True), _with_builtins():
         # Guards on tensors (inputs and parameters: dtype, shape, device), shapes and global
         # state (grad mode, autocast); object-identity guards do not serialize (transformers'
         # models have them) and `dynamo_key` already covers the model's code, settings and
@@ -152,6 +160,44 @@ def trace(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
                                  backend=wrap(backend),
                                  options={"guard_filter_fn": _portable_guards})
         return compiled.aot_compile(((model, *args), dict(kwargs)))
+
+
+@contextlib.contextmanager
+def _with_builtins() -> Any:
+    """While tracing on a torch that omits them (`BUILTINS_OMITTED`): the builtins and the
+    builtins dicts the traced bytecode loads go into its saved globals, as torch 2.12 does."""
+    if not BUILTINS_OMITTED:
+        yield
+        return
+    from torch._dynamo.convert_frame import GraphCaptureOutput
+
+    original = GraphCaptureOutput.get_runtime_env
+
+    def get_runtime_env(self: Any) -> Any:
+        env = original(self)
+        for ref in env.external_refs:
+            if ref in env.used_globals:
+                continue
+            if ref.startswith("__builtins_dict__") and ref in self.f_globals:
+                env.used_globals[ref] = {k: v for k, v in self.f_globals[ref].items()
+                                         if _pickles(v)}
+            elif hasattr(builtins, ref):
+                env.used_globals[ref] = getattr(builtins, ref)
+        return env
+
+    GraphCaptureOutput.get_runtime_env = get_runtime_env
+    try:
+        yield
+    finally:
+        GraphCaptureOutput.get_runtime_env = original
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def call_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
