@@ -99,8 +99,9 @@ class TracedModel(SerializableCallable):
                                "aot_compile.restore()")
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
         payload = pickle.loads(data)
+        # Not recompiled: the planner reads its nodes and nothing runs its own code (its code
+        # generation was a quarter of the restore on a 32-layer graph).
         gm = GraphPickler.loads(payload["graph"], fake_mode)
-        gm.recompile()
         fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
         sparse = payload.get("sparse", False)
         # Values are propagated again when one the planner reads is missing (a view `_unviewed`
