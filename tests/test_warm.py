@@ -138,9 +138,27 @@ def test_workers_are_reused(warmed) -> None:
 
 def test_second_run_compiles_nothing(warmed) -> None:
     config, first, _ = warmed
-    again = warm("llama-tiny", config, progress=None, **SLOT)
+    lines: list[str] = []
+    again = warm("llama-tiny", config, progress=lines.append, **SLOT)
     assert (again.compiled, again.cached, again.total) == (0, first.total, first.total)
     assert again.fingerprint_id == first.fingerprint_id
+    assert "traced model for the ranks: present" in lines
+
+
+def test_the_first_rank_restores_the_model_warm_traced(warmed) -> None:
+    """The warm job publishes the traced model as the first rank would: that rank restores it
+    (no dynamo trace) and computes what the model does."""
+    from vllm_compile_ray.runtime.load import load
+
+    config, _, lines = warmed
+    assert "traced model for the ranks: published" in lines
+    model = models.build("llama-tiny", seed=7)
+    compiled = load(model, config.replace(on_miss="error"), model_name="llama-tiny")
+    assert compiled.report.dynamo == "restored"
+    assert (compiled.report.compiles, compiled.report.hits) == (0, 12)
+    ids, pos = torch.randint(0, 100, (3,)), torch.arange(3)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
 
 
 def test_manifest_lists_every_artifact(warmed) -> None:

@@ -32,6 +32,7 @@ from ..planning.intake import ModelSpec
 from ..runtime.api import open_store
 from .options import ComputeOptions, RetryOptions, from_keywords
 from . import pool as compile_pool
+from . import trace_task
 from .compile_task import Faults, TaskContext, start_worker_remote
 from .dispatch import Dispatcher
 from .stats import get_stats_actor
@@ -165,12 +166,23 @@ def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     members = compile_pool.up(spec, prestart, run.pool_idle_timeout_s,
                               run.faults.startup_sleep_s) if spec else None
     planned = _plan(run, request, max_in_flight, prestart, members, resize, run_id, t0)
+    traced = _trace(run, request)  # on a compile node, while the compiles run
     done = _dispatch(run, planned, stats, members, run_id)
+    run.say(f"traced model for the ranks: {trace_task.outcome(traced)}")
     snap = ray.get(stats.snapshot.remote(run_id))
     result = record_run(run.store, run.name, run.tp_size, run_id, planned, done, snap, starts_at,
                         t0)
     run.say(result.format())
     return result
+
+
+def _trace(run: _Run, request: _Request) -> ray.ObjectRef | None:
+    """The task that traces the model for its ranks (`trace_task`); None for an nn.Module."""
+    if not isinstance(run.model, str):
+        return None
+    return trace_task.publish_traced_remote.options(
+        name="vcr_trace_model", **request.options()).remote(
+        run.model, run.config, run.store, run.tp_size, run.num_layers, run.device_type)
 
 
 def _start_workers(run: _Run, request: _Request, count: int, first: bool) -> list[ray.ObjectRef]:

@@ -1,10 +1,12 @@
 """Skip dynamo at a rank's startup: torch's AOT compile of the captured graph with its guards.
 
-The first rank to load a model traces it as always, through `torch.compile(...).aot_compile`,
-and publishes the result (dynamo's bytecode and guards, and the captured graph) to the cache
-under a key of the model's code, settings, parameters, call and environment (`dynamo_key`;
-under every miss policy but on_miss="compile", which keeps everything local). Every later
-rank, replica or restart restores it instead of tracing: torch rebuilds the guards, our
+`vcr warm` traces the model as its first rank would (`publish_ahead`, from a task on a compile
+node: `orchestration/trace_task.py`); failing that, the first rank to load a model traces it as
+always, through `torch.compile(...).aot_compile`, and publishes the result (dynamo's bytecode
+and guards, and the captured graph) to the cache under a key of the model's code, settings,
+parameters, call and environment (`dynamo_key`; under every miss policy but
+on_miss="compile", which keeps everything local). Every later rank, replica or restart
+restores it instead of tracing: torch rebuilds the guards, our
 `TracedModel` rebuilds the graph and hands it to the backend, which splits it and loads the
 compiled pieces as after a trace. A guard that fails at a call (another dtype, a size outside
 the traced range) falls back to tracing; a restore that fails is logged and traced over. Shared
@@ -36,7 +38,7 @@ from ..torch_private.aot_compile import SUPPORTED, restore, serialize, trace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED", "dynamo_key", "restore", "serialize", "start", "trace"]
+__all__ = ["SUPPORTED", "dynamo_key", "publish_ahead", "restore", "serialize", "start", "trace"]
 
 
 def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
@@ -94,25 +96,73 @@ def _settings(model: torch.nn.Module) -> str:
 
 def start(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
     """Give `compiled` (an `api.CompiledModel`) its traced function for this call: restored from
-    `store` when a rank published one, else traced here and published. Returns what happened
-    ("restored", "traced+published", "traced", or "off: <why>"); on "off" the model traces
-    through plain dynamo at its first call, as without this module."""
-    from ..planning.inputs import mark_dynamic
-
-    if not SUPPORTED:
-        return "off: torch has no AOT compile"
-    model, backend = compiled.model, compiled.backend
-    config = backend.config
-    if config.disable_compile_cache or store is None:
-        return "off: no cache"
-    mark_dynamic(model, args, kwargs, config.dynamic_dims)
-    key = dynamo_key(model, args, kwargs, dynamo.marked_dims(args, kwargs),
-                     f"{backend.key_context.fingerprint_id}|{backend.key_context.config_digest}|"
-                     f"{backend.key_context.compiler_hash}")
+    `store` when a rank or `vcr warm` published one, else traced here and published. Returns
+    what happened ("restored", "traced+published", "traced", or "off: <why>"); on "off" the
+    model traces through plain dynamo at its first call, as without this module."""
+    off = _unsupported(compiled, store)
+    if off:
+        return off
+    key = _marked_key(compiled, args, kwargs)
     try:
         return _restore_or_trace(compiled, store, key, args, kwargs)
     finally:  # a marked tensor fails the traced function's guards (torch >= 2.13)
         dynamo.unmark((*args, *kwargs.values()))
+
+
+def publish_ahead(compiled: Any, store: Any, args: Sequence[Any],
+                  kwargs: Mapping[str, Any]) -> str:
+    """Trace `compiled`'s model for this call and publish the result, planning its graph but
+    loading or compiling no piece: what `vcr warm` does so that the first rank restores too.
+    `compiled` and the call must be what that rank's `load` makes (same model build, settings,
+    device type and trace size), or the key differs and the rank traces. Returns "published",
+    "present" (a rank or an earlier warm published it) or "off: <why>"."""
+    from ..planning.plan import plan_graph
+
+    off = _unsupported(compiled, store)
+    if off:
+        return off
+    backend = compiled.backend
+    key = _marked_key(compiled, args, kwargs)
+    try:
+        if store.contains(key):
+            return "present"
+
+        def plan_only(gm: Any, example_inputs: list) -> Any:
+            return plan_graph(gm, backend.config, backend.key_context,
+                              backend.device_type).split_gm
+
+        with dynamo.capture_settings(), torch.no_grad():
+            traced = trace(compiled.model, plan_only, args, kwargs)
+        return "published" if _publish(store, key, traced, backend) else "present"
+    finally:
+        dynamo.unmark((*args, *kwargs.values()))
+
+
+def _unsupported(compiled: Any, store: Any) -> str:
+    if not SUPPORTED:
+        return "off: torch has no AOT compile"
+    if compiled.backend.config.disable_compile_cache or store is None:
+        return "off: no cache"
+    return ""
+
+
+def _marked_key(compiled: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """Mark the call's dynamic dims (unmarked by the caller) and key the traced function."""
+    from ..planning.inputs import mark_dynamic
+
+    backend = compiled.backend
+    mark_dynamic(compiled.model, args, kwargs, backend.config.dynamic_dims)
+    context = backend.key_context
+    return dynamo_key(compiled.model, args, kwargs, dynamo.marked_dims(args, kwargs),
+                      f"{context.fingerprint_id}|{context.config_digest}|{context.compiler_hash}")
+
+
+def _publish(store: Any, key: str, traced: Any, backend: Any) -> bool:
+    """Publish a traced function; False when one was there already (publish once)."""
+    return bool(store.publish(key, serialize(traced), {
+        "kind": "dynamo", "torch": torch.__version__,
+        "fingerprint": backend.key_context.fingerprint_id,
+        "published_at": time.time()}))  # `vcr gc --older-than-days`
 
 
 def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
@@ -145,10 +195,7 @@ def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
     if backend.config.on_miss == "compile":  # local only: this policy publishes nothing
         return "traced"
     try:
-        data = serialize(compiled.traced)
-        store.publish(key, data, {"kind": "dynamo", "torch": torch.__version__,
-                                  "fingerprint": backend.key_context.fingerprint_id,
-                                  "published_at": time.time()})  # `vcr gc --older-than-days`
+        _publish(store, key, compiled.traced, backend)
     except Exception as exc:  # noqa: BLE001  (the traced function works; others trace too)
         logger.warning("publishing the traced model failed: %s: %s", type(exc).__name__, exc)
         return "traced"

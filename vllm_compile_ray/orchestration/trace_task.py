@@ -1,0 +1,63 @@
+"""The warm job's traced model: one task on a compile node traces the model as its first rank
+would and publishes the result (`aot.publish_ahead`), so that every rank, the first included,
+restores it instead of running dynamo (`load`'s "dynamo restored").
+
+It builds rank 0 of the model on the node's device (random weights: only shapes, dtypes and
+settings reach the key) and makes the call `load` makes (the smallest compile size, the spec's
+example inputs). Models given as an nn.Module are not rebuilt on a node: their ranks trace.
+A failure costs nothing but the first rank's trace: the summary says why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from ..cache.store import ArtifactStore
+from ..config import CompilationConfig
+
+logger = logging.getLogger(__name__)
+
+
+def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, tp_size: int,
+                   num_layers: int | None, device_type: str) -> str:
+    """Trace rank 0 of `spec` as `vcr load` does and publish it; "published", "present" or
+    "off: <why>" (`aot.publish_ahead`)."""
+    import torch
+
+    from ..planning import intake
+    from ..planning.hf import maybe_prepare
+    from ..planning.inputs import example_call
+    from ..runtime import aot
+    from ..runtime.api import compile as compile_model
+    from ..runtime.api import model_device
+    from ..runtime.load import DEFAULT_TRACE_SIZE
+
+    built = intake.build(spec, tp_size=tp_size, rank=0, device=device_type,
+                         num_layers=num_layers)
+    try:
+        compiled = compile_model(built.module, config, store=store, model_name=spec)
+        model = maybe_prepare(built.module)
+        size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
+        args, kwargs = example_call(model, built.example_inputs, size, model_device(model))
+        return aot.publish_ahead(compiled, store, args, kwargs)
+    finally:
+        del built
+        if device_type == "cuda":
+            torch.cuda.empty_cache()  # a reused compile worker gets its memory back
+
+
+publish_traced_remote = ray.remote(max_calls=0)(publish_traced)
+
+
+def outcome(ref: ray.ObjectRef | None) -> str:
+    """What the traced-model task did, for the summary line; a failure is logged, not raised."""
+    if ref is None:
+        return "off: the model is an nn.Module (its ranks trace)"
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        logger.warning("tracing the model for its ranks failed (each first rank traces): %s",
+                       str(exc)[-2000:])
+        return f"off: {type(exc).__name__}"
