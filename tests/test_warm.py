@@ -161,6 +161,30 @@ def test_the_first_rank_restores_the_model_warm_traced(warmed) -> None:
         torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
 
 
+def test_a_tp_rank_restores_what_warm_traced_in_a_group_of_its_size(ray_local, tmp_path) -> None:
+    """With tp_size > 1 the warm task traces under a process group of that size that
+    communicates nothing: a rank under its TP group restores it; a process without a group
+    has another key (model code may branch on the group) and traces."""
+    import torch.distributed as dist
+
+    from vllm_compile_ray.runtime.load import load
+
+    config = eager(str(tmp_path)).replace(compile_sizes=(4,))
+    lines: list[str] = []
+    summary = warm("llama-tiny", config, tp_size=2, progress=lines.append, **SLOT)
+    assert summary.ok and "traced model for the ranks: published" in lines
+    rank_config = config.replace(on_miss="error")
+    model = models.build("llama-tiny", tp_size=2, rank=1)
+    dist.init_process_group("fake", rank=1, world_size=2)
+    try:
+        in_group = load(model, rank_config, rank=1, world_size=2, model_name="llama-tiny")
+    finally:
+        dist.destroy_process_group()
+    assert in_group.report.dynamo == "restored" and in_group.report.compiles == 0
+    alone = load(model, rank_config, rank=1, world_size=2, model_name="llama-tiny")
+    assert alone.report.dynamo == "traced+published" and alone.report.compiles == 0
+
+
 def test_manifest_lists_every_artifact(warmed) -> None:
     config, summary, _ = warmed
     store = open_store(config)

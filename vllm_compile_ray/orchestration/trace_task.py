@@ -3,8 +3,8 @@ would and publishes the result (`aot.publish_ahead`), so that every rank, the fi
 restores it instead of running dynamo (`load`'s "dynamo restored").
 
 It builds rank 0 of the model on the node's device (random weights: only shapes, dtypes and
-settings reach the key) and makes the call `load` makes (the smallest compile size, the spec's
-example inputs). Models given as an nn.Module are not rebuilt on a node: their ranks trace.
+settings reach the key) under a process group of the TP size that communicates nothing, and
+makes the call `load` makes (the smallest compile size, the spec's example inputs). Models given as an nn.Module are not rebuilt on a node: their ranks trace.
 A failure costs nothing but the first rank's trace: the summary says why.
 """
 
@@ -34,9 +34,12 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
     from ..runtime.api import model_device
     from ..runtime.load import DEFAULT_TRACE_SIZE
 
-    built = intake.build(spec, tp_size=tp_size, rank=0, device=device_type,
-                         num_layers=num_layers)
+    if tp_size > 1 and not _fake_group(tp_size):
+        return f"off: this torch makes no fake process group of {tp_size} ranks to trace in"
+    built = None
     try:
+        built = intake.build(spec, tp_size=tp_size, rank=0, device=device_type,
+                             num_layers=num_layers)
         compiled = compile_model(built.module, config, store=store, model_name=spec)
         model = maybe_prepare(built.module)
         size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
@@ -44,8 +47,27 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
         return aot.publish_ahead(compiled, store, args, kwargs)
     finally:
         del built
+        if tp_size > 1:
+            torch.distributed.destroy_process_group()
         if device_type == "cuda":
             torch.cuda.empty_cache()  # a reused compile worker gets its memory back
+
+
+def _fake_group(size: int) -> bool:
+    """A default process group of `size` ranks that communicates nothing (torch's "fake"
+    backend), this process its rank 0: the model traces as a rank of its TP group does (the
+    group's size is in the key: `aot.dynamo_key`). False where torch has none."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    try:
+        dist.init_process_group("fake", rank=0, world_size=size)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        logger.warning("no fake process group of %d ranks (%s: %s): the ranks trace", size,
+                       type(exc).__name__, exc)
+        return False
+    return True
 
 
 publish_traced_remote = ray.remote(max_calls=0)(publish_traced)

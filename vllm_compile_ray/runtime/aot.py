@@ -45,8 +45,8 @@ def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str,
                dynamic: Sequence[tuple[int, int]], environment: str) -> str:
     """Key of the traced function: the model's code (every module class's source file), its
     settings (`_settings`), parameters and buffers (names, shapes, dtypes, device type), the
-    call (argument kinds, shapes with the dynamic dims left out) and `environment` (the compile
-    fingerprint and config). Guards check the rest at every call."""
+    process group's size, the call (argument kinds, shapes with the dynamic dims left out) and
+    `environment` (the compile fingerprint and config). Guards check the rest at every call."""
     # -3: `TracedModel` moved to torch_private (a saved function names it by module path)
     h = hashlib.sha256(f"vcr-dynamo-3|{environment}|{sys.version_info[:2]}".encode())
     h.update(_settings(model).encode())
@@ -62,6 +62,9 @@ def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str,
     h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}".encode())
+    # The process group's size: model code may branch on it while tracing (a rank of a TP group
+    # and `vcr warm`'s task must not share a function traced without the group).
+    h.update(f"process-group:{process_group_size()}".encode())
     marked = {(i, d) for i, d in dynamic}
     for i, value in enumerate((*args, *(kwargs[k] for k in sorted(kwargs)))):
         if isinstance(value, torch.Tensor):
@@ -71,6 +74,12 @@ def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str,
             h.update(f"{i}:{type(value).__name__}:{value!r}"[:200].encode())
     h.update(f"kwargs:{sorted(kwargs)}".encode())
     return h.hexdigest()
+
+
+def process_group_size() -> int:
+    """World size of the default process group; 1 without one."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _settings(model: torch.nn.Module) -> str:
