@@ -87,6 +87,29 @@ def test_sliced_inputs_stay_within_the_guards(tmp_path, caplog) -> None:
     assert "outside the traced function's guards" not in caplog.text
 
 
+def test_the_cpu_thread_count_is_no_guard_but_global_state_is(tmp_path, caplog) -> None:
+    """A process with another CPU thread count (a Ray worker, a rank under OMP_NUM_THREADS)
+    runs the traced function; other global state (here deterministic algorithms) goes through
+    dynamo, with the same outputs."""
+    model = models.build(models.get_config("llama-tiny"), num_layers=2)
+    compiled = vcr.load(model, _config(tmp_path / "cache"), model_name="llama-tiny")
+    ids, pos = torch.randint(0, 100, (5,)), torch.arange(5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
+    finally:
+        torch.set_num_threads(threads)
+    assert compiled._guard_misses == 0 and len(compiled.backend.plans) == 1
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert compiled._guard_misses == 1 and len(compiled.backend.plans) == 2
+    assert "global state" in caplog.text
+
+
 def test_a_restore_that_fails_traces_and_says_so(tmp_path, monkeypatch, caplog) -> None:
     model = models.build(models.get_config("llama-tiny"), num_layers=2)
     vcr.load(model, _config(tmp_path / "cache"), model_name="llama-tiny")

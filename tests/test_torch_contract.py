@@ -249,6 +249,11 @@ def _triton_gate() -> bool:
     return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 4)
 
 
+def _returns_bool(fn: Any) -> None:
+    """A builtin without a signature: called with no argument, it still answers a bool."""
+    assert isinstance(fn(), bool), f"{fn}() no longer returns a bool"
+
+
 # ---- the table ------------------------------------------------------------------------------
 
 IC = "torch._inductor.config"
@@ -459,6 +464,8 @@ TOUCHES: list[Touch] = [
     Touch("torch._subclasses.fake_tensor:FakeTensor._is_view", "aot_compile._unviewed"),
     Touch("torch.utils._pytree:tree_map_only", "aot_compile._unviewed", call(S, S, S)),
     # dynamo: marking, settings, errors (inputs.py, plan.py, api.py, load.py, aot_compile.py)
+    Touch("torch._C:_is_torch_function_enabled", "dynamo.global_state", _returns_bool),
+    Touch("torch._C:_is_torch_function_all_disabled", "dynamo.global_state", _returns_bool),
     Touch("torch._dynamo:mark_dynamic",
           "dynamo.mark_dynamic; marked_dims / unmark read _dynamo_dynamic_indices",
           both(call(S, 0), _mark_dynamic_attributes)),

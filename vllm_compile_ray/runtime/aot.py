@@ -45,7 +45,8 @@ def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str,
                dynamic: Sequence[tuple[int, int]], environment: str) -> str:
     """Key of the traced function: the model's code (every module class's source file), its
     settings (`_settings`), parameters and buffers (names, shapes, dtypes, device type), the
-    process group's size, the call (argument kinds, shapes with the dynamic dims left out) and
+    process group's size, the global state (`dynamo.global_state`: autocast, default dtype,
+    ...; the caller checks it at every call), the call (argument kinds, shapes with the dynamic dims left out) and
     `environment` (the compile fingerprint and config). Guards check the rest at every call."""
     # -3: `TracedModel` moved to torch_private (a saved function names it by module path)
     h = hashlib.sha256(f"vcr-dynamo-3|{environment}|{sys.version_info[:2]}".encode())
@@ -65,6 +66,7 @@ def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str,
     # The process group's size: model code may branch on it while tracing (a rank of a TP group
     # and `vcr warm`'s task must not share a function traced without the group).
     h.update(f"process-group:{process_group_size()}".encode())
+    h.update(f"global-state:{dynamo.global_state()!r}".encode())
     marked = {(i, d) for i, d in dynamic}
     for i, value in enumerate((*args, *(kwargs[k] for k in sorted(kwargs)))):
         if isinstance(value, torch.Tensor):
@@ -112,6 +114,7 @@ def start(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, A
     if off:
         return off
     key = _marked_key(compiled, args, kwargs)
+    compiled.traced_state = dynamo.global_state()  # what the key holds; checked at each call
     try:
         return _restore_or_trace(compiled, store, key, args, kwargs)
     finally:  # a marked tensor fails the traced function's guards (torch >= 2.13)

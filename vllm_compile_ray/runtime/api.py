@@ -70,6 +70,7 @@ class CompiledModel:
         self.backend = backend
         self._compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         self.traced: Any = None  # `aot` function restored or traced by load(); else dynamo
+        self.traced_state: tuple = ()  # `dynamo.global_state()` it was traced under
         self._guard_misses = 0  # calls outside the traced function's guards (traced by dynamo)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -78,19 +79,21 @@ class CompiledModel:
         args = tuple(_dense(a) for a in args)
         kwargs = {k: _dense(v) for k, v in kwargs.items()}
         if self.traced is not None:
-            try:
-                with torch.no_grad():
-                    return self.traced(self.model, *args, **kwargs)
-            except RuntimeError as exc:
-                if not aot_compile.is_guard_failure(exc):
-                    raise
-                # This call goes through dynamo (its own cache keeps what it traced); the traced
-                # function stays for the calls within its guards (a warm-up at 1 token that a
-                # transformers model's guards exclude must not cost every later call a trace).
-                self._guard_misses += 1
-                if self._guard_misses == 1:
-                    logger.warning("a call outside the traced function's guards traces the "
-                                   "model with dynamo: %s", str(exc)[:3000])
+            # Outside the traced function's guards or global state, the call goes through
+            # dynamo (its own cache keeps what it traced); the traced function stays for the
+            # calls within (a warm-up at 1 token that a transformers model's guards exclude
+            # must not cost every later call a trace).
+            if dynamo.global_state() != self.traced_state:
+                self._guard_miss("the global state (autocast, default dtype, matmul precision, "
+                                 "deterministic algorithms) is not the traced function's")
+            else:
+                try:
+                    with torch.no_grad():
+                        return self.traced(self.model, *args, **kwargs)
+                except RuntimeError as exc:
+                    if not aot_compile.is_guard_failure(exc):
+                        raise
+                    self._guard_miss(str(exc)[:3000])
         mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
         try:
             with dynamo.capture_settings(), torch.no_grad():
@@ -102,6 +105,12 @@ class CompiledModel:
             if dynamo.is_unsupported(exc):
                 raise_traced_error(exc)
             raise
+
+    def _guard_miss(self, why: str) -> None:
+        self._guard_misses += 1
+        if self._guard_misses == 1:
+            logger.warning("a call outside the traced function's guards traces the model with "
+                           "dynamo: %s", why)
 
     @property
     def counter(self) -> CompilationCounter:

@@ -153,10 +153,10 @@ def trace(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
     """Trace `model`'s forward for this call (dims already marked dynamic) into a guarded,
     serializable compiled function; call it as fn(model, *args, **kwargs)."""
     with torch._dynamo.config.patch(enable_aot_compile=True), _with_builtins():
-        # Guards on tensors (inputs and parameters: dtype, shape, device), shapes and global
-        # state (grad mode, autocast); object-identity guards do not serialize (transformers'
-        # models have them) and `dynamo_key` already covers the model's code, settings and
-        # parameters.
+        # Guards on tensors (inputs and parameters: dtype, shape, device) and shapes; global
+        # state is the key's and the caller's (`_portable_guards`); object-identity guards do not
+        # serialize (transformers' models have them) and `dynamo_key` already covers the
+        # model's code, settings and parameters.
         compiled = torch.compile(call_model, fullgraph=True, dynamic=False,
                                  backend=wrap(backend),
                                  options={"guard_filter_fn": _portable_guards})
@@ -208,8 +208,11 @@ def call_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def _portable_guards(guard_entries: Sequence[Any]) -> list[bool]:
-    return [g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
-            or (g.guard_type == "TENSOR_MATCH" and not g.is_global) for g in guard_entries]
+    """Shape and tensor guards. Not GLOBAL_STATE: it includes the CPU thread count, which
+    differs between the process that traced and one that restores; `dynamo.global_state()`
+    (the rest of it) is in the key and checked at every call instead."""
+    return [g.guard_type == "SHAPE_ENV" or (g.guard_type == "TENSOR_MATCH" and not g.is_global)
+            for g in guard_entries]
 
 
 def serialize(fn: Any) -> bytes:

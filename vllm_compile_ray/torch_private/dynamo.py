@@ -12,6 +12,21 @@ from typing import Any
 import torch
 
 
+def global_state() -> tuple:
+    """The global state dynamo's GLOBAL_STATE guard checks, less the CPU thread count (a Ray
+    worker, a rank launched with OMP_NUM_THREADS and a plain process differ in it, and a traced
+    graph does not depend on it) and grad mode (traced functions run under no_grad): autocast,
+    torch function, deterministic algorithms, CUDA matmul precision, default dtype."""
+    matmul = torch.backends.cuda.matmul
+    return (tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                  for d in ("cpu", "cuda")), torch.is_autocast_cache_enabled(),
+            torch._C._is_torch_function_enabled(), torch._C._is_torch_function_all_disabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), matmul.allow_tf32,
+            matmul.allow_fp16_reduced_precision_reduction,
+            matmul.allow_bf16_reduced_precision_reduction, torch.get_default_dtype())
+
+
 def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
     """Trace `dim` of `tensor` as a symbol (dynamo records it on the tensor)."""
     torch._dynamo.mark_dynamic(tensor, dim)
