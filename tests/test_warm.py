@@ -185,6 +185,29 @@ def test_a_tp_rank_restores_what_warm_traced_in_a_group_of_its_size(ray_local, t
     assert alone.report.dynamo == "traced+published" and alone.report.compiles == 0
 
 
+def _sleeps() -> None:
+    time.sleep(3600)
+
+
+def test_a_traced_model_task_that_does_not_end_is_cancelled(ray_local) -> None:
+    import sys
+
+    from ray import cloudpickle
+
+    from vllm_compile_ray.orchestration import trace_task
+
+    here = sys.modules[__name__]  # workers cannot import the tests: ship `_sleeps` by value
+    cloudpickle.register_pickle_by_value(here)
+    try:
+        ref = ray.remote(num_cpus=0)(_sleeps).remote()  # a task that does not end
+    finally:
+        cloudpickle.unregister_pickle_by_value(here)
+    assert trace_task.outcome(ref, wait_s=1).startswith("off: not done 1 s after the compiles")
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=60)
+    assert trace_task.outcome("off: why") == "off: why"
+
+
 def test_manifest_lists_every_artifact(warmed) -> None:
     config, summary, _ = warmed
     store = open_store(config)

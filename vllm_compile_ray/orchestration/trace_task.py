@@ -4,8 +4,10 @@ restores it instead of running dynamo (`load`'s "dynamo restored").
 
 It builds rank 0 of the model on the node's device (random weights: only shapes, dtypes and
 settings reach the key) under a process group of the TP size that communicates nothing, and
-makes the call `load` makes (the smallest compile size, the spec's example inputs). Models given as an nn.Module are not rebuilt on a node: their ranks trace.
-A failure costs nothing but the first rank's trace: the summary says why.
+makes the call `load` makes (the smallest compile size, the spec's example inputs). Models given
+as an nn.Module are not rebuilt on a node, and a standing pool may hold every compile slot: in
+both cases the ranks trace. A failure costs nothing but the first rank's trace: the summary
+says why.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..cache.store import ArtifactStore
 from ..config import CompilationConfig
 
 logger = logging.getLogger(__name__)
+WAIT_S = 300.0  # past the compiles (a 32-layer trace took 4-5 s on a GPU host)
 
 
 def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, tp_size: int,
@@ -73,12 +76,16 @@ def _fake_group(size: int) -> bool:
 publish_traced_remote = ray.remote(max_calls=0)(publish_traced)
 
 
-def outcome(ref: ray.ObjectRef | None) -> str:
-    """What the traced-model task did, for the summary line; a failure is logged, not raised."""
-    if ref is None:
-        return "off: the model is an nn.Module (its ranks trace)"
+def outcome(traced: ray.ObjectRef | str, wait_s: float = WAIT_S) -> str:
+    """What the traced-model task did (or why there was none: `traced` a str), for the summary
+    line. Waits up to `wait_s` past the compiles; a failure is logged, not raised."""
+    if isinstance(traced, str):
+        return traced
     try:
-        return ray.get(ref)
+        return ray.get(traced, timeout=wait_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(traced, force=True)
+        return f"off: not done {wait_s:.0f} s after the compiles (its ranks trace)"
     except ray.exceptions.RayError as exc:
         logger.warning("tracing the model for its ranks failed (each first rank traces): %s",
                        str(exc)[-2000:])

@@ -166,7 +166,7 @@ def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     members = compile_pool.up(spec, prestart, run.pool_idle_timeout_s,
                               run.faults.startup_sleep_s) if spec else None
     planned = _plan(run, request, max_in_flight, prestart, members, resize, run_id, t0)
-    traced = _trace(run, request)  # on a compile node, while the compiles run
+    traced = _trace(run, request, pooled=members is not None)  # while the compiles run
     done = _dispatch(run, planned, stats, members, run_id)
     run.say(f"traced model for the ranks: {trace_task.outcome(traced)}")
     snap = ray.get(stats.snapshot.remote(run_id))
@@ -176,10 +176,12 @@ def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     return result
 
 
-def _trace(run: _Run, request: _Request) -> ray.ObjectRef | None:
-    """The task that traces the model for its ranks (`trace_task`); None for an nn.Module."""
+def _trace(run: _Run, request: _Request, pooled: bool) -> ray.ObjectRef | str:
+    """The task that traces the model for its ranks (`trace_task`), or why there is none."""
     if not isinstance(run.model, str):
-        return None
+        return "off: the model is an nn.Module (its ranks trace)"
+    if pooled:  # the pool's workers may hold every compile slot: a task could wait forever
+        return "off: the compiles ran in a standing pool (its ranks trace)"
     return trace_task.publish_traced_remote.options(
         name="vcr_trace_model", **request.options()).remote(
         run.model, run.config, run.store, run.tp_size, run.num_layers, run.device_type)
