@@ -219,7 +219,7 @@ class ArtifactStore:
         `rejected` is given, is recorded there (key -> error) while the rest still arrive."""
         unique = [check_key(k) for k in dict.fromkeys(keys)]
         # Reads, sha256 and signature checks release the GIL: one thread per artifact (up to
-        # _READERS) verifies a batch of hundreds of MB in a fraction of the time in turn takes.
+        # _READERS) verifies a batch of hundreds of MB in a fraction of the time of one by one.
         staged = _threaded(self._read_staged, unique)
         out = {k: art for k, art in zip(unique, staged) if art is not None}
         todo = [k for k in unique if k not in out]

@@ -35,7 +35,7 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
     from ..runtime import aot
     from ..runtime.api import compile as compile_model
     from ..runtime.api import model_device
-    from ..runtime.load import DEFAULT_TRACE_SIZE
+    from ..runtime.load import trace_size
 
     if tp_size > 1 and not _fake_group(tp_size):
         return f"off: this torch makes no fake process group of {tp_size} ranks to trace in"
@@ -45,8 +45,8 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
                              num_layers=num_layers)
         compiled = compile_model(built.module, config, store=store, model_name=spec)
         model = maybe_prepare(built.module)
-        size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
-        args, kwargs = example_call(model, built.example_inputs, size, model_device(model))
+        args, kwargs = example_call(model, built.example_inputs, trace_size(config),
+                                    model_device(model))
         return aot.publish_ahead(compiled, store, args, kwargs)
     finally:
         del built

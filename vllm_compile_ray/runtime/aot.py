@@ -46,8 +46,9 @@ def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str,
     """Key of the traced function: the model's code (every module class's source file), its
     settings (`_settings`), parameters and buffers (names, shapes, dtypes, device type), the
     process group's size, the global state (`dynamo.global_state`: autocast, default dtype,
-    ...; the caller checks it at every call), the call (argument kinds, shapes with the dynamic dims left out) and
-    `environment` (the compile fingerprint and config). Guards check the rest at every call."""
+    ...; the caller checks it at every call), the call (argument kinds, shapes with the
+    dynamic dims left out) and `environment` (the compile fingerprint and config). Guards check
+    the rest at every call."""
     # -3: `TracedModel` moved to torch_private (a saved function names it by module path)
     h = hashlib.sha256(f"vcr-dynamo-3|{environment}|{sys.version_info[:2]}".encode())
     h.update(_settings(model).encode())

@@ -57,6 +57,12 @@ STATS_NAMESPACE = "vllm_compile_ray"
 DEFAULT_TRACE_SIZE = 8
 
 
+def trace_size(config: CompilationConfig) -> int:
+    """The token count of the call a rank traces (or restores) at: its traced model's key has
+    it, so `vcr warm`'s traced-model task calls at the same size."""
+    return config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
+
+
 @dataclass
 class StartupReport:
     """One rank's startup: where the time went and what the cache did. Seconds, bytes, counts."""
@@ -264,10 +270,9 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
         inputs = lambda n: example_call(model, example_inputs, n, device)  # noqa: E731
     manifest_rows, lookup_s = _prefetch_listed(staging, backend, config, model_name, world_size)
     setup_done = time.perf_counter()
-    trace_size = config.compile_sizes[0] if config.compile_sizes else DEFAULT_TRACE_SIZE
     with inductor_metrics.kernel_work() as kernels:
         dynamo, warm_sizes, first_call_s = _first_calls(compiled, backend, staging, inputs,
-                                                        trace_size, warmup)
+                                                        trace_size(config), warmup)
 
     startup = _startup_report(
         compiled, backend, staging, monitor, samples_before, counter.diff(before), kernels,
@@ -327,13 +332,13 @@ def _prefetch_listed(staging: SharedStaging, backend: VcrBackend, config: Compil
 
 
 def _first_calls(compiled: CompiledModel, backend: _StartupBackend, staging: SharedStaging,
-                 inputs: Callable[[int], tuple], trace_size: int, warmup: bool
+                 inputs: Callable[[int], tuple], traced_at: int, warmup: bool
                  ) -> tuple[str, list[int], float]:
-    """Trace (or restore the traced model: `aot.start`) at `trace_size`, then, with warmup, run
+    """Trace (or restore the traced model: `aot.start`) at `traced_at`, then, with warmup, run
     every other compiled shape once. Returns how dynamo went, the sizes run and the seconds the
     calls took after their pieces were resolved."""
     try:
-        args, kwargs = inputs(trace_size)
+        args, kwargs = inputs(traced_at)
         dynamo = aot.start(compiled, staging.store, args, kwargs)
         compiled(*args, **kwargs)
     except Exception as exc:
@@ -345,10 +350,10 @@ def _first_calls(compiled: CompiledModel, backend: _StartupBackend, staging: Sha
     if backend.entered is None or backend.resolved is None:
         raise RuntimeError("dynamo did not call the backend: the model was already compiled "
                            "by this torch.compile cache; load() needs a fresh trace")
-    warm_sizes = [trace_size]
+    warm_sizes = [traced_at]
     first_call_s = first_done - backend.resolved
     if warmup:
-        for size in warmup_sizes(compiled.backend.config, backend, trace_size):
+        for size in warmup_sizes(compiled.backend.config, backend, traced_at):
             t = time.perf_counter()
             args, kwargs = inputs(size)
             compiled(*args, **kwargs)
