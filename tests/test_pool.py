@@ -70,6 +70,29 @@ def test_a_second_run_compiles_in_the_first_runs_workers(pool, tmp_path) -> None
     assert sum(r["served"] for r in rows) == 18 and not any(r["busy"] for r in rows)
 
 
+def test_a_pool_run_publishes_the_traced_model_its_first_rank_restores(pool, tmp_path) -> None:
+    """The pool's workers hold every compile slot: one of them traces the model for the ranks."""
+    import torch
+
+    from vllm_compile_ray import models
+    from vllm_compile_ray.runtime.load import load
+
+    config = eager(str(tmp_path))
+    lines: list[str] = []
+    summary = warm("llama-tiny", config, progress=lines.append, **slot(pool=True, max_in_flight=4))
+    assert summary.ok and "traced model for the ranks: published" in lines
+    assert len(compile_pool.names()) == 4  # every slot a pool worker: no task took one
+    model = models.build("llama-tiny", seed=3)
+    compiled = load(model, config.replace(on_miss="error"), model_name="llama-tiny")
+    assert compiled.report.dynamo == "restored" and compiled.report.compiles == 0
+    ids, pos = torch.randint(0, 100, (3,)), torch.arange(3)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
+    lines.clear()
+    warm("llama-tiny", config, progress=lines.append, **slot(pool=True, max_in_flight=4))
+    assert "traced model for the ranks: present" in lines
+
+
 def test_other_settings_get_workers_of_their_own(pool, tmp_path) -> None:
     warm("llama-tiny", eager(str(tmp_path / "a")), progress=None,
          **slot(pool=True, max_in_flight=1))

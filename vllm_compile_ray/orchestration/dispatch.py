@@ -34,6 +34,7 @@ class Dispatcher:
         self.node_ips: dict[str, str] = {}
         self.rows: list[dict[str, Any]] = []
         self.total = 0
+        self.stranded = False  # the pool had no worker left for some tasks
 
     def run(self, todo: list[CompileTask], max_in_flight: int, starts: list[ray.ObjectRef] = (),
             pool: list[tuple[ray.actor.ActorHandle, ray.ObjectRef]] | None = None
@@ -117,6 +118,7 @@ class Dispatcher:
     def _no_workers(self, queue: list[CompileTask]) -> None:
         """Record every queued task as failed: no worker of the pool is left to run it."""
         limit = self.ctx.config.max_compile_time
+        self.stranded = True
         for task in list(queue):
             row = {**_identity(task), "status": "failed", "seconds": 0.0,
                    "error": "no compile worker of the pool is left: none started within "

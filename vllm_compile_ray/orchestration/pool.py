@@ -34,6 +34,7 @@ from ..config import DEFAULT_POOL_IDLE_TIMEOUT_S as DEFAULT_IDLE_TIMEOUT_S
 from ..errors import ConfigError
 from ..experimental import gpu_sharing
 from .compile_task import compile_piece, start_worker
+from .trace_task import publish_traced
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,12 @@ class CompileWorker:
         """`compile_task.compile_piece` here."""
         with self._busy():
             return compile_piece(*args)
+
+    def trace(self, *args: Any) -> str:
+        """`trace_task.publish_traced` here: the warm's traced model, on a worker of the pool
+        (which may hold every compile slot)."""
+        with self._busy(serves=False):
+            return publish_traced(*args)
 
     @ray.method(concurrency_group="control")
     def describe(self) -> dict[str, Any]:

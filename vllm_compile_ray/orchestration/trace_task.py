@@ -4,10 +4,10 @@ restores it instead of running dynamo (`load`'s "dynamo restored").
 
 It builds rank 0 of the model on the node's device (random weights: only shapes, dtypes and
 settings reach the key) under a process group of the TP size that communicates nothing, and
-makes the call `load` makes (the smallest compile size, the spec's example inputs). Models given
-as an nn.Module are not rebuilt on a node, and a standing pool may hold every compile slot: in
-both cases the ranks trace. A failure costs nothing but the first rank's trace: the summary
-says why.
+makes the call `load` makes (the smallest compile size, the spec's example inputs). With a
+standing pool, which may hold every compile slot, one of its workers runs it (`CompileWorker.
+trace`). Models given as an nn.Module are not rebuilt on a node: their ranks trace. A failure
+costs nothing but the first rank's trace: the summary says why.
 """
 
 from __future__ import annotations
@@ -76,15 +76,21 @@ def _fake_group(size: int) -> bool:
 publish_traced_remote = ray.remote(max_calls=0)(publish_traced)
 
 
-def outcome(traced: ray.ObjectRef | str, wait_s: float = WAIT_S) -> str:
+def outcome(traced: ray.ObjectRef | str, wait_s: float = WAIT_S,
+            worker: ray.actor.ActorHandle | None = None) -> str:
     """What the traced-model task did (or why there was none: `traced` a str), for the summary
-    line. Waits up to `wait_s` past the compiles; a failure is logged, not raised."""
+    line. Waits up to `wait_s` past the compiles, then stops it: a task is cancelled, a pool
+    `worker` running it restarts (Ray interrupts no running call of an actor). A failure is
+    logged, not raised."""
     if isinstance(traced, str):
         return traced
     try:
         return ray.get(traced, timeout=wait_s)
     except ray.exceptions.GetTimeoutError:
-        ray.cancel(traced, force=True)
+        if worker is None:
+            ray.cancel(traced, force=True)
+        else:
+            ray.kill(worker, no_restart=False)
         return f"off: not done {wait_s:.0f} s after the compiles (its ranks trace)"
     except ray.exceptions.RayError as exc:
         logger.warning("tracing the model for its ranks failed (each first rank traces): %s",

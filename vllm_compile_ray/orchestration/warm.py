@@ -166,9 +166,10 @@ def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     members = compile_pool.up(spec, prestart, run.pool_idle_timeout_s,
                               run.faults.startup_sleep_s) if spec else None
     planned = _plan(run, request, max_in_flight, prestart, members, resize, run_id, t0)
-    traced = _trace(run, request, pooled=members is not None)  # while the compiles run
+    traced, tracer = _trace(run, request, members)  # while the compiles run
     done = _dispatch(run, planned, stats, members, run_id)
-    run.say(f"traced model for the ranks: {trace_task.outcome(traced)}")
+    wait_s = 0.0 if done.stranded else trace_task.WAIT_S  # its worker is as stuck as the rest
+    run.say(f"traced model for the ranks: {trace_task.outcome(traced, wait_s, tracer)}")
     snap = ray.get(stats.snapshot.remote(run_id))
     result = record_run(run.store, run.name, run.tp_size, run_id, planned, done, snap, starts_at,
                         t0)
@@ -176,15 +177,19 @@ def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     return result
 
 
-def _trace(run: _Run, request: _Request, pooled: bool) -> ray.ObjectRef | str:
-    """The task that traces the model for its ranks (`trace_task`), or why there is none."""
+def _trace(run: _Run, request: _Request, members: list | None
+           ) -> tuple[ray.ObjectRef | str, ray.actor.ActorHandle | None]:
+    """The task that traces the model for its ranks (`trace_task`), or why there is none; and
+    the pool worker running it. With a pool, whose workers may hold every compile slot, its
+    last worker (the one the compiles reach last) runs it."""
     if not isinstance(run.model, str):
-        return "off: the model is an nn.Module (its ranks trace)"
-    if pooled:  # the pool's workers may hold every compile slot: a task could wait forever
-        return "off: the compiles ran in a standing pool (its ranks trace)"
+        return "off: the model is an nn.Module (its ranks trace)", None
+    args = (run.model, run.config, run.store, run.tp_size, run.num_layers, run.device_type)
+    if members:
+        worker = members[-1][0]
+        return worker.trace.options(name="vcr_trace_model").remote(*args), worker
     return trace_task.publish_traced_remote.options(
-        name="vcr_trace_model", **request.options()).remote(
-        run.model, run.config, run.store, run.tp_size, run.num_layers, run.device_type)
+        name="vcr_trace_model", **request.options()).remote(*args), None
 
 
 def _start_workers(run: _Run, request: _Request, count: int, first: bool) -> list[ray.ObjectRef]:
@@ -250,4 +255,4 @@ def _dispatch(run: _Run, planned: Planned, stats: ray.actor.ActorHandle, members
                            pool=members)
     wall_s = time.perf_counter() - start if planned.todo else 0.0
     prestarted = started_workers(refs, cancel=not members)
-    return Dispatched(rows, wall_s, phase_started_at, ready, prestarted)
+    return Dispatched(rows, wall_s, phase_started_at, ready, prestarted, dispatcher.stranded)

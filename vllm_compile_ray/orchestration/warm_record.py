@@ -50,6 +50,7 @@ class Dispatched:
     phase_started_at: float  # time.time() when the compile phase began
     ready: int  # workers started by then
     prestarted: dict[int, dict[str, Any]]  # pid -> start_worker's result
+    stranded: bool = False  # no worker of the pool was left for some tasks
 
 
 def started_workers(refs: list[ray.ObjectRef], cancel: bool = True) -> dict[int, dict[str, Any]]:
