@@ -62,7 +62,8 @@ def test_transformers_model_splits_shares_layers_and_matches(arch: str, tmp_path
 
 
 # Not the MoE models: transformers' experts code takes another branch on CPU than on other
-# devices (histc over float on CPU only), so a CPU target plans on CPU (a CUDA target on meta).
+# devices (histc over float on CPU only), so a CPU target plans on CPU (a CUDA target on meta):
+# `test_a_cpu_warm_plans_the_experts_code_its_ranks_run`.
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_keys_do_not_depend_on_the_trace_device(arch: str) -> None:
     config = vcr.CompilationConfig(compile_sizes=[4], **EAGER)
@@ -165,6 +166,32 @@ def test_backend_eager_alone_is_a_valid_config() -> None:
     assert vcr.CompilationConfig(backend="eager").use_inductor is False
     with pytest.raises(ConfigError, match="contradicts"):
         vcr.CompilationConfig(backend="eager", use_inductor=True)
+
+
+def test_a_cpu_warm_plans_the_experts_code_its_ranks_run(tmp_path: Path, monkeypatch) -> None:
+    """The warm's plan of a transformers MoE model for a CPU target has the keys a CPU rank
+    computes (on meta the experts trace another op, and every MoE piece would miss)."""
+    from vllm_compile_ray.orchestration.warm_plan import draft_plan
+
+    (tmp_path / "moe_models.py").write_text(
+        "import hf_models\n\ndef build(device='meta'):\n"
+        "    return hf_models.build('qwen3_moe', device=device)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = vcr.CompilationConfig(compile_sizes=[4], **EAGER)
+    planned = draft_plan("moe_models:build", config, 1, None, "cpu", FINGERPRINT)
+    rank = plan_model(hf_models.build("qwen3_moe"), config, device_type="cpu",
+                      fingerprint=FINGERPRINT)
+    assert planned.keys == rank.keys
+
+
+def test_planning_on_cpu_keeps_tied_weights_tied() -> None:
+    from vllm_compile_ray.planning import intake
+
+    model = hf_models.build("gemma2", device="meta")  # ties lm_head to the embedding
+    intake._empty_on(model, torch.device("cpu"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert all(b.device.type == "cpu" for b in model.buffers())
 
 
 ENTRY_POINT = textwrap.dedent('''

@@ -208,6 +208,20 @@ def test_a_traced_model_task_that_does_not_end_is_cancelled(ray_local) -> None:
     assert trace_task.outcome("off: why") == "off: why"
 
 
+def test_the_traced_model_task_counts_pieces_the_warm_did_not_plan(tmp_path) -> None:
+    """Model code that branches on the device type traces other pieces on the ranks' device than
+    the warm planned: the summary line says how many compile at the ranks' first start."""
+    from vllm_compile_ray.orchestration import trace_task
+
+    config = eager(str(tmp_path)).replace(compile_sizes=(2,))
+    store = open_store(config)
+    said = trace_task.publish_traced("llama-tiny", config, store, 1, None, "cpu",
+                                     planned=frozenset())
+    assert re.fullmatch(r"published; but (\d+) of the \1 compiled pieces its ranks load are not "
+                        r"in this warm's plan \(the model's code branches on the device type\): "
+                        r"they compile at the ranks' first start", said), said
+
+
 def test_manifest_lists_every_artifact(warmed) -> None:
     config, summary, _ = warmed
     store = open_store(config)

@@ -105,8 +105,8 @@ def plan(**opts: Any) -> None:
     from ..torch_private import inductor
 
     config = make_config(opts)
-    spec = intake.build(opts["model"], tp_size=opts["tp"], device="meta",
-                        num_layers=opts["num_layers"])
+    spec = intake.build_for_plan(opts["model"], tp_size=opts["tp"], device_type=opts["device"],
+                                 num_layers=opts["num_layers"])
     fingerprint = opts["fingerprint_json"] or None
     note = ""
     if fingerprint is None and opts["device"] == "cuda":

@@ -24,9 +24,11 @@ WAIT_S = 300.0  # past the compiles (a 32-layer trace took 4-5 s on a GPU host)
 
 
 def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, tp_size: int,
-                   num_layers: int | None, device_type: str) -> str:
+                   num_layers: int | None, device_type: str,
+                   planned: frozenset[str] | None = None) -> str:
     """Trace rank 0 of `spec` as `vcr load` does and publish it; "published", "present" or
-    "off: <why>" (`aot.publish_ahead`)."""
+    "off: <why>" (`aot.publish_ahead`). planned: the warm's keys, to say which pieces the
+    ranks load that it did not plan."""
     import torch
 
     from ..planning import intake
@@ -47,7 +49,7 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
         model = maybe_prepare(built.module)
         args, kwargs = example_call(model, built.example_inputs, trace_size(config),
                                     model_device(model))
-        return aot.publish_ahead(compiled, store, args, kwargs)
+        return aot.publish_ahead(compiled, store, args, kwargs, planned)
     finally:
         del built
         if tp_size > 1:

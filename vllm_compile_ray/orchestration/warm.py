@@ -1,6 +1,7 @@
 """`warm`: compile every unique (piece, shape) of a model into the shared cache with Ray.
 
-The driver plans on the meta device (no weights, no GPU), drops what the cache already has,
+The driver plans on the meta device (no weights, no GPU; a CPU target on CPU tensors it never
+writes: `intake.build_for_plan`), drops what the cache already has,
 submits the rest longest-expected-first with a bounded number in flight, and writes the manifest
 and the stats snapshot. Bytes go from the compile tasks straight to the store.
 
@@ -166,7 +167,7 @@ def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     members = compile_pool.up(spec, prestart, run.pool_idle_timeout_s,
                               run.faults.startup_sleep_s) if spec else None
     planned = _plan(run, request, max_in_flight, prestart, members, resize, run_id, t0)
-    traced, tracer = _trace(run, request, members)  # while the compiles run
+    traced, tracer = _trace(run, request, members, planned)  # while the compiles run
     done = _dispatch(run, planned, stats, members, run_id)
     wait_s = 0.0 if done.stranded else trace_task.WAIT_S  # its worker is as stuck as the rest
     run.say(f"traced model for the ranks: {trace_task.outcome(traced, wait_s, tracer)}")
@@ -177,14 +178,15 @@ def _warm(run: _Run, request: _Request, max_in_flight: int | None, prestart: int
     return result
 
 
-def _trace(run: _Run, request: _Request, members: list | None
+def _trace(run: _Run, request: _Request, members: list | None, planned: Planned
            ) -> tuple[ray.ObjectRef | str, ray.actor.ActorHandle | None]:
     """The task that traces the model for its ranks (`trace_task`), or why there is none; and
     the pool worker running it. With a pool, whose workers may hold every compile slot, its
     last worker (the one the compiles reach last) runs it."""
     if not isinstance(run.model, str):
         return "off: the model is an nn.Module (its ranks trace)", None
-    args = (run.model, run.config, run.store, run.tp_size, run.num_layers, run.device_type)
+    args = (run.model, run.config, run.store, run.tp_size, run.num_layers, run.device_type,
+            frozenset(t.key for t in planned.tasks))
     if members:
         worker = members[-1][0]
         return worker.trace.options(name="vcr_trace_model").remote(*args), worker

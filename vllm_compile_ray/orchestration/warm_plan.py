@@ -52,11 +52,11 @@ def gemm_count(graph: fx.GraphModule) -> int:
 def draft_plan(model: str | ModelSpec, config: CompilationConfig, tp_size: int,
                num_layers: int | None, device_type: str,
                fingerprint: dict[str, str] | None) -> Plan:
-    """Capture on meta, split and key; keyed for `fingerprint`, or for none yet when None (a
+    """Capture (on meta; a CPU target on CPU: `intake.build_for_plan`), split and key; keyed for `fingerprint`, or for none yet when None (a
     compile node is computing it: `keyed` keys the plan again once it has come). Its tasks
     are the run's, whatever the fingerprint."""
-    spec = intake.build(model, tp_size=tp_size, device="meta", num_layers=num_layers) \
-        if isinstance(model, str) else model
+    spec = intake.build_for_plan(model, tp_size=tp_size, device_type=device_type,
+                                 num_layers=num_layers) if isinstance(model, str) else model
     module = maybe_prepare(spec.module)
     args, kwargs = example_call(module, spec.example_inputs, PLAN_TOKENS, model_device(module))
     gm = capture(module, args, kwargs, config.dynamic_dims)

@@ -61,6 +61,38 @@ def build(spec: str, *, tp_size: int = 1, rank: int = 0, device: str | torch.dev
                                   seed=seed, weights=weights))
 
 
+def build_for_plan(spec: str, *, tp_size: int, device_type: str,
+                   num_layers: int | None = None) -> ModelSpec:
+    """The model `spec` names, shaped for planning a `device_type` target: built on meta (no
+    weights). For a CPU target its tensors then move to CPU uninitialized (`empty_like`: no
+    values are written, so no memory is touched), because model code may branch on the device
+    type and the plan must trace what the ranks trace: transformers' experts run another op on
+    CPU. A CUDA target plans on meta, which such code treats as a GPU."""
+    built = build(spec, tp_size=tp_size, device="meta", num_layers=num_layers)
+    if device_type == "cpu":
+        _empty_on(built.module, torch.device("cpu"))
+    return built
+
+
+def _empty_on(module: nn.Module, device: torch.device) -> None:
+    """Every meta parameter and buffer of `module` replaced by an uninitialized tensor on
+    `device`; a tensor shared by two modules (tied embeddings) stays shared."""
+    moved: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in moved:
+            new = torch.empty_like(t, device=device)
+            moved[id(t)] = (nn.Parameter(new, requires_grad=t.requires_grad)
+                            if isinstance(t, nn.Parameter) else new)
+        return moved[id(t)]
+
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, t in table.items():
+                if t is not None and t.device.type == "meta":
+                    table[name] = empty(t)
+
+
 def check(spec: str) -> None:
     """Fail early (before Ray starts) on a spec that cannot name a model."""
     if is_entry_point(spec):

@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -122,13 +122,14 @@ def start(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, A
         dynamo.unmark((*args, *kwargs.values()))
 
 
-def publish_ahead(compiled: Any, store: Any, args: Sequence[Any],
-                  kwargs: Mapping[str, Any]) -> str:
+def publish_ahead(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
+                  expected: Collection[str] | None = None) -> str:
     """Trace `compiled`'s model for this call and publish the result, planning its graph but
     loading or compiling no piece: what `vcr warm` does so that the first rank restores too.
     `compiled` and the call must be what that rank's `load` makes (same model build, settings,
     device type and trace size), or the key differs and the rank traces. Returns "published",
-    "present" (a rank or an earlier warm published it) or "off: <why>"."""
+    "present" (a rank or an earlier warm published it) or "off: <why>"; when the ranks load
+    pieces that `expected` (the warm's plan) lacks, "published" says how many."""
     from ..planning.plan import plan_graph
 
     off = _unsupported(compiled, store)
@@ -140,15 +141,33 @@ def publish_ahead(compiled: Any, store: Any, args: Sequence[Any],
         if store.contains(key):
             return "present"
 
+        plans = []
+
         def plan_only(gm: Any, example_inputs: list) -> Any:
-            return plan_graph(gm, backend.config, backend.key_context,
-                              backend.device_type).split_gm
+            plans.append(plan_graph(gm, backend.config, backend.key_context,
+                                    backend.device_type))
+            return plans[-1].split_gm
 
         with dynamo.capture_settings(), torch.no_grad():
             traced = trace(compiled.model, plan_only, args, kwargs)
-        return "published" if _publish(store, key, traced, backend) else "present"
+        if not _publish(store, key, traced, backend):
+            return "present"
+        return "published" + _unplanned(plans[-1].keys if plans else [], expected)
     finally:
         dynamo.unmark((*args, *kwargs.values()))
+
+
+def _unplanned(keys: list[str], expected: Collection[str] | None) -> str:
+    """What the ranks load that the warm's plan lacks: model code that branches on the device
+    type traces another graph on the ranks' device than on meta, where the warm plans."""
+    missing = [k for k in keys if expected is not None and k not in expected]
+    if not missing:
+        return ""
+    logger.warning("the ranks load %d pieces the warm did not plan (%s...): the model's code "
+                   "takes another path on its device than on meta", len(missing), missing[0][:12])
+    return (f"; but {len(missing)} of the {len(keys)} compiled pieces its ranks load are not in "
+            "this warm's plan (the model's code branches on the device type): they compile at "
+            "the ranks' first start")
 
 
 def _unsupported(compiled: Any, store: Any) -> str:
