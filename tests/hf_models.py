@@ -25,11 +25,20 @@ ARCHS = {
                             "sliding_window": 4}),
 }
 
+# Checked by the tests that name them (not by every architecture test).
+MORE = {
+    "deepseek_v3": ("deepseek_v3", {"n_routed_experts": 4, "num_experts_per_tok": 2,
+                                    "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
+                                    "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
+                                    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
+}
+
 
 def config(name: str, **overrides):
     from transformers import AutoConfig
 
-    model_type, extra = ARCHS[name]
+    model_type, extra = {**ARCHS, **MORE}[name]
     kwargs = {} if model_type == "gpt2" else dict(_COMMON)
     kwargs.update(extra)
     kwargs.update(overrides)

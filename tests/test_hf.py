@@ -184,6 +184,33 @@ def test_a_cpu_warm_plans_the_experts_code_its_ranks_run(tmp_path: Path, monkeyp
     assert planned.keys == rank.keys
 
 
+def test_a_rank_traces_the_pieces_the_warm_plans_when_sizes_start_at_one(
+        tmp_path: Path, monkeypatch) -> None:
+    """A rank traces at the size the warm plans at, not at the first compile size: at 1 token
+    dynamo specialized DeepSeek-V3's experts (`arange(2)` for `arange(2 * tokens)`), a graph
+    whose pieces the warm never compiled. Its outputs match transformers'. (A call at 1 token
+    is outside this graph's guards, `2 <= tokens` from `copy_`'s overlap check, and traces
+    again: README, troubleshooting.)"""
+    from vllm_compile_ray.orchestration.warm_plan import draft_plan
+    from vllm_compile_ray.runtime.load import load
+
+    (tmp_path / "ds_models.py").write_text(
+        "import hf_models\n\ndef build(device='meta'):\n"
+        "    return hf_models.build('deepseek_v3', device=device)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = vcr.CompilationConfig(compile_sizes=[1, 2], **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path / "cache")))
+    reference = hf_models.build("deepseek_v3")
+    compiled = load(hf_models.build("deepseek_v3"), config, model_name="ds_models:build",
+                    warmup=False)
+    planned = draft_plan("ds_models:build", config, 1, None, "cpu", None)
+    assert set(planned.rekeyed(compiled.backend.key_context).keys) == set(compiled.plan.keys)
+    for n in (2, 5):
+        ids = hf_models.tokens(n, seed=n)
+        assert (compiled(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5
+    assert compiled.counter.num_graphs_seen == 1
+
+
 def test_planning_on_cpu_keeps_tied_weights_tied() -> None:
     from vllm_compile_ray.planning import intake
 

@@ -63,6 +63,21 @@ def test_ranks_compute_identical_keys() -> None:
     assert plans[0].keys == plans[1].keys and len(plans[0].keys) == 9
 
 
+def test_a_rank_traces_at_the_size_the_warm_plans_at() -> None:
+    """Not at 1 token (dynamo specializes what broadcasts over it); a static size nearest the
+    plan's when no artifact takes the plan's size."""
+    from vllm_compile_ray import CompilationConfig
+    from vllm_compile_ray.runtime.api import PLAN_TOKENS
+    from vllm_compile_ray.runtime.load import trace_size
+
+    assert trace_size(CompilationConfig(compile_sizes=[1, 2, 4])) == PLAN_TOKENS == 8
+    static = dict(compile_dynamic=False)
+    assert trace_size(CompilationConfig(compile_sizes=[1, 4, 16], **static)) == 4
+    assert trace_size(CompilationConfig(compile_sizes=[1, 8, 64], **static)) == 8
+    assert trace_size(CompilationConfig(compile_sizes=[1, 12, 4], **static)) == 4
+    assert trace_size(CompilationConfig(compile_sizes=[1], **static)) == 1
+
+
 def test_device_check_and_rank_env() -> None:
     check_device(torch.device("cuda:3"))  # artifacts are retargeted to any GPU index
     with pytest.raises(ConfigError, match="meta"):

@@ -218,7 +218,7 @@ def test_the_traced_model_task_counts_pieces_the_warm_did_not_plan(tmp_path) -> 
     said = trace_task.publish_traced("llama-tiny", config, store, 1, None, "cpu",
                                      planned=frozenset())
     assert re.fullmatch(r"published; but (\d+) of the \1 compiled pieces its ranks load are not "
-                        r"in this warm's plan \(the model's code branches on the device type\): "
+                        r"in this warm's plan \(the model traces another graph on its device\): "
                         r"they compile at the ranks' first start", said), said
 
 

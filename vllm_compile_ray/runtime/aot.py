@@ -158,15 +158,17 @@ def publish_ahead(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mappin
 
 
 def _unplanned(keys: list[str], expected: Collection[str] | None) -> str:
-    """What the ranks load that the warm's plan lacks: model code that branches on the device
-    type traces another graph on the ranks' device than on meta, where the warm plans."""
+    """What the ranks load that the warm's plan lacks: the model traced another graph on the
+    ranks' device than where the warm planned (code that branches on the device type: the warm
+    plans a CUDA target on meta)."""
     missing = [k for k in keys if expected is not None and k not in expected]
     if not missing:
         return ""
-    logger.warning("the ranks load %d pieces the warm did not plan (%s...): the model's code "
-                   "takes another path on its device than on meta", len(missing), missing[0][:12])
+    logger.warning("the ranks load %d pieces the warm did not plan (%s...): the model traces "
+                   "another graph on its device than where the warm planned", len(missing),
+                   missing[0][:12])
     return (f"; but {len(missing)} of the {len(keys)} compiled pieces its ranks load are not in "
-            "this warm's plan (the model's code branches on the device type): they compile at "
+            "this warm's plan (the model traces another graph on its device): they compile at "
             "the ranks' first start")
 
 

@@ -161,7 +161,8 @@ def example_args(num_tokens: int = 8, device: str = "meta") -> tuple[torch.Tenso
     return ids, torch.arange(num_tokens, device=device)
 
 
-PLAN_TOKENS = 8  # the trace-time token count; keys never depend on it
+PLAN_TOKENS = 8  # the token count a plan traces at (and a rank: `load.trace_size`); not 1, where
+# dynamo specializes what broadcasts over the token dim
 
 
 def plan_model(model: torch.nn.Module, config: CompilationConfig, *, device_type: str = "cuda",
