@@ -32,7 +32,21 @@ MORE = {
                                     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
                                     "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
                                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
+    "gemma3_text": ("gemma3_text", {"head_dim": 16, "sliding_window": 4}),
 }
+
+
+def save_config(name: str, directory, architecture: str, **overrides) -> str:
+    """`name`'s tiny config as a checkpoint's config.json (with its `architectures`) in
+    `directory`; returns the directory."""
+    import json
+    from pathlib import Path
+
+    d = config(name, **overrides).to_dict()
+    d["architectures"] = [architecture]
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "config.json").write_text(json.dumps(d, default=str))
+    return str(directory)
 
 
 def config(name: str, **overrides):

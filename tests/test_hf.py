@@ -211,6 +211,31 @@ def test_a_rank_traces_the_pieces_the_warm_plans_when_sizes_start_at_one(
     assert compiled.counter.num_graphs_seen == 1
 
 
+def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tmp_path) -> None:
+    """Gemma3 and Phi3 checkpoints (no vcr implementation) plan and run as transformers' model
+    at tp_size=1, with transformers' outputs; where that cannot stand in, vcr's error says why."""
+    from vllm_compile_ray.planning import intake
+
+    for name, arch in (("gemma3_text", "Gemma3ForCausalLM"), ("phi3", "Phi3ForCausalLM")):
+        ckpt = hf_models.save_config(name, tmp_path / name, arch)
+        built = intake.build(ckpt, device="cpu", num_layers=3)
+        assert type(built.module).__name__ == arch and built.module.config.num_hidden_layers == 3
+        reference = intake.build(ckpt, device="cpu", num_layers=3).module  # same seed
+        config = vcr.CompilationConfig(compile_sizes=[4], **EAGER,
+                                       cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c")))
+        compiled = vcr.compile(built.module, config)
+        for n in (4, 9):
+            ids = hf_models.tokens(n, seed=n)
+            assert (compiled(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5
+        assert len(compiled.plan.pieces) == 4  # split at its 3 attentions
+    with pytest.raises(UnsupportedModelError, match=r"Phi3ForCausalLM.*not tensor-parallel"):
+        intake.build(str(tmp_path / "phi3"), tp_size=2)
+    quantized = hf_models.save_config("phi3", tmp_path / "q", "Phi3ForCausalLM",
+                                      quantization_config={"quant_method": "fp8"})
+    with pytest.raises(UnsupportedModelError, match="quantized checkpoint"):
+        intake.build(quantized)
+
+
 def test_planning_on_cpu_keeps_tied_weights_tied() -> None:
     from vllm_compile_ray.planning import intake
 

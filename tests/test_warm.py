@@ -161,6 +161,32 @@ def test_the_first_rank_restores_the_model_warm_traced(warmed) -> None:
         torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
 
 
+def test_a_checkpoint_vcr_has_no_model_for_warms_and_its_rank_restores(ray_local, tmp_path) -> None:
+    """A Gemma3 config.json (transformers' model at tp_size=1: `hf_config`) through the user's
+    path: warm compiles its pieces and traces it; a rank restores and compiles nothing."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_models
+
+    from vllm_compile_ray.planning import intake
+    from vllm_compile_ray.runtime.load import load
+
+    ckpt = hf_models.save_config("gemma3_text", tmp_path / "gemma3", "Gemma3ForCausalLM")
+    config = eager(str(tmp_path / "cache")).replace(compile_sizes=(1, 4))
+    lines: list[str] = []
+    summary = warm(ckpt, config, progress=lines.append, **SLOT)
+    assert summary.ok and summary.compiled == 9  # first, middle, last layer x (dynamic, 1, 4)
+    assert "traced model for the ranks: published" in lines
+    model = intake.build(ckpt, device="cpu").module
+    compiled = load(model, config.replace(on_miss="error"), model_name=ckpt)
+    assert compiled.report.dynamo == "restored" and compiled.report.compiles == 0
+    reference = intake.build(ckpt, device="cpu").module
+    ids = hf_models.tokens(6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 def test_a_tp_rank_restores_what_warm_traced_in_a_group_of_its_size(ray_local, tmp_path) -> None:
     """With tp_size > 1 the warm task traces under a process group of that size that
     communicates nothing: a rank under its TP group restores it; a process without a group

@@ -52,7 +52,7 @@ def warm(**opts: Any) -> None:
     from ..orchestration.options import RetryOptions
     from ..orchestration.warm import warm as warm_fn
 
-    intake.check(opts["model"])  # an unknown model fails before Ray starts
+    intake.check(opts["model"], opts["tp"])  # an unknown model fails before Ray starts
     json_to_stdout = opts["summary_json"] == "-"
     summary = warm_fn(opts["model"], make_config(opts), tp_size=opts["tp"],
                       num_layers=opts["num_layers"], compute=make_compute(opts),

@@ -96,7 +96,7 @@ def warm(model: str | torch.nn.Module, config: CompilationConfig | None = None, 
                        dict(compute.resources))  # gpus 0 when None: on cuda sized once connected
     name = model if isinstance(model, str) else (model_name or type(model).__name__)
     if isinstance(model, str):
-        intake.check(model)  # an unknown model fails before Ray starts
+        intake.check(model, tp_size)  # an unknown model fails before Ray starts
     else:
         model = ModelSpec(model, example_inputs)
     store = open_store(config)

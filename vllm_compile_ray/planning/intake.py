@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from . import hf_config
 from .inputs import ExampleInputs
 
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -49,7 +50,8 @@ def build(spec: str, *, tp_size: int = 1, rank: int = 0, device: str | torch.dev
           num_layers: int | None = None, seed: int = 0, weights: str | None = None) -> ModelSpec:
     """The model `spec` names, built for `device` ("meta": shapes only, for planning). weights:
     a checkpoint for a preset or config.json model (`models.load_weights`); an entry point
-    gets it as `weights=` if it takes that argument."""
+    gets it as `weights=` if it takes that argument. A config.json vcr's models refuse is
+    transformers' model at tp_size=1 (`hf_config`)."""
     if is_entry_point(spec):
         offered = dict(tp_size=tp_size, rank=rank, device=device, num_layers=num_layers)
         if weights is not None:
@@ -57,8 +59,15 @@ def build(spec: str, *, tp_size: int = 1, rank: int = 0, device: str | torch.dev
         return _from_entry_point(spec, **offered)
     from .. import models
 
-    return ModelSpec(models.build(spec, tp_size, rank, device=device, num_layers=num_layers,
-                                  seed=seed, weights=weights))
+    try:
+        return ModelSpec(models.build(spec, tp_size, rank, device=device, num_layers=num_layers,
+                                      seed=seed, weights=weights))
+    except UnsupportedModelError as refused:
+        if spec in models.PRESETS:
+            raise
+        return ModelSpec(hf_config.build_instead(
+            models.read_config(spec), refused, tp_size=tp_size, device=device,
+            num_layers=num_layers, seed=seed, weights=weights))
 
 
 def build_for_plan(spec: str, *, tp_size: int, device_type: str,
@@ -93,14 +102,19 @@ def _empty_on(module: nn.Module, device: torch.device) -> None:
                     table[name] = empty(t)
 
 
-def check(spec: str) -> None:
+def check(spec: str, tp_size: int = 1) -> None:
     """Fail early (before Ray starts) on a spec that cannot name a model."""
     if is_entry_point(spec):
         _resolve(spec)
         return
     from .. import models
 
-    models.get_config(spec)
+    try:
+        models.get_config(spec)
+    except UnsupportedModelError as refused:
+        if spec in models.PRESETS:
+            raise
+        hf_config.check(models.read_config(spec), refused, tp_size)
 
 
 def _resolve(spec: str) -> Any:

@@ -1,0 +1,93 @@
+"""A config.json that vcr's own tensor-parallel models do not implement (another architecture,
+or a field they do not honour), built as transformers' implementation of it at tp_size=1.
+
+    vcr plan --model /ckpt/gemma-3-1b-it --device cpu --sizes 1,8   # Gemma3ForCausalLM
+
+transformers' model is the reference implementation, so nothing is approximated: the model
+splits at attention through `hf.prepare` like any transformers module. Not for tp_size > 1
+(transformers' models are not sharded) nor for a quantized checkpoint (quantization is applied
+by loading weights, so the planned model would not be the served one): those keep vcr's error,
+with the reason this route is closed. Weights (`--weights`) load through `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+
+def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size: int,
+                  device: str | torch.device, num_layers: int | None, seed: int,
+                  weights: str | None) -> nn.Module:
+    """transformers' model for config dict `d`, which vcr's models `refused`; that error, with
+    why transformers' cannot stand in, where it cannot."""
+    check(d, refused, tp_size)
+    config = _config(d, num_layers)
+    logger.warning("%s: building transformers' %s instead (tp_size=1)", refused,
+                   type(config).__name__.removesuffix("Config"))
+    return _model(config, torch.device(device), seed, weights)
+
+
+def check(d: dict[str, Any], refused: UnsupportedModelError, tp_size: int) -> None:
+    """`refused`, with why, when transformers' model cannot stand in for config dict `d`."""
+    why = _closed(d, tp_size)
+    if why:
+        raise UnsupportedModelError(f"{refused}; {why}") from None
+
+
+def _closed(d: dict[str, Any], tp_size: int) -> str:
+    """Why transformers' implementation cannot stand in for `d` ("" when it can)."""
+    if tp_size != 1:
+        return (f"transformers' implementation, which serves it at tp_size=1, is not "
+                f"tensor-parallel (tp_size={tp_size})")
+    if d.get("quantization_config"):
+        return ("a quantized checkpoint is quantized as its weights load, so its config alone "
+                "does not build the served model")
+    from transformers import CONFIG_MAPPING
+
+    if d.get("model_type") not in CONFIG_MAPPING:
+        return f"transformers knows no model_type={d.get('model_type')!r} either"
+    return ""
+
+
+def _config(d: dict[str, Any], num_layers: int | None) -> Any:
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
+    config = AutoConfig.for_model(d["model_type"], **fields)
+    if num_layers is not None:
+        text = config.get_text_config()
+        if not 1 <= num_layers <= text.num_hidden_layers:
+            raise ConfigError(f"num_layers={num_layers} is invalid: the model has "
+                              f"{text.num_hidden_layers} layers")
+        text.num_hidden_layers = num_layers
+        if isinstance(getattr(text, "layer_types", None), list):
+            text.layer_types = text.layer_types[:num_layers]
+    return config
+
+
+def _model(config: Any, device: torch.device, seed: int, weights: str | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if weights is not None:
+        if device.type == "meta":
+            raise ConfigError("weights= needs a real device, not meta")
+        model = AutoModelForCausalLM.from_pretrained(weights, config=config, dtype=dtype)
+        return model.to(device).eval()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if device.type != "meta":  # some architectures leave a norm or buffer uninitialized
+        with torch.no_grad():
+            for p in model.parameters():
+                if not torch.isfinite(p).all():
+                    p.normal_(0, 0.02)
+    return model.eval()
