@@ -184,13 +184,12 @@ def test_a_cpu_warm_plans_the_experts_code_its_ranks_run(tmp_path: Path, monkeyp
     assert planned.keys == rank.keys
 
 
-def test_a_rank_traces_the_pieces_the_warm_plans_when_sizes_start_at_one(
-        tmp_path: Path, monkeypatch) -> None:
-    """A rank traces at the size the warm plans at, not at the first compile size: at 1 token
-    dynamo specialized DeepSeek-V3's experts (`arange(2)` for `arange(2 * tokens)`), a graph
-    whose pieces the warm never compiled. Its outputs match transformers'. (A call at 1 token
-    is outside this graph's guards, `2 <= tokens` from `copy_`'s overlap check, and traces
-    again: README, troubleshooting.)"""
+def test_a_deepseek_rank_loads_only_pieces_the_warm_planned(tmp_path: Path, monkeypatch) -> None:
+    """DeepSeek-V3 through transformers, sizes from 1: a rank traces at the size the warm plans
+    at (at 1 token dynamo specialized its experts: `arange(2)` for `arange(2 * tokens)`), and
+    its warm-up at 1 token, outside that graph's guards (`2 <= tokens`, from `copy_`), traces a
+    second graph keyed for size 1 alone: the warm plans both, as the rank does. Its outputs
+    match transformers' at every size."""
     from vllm_compile_ray.orchestration.warm_plan import draft_plan
     from vllm_compile_ray.runtime.load import load
 
@@ -201,14 +200,16 @@ def test_a_rank_traces_the_pieces_the_warm_plans_when_sizes_start_at_one(
     config = vcr.CompilationConfig(compile_sizes=[1, 2], **EAGER,
                                    cache=vcr.CacheConfig(cache_dir=str(tmp_path / "cache")))
     reference = hf_models.build("deepseek_v3")
-    compiled = load(hf_models.build("deepseek_v3"), config, model_name="ds_models:build",
-                    warmup=False)
+    compiled = load(hf_models.build("deepseek_v3"), config, model_name="ds_models:build")
     planned = draft_plan("ds_models:build", config, 1, None, "cpu", None)
-    assert set(planned.rekeyed(compiled.backend.key_context).keys) == set(compiled.plan.keys)
-    for n in (2, 5):
+    assert planned.graphs == len(compiled.backend.plans) == 2
+    rank_keys = {k for plan in compiled.backend.plans for k in plan.keys}
+    assert set(planned.rekeyed(compiled.backend.key_context).keys) == rank_keys
+    assert set(compiled.backend.plans[1].shapes) == {1}
+    for n in (1, 2, 5):
         ids = hf_models.tokens(n, seed=n)
         assert (compiled(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5
-    assert compiled.counter.num_graphs_seen == 1
+    assert compiled.counter.num_graphs_seen == 2
 
 
 def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tmp_path) -> None:

@@ -36,8 +36,7 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
     from ..planning.inputs import example_call
     from ..runtime import aot
     from ..runtime.api import compile as compile_model
-    from ..runtime.api import model_device
-    from ..runtime.load import trace_size
+    from ..runtime.api import model_device, trace_size
 
     if tp_size > 1 and not _fake_group(tp_size):
         return f"off: this torch makes no fake process group of {tp_size} ranks to trace in"

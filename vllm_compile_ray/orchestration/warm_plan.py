@@ -13,11 +13,9 @@ from ..compiling.compiler_interface import make_compiler
 from ..config import CompilationConfig
 from ..errors import VcrError
 from ..planning import intake
-from ..planning.hf import maybe_prepare
-from ..planning.inputs import example_call
 from ..planning.intake import ModelSpec
-from ..planning.plan import CompileTask, Plan, capture, plan_graph
-from ..runtime.api import PLAN_TOKENS, key_context, model_device
+from ..planning.plan import CompileTask, Plan
+from ..runtime.api import key_context, plan_model
 from ..torch_private import ops
 
 # Matmuls Inductor lowers through its GEMM autotuning (tuned_mm / tuned_addmm / tuned_bmm).
@@ -52,16 +50,14 @@ def gemm_count(graph: fx.GraphModule) -> int:
 def draft_plan(model: str | ModelSpec, config: CompilationConfig, tp_size: int,
                num_layers: int | None, device_type: str,
                fingerprint: dict[str, str] | None) -> Plan:
-    """Capture (on meta; a CPU target on CPU: `intake.build_for_plan`), split and key; keyed for `fingerprint`, or for none yet when None (a
-    compile node is computing it: `keyed` keys the plan again once it has come). Its tasks
-    are the run's, whatever the fingerprint."""
+    """Capture (on meta; a CPU target on CPU: `intake.build_for_plan`), split and key
+    (`plan_model`); keyed for `fingerprint`, or for none yet when None (a compile node is
+    computing it: `keyed` keys the plan again once it has come). Its tasks are the run's,
+    whatever the fingerprint."""
     spec = intake.build_for_plan(model, tp_size=tp_size, device_type=device_type,
                                  num_layers=num_layers) if isinstance(model, str) else model
-    module = maybe_prepare(spec.module)
-    args, kwargs = example_call(module, spec.example_inputs, PLAN_TOKENS, model_device(module))
-    gm = capture(module, args, kwargs, config.dynamic_dims)
-    context = key_context(config, make_compiler(config), device_type, fingerprint or {})
-    return plan_graph(gm, config, context, device_type)
+    return plan_model(spec.module, config, device_type=device_type,
+                      fingerprint=fingerprint or {}, example_inputs=spec.example_inputs)
 
 
 def keyed(draft: Plan, config: CompilationConfig, device_type: str,

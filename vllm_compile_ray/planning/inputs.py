@@ -60,11 +60,13 @@ def example_call(model: nn.Module, example_inputs: ExampleInputs | None, num_tok
 
 
 def mark_dynamic(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
-                 dynamic_dims: Mapping[str, int] | None = None) -> None:
-    """Mark the token dim of each argument that carries it (see the module docstring)."""
+                 dynamic_dims: Mapping[str, int] | None = None) -> int | None:
+    """Mark the token dim of each argument that carries it (see the module docstring); returns
+    the call's token count (None: no argument carries it)."""
     wanted = dict(dynamic_dims) if dynamic_dims else DEFAULT_DYNAMIC_DIMS
     bound = _bind(model, args, kwargs)
     marked: set[int] = set()
+    tokens = None
     for name, dim in wanted.items():
         value = bound.get(name)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -73,19 +75,21 @@ def mark_dynamic(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
                                   f"{value.dim()}-d argument of shape {tuple(value.shape)}")
             dynamo.mark_dynamic(value, dim % value.dim())
             marked.add(id(value))
+            tokens = value.shape[dim] if tokens is None else tokens
     if dynamic_dims:
         unknown = sorted(set(dynamic_dims) - set(bound))
         if unknown:
             raise ConfigError(f"dynamic_dims names {unknown}, which the call does not pass; "
                               f"its arguments: {sorted(bound)}")
-        return
+        return tokens
     tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not tensors or id(tensors[0]) in marked:
-        return
+        return tokens
     # The first argument has no token name (forward(self, x)): dim 0 of each tensor as long as it.
     for tensor in tensors:
         if id(tensor) not in marked and tensor.shape[0] == tensors[0].shape[0]:
             dynamo.mark_dynamic(tensor, 0)
+    return tensors[0].shape[0]
 
 
 def _bind(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:

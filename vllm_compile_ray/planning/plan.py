@@ -52,8 +52,9 @@ class Plan:
     split_gm: fx.GraphModule
     items: list[SplitItem]
     pieces: list[PlannedPiece]
-    shapes: tuple[int | str, ...]
+    shapes: tuple[int | str, ...]  # the first graph's (`plan_graphs`)
     key_context: KeyContext
+    graphs: int = 1  # dynamo graphs whose pieces it holds (`plan_graphs`)
 
     def tasks(self) -> list[CompileTask]:
         """Unique (piece, shape) tasks, in graph order; identical layers appear once."""
@@ -75,20 +76,24 @@ class Plan:
         for p in self.pieces:
             if id(p.piece) not in keys:
                 keys[id(p.piece)] = {shape: key_context.key(p.piece.code, p.piece.input_specs,
-                                                             shape) for shape in self.shapes}
+                                                             shape) for shape in p.keys}
             pieces.append(PlannedPiece(p.submod_name, p.graph_id, p.piece, p.code_id,
                                        keys[id(p.piece)]))
-        return Plan(self.split_gm, self.items, pieces, self.shapes, key_context)
+        return Plan(self.split_gm, self.items, pieces, self.shapes, key_context, self.graphs)
 
     def summary(self) -> dict[str, Any]:
         return {"pieces": len(self.pieces), "splitting_pieces": sum(i.is_splitting_graph for i in self.items),
                 "unique_pieces": len({p.code_id for p in self.pieces}), "shapes": list(self.shapes),
-                "tasks": len(self.tasks()), "fingerprint": self.key_context.fingerprint_id}
+                "tasks": len(self.tasks()), "graphs": self.graphs,
+                "fingerprint": self.key_context.fingerprint_id}
 
 
 def plan_graph(gm: fx.GraphModule, config: CompilationConfig, key_context: KeyContext,
-               device_type: str | None = None) -> Plan:
-    """Split `gm` (whole, for "dynamo_once"), canonicalize each compiled piece and key it."""
+               device_type: str | None = None,
+               shapes: Sequence[int | str] | None = None) -> Plan:
+    """Split `gm` (whole, for "dynamo_once"), canonicalize each compiled piece and key it for
+    `shapes` (default: the config's)."""
+    shapes = tuple(shapes) if shapes is not None else config.shapes
     splitting_ops = config.splitting_ops if config.compilation_level == "piecewise" else ()
     check_splitting_ops(gm, splitting_ops)
     split_gm, items = split_graph(gm, splitting_ops)
@@ -105,12 +110,12 @@ def plan_graph(gm: fx.GraphModule, config: CompilationConfig, key_context: KeyCo
         if twin is None:
             piece = canonicalize(item.graph, device_type)
             keys = {shape: key_context.key(piece.code, piece.input_specs, shape)
-                    for shape in config.shapes}
+                    for shape in shapes}
             twin = seen[signature] = PlannedPiece(item.submod_name, item.graph_id, piece,
                                                   code_id(piece.code), keys)
         pieces.append(PlannedPiece(item.submod_name, item.graph_id, twin.piece, twin.code_id,
                                    twin.keys))
-    return Plan(split_gm, items, pieces, config.shapes, key_context)
+    return Plan(split_gm, items, pieces, shapes, key_context)
 
 
 def check_splitting_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> None:
@@ -129,19 +134,52 @@ def check_splitting_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> N
                    "own calls vllm_compile_ray.models.ops.attention)", unmatched)
 
 
-def run_dynamo(model: torch.nn.Module, backend: Callable, args: Sequence[Any],
-               kwargs: dict[str, Any] | None = None,
-               dynamic_dims: dict[str, int] | None = None) -> Any:
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    kwargs = kwargs or {}
-    mark_dynamic(model, args, kwargs, dynamic_dims)
-    try:
-        with dynamo.capture_settings(), torch.no_grad():
-            return compiled(*args, **kwargs)
-    except Exception as exc:
-        if dynamo.is_unsupported(exc):
-            raise_traced_error(exc)
-        raise
+def capture_calls(model: torch.nn.Module, calls: Sequence[tuple[Sequence[Any], dict[str, Any]]],
+                  dynamic_dims: dict[str, int] | None = None
+                  ) -> list[tuple[fx.GraphModule, int | None]]:
+    """The dynamo graphs of `model` for `calls`, in order, as one compiled model traces them:
+    the first call traces; a later one outside every graph's guards traces another. Each with
+    the token count of the call that traced it. The graphs run for their outputs' shapes only
+    (`dynamo.shapes_only`): a model of uninitialized CPU tensors computes nothing."""
+    graphs: list[tuple[fx.GraphModule, int | None]] = []
+    size: list[int | None] = [None]
+
+    def record(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append((gm, size[0]))
+        return dynamo.shapes_only(gm)
+
+    compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
+    for args, kwargs in calls:
+        size[0] = mark_dynamic(model, args, kwargs, dynamic_dims)
+        try:
+            with dynamo.capture_settings(), torch.no_grad():
+                compiled(*args, **kwargs)
+        except Exception as exc:
+            if dynamo.is_unsupported(exc):
+                raise_traced_error(exc)
+            raise
+    return graphs
+
+
+def later_graph_shapes(config: CompilationConfig, size: int | None
+                       ) -> tuple[int | str, ...] | None:
+    """The shapes to key a graph that a call outside the first graph's guards traced: that
+    call's size when it is a static compile size (a graph dynamo traced for 1 token may hold
+    constants of it: `arange(2)` for `arange(2 * tokens)`), else every shape (None)."""
+    return (size,) if size in config.compile_sizes else None
+
+
+def plan_graphs(graphs: Sequence[tuple[fx.GraphModule, int | None]], config: CompilationConfig,
+                key_context: KeyContext, device_type: str | None = None) -> Plan:
+    """One plan of `capture_calls`' graphs: the first keyed for every shape, a later one as a
+    rank's backend keys it (`later_graph_shapes`); its tasks are all of theirs."""
+    plans = [plan_graph(gm, config, key_context, device_type,
+                        shapes=later_graph_shapes(config, size) if i else None)
+             for i, (gm, size) in enumerate(graphs)]
+    first = plans[0]
+    return Plan(first.split_gm, [i for p in plans for i in p.items],
+                [piece for p in plans for piece in p.pieces], first.shapes, key_context,
+                graphs=len(plans))
 
 
 def raise_traced_error(exc: BaseException) -> None:
@@ -167,13 +205,7 @@ def capture(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any] 
             dynamic_dims: dict[str, int] | None = None) -> fx.GraphModule:
     """The dynamo graph of `model(*args, **kwargs)` with a dynamic num_tokens (works on the
     meta device; `inputs.mark_dynamic` says which dims)."""
-    graphs: list[fx.GraphModule] = []
-
-    def record(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        graphs.append(gm)
-        return gm.forward
-
-    run_dynamo(model, record, args, kwargs, dynamic_dims)
+    graphs = capture_calls(model, [(args, kwargs or {})], dynamic_dims)
     if len(graphs) != 1:
         raise RuntimeError(f"expected dynamo to capture one graph, got {len(graphs)}")
-    return graphs[0]
+    return graphs[0][0]

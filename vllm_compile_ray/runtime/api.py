@@ -20,7 +20,7 @@ from ..errors import VcrError
 from ..keys import KeyContext
 from ..planning.hf import maybe_prepare
 from ..planning.inputs import ExampleInputs, example_call, mark_dynamic
-from ..planning.plan import Plan, capture, plan_graph, raise_traced_error
+from ..planning.plan import Plan, capture_calls, plan_graphs, raise_traced_error
 from ..torch_private import aot_compile, dynamo, inductor
 from .backend import VcrBackend
 from .manager import CompilerManager
@@ -94,7 +94,8 @@ class CompiledModel:
                     if not aot_compile.is_guard_failure(exc):
                         raise
                     self._guard_miss(str(exc)[:3000])
-        mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
+        self.backend.call_size = mark_dynamic(self.model, args, kwargs,
+                                              self.backend.config.dynamic_dims)
         try:
             with dynamo.capture_settings(), torch.no_grad():
                 return self._compiled(*args, **kwargs)
@@ -176,7 +177,33 @@ def plan_model(model: torch.nn.Module, config: CompilationConfig, *, device_type
     model = maybe_prepare(model)
     compiler = make_compiler(config, pass_manager)
     context = key_context(config, compiler, device_type, fingerprint, pass_manager)
-    call_args, call_kwargs = (tuple(args), {}) if args is not None else example_call(
-        model, example_inputs, PLAN_TOKENS, model_device(model))
-    gm = capture(model, call_args, call_kwargs, config.dynamic_dims)
-    return plan_graph(gm, config, context, device_type)
+    if args is not None:
+        calls = [(tuple(args), {})]
+    else:
+        calls = [example_call(model, example_inputs, n, model_device(model))
+                 for n in plan_sizes(config)]
+    return plan_graphs(capture_calls(model, calls, config.dynamic_dims), config, context,
+                       device_type)
+
+
+def plan_sizes(config: CompilationConfig) -> list[int]:
+    """The token counts a plan calls the model at, as a rank does: where it traces
+    (`trace_size`), then each static compile size (its warm-up). A size outside the guards of
+    what the calls before traced traces another graph (DeepSeek-V3 and Qwen3-Next exclude 1
+    token): the plan has its pieces too."""
+    first = trace_size(config)
+    return [first, *(n for n in config.compile_sizes if n != first)]
+
+
+def trace_size(config: CompilationConfig) -> int:
+    """The token count of the call a rank traces (or restores) at; its traced model's key has
+    it, so `vcr warm`'s traced-model task calls at the same size. The size the warm plans at
+    (PLAN_TOKENS) when an artifact takes it, else the static size past 1 nearest to it: at 1
+    token dynamo specializes what broadcasts over the token dim (DeepSeek-V3's experts traced
+    `arange(2)` for `arange(2 * tokens)`), and model code may branch on the size."""
+    sizes = config.compile_sizes
+    if config.compile_dynamic or PLAN_TOKENS in sizes or not sizes:
+        return PLAN_TOKENS
+    past_one = [s for s in sizes if s > 1] or list(sizes)
+    return min(past_one, key=lambda s: (abs(s - PLAN_TOKENS), s))
+

@@ -18,7 +18,7 @@ from ..errors import CacheMissError
 from ..keys import KeyContext
 from ..models.presets import PRESETS
 from ..planning.intake import is_entry_point
-from ..planning.plan import Plan, PlannedPiece, plan_graph
+from ..planning.plan import Plan, PlannedPiece, later_graph_shapes, plan_graph
 from .manager import CompilerManager, LoadedPiece
 from .piece_runner import PieceRunner
 
@@ -56,12 +56,14 @@ class VcrBackend:
         self.model_name = model_name
         self.plans: list[Plan] = []
         self.runners: dict[str, PieceRunner] = {}
+        self.call_size: int | None = None  # tokens of the call dynamo traces (`CompiledModel`)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         counter, monitor = self.manager.counter, self.manager.monitor
         counter.num_graphs_seen += 1
+        shapes = later_graph_shapes(self.config, self.call_size) if self.plans else None
         with monitor.timed("plan"):
-            plan = plan_graph(gm, self.config, self.key_context, self.device_type)
+            plan = plan_graph(gm, self.config, self.key_context, self.device_type, shapes)
         self.plans.append(plan)
         counter.num_piecewise_graphs_seen += len(plan.items)
         counter.num_piecewise_capturable_graphs_seen += len(plan.pieces)

@@ -41,7 +41,7 @@ from ..planning.inputs import ExampleInputs, as_call, example_call
 from ..torch_private import inductor_metrics
 from ..torch_private.dynamo import backend_failure_cause
 from . import aot
-from .api import PLAN_TOKENS, CompiledModel, compile as compile_model, model_device, open_store
+from .api import CompiledModel, compile as compile_model, model_device, open_store, trace_size
 from .backend import VcrBackend
 
 try:
@@ -54,19 +54,6 @@ logger = logging.getLogger(__name__)
 # The stats actor of the warm driver (stats.py): named, namespaced, aggregates startup reports.
 STATS_ACTOR = "vcr_stats"
 STATS_NAMESPACE = "vllm_compile_ray"
-
-
-def trace_size(config: CompilationConfig) -> int:
-    """The token count of the call a rank traces (or restores) at; its traced model's key has
-    it, so `vcr warm`'s traced-model task calls at the same size. The size the warm plans at
-    (PLAN_TOKENS) when an artifact takes it, else the static size past 1 nearest to it: at 1
-    token dynamo specializes what broadcasts over the token dim (DeepSeek-V3's experts traced
-    `arange(2)` for `arange(2 * tokens)`), and model code may branch on the size."""
-    sizes = config.compile_sizes
-    if config.compile_dynamic or PLAN_TOKENS in sizes or not sizes:
-        return PLAN_TOKENS
-    past_one = [s for s in sizes if s > 1] or list(sizes)
-    return min(past_one, key=lambda s: (abs(s - PLAN_TOKENS), s))
 
 
 @dataclass

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +59,22 @@ def capture_settings() -> Iterator[None]:
     with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20), \
             shape_config.patch(backed_size_oblivious=True):
         yield
+
+
+def shapes_only(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """`gm` run for its outputs' shapes alone: under a fake mode, its outputs handed back as
+    uninitialized tensors (no compute, no memory touched). What a plan's calls run: a model of
+    uninitialized CPU tensors (`intake.build_for_plan`) must not compute at every size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import _pytree as pytree
+
+    def run(*args: Any) -> Any:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = gm(*args)
+        return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_strided(
+            t.shape, t.stride(), dtype=t.dtype, device=t.device), out)
+
+    return run
 
 
 def is_unsupported(exc: BaseException) -> bool:
