@@ -159,3 +159,44 @@ def test_graphs_with_global_state_use_split_module() -> None:
     graph.output(y)
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     assert _split_by_structure(gm, {n: 0 for n in graph.nodes}) is None
+
+
+class OneTokenBranch(torch.nn.Module):
+    """Code that branches on a single token: the graph traced at 8 tokens guards it away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.ops.vcrtest.mix(self.w(x))
+        return y * 2 if x.shape[0] == 1 else y + 1
+
+
+def test_a_size_outside_the_traced_guards_plans_a_graph_for_that_size_alone(tmp_path) -> None:
+    """The plan calls the model as a rank does (8 tokens, then each static size); the call at 1
+    token traces a second graph, keyed for size 1 alone, as the rank's backend keys it."""
+    import vllm_compile_ray as vcr
+    from vllm_compile_ray.runtime.api import plan_model
+
+    config = CompilationConfig(backend="eager", compile_sizes=[1, 4],
+                               splitting_ops=("vcrtest::mix",),
+                               cache=CacheConfig(cache_dir=str(tmp_path)))
+    inputs = lambda n, device: (torch.randn(n, 8, device=device),)  # noqa: E731
+    fingerprint = {"device_type": "cpu", "note": "test"}
+    plan = plan_model(OneTokenBranch(), config, device_type="cpu", fingerprint=fingerprint,
+                      example_inputs=inputs)
+    assert plan.graphs == 2 and plan.summary()["graphs"] == 2
+    shapes = sorted(str(t.shape) for t in plan.tasks())
+    # first graph: 2 pieces x (dynamic, 1, 4); the second: its pieces x (1) (the one around the
+    # splitting op is shared with the first)
+    assert shapes.count("1") == 3 and shapes.count("4") == 2 and shapes.count("dynamic") == 2
+
+    model = OneTokenBranch()
+    compiled = vcr.compile(model, config)
+    for n in (8, 1, 4):
+        x = torch.randn(n, 8)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert [p.shapes for p in compiled.backend.plans] == [config.shapes, (1,)]
+    assert set(compiled.backend.plans[0].keys) | set(compiled.backend.plans[1].keys) == \
+        set(plan.rekeyed(compiled.backend.key_context).keys)

@@ -462,7 +462,10 @@ TOUCHES: list[Touch] = [
           "aot_compile.TracedModel.deserialize_compile_artifacts",
           call(shape_env=S)),
     Touch("torch._subclasses.fake_tensor:FakeTensor._is_view", "aot_compile._unviewed"),
-    Touch("torch.utils._pytree:tree_map_only", "aot_compile._unviewed", call(S, S, S)),
+    Touch("torch.utils._pytree:tree_map_only", "aot_compile._unviewed, dynamo.shapes_only",
+          call(S, S, S)),
+    Touch("torch._subclasses.fake_tensor:FakeTensorMode", "dynamo.shapes_only",
+          call(allow_non_fake_inputs=True), aspect="non_fake_inputs"),
     # dynamo: marking, settings, errors (inputs.py, plan.py, api.py, load.py, aot_compile.py)
     Touch("torch._C:_is_torch_function_enabled", "dynamo.global_state", _returns_bool),
     Touch("torch._C:_is_torch_function_all_disabled", "dynamo.global_state", _returns_bool),
