@@ -229,6 +229,17 @@ def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tm
             ids = hf_models.tokens(n, seed=n)
             assert (compiled(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5
         assert len(compiled.plan.pieces) == 4  # split at its 3 attentions
+    saved = hf_models.build("phi3", num_hidden_layers=2)  # a checkpoint with its weights,
+    with torch.no_grad():  # not the ones a seed gives
+        for p in saved.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    saved.save_pretrained(tmp_path / "phi3-ckpt")
+    loaded = intake.build(str(tmp_path / "phi3-ckpt"), device="cpu",
+                          weights=str(tmp_path / "phi3-ckpt")).module
+    ids = hf_models.tokens(5)
+    torch.testing.assert_close(logits(loaded, ids), logits(saved, ids), rtol=0, atol=0)
+    unloaded = intake.build(str(tmp_path / "phi3-ckpt"), device="cpu").module
+    assert (logits(unloaded, ids) - logits(saved, ids)).abs().max() > 1e-3
     with pytest.raises(UnsupportedModelError, match=r"Phi3ForCausalLM.*not tensor-parallel"):
         intake.build(str(tmp_path / "phi3"), tp_size=2)
     quantized = hf_models.save_config("phi3", tmp_path / "q", "Phi3ForCausalLM",
