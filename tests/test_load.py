@@ -185,7 +185,7 @@ def test_miss_policies_error_then_publish_then_nothing(tmp_path: Path, s3_bucket
     r = second.report
     assert (r.misses, r.compiles, r.hits, r.downloaded, r.staged) == (0, 0, 6, 6, 0)
     assert r.keys_id == first.report.keys_id and r.bytes_loaded > 0
-    assert r.warm_sizes == (4, 1)  # trace at 4, then one size the dynamic artifact takes
+    assert r.warm_sizes == (8, 4)  # trace at 8 (the dynamic artifact), then the static size
     # A restart on that node reads its staging dir and downloads nothing.
     third = vcr.load(model, cfg_b, model_name="llama-tiny")
     assert (third.report.downloaded, third.report.staged, third.report.compiles) == (0, 6, 0)
@@ -204,7 +204,7 @@ def test_on_miss_eager_runs_eagerly_and_counts(tmp_path: Path, s3_bucket: str,
     compiled = vcr.load(model, cfg, model_name="llama-tiny")
     r = compiled.report
     assert (r.misses, r.compiles, r.hits) == (6, 0, 0)
-    assert r.eager_fallbacks == 3  # the trace call at size 4: each of the 3 pieces ran eagerly
+    assert r.eager_fallbacks == 6  # the trace call at 8 and the warm-up at 4: 3 pieces each
     with compiled.counter.expect(num_fallback_eager_calls=3, num_backend_compilations=0):
         out = compiled(*inputs(7))
     torch.testing.assert_close(out, model(*inputs(7)), rtol=0, atol=0)
