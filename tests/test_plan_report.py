@@ -30,3 +30,19 @@ def test_total_params_of_a_sharded_model_is_the_whole_model() -> None:
     assert abs(total_params(rank) - 46.70e9) / 46.70e9 < 0.005
     assert warm_command("m", 1, (4,), device="cpu") == \
         "vcr warm --model m --tp 1 --device cpu --sizes 4 --no-dynamic --cache URL"
+
+
+def test_report_counts_what_a_size_outside_the_first_graphs_guards_adds() -> None:
+    """DeepSeek-V3 (transformers, on meta): its graph excludes 1 token, so the plan holds the
+    graph dynamo traces at 1, and the line says what it adds."""
+    import hf_models
+
+    module = hf_models.build("deepseek_v3", device="meta")
+    config = CompilationConfig(backend="eager", use_inductor=False, compile_sizes=(1, 2))
+    plan = plan_model(module, config, device_type="cuda", fingerprint={"device_type": "cuda"})
+    _, params, line, _ = plan_report("ds", module, plan, tp_size=1).splitlines()
+    assert line == ("plan: 5 pieces, 4 unique x 3 shapes (dynamic, 1, 2) = 12 compile tasks, "
+                    "+ 2 for the graph(s) dynamo traces at size 1 (outside the first graph's "
+                    "guards) = 14")
+    assert plan.graphs == 2 and len(plan.tasks()) == 14
+    assert "total unknown" not in params  # a transformers model is whole at tp 1

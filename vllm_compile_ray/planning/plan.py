@@ -54,7 +54,14 @@ class Plan:
     pieces: list[PlannedPiece]
     shapes: tuple[int | str, ...]  # the first graph's (`plan_graphs`)
     key_context: KeyContext
-    graphs: int = 1  # dynamo graphs whose pieces it holds (`plan_graphs`)
+    # Graphs after the first (`plan_graphs`): the sizes of the calls that traced them; their
+    # pieces follow the first graph's `first_pieces`.
+    later_sizes: tuple[int | None, ...] = ()
+    first_pieces: int | None = None
+
+    @property
+    def graphs(self) -> int:
+        return 1 + len(self.later_sizes)
 
     def tasks(self) -> list[CompileTask]:
         """Unique (piece, shape) tasks, in graph order; identical layers appear once."""
@@ -79,7 +86,8 @@ class Plan:
                                                              shape) for shape in p.keys}
             pieces.append(PlannedPiece(p.submod_name, p.graph_id, p.piece, p.code_id,
                                        keys[id(p.piece)]))
-        return Plan(self.split_gm, self.items, pieces, self.shapes, key_context, self.graphs)
+        return Plan(self.split_gm, self.items, pieces, self.shapes, key_context,
+                    self.later_sizes, self.first_pieces)
 
     def summary(self) -> dict[str, Any]:
         return {"pieces": len(self.pieces), "splitting_pieces": sum(i.is_splitting_graph for i in self.items),
@@ -179,7 +187,7 @@ def plan_graphs(graphs: Sequence[tuple[fx.GraphModule, int | None]], config: Com
     first = plans[0]
     return Plan(first.split_gm, [i for p in plans for i in p.items],
                 [piece for p in plans for piece in p.pieces], first.shapes, key_context,
-                graphs=len(plans))
+                tuple(size for _, size in graphs[1:]), len(first.pieces))
 
 
 def raise_traced_error(exc: BaseException) -> None:

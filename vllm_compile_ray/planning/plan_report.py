@@ -25,7 +25,8 @@ def total_params(module: nn.Module) -> int | None:
         if getattr(module, "tp_size", 1) == 1:
             return count_params(module)
         return count_params(models.build(module.config, device="meta"))
-    return count_params(module) if getattr(module, "tp_size", 1) == 1 else None
+    # transformers' models have tp_size None unless they were loaded tensor-parallel
+    return count_params(module) if getattr(module, "tp_size", None) in (None, 1) else None
 
 
 def warm_command(model: str, tp_size: int, shapes: Sequence[int | str], *, device: str = "cuda",
@@ -67,17 +68,26 @@ def plan_report(model: str, module: nn.Module, plan: Plan, *, tp_size: int, devi
     params = f"parameters: {_billions(per_rank)} per rank x tp {tp_size}, " + (
         f"{_billions(total)} total" if total is not None else "total unknown")
     params += f" ({str(dtype).removeprefix('torch.')}: {nbytes / 1e9:.1f} GB per rank)"
-    summary = plan.summary()
-    shapes = ", ".join(str(s) for s in plan.shapes)
-    lines = [
-        head,
-        params,
-        f"plan: {summary['pieces']} pieces, {summary['unique_pieces']} unique x "
-        f"{len(plan.shapes)} shapes ({shapes}) = {summary['tasks']} compile tasks",
+    lines = [head, params, _plan_line(plan),
         "fill the cache: " + warm_command(model, tp_size, plan.shapes, device=device,
                                           num_layers=num_layers, cache=cache),
     ]
     return "\n".join(lines)
+
+
+def _plan_line(plan: Plan) -> str:
+    """Pieces x shapes = tasks; and what the graphs of sizes outside the first one's guards add."""
+    first = plan.pieces[:plan.first_pieces]
+    unique = len({p.code_id for p in first})
+    first_tasks = len({k for p in first for k in p.keys.values()})
+    shapes = ", ".join(str(s) for s in plan.shapes)
+    line = (f"plan: {len(first)} pieces, {unique} unique x {len(plan.shapes)} shapes ({shapes}) "
+            f"= {first_tasks} compile tasks")
+    if plan.later_sizes:
+        sizes = ", ".join(str(s) for s in plan.later_sizes)
+        line += (f", + {len(plan.tasks()) - first_tasks} for the graph(s) dynamo traces at size "
+                 f"{sizes} (outside the first graph's guards) = {len(plan.tasks())}")
+    return line
 
 
 def _billions(n: int) -> str:
