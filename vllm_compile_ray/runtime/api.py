@@ -78,14 +78,15 @@ class CompiledModel:
         # step) has other strides, which the traced function's guards refuse (a new trace).
         args = tuple(_dense(a) for a in args)
         kwargs = {k: _dense(v) for k, v in kwargs.items()}
+        missed = ""
         if self.traced is not None:
             # Outside the traced function's guards or global state, the call goes through
             # dynamo (its own cache keeps what it traced); the traced function stays for the
             # calls within (a warm-up at 1 token that a transformers model's guards exclude
             # must not cost every later call a trace).
             if dynamo.global_state() != self.traced_state:
-                self._guard_miss("the global state (autocast, default dtype, matmul precision, "
-                                 "deterministic algorithms) is not the traced function's")
+                missed = ("the global state (autocast, default dtype, matmul precision, "
+                          "deterministic algorithms) is not the traced function's")
             else:
                 try:
                     with torch.no_grad():
@@ -93,9 +94,11 @@ class CompiledModel:
                 except RuntimeError as exc:
                     if not aot_compile.is_guard_failure(exc):
                         raise
-                    self._guard_miss(str(exc)[:3000])
+                    missed = " ".join(str(exc).split())
         self.backend.call_size = mark_dynamic(self.model, args, kwargs,
                                               self.backend.config.dynamic_dims)
+        if missed:
+            self._guard_miss(self.backend.call_size, missed)
         try:
             with dynamo.capture_settings(), torch.no_grad():
                 return self._compiled(*args, **kwargs)
@@ -107,11 +110,14 @@ class CompiledModel:
                 raise_traced_error(exc)
             raise
 
-    def _guard_miss(self, why: str) -> None:
+    def _guard_miss(self, tokens: int | None, why: str) -> None:
+        """Logged once: a size outside the traced graph's guards (DeepSeek-V3 and Qwen3-Next
+        exclude 1 token) gets a graph of its own, which the warm plans too (`plan_sizes`)."""
         self._guard_misses += 1
         if self._guard_misses == 1:
-            logger.warning("a call outside the traced function's guards traces the model with "
-                           "dynamo: %s", why)
+            logger.warning("a call at %s tokens is outside the traced function's guards: dynamo "
+                           "traces it (a graph the warm plans too for a compile size): %s",
+                           tokens, why[:400])
 
     @property
     def counter(self) -> CompilationCounter:
