@@ -206,6 +206,9 @@ def test_a_deepseek_rank_loads_only_pieces_the_warm_planned(tmp_path: Path, monk
     rank_keys = {k for plan in compiled.backend.plans for k in plan.keys}
     assert set(planned.rekeyed(compiled.backend.key_context).keys) == rank_keys
     assert set(compiled.backend.plans[1].shapes) == {1}
+    report = compiled.report
+    assert (report.graphs, report.tasks) == (2, len(rank_keys)) and report.tasks == 14
+    assert "1 more graph(s) traced for warm-up sizes outside its guards" in report.table()
     for n in (1, 2, 5):
         ids = hf_models.tokens(n, seed=n)
         assert (compiled(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5

@@ -75,8 +75,9 @@ class StartupReport:
     compile_s: float = 0.0  # local compiles on misses ("compile", "compile_and_publish")
     first_call_s: float = 0.0  # each warmed shape's first run
     total_s: float = 0.0
-    pieces: int = 0  # compiled pieces in the split graph
+    pieces: int = 0  # compiled pieces in the split graphs
     tasks: int = 0  # unique (piece, shape) keys
+    graphs: int = 1  # split graphs: more when a warm-up size was outside the first's guards
     hits: int = 0  # artifacts loaded from the cache
     misses: int = 0
     compiles: int = 0
@@ -140,9 +141,11 @@ def format_reports(reports: Sequence[StartupReport]) -> str:
             for r in sorted(reports, key=lambda r: r.rank)]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    more = reports[0].graphs - 1 if reports else 0
     title = (f"startup of {reports[0].model} on {reports[0].device} (on_miss="
-             f"{reports[0].on_miss!r}, dynamo {reports[0].dynamo or 'traced'})"
-             if reports else "startup")
+             f"{reports[0].on_miss!r}, dynamo {reports[0].dynamo or 'traced'}"
+             + (f", {more} more graph(s) traced for warm-up sizes outside its guards"
+                if more else "") + ")" if reports else "startup")
     return "\n".join([title, line(header), *(line(r) for r in rows)])
 
 
@@ -288,12 +291,13 @@ def _startup_report(compiled: CompiledModel, backend: _StartupBackend, staging: 
     def spent(name: str) -> float:
         return sum(monitor.samples.get(name, [])[samples_before.get(name, 0):])
 
-    plan = compiled.plan
+    plans = compiled.backend.plans
+    keys = sorted({key for plan in plans for key in plan.keys})
     return StartupReport(
         **fields, trace_s=backend.entered - setup_done,
         key_s=spent("plan"), fetch_s=spent("fetch"), load_s=spent("load"),
         compile_s=spent("compile"), total_s=time.perf_counter() - start,
-        pieces=len(plan.pieces), tasks=len(plan.keys),
+        pieces=sum(len(plan.pieces) for plan in plans), tasks=len(keys), graphs=len(plans),
         hits=delta.get("num_cache_hits", 0), misses=delta.get("num_cache_misses", 0),
         compiles=delta.get("num_backend_compilations", 0),
         eager_fallbacks=delta.get("num_fallback_eager_calls", 0),
@@ -301,7 +305,7 @@ def _startup_report(compiled: CompiledModel, backend: _StartupBackend, staging: 
         rejected=delta.get("num_artifacts_rejected", 0), downloaded=staging.stats.downloaded,
         staged=staging.stats.staged, bytes_loaded=delta.get("bytes_loaded", 0),
         bytes_downloaded=staging.stats.bytes_downloaded,
-        prefetched_unused=staging.unused_prefetched(), keys_id=keys_mod.digest(sorted(plan.keys)))
+        prefetched_unused=staging.unused_prefetched(), keys_id=keys_mod.digest(keys))
 
 
 def _prefetch_listed(staging: SharedStaging, backend: VcrBackend, config: CompilationConfig,
