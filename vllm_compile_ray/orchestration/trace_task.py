@@ -4,7 +4,7 @@ restores it instead of running dynamo (`load`'s "dynamo restored").
 
 It builds rank 0 of the model on the node's device (random weights: only shapes, dtypes and
 settings reach the key) under a process group of the TP size that communicates nothing, and
-makes the call `load` makes (the smallest compile size, the spec's example inputs). With a
+makes the call `load` makes (`api.trace_size` tokens, the spec's example inputs). With a
 standing pool, which may hold every compile slot, one of its workers runs it (`CompileWorker.
 trace`). Models given as an nn.Module are not rebuilt on a node: their ranks trace. A failure
 costs nothing but the first rank's trace: the summary says why.

@@ -161,7 +161,7 @@ def _unplanned(keys: list[str], expected: Collection[str] | None) -> str:
     """What the ranks load that the warm's plan lacks: the model traced another graph on the
     ranks' device than where the warm planned (code that branches on the device type: the warm
     plans a CUDA target on meta)."""
-    missing = [k for k in keys if expected is not None and k not in expected]
+    missing = [k for k in keys if k not in expected] if expected is not None else []
     if not missing:
         return ""
     logger.warning("the ranks load %d pieces the warm did not plan (%s...): the model traces "

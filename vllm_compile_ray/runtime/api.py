@@ -168,7 +168,7 @@ def example_args(num_tokens: int = 8, device: str = "meta") -> tuple[torch.Tenso
     return ids, torch.arange(num_tokens, device=device)
 
 
-PLAN_TOKENS = 8  # the token count a plan traces at (and a rank: `load.trace_size`); not 1, where
+PLAN_TOKENS = 8  # the token count a plan traces at (and a rank: `trace_size`); not 1, where
 # dynamo specializes what broadcasts over the token dim
 
 

@@ -141,12 +141,17 @@ def format_reports(reports: Sequence[StartupReport]) -> str:
             for r in sorted(reports, key=lambda r: r.rank)]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    more = reports[0].graphs - 1 if reports else 0
-    title = (f"startup of {reports[0].model} on {reports[0].device} (on_miss="
-             f"{reports[0].on_miss!r}, dynamo {reports[0].dynamo or 'traced'}"
-             + (f", {more} more graph(s) traced for warm-up sizes outside its guards"
-                if more else "") + ")" if reports else "startup")
-    return "\n".join([title, line(header), *(line(r) for r in rows)])
+    return "\n".join([_title(reports), line(header), *(line(r) for r in rows)])
+
+
+def _title(reports: Sequence[StartupReport]) -> str:
+    if not reports:
+        return "startup"
+    first = reports[0]
+    more = (f", {first.graphs - 1} more graph(s) traced for warm-up sizes outside its guards"
+            if first.graphs > 1 else "")
+    return (f"startup of {first.model} on {first.device} (on_miss={first.on_miss!r}, dynamo "
+            f"{first.dynamo or 'traced'}{more})")
 
 
 def push_report(report: StartupReport, timeout_s: float = 10.0) -> bool:
