@@ -14,12 +14,25 @@ Prints one JSON line per run and the ratios, how busy the CPUs and GPUs were in 
 phase (`utilization.py`), and where the task seconds went: Inductor's phase timers summed over
 the tasks, serial against each Ray run (a phase that grows under Ray is where it loses).
 What it reports is made in `warm_report.py`.
+
+--end-to-end measures what a user waits for instead, process start to exit, side by side:
+
+    python benchmarks/bench_warm.py --end-to-end --model llama-3-8b --num-layers 4 \\
+        --sizes 1,2,4,8,16,32,64,128,256,512 --device cuda --max-autotune
+
+  user command  `vcr warm` as the README gives it (model, sizes, cache: every other option at its
+                default), run as a process with a cold Inductor cache and an empty cache dir
+  serial        this script in a process of its own (`--serial-process`): import, plan, then
+                the loop, as one process compiles in vLLM today
+and prints one JSON line with both walls and the ratio serial / user command.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +115,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--serial-compile-threads", type=int, default=None,
                    help="Inductor compile threads of the serial loop (default: Inductor's "
                         "default on cuda, 1 on cpu); Ray tasks use their CPUs")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="time `vcr warm` with its defaults as a process against the serial loop "
+                        "as a process, start to exit (the Ray-run options above do not apply)")
+    p.add_argument("--serial-process", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -245,17 +262,67 @@ def serial_run(args: argparse.Namespace, base: CompilationConfig, root: str, com
     return serial_phases, loop_at, loop_s
 
 
+def timed_process(argv: list[str], root: str, name: str) -> dict:
+    """Run `argv` with a cold Inductor cache of its own under `root`; its wall seconds (start to
+    exit), exit code, and the last lines of its output (kept in root/name.log)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(root, f"{name}-inductor"))
+    log = os.path.join(root, f"{name}.log")
+    print(f"{name}: {' '.join(argv[1:])} (output: {log})", flush=True)
+    with open(log, "w") as f:  # written as it runs: a run cut off still shows how far it got
+        start = time.perf_counter()
+        rc = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        wall = time.perf_counter() - start
+    print(f"{name}: rc {rc}, {wall:.1f}s start to exit", flush=True)
+    with open(log) as f:
+        tail = f.read().strip().splitlines()[-12:]
+    return {"wall_s": round(wall, 2), "rc": rc, "tail": tail}
+
+
+def end_to_end(args: argparse.Namespace, root: str) -> int:
+    """The user's `vcr warm` and the serial loop, each a process from start to exit."""
+    shape = ["--model", args.model, "--tp", str(args.tp), "--num-layers", str(args.num_layers),
+             "--sizes", args.sizes, "--device", args.device, "--backend", args.backend]
+    shape += ["--no-dynamic"] * args.no_dynamic + ["--max-autotune"] * args.max_autotune
+    user = [sys.executable, "-m", "vllm_compile_ray", "warm", *shape,
+            "--cache", os.path.join(root, "user-cache")]
+    runs = {"user_command": timed_process(user, root, "user_command")}
+    if not args.skip_serial:
+        serial_argv = [sys.executable, os.path.abspath(__file__), "--serial-process", *shape]
+        serial_argv += ["--coordesc"] * args.coordesc
+        runs["serial"] = timed_process(serial_argv, root, "serial")
+    row = {"model": args.model, "tp": args.tp, "num_layers": args.num_layers,
+           "sizes": args.sizes, "dynamic": not args.no_dynamic, "device": args.device,
+           "max_autotune": args.max_autotune, "host_cpus": os.cpu_count(),
+           **{f"{k}_s": v["wall_s"] for k, v in runs.items()}}
+    if args.device == "cuda":
+        row.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count())
+    if "serial" in runs and all(v["rc"] == 0 for v in runs.values()):
+        row["ratio_end_to_end"] = round(runs["serial"]["wall_s"] / runs["user_command"]["wall_s"], 2)
+    for name, run in runs.items():
+        if run["rc"]:
+            print(f"{name} failed (rc {run['rc']}); its last lines:", *run["tail"], sep="\n")
+    print(json.dumps(row), flush=True)
+    return 0 if all(v["rc"] == 0 for v in runs.values()) else 1
+
+
 def main() -> int:
     args = parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(",") if s)
     options = {"max_autotune": True} if args.max_autotune else {}
     if args.coordesc:
         options["coordinate_descent_tuning"] = True
-    settings = run_settings(args)
     root = tempfile.mkdtemp(prefix="vcr-bench-")
+    if args.end_to_end:
+        return end_to_end(args, root)
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
                              compile_sizes=sizes, compile_dynamic=not args.no_dynamic,
                              inductor_compile_config=options)
+    if args.serial_process:
+        found: dict = {}
+        serial_run(args, base, root, found, [])
+        print(json.dumps(found), flush=True)
+        return 0
+    settings = run_settings(args)
     common: dict = {"model": args.model, "tp": args.tp, "num_layers": args.num_layers,
                     "sizes": list(sizes), "dynamic": not args.no_dynamic, "device": args.device,
                     "backend": args.backend, "options": options}
