@@ -17,6 +17,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_bench_warm_end_to_end_times_the_user_command_and_the_serial_loop_as_processes() -> None:
+    """--end-to-end: `vcr warm` as a user types it (no sizing flags) and the serial loop, each a
+    process from start to exit, both compiling every task; the ratio is theirs."""
+    tmp = tempfile.mkdtemp(prefix="vb")
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
+        out = subprocess.run(
+            [sys.executable, "benchmarks/bench_warm.py", "--end-to-end", "--model", "llama-tiny",
+             "--num-layers", "2", "--sizes", "2", "--no-dynamic", "--device", "cpu",
+             "--backend", "eager"], cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=600)
+        logs = {name: next(Path(tmp).glob(f"vcr-bench-*/{name}.log")).read_text()
+                for name in ("user_command", "serial")}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    row = json.loads(out.stdout.splitlines()[-1])
+    assert row["user_command_s"] > 0 and row["serial_s"] > 0
+    assert abs(row["ratio_end_to_end"] - row["serial_s"] / row["user_command_s"]) <= 0.01
+    command = next(x for x in out.stdout.splitlines() if x.startswith("user_command: -m"))
+    assert "vllm_compile_ray warm --model llama-tiny" in command
+    assert not re.search(r"--(max-in-flight|gpus-per-compile|cpus-per-compile|pool)", command)
+    assert "warm llama-tiny tp=1: 3 compiled, 0 cached" in logs["user_command"]
+    assert re.search(r"^serial 3/3 compile\[", logs["serial"], re.M), logs["serial"][-2000:]
+
+
 def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
     tmp = tempfile.mkdtemp(prefix="vb")  # short: Ray's socket paths live under TMPDIR
     try:

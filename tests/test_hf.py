@@ -208,11 +208,20 @@ def test_a_deepseek_rank_loads_only_pieces_the_warm_planned(tmp_path: Path, monk
     assert set(compiled.backend.plans[1].shapes) == {1}
     report = compiled.report
     assert (report.graphs, report.tasks) == (2, len(rank_keys)) and report.tasks == 14
-    assert "1 more graph(s) traced for warm-up sizes outside its guards" in report.table()
+    assert "1 more graph(s) traced+published for warm-up sizes outside its guards" in \
+        report.table()
     for n in (1, 2, 5):
         ids = hf_models.tokens(n, seed=n)
         assert (compiled(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5
     assert compiled.counter.num_graphs_seen == 2
+    # The next rank restores both functions: the size-1 one too, no dynamo trace at its warm-up
+    again = load(hf_models.build("deepseek_v3"), config, model_name="ds_models:build")
+    assert "dynamo restored, 1 more graph(s) restored for warm-up" in again.report.table()
+    assert again.report.keys_id == report.keys_id and set(again.later) == {1}
+    for n in (1, 5):
+        ids = hf_models.tokens(n, seed=n)
+        assert (again(input_ids=ids).logits - logits(reference, ids)).abs().max() <= 1e-5
+    assert again.counter.num_graphs_seen == 2
 
 
 def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tmp_path) -> None:

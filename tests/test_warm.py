@@ -248,6 +248,28 @@ def test_the_traced_model_task_counts_pieces_the_warm_did_not_plan(tmp_path) -> 
                         r"they compile at the ranks' first start", said), said
 
 
+def test_the_traced_model_task_publishes_a_graph_for_a_size_outside_its_guards(tmp_path) -> None:
+    """DeepSeek-V3's graph traced at 8 tokens excludes 1 (`2 <= tokens`): the warm's task also
+    publishes the function a rank's warm-up at 1 token needs, and the rank restores both (no
+    dynamo trace at its start); a second publish finds them present."""
+    import hf_models
+
+    from vllm_compile_ray.orchestration import trace_task
+    from vllm_compile_ray.planning import intake
+    from vllm_compile_ray.runtime.load import load
+
+    ckpt = hf_models.save_config("deepseek_v3", tmp_path / "ds", "DeepseekV3ForCausalLM")
+    config = eager(str(tmp_path / "cache")).replace(compile_sizes=(1, 2))
+    store = open_store(config)
+    said = trace_task.publish_traced(ckpt, config, store, 1, None, "cpu")
+    assert said == "published (and 1 for size(s) 1, outside its guards)", said
+    built = intake.build(ckpt, device="cpu")
+    rank = load(built.module, config, model_name=ckpt, example_inputs=built.example_inputs)
+    assert rank.report.dynamo == "restored" and rank.report.later == "restored"
+    assert rank.report.graphs == 2 and set(rank.later) == {1}
+    assert trace_task.publish_traced(ckpt, config, store, 1, None, "cpu") == "present"
+
+
 def test_manifest_lists_every_artifact(warmed) -> None:
     config, summary, _ = warmed
     store = open_store(config)

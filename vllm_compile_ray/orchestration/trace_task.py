@@ -4,10 +4,12 @@ restores it instead of running dynamo (`load`'s "dynamo restored").
 
 It builds rank 0 of the model on the node's device (random weights: only shapes, dtypes and
 settings reach the key) under a process group of the TP size that communicates nothing, and
-makes the call `load` makes (`api.trace_size` tokens, the spec's example inputs). With a
-standing pool, which may hold every compile slot, one of its workers runs it (`CompileWorker.
-trace`). Models given as an nn.Module are not rebuilt on a node: their ranks trace. A failure
-costs nothing but the first rank's trace: the summary says why.
+makes the call `load` makes (`api.trace_size` tokens, the spec's example inputs); a warm-up
+size outside the guards of what that call traced (1 token for DeepSeek-V3) gets a traced
+function of its own, published too. With a standing pool, which may hold every compile slot,
+one of its workers runs it (`CompileWorker.trace`). Models given as an nn.Module are not
+rebuilt on a node: their ranks trace. A failure costs nothing but the first rank's trace: the
+summary says why.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
     from ..planning.inputs import example_call
     from ..runtime import aot
     from ..runtime.api import compile as compile_model
-    from ..runtime.api import model_device, trace_size
+    from ..runtime.api import model_device, plan_sizes
 
     if tp_size > 1 and not _fake_group(tp_size):
         return f"off: this torch makes no fake process group of {tp_size} ranks to trace in"
@@ -46,9 +48,14 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
                              num_layers=num_layers)
         compiled = compile_model(built.module, config, store=store, model_name=spec)
         model = maybe_prepare(built.module)
-        args, kwargs = example_call(model, built.example_inputs, trace_size(config),
-                                    model_device(model))
-        return aot.publish_ahead(compiled, store, args, kwargs, planned)
+        first, *later = plan_sizes(config)
+        example_inputs = built.example_inputs
+
+        def call(size: int) -> tuple:
+            return example_call(model, example_inputs, size, model_device(model))
+
+        return aot.publish_ahead(compiled, store, *call(first), planned,
+                                 [(size, *call(size)) for size in later])
     finally:
         del built
         if tp_size > 1:

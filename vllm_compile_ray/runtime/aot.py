@@ -34,11 +34,12 @@ from typing import Any
 import torch
 
 from ..torch_private import dynamo
-from ..torch_private.aot_compile import SUPPORTED, restore, serialize, trace
+from ..torch_private.aot_compile import SUPPORTED, accepts, restore, serialize, trace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED", "dynamo_key", "publish_ahead", "restore", "serialize", "start", "trace"]
+__all__ = ["SUPPORTED", "dynamo_key", "later", "publish_ahead", "restore", "serialize", "start",
+           "trace"]
 
 
 def dynamo_key(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
@@ -116,6 +117,7 @@ def start(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, A
         return off
     key = _marked_key(compiled, args, kwargs)
     compiled.traced_state = dynamo.global_state()  # what the key holds; checked at each call
+    compiled.traced_store = store  # for the functions of calls outside its guards (`later`)
     try:
         return _restore_or_trace(compiled, store, key, args, kwargs)
     finally:  # a marked tensor fails the traced function's guards (torch >= 2.13)
@@ -123,36 +125,72 @@ def start(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, A
 
 
 def publish_ahead(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
-                  expected: Collection[str] | None = None) -> str:
+                  expected: Collection[str] | None = None,
+                  later_calls: Sequence[tuple[int, Sequence[Any], Mapping[str, Any]]] = ()
+                  ) -> str:
     """Trace `compiled`'s model for this call and publish the result, planning its graph but
     loading or compiling no piece: what `vcr warm` does so that the first rank restores too.
     `compiled` and the call must be what that rank's `load` makes (same model build, settings,
-    device type and trace size), or the key differs and the rank traces. Returns "published",
-    "present" (a rank or an earlier warm published it) or "off: <why>"; when the ranks load
-    pieces that `expected` (the warm's plan) lacks, "published" says how many."""
-    from ..planning.plan import plan_graph
-
+    device type and trace size), or the key differs and the rank traces. later_calls: the
+    rank's warm-up calls, (size, args, kwargs); one outside the traced function's guards gets
+    a function of its own, published as the rank keys it (`later`). Returns "published",
+    "present" (a rank or an earlier warm published it) or "off: <why>"; "published" says how
+    many later graphs it published and how many pieces the ranks load that `expected` (the
+    warm's plan) lacks."""
     off = _unsupported(compiled, store)
     if off:
         return off
-    backend = compiled.backend
     key = _marked_key(compiled, args, kwargs)
+    plans: list = []
     try:
         if store.contains(key):
             return "present"
-
-        plans = []
-
-        def plan_only(gm: Any, example_inputs: list) -> Any:
-            plans.append(plan_graph(gm, backend.config, backend.key_context,
-                                    backend.device_type))
-            return plans[-1].split_gm
-
         with dynamo.capture_settings(), torch.no_grad():
-            traced = trace(compiled.model, plan_only, args, kwargs)
-        if not _publish(store, key, traced, backend):
+            traced = trace(compiled.model, _plan_only(compiled.backend, plans, None), args,
+                           kwargs)
+        if not _publish(store, key, traced, compiled.backend):
             return "present"
-        return "published" + _unplanned(plans[-1].keys if plans else [], expected)
+    finally:
+        dynamo.unmark((*args, *kwargs.values()))
+    outside = [(size, a, k) for size, a, k in later_calls
+               if accepts(traced, compiled.model, *a, **k) is False]
+    for size, a, k in outside:
+        later_key = _marked_key(compiled, a, k, later=size)
+        try:
+            with dynamo.capture_settings(), torch.no_grad():
+                fn = trace(compiled.model, _plan_only(compiled.backend, plans, size), a, k)
+            _publish(store, later_key, fn, compiled.backend)
+        finally:
+            dynamo.unmark((*a, *k.values()))
+    more = (f" (and {len(outside)} for size(s) {', '.join(str(s) for s, _, _ in outside)}, "
+            "outside its guards)" if outside else "")
+    return "published" + more + _unplanned([k for p in plans for k in p.keys], expected)
+
+
+def _plan_only(backend: Any, plans: list, size: int | None) -> Any:
+    """A backend that plans the graph (appended to `plans`) as the rank's backend keys it, and
+    returns the split graph: no piece is loaded or compiled."""
+    from ..planning.plan import later_graph_shapes, plan_graph
+
+    def plan_only(gm: Any, example_inputs: list) -> Any:
+        shapes = later_graph_shapes(backend.config, size) if size is not None else None
+        plans.append(plan_graph(gm, backend.config, backend.key_context, backend.device_type,
+                                shapes))
+        return plans[-1].split_gm
+    return plan_only
+
+
+def later(compiled: Any, args: Sequence[Any], kwargs: Mapping[str, Any], size: int) -> str:
+    """A call of `size` tokens outside the guards of the function `start` gave `compiled`
+    (DeepSeek-V3 and Qwen3-Next exclude 1 token): a function of its own for it, restored when a
+    rank or `vcr warm` published one, else traced here (its graph keyed for that size:
+    `later_graph_shapes`) and published as `start` publishes. It goes into
+    `compiled.later[size]`; returns what happened, as `start` does ("off: <why>": dynamo
+    traces the call)."""
+    store = compiled.traced_store
+    key = _marked_key(compiled, args, kwargs, later=size)
+    try:
+        return _restore_or_trace(compiled, store, key, args, kwargs, later=size)
     finally:
         dynamo.unmark((*args, *kwargs.values()))
 
@@ -180,15 +218,20 @@ def _unsupported(compiled: Any, store: Any) -> str:
     return ""
 
 
-def _marked_key(compiled: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-    """Mark the call's dynamic dims (unmarked by the caller) and key the traced function."""
+def _marked_key(compiled: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
+                later: int | None = None) -> str:
+    """Mark the call's dynamic dims (unmarked by the caller) and key the traced function; a
+    `later` one (a call of that size outside the first function's guards) has its own key."""
     from ..planning.inputs import mark_dynamic
 
     backend = compiled.backend
     mark_dynamic(compiled.model, args, kwargs, backend.config.dynamic_dims)
     context = backend.key_context
+    environment = f"{context.fingerprint_id}|{context.config_digest}|{context.compiler_hash}"
+    if later is not None:
+        environment += f"|later-graph:{later}"
     return dynamo_key(compiled.model, args, kwargs, dynamo.marked_dims(args, kwargs),
-                      f"{context.fingerprint_id}|{context.config_digest}|{context.compiler_hash}")
+                      environment)
 
 
 def _publish(store: Any, key: str, traced: Any, backend: Any) -> bool:
@@ -200,14 +243,23 @@ def _publish(store: Any, key: str, traced: Any, backend: Any) -> bool:
 
 
 def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
-                      kwargs: Mapping[str, Any]) -> str:
+                      kwargs: Mapping[str, Any], later: int | None = None) -> str:
+    """Give `compiled` its function for the call (`traced`, or `later[size]`): restored from
+    `store`, else traced and published."""
     from ..planning.plan import raise_traced_error
 
     model, backend = compiled.model, compiled.backend
+
+    def keep(fn: Any) -> None:
+        if later is None:
+            compiled.traced = fn
+        else:
+            compiled.later[later] = fn
+
     if store.contains(key):
         try:
             with dynamo.capture_settings(), torch.no_grad():
-                compiled.traced = restore(store.fetch(key).payload, model, backend)
+                keep(restore(store.fetch(key).payload, model, backend))
             return "restored"
         except Exception as exc:  # noqa: BLE001  (a VcrError from the backend is re-raised)
             if _ours(exc) is not None:
@@ -216,7 +268,7 @@ def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
                            type(exc).__name__, str(exc)[:300])
     try:
         with dynamo.capture_settings(), torch.no_grad():
-            compiled.traced = trace(model, backend, args, kwargs)
+            keep(trace(model, backend, args, kwargs))
     except Exception as exc:  # noqa: BLE001
         if dynamo.is_unsupported(exc):
             raise_traced_error(exc)
@@ -229,7 +281,8 @@ def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
     if backend.config.on_miss == "compile":  # local only: this policy publishes nothing
         return "traced"
     try:
-        _publish(store, key, compiled.traced, backend)
+        _publish(store, key, compiled.traced if later is None else compiled.later[later],
+                 backend)
     except Exception as exc:  # noqa: BLE001  (the traced function works; others trace too)
         logger.warning("publishing the traced model failed: %s: %s", type(exc).__name__, exc)
         return "traced"

@@ -71,6 +71,9 @@ class CompiledModel:
         self._compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         self.traced: Any = None  # `aot` function restored or traced by load(); else dynamo
         self.traced_state: tuple = ()  # `dynamo.global_state()` it was traced under
+        self.traced_store: Any = None  # where `traced` came from or went
+        self.later: dict[int, Any] = {}  # size -> `aot` function of a call outside its guards
+        self.later_how: dict[int, str] = {}  # size -> "restored", "traced+published", ...
         self._guard_misses = 0  # calls outside the traced function's guards (traced by dynamo)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -95,6 +98,9 @@ class CompiledModel:
                     if not aot_compile.is_guard_failure(exc):
                         raise
                     missed = " ".join(str(exc).split())
+                done, out = self._call_later(args, kwargs)
+                if done:
+                    return out
         self.backend.call_size = mark_dynamic(self.model, args, kwargs,
                                               self.backend.config.dynamic_dims)
         if missed:
@@ -109,6 +115,32 @@ class CompiledModel:
             if dynamo.is_unsupported(exc):
                 raise_traced_error(exc)
             raise
+
+    def _call_later(self, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        """A call at a static compile size outside the traced function's guards: through the
+        function `aot.later` restored or traced for that size (a warm-up at 1 token that
+        DeepSeek-V3's and Qwen3-Next's guards exclude; its graph is keyed for that size alone).
+        (False, None) at any other size, when there is none, or when its guards refuse the
+        call too: dynamo traces it (and its cache keeps what it traced for other sizes)."""
+        from . import aot
+
+        size = mark_dynamic(self.model, args, kwargs, self.backend.config.dynamic_dims)
+        dynamo.unmark((*args, *kwargs.values()))  # a marked tensor fails guards (torch >= 2.13)
+        if self.traced_store is None or size not in self.backend.config.compile_sizes:
+            return False, None
+        if size not in self.later and size not in self.later_how:
+            self.backend.call_size = size
+            self.later_how[size] = aot.later(self, args, kwargs, size)
+        fn = self.later.get(size)
+        if fn is None:
+            return False, None
+        try:
+            with torch.no_grad():
+                return True, fn(self.model, *args, **kwargs)
+        except RuntimeError as exc:
+            if not aot_compile.is_guard_failure(exc):
+                raise
+            return False, None
 
     def _guard_miss(self, tokens: int | None, why: str) -> None:
         """Logged once: a size outside the traced graph's guards (DeepSeek-V3 and Qwen3-Next

@@ -78,6 +78,7 @@ class StartupReport:
     pieces: int = 0  # compiled pieces in the split graphs
     tasks: int = 0  # unique (piece, shape) keys
     graphs: int = 1  # split graphs: more when a warm-up size was outside the first's guards
+    later: str = ""  # how those came: "restored", "traced+published", ... (`aot.later`)
     hits: int = 0  # artifacts loaded from the cache
     misses: int = 0
     compiles: int = 0
@@ -148,8 +149,8 @@ def _title(reports: Sequence[StartupReport]) -> str:
     if not reports:
         return "startup"
     first = reports[0]
-    more = (f", {first.graphs - 1} more graph(s) traced for warm-up sizes outside its guards"
-            if first.graphs > 1 else "")
+    more = (f", {first.graphs - 1} more graph(s) {first.later or 'traced'} for warm-up sizes "
+            "outside its guards" if first.graphs > 1 else "")
     return (f"startup of {first.model} on {first.device} (on_miss={first.on_miss!r}, dynamo "
             f"{first.dynamo or 'traced'}{more})")
 
@@ -279,6 +280,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
         compiled, backend, staging, monitor, samples_before, counter.diff(before), kernels,
         rank=rank, world_size=world_size, model=model_name, device=str(device),
         on_miss=config.on_miss, setup_s=setup_done - start, dynamo=dynamo,
+        later=", ".join(sorted(set(compiled.later_how.values()))),
         lookup_s=lookup_s[0], first_call_s=first_call_s, manifest_keys=len(manifest_rows),
         warm_sizes=tuple(warm_sizes), start=start, setup_done=setup_done)
     compiled.report = startup

@@ -253,5 +253,14 @@ def restore(data: bytes, model: torch.nn.Module, backend: Callable) -> Any:
         _BACKEND.reset(token)
 
 
+def accepts(fn: Any, *args: Any, **kwargs: Any) -> bool | None:
+    """Whether a function `trace` made passes its guards for fn(*args, **kwargs), without
+    running it; None where this torch cannot say."""
+    check = getattr(fn, "guard_check", None)
+    if check is None:
+        return None
+    return bool(check(*args, **kwargs))
+
+
 def is_guard_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "GuardManager check failed" in str(exc)
