@@ -152,19 +152,30 @@ def publish_ahead(compiled: Any, store: Any, args: Sequence[Any], kwargs: Mappin
             return "present"
     finally:
         dynamo.unmark((*args, *kwargs.values()))
-    outside = [(size, a, k) for size, a, k in later_calls
-               if accepts(traced, compiled.model, *a, **k) is False]
-    for size, a, k in outside:
-        later_key = _marked_key(compiled, a, k, later=size)
-        try:
-            with dynamo.capture_settings(), torch.no_grad():
-                fn = trace(compiled.model, _plan_only(compiled.backend, plans, size), a, k)
-            _publish(store, later_key, fn, compiled.backend)
-        finally:
-            dynamo.unmark((*a, *k.values()))
-    more = (f" (and {len(outside)} for size(s) {', '.join(str(s) for s, _, _ in outside)}, "
-            "outside its guards)" if outside else "")
+    outside = [size for size, a, k in later_calls
+               if accepts(traced, compiled.model, *a, **k) is False
+               and _publish_later(compiled, store, plans, size, a, k)]
+    more = (f" (and {len(outside)} for size(s) {', '.join(map(str, outside))}, outside its "
+            "guards)" if outside else "")
     return "published" + more + _unplanned([k for p in plans for k in p.keys], expected)
+
+
+def _publish_later(compiled: Any, store: Any, plans: list, size: int, args: Sequence[Any],
+                   kwargs: Mapping[str, Any]) -> bool:
+    """Trace and publish the function of a `size` call outside the first one's guards, keyed
+    as `later` keys it; False (logged) when that fails: the ranks trace that call."""
+    key = _marked_key(compiled, args, kwargs, later=size)
+    try:
+        with dynamo.capture_settings(), torch.no_grad():
+            fn = trace(compiled.model, _plan_only(compiled.backend, plans, size), args, kwargs)
+        _publish(store, key, fn, compiled.backend)
+    except Exception as exc:  # noqa: BLE001  (the first function is published; ranks trace this)
+        logger.warning("tracing the model at %d tokens (outside its guards) failed: %s: %s",
+                       size, type(exc).__name__, str(exc)[:300])
+        return False
+    finally:
+        dynamo.unmark((*args, *kwargs.values()))
+    return True
 
 
 def _plan_only(backend: Any, plans: list, size: int | None) -> Any:
