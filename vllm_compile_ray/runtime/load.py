@@ -224,11 +224,13 @@ class _StartupBackend(VcrBackend):
         self.resolved: float | None = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        self.entered = time.perf_counter()
+        first = self.entered is None  # a later graph's (a warm-up size) is the warm-up's time
+        entered = time.perf_counter()
         try:
             return super().__call__(gm, example_inputs)
         finally:
-            self.resolved = time.perf_counter()
+            if first:
+                self.entered, self.resolved = entered, time.perf_counter()
 
 
 def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, rank: int = 0,
