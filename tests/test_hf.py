@@ -224,6 +224,30 @@ def test_a_deepseek_rank_loads_only_pieces_the_warm_planned(tmp_path: Path, monk
     assert again.counter.num_graphs_seen == 2
 
 
+def test_a_config_json_transformers_code_refuses_is_a_clear_error(tmp_path) -> None:
+    """A config.json that transformers' model code fails on (dots1 without n_shared_experts)
+    or that its config class refuses: vcr's error names the architecture, transformers' error
+    and where, not a traceback."""
+    from vllm_compile_ray.planning import intake
+
+    from transformers import AutoConfig
+
+    d = AutoConfig.for_model("dots1", **hf_models._COMMON).to_dict()  # n_shared_experts: None
+    (tmp_path / "dots1").mkdir()
+    (tmp_path / "dots1" / "config.json").write_text(json.dumps(
+        {**d, "architectures": ["Dots1ForCausalLM"]}, default=str))
+    with pytest.raises(ConfigError, match=r"transformers \S+ could not build its Dots1 model "
+                       r"from this config.json: TypeError: .*\(at modeling_dots1\.py:\d+\); a "
+                       r"field that architecture needs is missing or invalid"):
+        intake.build(str(tmp_path / "dots1"), device="cpu")
+    ckpt = Path(hf_models.save_config("deepseek_v3", tmp_path / "ds", "DeepseekV3ForCausalLM"))
+    d = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**d, "n_shared_experts": None}))
+    with pytest.raises(ConfigError, match=r"transformers could not read this config.json as "
+                       r"model_type='deepseek_v3': .*n_shared_experts"):
+        intake.build(str(ckpt), device="cpu")
+
+
 def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tmp_path) -> None:
     """Gemma3 and Phi3 checkpoints (no vcr implementation) plan and run as transformers' model
     at tp_size=1, with transformers' outputs; where that cannot stand in, vcr's error says why."""

@@ -29,10 +29,37 @@ def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size:
     """transformers' model for config dict `d`, which vcr's models `refused`; that error, with
     why transformers' cannot stand in, where it cannot."""
     check(d, refused, tp_size)
-    config = _config(d, num_layers)
+    try:
+        config = _config(d, num_layers)
+    except ConfigError:
+        raise
+    except Exception as exc:  # transformers' config class refused a field
+        raise ConfigError(f"transformers could not read this config.json as "
+                          f"model_type={d.get('model_type')!r}: {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())}") from exc
     logger.warning("%s: building transformers' %s instead (tp_size=1)", refused,
                    type(config).__name__.removesuffix("Config"))
-    return _model(config, torch.device(device), seed, weights)
+    try:
+        return _model(config, torch.device(device), seed, weights)
+    except (ConfigError, OSError):
+        raise
+    except Exception as exc:  # transformers' own code on this config
+        raise ConfigError(_unbuilt(type(config).__name__.removesuffix("Config"), exc)) from exc
+
+
+def _unbuilt(arch: str, exc: Exception) -> str:
+    """What to say when transformers' code fails on the config: the error, where in its code,
+    and that the config (not vcr) is what that code refused."""
+    import traceback
+
+    import transformers
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = next((f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(frames)
+               if "transformers" in f.filename), "?")
+    return (f"transformers {transformers.__version__} could not build its {arch} model from "
+            f"this config.json: {type(exc).__name__}: {exc} (at {at}); a field that "
+            "architecture needs is missing or invalid in the config")
 
 
 def check(d: dict[str, Any], refused: UnsupportedModelError, tp_size: int) -> None:
