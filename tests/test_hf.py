@@ -224,6 +224,24 @@ def test_a_deepseek_rank_loads_only_pieces_the_warm_planned(tmp_path: Path, monk
     assert again.counter.num_graphs_seen == 2
 
 
+def test_chunked_attention_layers_are_refused(tmp_path: Path) -> None:
+    """Llama 4's chunked layers attend within fixed chunks: vcr attention (causal) would be
+    silently wrong past the first chunk (0.45 logit difference at 8 tokens, chunks of 4), so
+    the trace fails naming the layer and its chunk size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama4_text", **hf_models._COMMON, num_local_experts=4,
+                                  head_dim=16, attention_chunk_size=4)
+    assert "chunked_attention" in config.layer_types
+    model = AutoModelForCausalLM.from_config(config).eval()
+    compiled = vcr.compile(model, vcr.CompilationConfig(
+        compile_sizes=[8], **EAGER, cache=vcr.CacheConfig(cache_dir=str(tmp_path))))
+    with pytest.raises(UnsupportedModelError, match=r"Llama4TextAttention \(layer 0\) is a "
+                       r"'chunked_attention' layer \(attention_chunk_size=4\); vcr attention "
+                       r"cannot apply its mask"):
+        compiled(input_ids=hf_models.tokens(8))
+
+
 def test_a_config_json_transformers_code_refuses_is_a_clear_error(tmp_path) -> None:
     """A config.json that transformers' model code fails on (dots1 without n_shared_experts)
     or that its config class refuses: vcr's error names the architecture, transformers' error

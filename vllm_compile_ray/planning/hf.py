@@ -29,6 +29,9 @@ ATTENTION_NAME = "vcr"
 # What the op expresses, for error messages.
 SUPPORTED = ("causal attention", "grouped-query/multi-query heads", "a scale",
              "sliding windows (all layers or per layer)", "logit softcapping", "attention sinks")
+# `layer_types` entries whose mask the op does not build (Llama 4's local layers attend
+# within fixed chunks): refused, never computed as plain causal attention
+_NOT_EXPRESSED = ("chunked_attention",)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -126,15 +129,24 @@ def _default_scaling(module: nn.Module, head_dim: int) -> float:
 
 def _check_window(module: nn.Module, sliding_window: int | None) -> None:
     """A layer that its config makes a sliding-window layer must pass its window: the op takes
-    the window only from that argument (the mask that would carry it is not built)."""
+    the window only from that argument (the mask that would carry it is not built). A chunked
+    layer is refused: the op would compute plain causal attention."""
     config = getattr(module, "config", None)
     layer = getattr(module, "layer_idx", None)
-    if config is None or sliding_window:
+    if config is None:
         return
     types = getattr(config, "layer_types", None)
+    kind = types[layer] if types and layer is not None and layer < len(types) else None
+    if kind in _NOT_EXPRESSED:
+        chunk = getattr(config, "attention_chunk_size", None)
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (layer {layer}) is a {kind!r} layer"
+            + (f" (attention_chunk_size={chunk})" if chunk else "")
+            + f"; vcr attention cannot apply its mask (supported: {', '.join(SUPPORTED)})")
+    if sliding_window:
+        return
     declared = getattr(config, "sliding_window", None)
-    sliding = (types[layer] == "sliding_attention") if types and layer is not None else False
-    if declared and sliding:
+    if declared and kind == "sliding_attention":
         raise UnsupportedModelError(
             f"{type(module).__name__} (layer {layer}) is a sliding-window layer "
             f"(sliding_window={declared}) but passes no window to its attention function; "
