@@ -21,7 +21,7 @@ ALL_REDUCE_OP = "vcr::all_reduce"
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     scale: float, sliding_window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
-    heads_first: bool = False,
+    heads_first: bool = False, chunk: int = 0,
 ) -> Tensor:
     """Causal grouped-query attention over flat tokens.
 
@@ -30,7 +30,8 @@ def _attention(
     `sliding_window` keys up to itself (itself included), as transformers counts it. softcap > 0:
     scores become softcap * tanh(scores / softcap) before the softmax. sinks: [Hq] logits of one
     virtual key per head that takes part in the softmax and adds nothing to the output.
-    heads_first: q: [*B, Hq, T, D], k/v: [*B, Hkv, S, D] (transformers' layout, any strides), so
+    chunk > 0: positions split into chunks of `chunk` tokens and a query sees the keys of its own
+    chunk only (Llama 4's chunked layers, as transformers masks them). heads_first: q: [*B, Hq, T, D], k/v: [*B, Hkv, S, D] (transformers' layout, any strides), so
     the caller merges no dims. Merging heads of a view that is contiguous only when T == 1 (a
     fused qkv split, rotary outputs) makes dynamo guard T != 1: reshape asks is_contiguous,
     which c10's SymbolicShapeMeta::compute_contiguous answers with a plain guard, not covered by
@@ -45,18 +46,19 @@ def _attention(
         qh = q.reshape(*batch, t, num_heads, head_dim).transpose(-2, -3)  # [*B, Hq, T, D]
         kh = k.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)  # [*B, Hkv, S, D]
         vh = v.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)
-    plain = sliding_window <= 0 and softcap <= 0 and sinks is None
+    plain = sliding_window <= 0 and softcap <= 0 and sinks is None and chunk <= 0
     if plain and s == t:
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
     else:
-        out = _attention_math(qh, kh, vh, scale, sliding_window, softcap, sinks)
+        out = _attention_math(qh, kh, vh, scale, sliding_window, softcap, sinks, chunk)
     return out.transpose(-2, -3).reshape(*batch, t, num_heads * head_dim)
 
 
 def _attention_math(qh: Tensor, kh: Tensor, vh: Tensor, scale: float, sliding_window: int,
-                    softcap: float, sinks: Tensor | None) -> Tensor:
-    """Scores, mask and softmax written out: for softcaps, sinks, windows and cached prefixes."""
+                    softcap: float, sinks: Tensor | None, chunk: int = 0) -> Tensor:
+    """Scores, mask and softmax written out: for softcaps, sinks, windows, chunks and cached
+    prefixes."""
     t, s = qh.shape[-2], kh.shape[-2]
     groups = qh.shape[-3] // kh.shape[-3]
     kh = kh.repeat_interleave(groups, dim=-3)  # [*B, Hq, S, D]
@@ -69,6 +71,8 @@ def _attention_math(qh: Tensor, kh: Tensor, vh: Tensor, scale: float, sliding_wi
     allowed = k_pos <= q_pos
     if sliding_window > 0:
         allowed = allowed & (k_pos > q_pos - sliding_window)
+    if chunk > 0:
+        allowed = allowed & (k_pos // chunk == q_pos // chunk)
     scores = scores.masked_fill(~allowed, -math.inf)
     if sinks is not None:
         sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
@@ -82,7 +86,7 @@ def _attention_math(qh: Tensor, kh: Tensor, vh: Tensor, scale: float, sliding_wi
 def _attention_fake(
     q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     scale: float, sliding_window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
-    heads_first: bool = False,
+    heads_first: bool = False, chunk: int = 0,
 ) -> Tensor:
     if heads_first:
         return q.new_empty((*q.shape[:-3], q.shape[-2], num_heads * head_dim))

@@ -28,10 +28,8 @@ ATTENTION_NAME = "vcr"
 
 # What the op expresses, for error messages.
 SUPPORTED = ("causal attention", "grouped-query/multi-query heads", "a scale",
-             "sliding windows (all layers or per layer)", "logit softcapping", "attention sinks")
-# `layer_types` entries whose mask the op does not build (Llama 4's local layers attend
-# within fixed chunks): refused, never computed as plain causal attention
-_NOT_EXPRESSED = ("chunked_attention",)
+             "sliding windows (all layers or per layer)", "chunked attention (Llama 4)",
+             "logit softcapping", "attention sinks")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -107,6 +105,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise UnsupportedModelError(f"{name} is bidirectional (is_causal=False); supported: "
                                     f"{', '.join(SUPPORTED)}")
     _check_window(module, sliding_window)
+    chunk = _chunk(module)
     b, hq, t, d = query.shape
     if scaling is None:
         scaling = _default_scaling(module, d)
@@ -114,7 +113,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     # As transformers lays them out: merging heads here (transpose + reshape) guards T != 1
     # where their strides come from a fused qkv split or rotary (phi3, gpt_oss): see the op.
     out = ops.attention(query, key, value, hq, key.shape[1], d, float(scaling),
-                        int(sliding_window or 0), float(softcap or 0.0), sinks, heads_first=True)
+                        int(sliding_window or 0), float(softcap or 0.0), sinks, heads_first=True,
+                        **({"chunk": chunk} if chunk else {}))
     return out.reshape(b, t, hq, d), None  # out: [B, T, Hq*D], contiguous
 
 
@@ -127,26 +127,36 @@ def _default_scaling(module: nn.Module, head_dim: int) -> float:
     return scale
 
 
+def _layer_type(module: nn.Module) -> str | None:
+    """The attention layer's entry in its config's `layer_types` (None without one)."""
+    types = getattr(getattr(module, "config", None), "layer_types", None)
+    layer = getattr(module, "layer_idx", None)
+    return types[layer] if types and layer is not None and layer < len(types) else None
+
+
+def _chunk(module: nn.Module) -> int:
+    """Chunk size of a chunked-attention layer (Llama 4's local layers: a query attends within
+    its chunk of `attention_chunk_size` positions), else 0. A chunked layer without a chunk size
+    is refused: the op would compute plain causal attention."""
+    if _layer_type(module) != "chunked_attention":
+        return 0
+    size = getattr(module.config, "attention_chunk_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (layer {module.layer_idx}) is a chunked-attention layer "
+            f"with attention_chunk_size={size!r}; vcr attention needs a positive chunk size")
+    return size
+
+
 def _check_window(module: nn.Module, sliding_window: int | None) -> None:
     """A layer that its config makes a sliding-window layer must pass its window: the op takes
-    the window only from that argument (the mask that would carry it is not built). A chunked
-    layer is refused: the op would compute plain causal attention."""
+    the window only from that argument (the mask that would carry it is not built)."""
     config = getattr(module, "config", None)
     layer = getattr(module, "layer_idx", None)
-    if config is None:
-        return
-    types = getattr(config, "layer_types", None)
-    kind = types[layer] if types and layer is not None and layer < len(types) else None
-    if kind in _NOT_EXPRESSED:
-        chunk = getattr(config, "attention_chunk_size", None)
-        raise UnsupportedModelError(
-            f"{type(module).__name__} (layer {layer}) is a {kind!r} layer"
-            + (f" (attention_chunk_size={chunk})" if chunk else "")
-            + f"; vcr attention cannot apply its mask (supported: {', '.join(SUPPORTED)})")
-    if sliding_window:
+    if config is None or sliding_window:
         return
     declared = getattr(config, "sliding_window", None)
-    if declared and kind == "sliding_attention":
+    if declared and _layer_type(module) == "sliding_attention":
         raise UnsupportedModelError(
             f"{type(module).__name__} (layer {layer}) is a sliding-window layer "
             f"(sliding_window={declared}) but passes no window to its attention function; "
