@@ -96,13 +96,28 @@ def test_padding_masks_and_bidirectional_attention_are_refused() -> None:
         hf.prepare(t5)
 
 
-def test_a_sliding_window_layer_without_its_window_is_refused() -> None:
+def test_a_layer_that_keeps_its_window_only_in_the_mask_gets_the_configs() -> None:
+    """transformers' PhiMoE and Qwen2-MoE window their layers in the mask and pass no window to
+    the attention function: vcr attention, which builds no mask, takes the config's (PhiMoE with
+    a window of 4 differed from transformers by 0.46 at 12 tokens before)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ids = hf_models.tokens(12)
+    want = logits(hf_models.build("gemma2", attn="eager"), ids)
     model = hf.prepare(hf_models.build("gemma2"))
-    layer = model.model.layers[0].self_attn
     assert model.config.layer_types[0] == "sliding_attention"
-    layer.sliding_window = None  # as a model that keeps its window only in the mask would
-    with pytest.raises(UnsupportedModelError, match="sliding-window layer"):
-        model(input_ids=hf_models.tokens(6))
+    model.model.layers[0].self_attn.sliding_window = None  # the window only in the mask
+    assert (logits(model, ids) - want).abs().max() <= 1e-5
+
+    def phimoe(window: int | None):
+        config = AutoConfig.for_model("phimoe", **hf_models._COMMON, num_local_experts=4,
+                                      sliding_window=window)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    want = logits(phimoe(4), ids)
+    assert (logits(phimoe(None), ids) - want).abs().max() > 1e-3  # the window matters here
+    assert (logits(hf.prepare(phimoe(4)), ids) - want).abs().max() <= 1e-5
 
 
 class SdpaBlock(torch.nn.Module):

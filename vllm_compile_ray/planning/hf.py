@@ -8,7 +8,8 @@
 `prepare` registers "vcr" with transformers' `AttentionInterface` (the attention function) and
 `AttentionMaskInterface` (mask creation: the op builds its own causal / sliding-window mask) and
 switches the model to it. The op covers causal grouped-query attention with a scale, sliding
-windows (per layer too), logit softcapping and attention sinks. What it cannot express (padding
+windows (per layer too; a layer that keeps its window only in the mask gets the config's:
+`_config_window`), chunked attention, logit softcapping and attention sinks. What it cannot express (padding
 or custom masks, bidirectional attention, dropout in training, encoder-decoder models) raises
 `UnsupportedModelError` at trace time, naming the cause.
 """
@@ -104,7 +105,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
         raise UnsupportedModelError(f"{name} is bidirectional (is_causal=False); supported: "
                                     f"{', '.join(SUPPORTED)}")
-    _check_window(module, sliding_window)
+    sliding_window = sliding_window or _config_window(module)
     chunk = _chunk(module)
     b, hq, t, d = query.shape
     if scaling is None:
@@ -148,16 +149,20 @@ def _chunk(module: nn.Module) -> int:
     return size
 
 
-def _check_window(module: nn.Module, sliding_window: int | None) -> None:
-    """A layer that its config makes a sliding-window layer must pass its window: the op takes
-    the window only from that argument (the mask that would carry it is not built)."""
+def _config_window(module: nn.Module) -> int:
+    """The window of a layer that its model masks with a sliding window but that passes none to
+    its attention function (transformers' PhiMoE, Qwen2-MoE: the window is only in the mask,
+    which vcr attention does not build): the config's `sliding_window` for a layer that
+    `layer_types` marks "sliding_attention", or, without `layer_types`, for every layer of a
+    model whose code builds sliding-window masks (unless `use_sliding_window` is False). 0 for
+    a layer that is not windowed."""
     config = getattr(module, "config", None)
-    layer = getattr(module, "layer_idx", None)
-    if config is None or sliding_window:
-        return
-    declared = getattr(config, "sliding_window", None)
-    if declared and _layer_type(module) == "sliding_attention":
-        raise UnsupportedModelError(
-            f"{type(module).__name__} (layer {layer}) is a sliding-window layer "
-            f"(sliding_window={declared}) but passes no window to its attention function; "
-            f"vcr attention cannot apply it (supported: {', '.join(SUPPORTED)})")
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return 0
+    if getattr(config, "layer_types", None):
+        return window if _layer_type(module) == "sliding_attention" else 0
+    if getattr(config, "use_sliding_window", True) is False:
+        return 0
+    code = sys.modules.get(type(module).__module__)
+    return window if hasattr(code, "create_sliding_window_causal_mask") else 0
