@@ -96,6 +96,18 @@ def test_padding_masks_and_bidirectional_attention_are_refused() -> None:
         hf.prepare(t5)
 
 
+def test_alibi_position_biases_are_refused() -> None:
+    """Falcon with alibi=True adds its position biases to the mask, which vcr attention does not
+    build: a clear refusal (it was dynamo's "Observed exception" on `causal_mask.dtype`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("falcon", **hf_models._COMMON, alibi=True,
+                                  new_decoder_architecture=False)
+    with pytest.raises(UnsupportedModelError, match=r"FalconForCausalLM uses ALiBi position "
+                       r"biases \(alibi=True\).*cannot apply them"):
+        hf.prepare(AutoModelForCausalLM.from_config(config))
+
+
 def test_a_layer_that_keeps_its_window_only_in_the_mask_gets_the_configs() -> None:
     """transformers' PhiMoE and Qwen2-MoE window their layers in the mask and pass no window to
     the attention function: vcr attention, which builds no mask, takes the config's (PhiMoE with

@@ -61,6 +61,11 @@ def prepare(model: nn.Module) -> nn.Module:
         raise UnsupportedModelError(
             f"{type(model).__name__} is an encoder-decoder model; vcr attention is causal "
             f"self-attention only (supported: {', '.join(SUPPORTED)})")
+    if getattr(config.get_text_config(), "alibi", False) is True:  # Falcon-RW and the like
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses ALiBi position biases (alibi=True), which transformers "
+            "adds to the attention mask; vcr attention builds no mask and cannot apply them "
+            f"(supported: {', '.join(SUPPORTED)})")
     register()
     model.set_attn_implementation(ATTENTION_NAME)
     for sub in (config, *(getattr(config, n) for n in config.sub_configs if hasattr(config, n))):
