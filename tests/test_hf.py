@@ -96,6 +96,22 @@ def test_padding_masks_and_bidirectional_attention_are_refused() -> None:
         hf.prepare(t5)
 
 
+def test_a_model_whose_code_fixes_the_token_count_is_a_clear_error(tmp_path: Path) -> None:
+    """transformers' Jamba scans over the tokens on CPU: dynamo cannot keep the token count
+    dynamic, and vcr says so instead of dynamo's ConstraintViolationError traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("jamba", **hf_models._COMMON, num_experts=4,
+                                  attn_layer_period=2, attn_layer_offset=1,
+                                  expert_layer_period=2, expert_layer_offset=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    config = vcr.CompilationConfig(compile_sizes=[1, 2], **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
+    with pytest.raises(UnsupportedModelError, match=r"the model's code fixes the token count "
+                       r"while dynamo traces it \(L\['kwargs'\]\['input_ids'\]\.size\(\)\[1\]"):
+        plan_model(model, config, device_type="cpu", fingerprint=FINGERPRINT)
+
+
 def test_alibi_position_biases_are_refused() -> None:
     """Falcon with alibi=True adds its position biases to the mask, which vcr attention does not
     build: a clear refusal (it was dynamo's "Observed exception" on `causal_mask.dtype`)."""

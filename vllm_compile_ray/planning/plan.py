@@ -163,7 +163,7 @@ def capture_calls(model: torch.nn.Module, calls: Sequence[tuple[Sequence[Any], d
             with dynamo.capture_settings(), torch.no_grad():
                 compiled(*args, **kwargs)
         except Exception as exc:
-            if dynamo.is_unsupported(exc):
+            if dynamo.is_unsupported(exc) or dynamo.specialized(exc):
                 raise_traced_error(exc)
             raise
     return graphs
@@ -193,7 +193,15 @@ def plan_graphs(graphs: Sequence[tuple[fx.GraphModule, int | None]], config: Com
 def raise_traced_error(exc: BaseException) -> None:
     """Dynamo turns an exception raised in the traced code (one of ours: an unsupported model,
     a bad config) into `Unsupported("Observed exception ... raised exception Name('msg')")`:
-    raise ours again, with its own message, instead."""
+    raise ours again, with its own message, instead. A token count the model's code fixed
+    while tracing (it loops or branches on it) is an UnsupportedModelError saying so."""
+    fixed = dynamo.specialized(exc)
+    if fixed:
+        raise errors.UnsupportedModelError(
+            f"the model's code fixes the token count while dynamo traces it ({fixed}: it "
+            "branches or loops on the number of tokens), so it does not trace with a dynamic "
+            "token count, which vcr's plans and ranks trace with (every piece is keyed at a "
+            "symbolic size). Transformers' Jamba on CPU does this in its scan") from None
     link: BaseException | None = exc
     while link is not None:
         found = re.search(r"raised exception (\w+)\(((['\"]).*\3)\)", str(link), re.S)

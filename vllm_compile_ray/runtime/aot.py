@@ -281,7 +281,7 @@ def _restore_or_trace(compiled: Any, store: Any, key: str, args: Sequence[Any],
         with dynamo.capture_settings(), torch.no_grad():
             keep(trace(model, backend, args, kwargs))
     except Exception as exc:  # noqa: BLE001
-        if dynamo.is_unsupported(exc):
+        if dynamo.is_unsupported(exc) or dynamo.specialized(exc):
             raise_traced_error(exc)
             raise
         if _ours(exc) is not None:

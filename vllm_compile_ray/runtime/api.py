@@ -112,7 +112,7 @@ class CompiledModel:
             inner = dynamo.backend_failure_cause(exc)
             if isinstance(inner, VcrError):  # dynamo wraps our errors; hand back the clear one
                 raise inner.with_traceback(None) from None
-            if dynamo.is_unsupported(exc):
+            if dynamo.is_unsupported(exc) or dynamo.specialized(exc):
                 raise_traced_error(exc)
             raise
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -81,6 +82,23 @@ def is_unsupported(exc: BaseException) -> bool:
     """dynamo could not trace the code (`Unsupported`; an exception our traced code raised
     comes as one too)."""
     return isinstance(exc, torch._dynamo.exc.Unsupported)
+
+
+def specialized(exc: BaseException) -> str:
+    """What the model's code fixed, when `exc` (or what it wraps) says dynamo could not keep a
+    dim marked dynamic dynamic (`ConstraintViolationError`: the code branches or loops on that
+    size); else ""."""
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    link: BaseException | None = exc
+    for _ in range(8):
+        if link is None:
+            return ""
+        if isinstance(link, ConstraintViolationError):
+            found = re.search(r"Constraints violated \((.*?)\)!", str(link))
+            return found.group(1) if found else "a dim marked dynamic"
+        link = link.__cause__ or link.__context__
+    return ""
 
 
 def backend_failure_cause(exc: BaseException) -> BaseException | None:
