@@ -297,7 +297,8 @@ def end_to_end(args: argparse.Namespace, root: str) -> int:
     if args.device == "cuda":
         row.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count())
     if "serial" in runs and all(v["rc"] == 0 for v in runs.values()):
-        row["ratio_end_to_end"] = round(runs["serial"]["wall_s"] / runs["user_command"]["wall_s"], 2)
+        row["ratio_end_to_end"] = round(runs["serial"]["wall_s"]
+                                        / runs["user_command"]["wall_s"], 2)
     for name, run in runs.items():
         if run["rc"]:
             print(f"{name} failed (rc {run['rc']}); its last lines:", *run["tail"], sep="\n")

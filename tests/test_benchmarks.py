@@ -24,10 +24,10 @@ def test_bench_warm_end_to_end_times_the_user_command_and_the_serial_loop_as_pro
     try:
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
         out = subprocess.run(
-            [sys.executable, "benchmarks/bench_warm.py", "--end-to-end", "--model", "llama-tiny",
-             "--num-layers", "2", "--sizes", "2", "--no-dynamic", "--device", "cpu",
-             "--backend", "eager"], cwd=REPO, env=env, capture_output=True, text=True,
-            timeout=600)
+            [sys.executable, "-X", "faulthandler", "benchmarks/bench_warm.py", "--end-to-end",
+             "--model", "llama-tiny", "--num-layers", "2", "--sizes", "2", "--no-dynamic",
+             "--device", "cpu", "--backend", "eager"], cwd=REPO, env=env, capture_output=True,
+            text=True, timeout=600)
         logs = {name: next(Path(tmp).glob(f"vcr-bench-*/{name}.log")).read_text()
                 for name in ("user_command", "serial")}
     finally:
@@ -48,10 +48,12 @@ def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
     try:
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
         out = subprocess.run(
-            [sys.executable, "benchmarks/bench_warm.py", "--model", "llama-tiny", "--num-layers",
-             "2", "--sizes", "2", "--no-dynamic", "--device", "cpu", "--backend", "eager",
-             "--workers", "2,2", "--pool", "off,on"], cwd=REPO, env=env, capture_output=True,
-            text=True, timeout=600)
+            # faulthandler: a crash of the process (one SIGSEGV in a full run, session 22) shows
+            # its Python stack in the assertion's stderr
+            [sys.executable, "-X", "faulthandler", "benchmarks/bench_warm.py", "--model",
+             "llama-tiny", "--num-layers", "2", "--sizes", "2", "--no-dynamic", "--device", "cpu",
+             "--backend", "eager", "--workers", "2,2", "--pool", "off,on"], cwd=REPO, env=env,
+            capture_output=True, text=True, timeout=600)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]

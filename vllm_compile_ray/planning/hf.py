@@ -9,9 +9,9 @@
 `AttentionMaskInterface` (mask creation: the op builds its own causal / sliding-window mask) and
 switches the model to it. The op covers causal grouped-query attention with a scale, sliding
 windows (per layer too; a layer that keeps its window only in the mask gets the config's:
-`_config_window`), chunked attention, logit softcapping and attention sinks. What it cannot express (padding
-or custom masks, bidirectional attention, dropout in training, encoder-decoder models) raises
-`UnsupportedModelError` at trace time, naming the cause.
+`_config_window`), chunked attention, logit softcapping and attention sinks. What it cannot
+express (padding or custom masks, ALiBi, bidirectional attention, dropout in training,
+encoder-decoder models) raises `UnsupportedModelError` at trace time, naming the cause.
 """
 
 from __future__ import annotations
