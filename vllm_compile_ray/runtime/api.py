@@ -87,9 +87,15 @@ class CompiledModel:
             # dynamo (its own cache keeps what it traced); the traced function stays for the
             # calls within (a warm-up at 1 token that a transformers model's guards exclude
             # must not cost every later call a trace).
-            if dynamo.global_state() != self.traced_state:
+            same_state = dynamo.global_state() == self.traced_state
+            if not same_state:
                 missed = ("the global state (autocast, default dtype, matmul precision, "
                           "deterministic algorithms) is not the traced function's")
+            elif self.later and aot_compile.accepts(self.traced, self.model, *args,
+                                                      **kwargs) is False:
+                # A size that has a function of its own (DeepSeek-V3's decode at 1 token): a
+                # plain guard check, not the failed call's verbose reason and exception
+                missed = "outside the traced function's guards"
             else:
                 try:
                     with torch.no_grad():
@@ -98,6 +104,7 @@ class CompiledModel:
                     if not aot_compile.is_guard_failure(exc):
                         raise
                     missed = " ".join(str(exc).split())
+            if same_state:  # outside the guards
                 done, out = self._call_later(args, kwargs)
                 if done:
                     return out
