@@ -49,6 +49,28 @@ def save_config(name: str, directory, architecture: str, **overrides) -> str:
     return str(directory)
 
 
+def save_vlm_config(model_type: str, directory, architecture: str) -> str:
+    """An image-text-to-text checkpoint's config.json (Mistral3, Qwen2.5-VL, LLaVA: transformers'
+    defaults) with a tiny text model and vision tower; returns the directory."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    d = AutoConfig.for_model(model_type).to_dict()
+    d["text_config"].update({**_COMMON, "head_dim": 16, "vocab_size": 256})
+    d["text_config"].pop("layer_types", None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    d["vision_config"].update({k: v for k, v in vision.items() if k in d["vision_config"]})
+    for key in ("image_token_id", "image_token_index"):
+        if isinstance(d.get(key), int) and d[key] >= 256:
+            d[key] = 255
+    d["architectures"] = [architecture]
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "config.json").write_text(json.dumps(d, default=str))
+    return str(directory)
+
+
 def config(name: str, **overrides):
     from transformers import AutoConfig
 

@@ -4,6 +4,7 @@ compile (eager adaptor; real Inductor in test_hf_inductor.py), calling conventio
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,6 +43,19 @@ def test_vcr_attention_matches_transformers_eager_attention(arch: str) -> None:
     if arch in WINDOWED:  # the window takes effect: without it the output differs
         unwindowed = logits(hf_models.build(arch, attn="eager", sliding_window=64), ids)
         assert (unwindowed - want).abs().max().item() > 1e-3
+
+
+def test_values_with_their_own_head_dim_mla(tmp_path: Path) -> None:
+    """DeepSeek's MLA: value heads of 8 dims, query/key heads of 16 (DeepSeek-V3: 128 vs 192).
+    The op's output takes the values' head dim; compiled logits equal transformers' eager."""
+    ids = hf_models.tokens(9)
+    mla = dict(v_head_dim=8, num_key_value_heads=4)  # MLA: a key head per query head
+    want = logits(hf_models.build("deepseek_v3", attn="eager", **mla), ids)
+    model = hf_models.build("deepseek_v3", **mla)
+    config = vcr.CompilationConfig(compile_sizes=[9], **EAGER,
+                                   cache=vcr.CacheConfig(cache_dir=str(tmp_path)))
+    compiled = vcr.compile(model, config)
+    assert (compiled(input_ids=ids).logits - want).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("arch", sorted(hf_models.ARCHS))
@@ -315,8 +329,9 @@ def test_a_config_json_transformers_code_refuses_is_a_clear_error(tmp_path) -> N
 
 
 def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tmp_path) -> None:
-    """Gemma3 and Phi3 checkpoints (no vcr implementation) plan and run as transformers' model
-    at tp_size=1, with transformers' outputs; where that cannot stand in, vcr's error says why."""
+    """Gemma3 and Phi3 checkpoints (no vcr implementation) plan and run as transformers' model,
+    with transformers' outputs, its weights, and a rank's slices of them at tp_size=2; where
+    that cannot stand in, vcr's error says why."""
     from vllm_compile_ray.planning import intake
 
     for name, arch in (("gemma3_text", "Gemma3ForCausalLM"), ("phi3", "Phi3ForCausalLM")):
@@ -342,12 +357,41 @@ def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tm
     torch.testing.assert_close(logits(loaded, ids), logits(saved, ids), rtol=0, atol=0)
     unloaded = intake.build(str(tmp_path / "phi3-ckpt"), device="cpu").module
     assert (logits(unloaded, ids) - logits(saved, ids)).abs().max() > 1e-3
-    with pytest.raises(UnsupportedModelError, match=r"Phi3ForCausalLM.*not tensor-parallel"):
-        intake.build(str(tmp_path / "phi3"), tp_size=2)
+    rank1 = intake.build(str(tmp_path / "phi3-ckpt"), device="cpu", tp_size=2, rank=1,
+                         weights=str(tmp_path / "phi3-ckpt")).module  # its slices of them
+    whole, part = dict(saved.named_parameters()), dict(rank1.named_parameters())
+    qkv, o = (f"model.layers.1.self_attn.{n}_proj.weight" for n in ("qkv", "o"))
+    assert torch.equal(part[qkv], whole[qkv][64:]) and torch.equal(part[o], whole[o][:, 32:])
     quantized = hf_models.save_config("phi3", tmp_path / "q", "Phi3ForCausalLM",
                                       quantization_config={"quant_method": "fp8"})
     with pytest.raises(UnsupportedModelError, match="quantized checkpoint"):
         intake.build(quantized)
+
+
+def test_an_image_text_to_text_checkpoint_serves_its_language_model(tmp_path: Path) -> None:
+    """Mistral 3 and LLaVA config.jsons (no causal-LM auto class: transformers builds them as
+    image-text-to-text) build, split at their language model's attention and give its logits
+    on text; at tp_size=2 a rank keeps its shard of the language model only."""
+    from vllm_compile_ray.planning import intake
+
+    for model_type, arch in (("mistral3", "Mistral3ForConditionalGeneration"),
+                             ("llava", "LlavaForConditionalGeneration")):
+        ckpt = hf_models.save_vlm_config(model_type, tmp_path / model_type, arch)
+        built = intake.build(ckpt, device="cpu").module
+        assert type(built).__name__ == arch
+        reference = intake.build(ckpt, device="cpu").module
+        config = vcr.CompilationConfig(compile_sizes=[4], **EAGER,
+                                       cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c")))
+        compiled = vcr.compile(built, config)
+        ids = hf_models.tokens(6)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, logits(reference, ids))
+        assert len(compiled.plan.pieces) == 5  # 4 layers of its language model
+        rank = dict(intake.build(ckpt, device="meta", tp_size=2, rank=1).module.named_parameters())
+        whole = dict(reference.named_parameters())
+        vision = [n for n in whole if "vision" in n]
+        assert vision and all(rank[n].shape == whole[n].shape for n in vision)
+        q = "model.language_model.layers.0.self_attn.q_proj.weight"
+        assert rank[q].shape[0] * 2 == whole[q].shape[0]
 
 
 def test_planning_on_cpu_keeps_tied_weights_tied() -> None:
@@ -393,3 +437,51 @@ def test_entry_point_intake_from_the_cli(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "must return an nn.Module" in bad.stderr
     missing = vcr_cli("plan", "--model", "nosuchmodule:build", "--device", "cpu")
     assert missing.returncode != 0 and "cannot import module 'nosuchmodule'" in missing.stderr
+
+
+def test_a_hugging_face_hub_id_is_a_model_spec(tmp_path: Path) -> None:
+    """`--model org/name` (as `vllm serve` takes it): config.json from the Hub cache, weights
+    (`--weights org/name`) from its safetensors; offline with nothing cached, a clear error.
+    A real Hub cache layout, read by huggingface_hub in offline mode."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-phi3"
+    saved = hf_models.build("phi3", num_hidden_layers=2)
+    saved.config.architectures = ["Phi3ForCausalLM"]
+    saved.save_pretrained(repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    ids = hf_models.tokens(5)
+    expected = logits(saved, ids)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = textwrap.dedent(f"""
+        import torch
+        from vllm_compile_ray.planning import intake
+        model = intake.build("acme/tiny-phi3", device="cpu", weights="acme/tiny-phi3").module
+        with torch.no_grad():
+            torch.save(model(input_ids=torch.tensor({ids.tolist()})).logits, {str(tmp_path / "out.pt")!r})
+    """)
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+    plan = subprocess.run([sys.executable, "-m", "vllm_compile_ray", "plan", "--model",
+                           "acme/tiny-phi3", "--device", "cpu", "--sizes", "1"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert plan.returncode == 0 and "Phi3ForCausalLM (acme/tiny-phi3), 2 layers" in plan.stdout
+    missing = subprocess.run([sys.executable, "-m", "vllm_compile_ray", "plan", "--model",
+                              "acme/absent", "--device", "cpu"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert ("'acme/absent' is no preset or local path, so it was taken as a Hugging Face Hub id"
+            in missing.stderr and "HF_HUB_OFFLINE is set" in missing.stderr), missing.stderr
+
+
+def test_model_code_failing_under_the_trace_is_one_clear_error() -> None:
+    """DeepSeek-V3 with `num_experts_per_tok` unset (transformers' config accepts it, its code
+    calls topk(k=None)): one ConfigError naming the error and the model's line, not dynamo's
+    traceback."""
+    model = hf_models.build("deepseek_v3", num_experts_per_tok=None)
+    config = vcr.CompilationConfig(compile_sizes=[4], **EAGER)
+    with pytest.raises(ConfigError, match=r"the model's code failed while dynamo traced it: "
+                                          r"TypeError: topk\(\).*\(at modeling_deepseek_v3\.py:\d+\)"):
+        plan_model(model, config, device_type="cpu", fingerprint=FINGERPRINT)

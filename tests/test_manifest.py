@@ -7,6 +7,7 @@ import pytest
 
 from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache.store import ArtifactStore
+from vllm_compile_ray.errors import ArtifactSignatureError
 
 FP = {"torch": "2.13.0", "device_type": "cpu", "isa": "avx2"}
 
@@ -60,3 +61,33 @@ def test_merge_is_pure_and_typed() -> None:
     table = manifest.merge(manifest.empty(), [_row("a", 2), _row("a", 2, bytes=99)])
     assert table.num_rows == 1 and table.column("bytes").to_pylist() == [99]
     assert table.schema.field("created_at").type == pa.timestamp("ms", tz="UTC")
+
+
+def test_reading_a_signed_manifest_does_not_import_pandas(tmp_path) -> None:
+    """A rank reads and verifies the manifest on its startup path: pyarrow's `read_table` and
+    timestamp `to_pylist` import pandas (0.4-0.7 s), so neither may run there. The rows still
+    carry their timestamps and their signatures verify."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from vllm_compile_ray.cache import signing
+
+    signer = signing.HmacKey(b"k" * 32)
+    writer = ArtifactStore(str(tmp_path / "c"), signer=signer)
+    manifest.update_manifest(writer, "m", "fp1", [_row("a", 4, created_at=1_700_000_000.5)])
+    code = textwrap.dedent(f"""
+        import sys
+        from vllm_compile_ray.cache import manifest, signing
+        from vllm_compile_ray.cache.store import ArtifactStore
+        key = signing.HmacKey(b"k" * 32)
+        store = ArtifactStore({str(tmp_path / "c")!r}, verifier=key.verifier())
+        rows = signing.manifest_rows(manifest.read_manifest(store, "m", "fp1"))
+        assert "pandas" not in sys.modules, "reading imported pandas"
+        assert rows[0]["created_at"].timestamp() == 1_700_000_000.5, rows
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    forged = ArtifactStore(str(tmp_path / "c"), verifier=signing.HmacKey(b"x" * 32).verifier())
+    with pytest.raises(ArtifactSignatureError, match="refused: it is signed by key id"):
+        manifest.read_manifest(forged, "m", "fp1")

@@ -483,7 +483,8 @@ TOUCHES: list[Touch] = [
     Touch("torch.fx.experimental._config:patch", "dynamo.capture_settings",
           call(backed_size_oblivious=True)),
     Touch("torch._dynamo.exc:Unsupported",
-          "dynamo.is_unsupported (plan.run_dynamo, api, aot)"),
+          "dynamo.is_unsupported (plan.run_dynamo, api, aot), dynamo.model_code_error"),
+    Touch("torch._dynamo.exc:TorchRuntimeError", "dynamo.model_code_error (plan.capture_calls)"),
     Touch("torch._dynamo.exc:BackendCompilerFailed",
           "dynamo.backend_failure_cause (api, load; reads .inner_exception)", _inner_exception),
     # canonical.py / splitting.py: op targets, graph modules

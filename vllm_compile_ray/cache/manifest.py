@@ -79,7 +79,7 @@ def empty() -> pa.Table:
 
 def merge(table: pa.Table, rows: Iterable[dict[str, Any]]) -> pa.Table:
     """`table` plus `rows`; a row replaces an older one of the same key. Sorted by piece, shape."""
-    merged = {row["key"]: row for row in table.to_pylist()}
+    merged = {row["key"]: row for row in signing.manifest_rows(table)}
     merged.update((row["key"], row) for row in rows)
     ordered = sorted(merged.values(), key=lambda r: (r["piece"], _shape_order(r["shape"]), r["key"]))
     return pa.Table.from_pylist(ordered, schema=SCHEMA)
@@ -97,7 +97,7 @@ def read_manifest(store: ArtifactStore, model: str, fingerprint_id: str) -> pa.T
     except ArtifactNotFoundError:
         return empty()
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.ParquetFile(pa.BufferReader(data)).read()  # read_table imports pandas
         if "signature" not in table.column_names:  # written before manifests were signed
             table = table.append_column("signature", pa.nulls(table.num_rows, pa.string()))
         table = table.cast(SCHEMA)

@@ -336,6 +336,20 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def manifest_rows(table: Any) -> list[dict[str, Any]]:
+    """A pyarrow manifest table's rows as dicts, timestamps as UTC datetimes. Not `to_pylist`
+    on the timestamp column: that imports pandas (0.4-0.7 s on a rank's startup)."""
+    import pyarrow as pa
+
+    stamps = [f for f in table.schema if pa.types.is_timestamp(f.type)]
+    rows = table.drop_columns([f.name for f in stamps]).to_pylist()
+    for f in stamps:
+        per_ms = {"s": 1e-3, "ms": 1, "us": 1e3, "ns": 1e6}[f.type.unit]
+        for row, n in zip(rows, table.column(f.name).cast(pa.int64()).to_pylist()):
+            row[f.name] = None if n is None else _EPOCH + timedelta(milliseconds=n / per_ms)
+    return rows
+
+
 def manifest_row_message(row: Mapping[str, Any]) -> bytes:
     """The bytes a manifest row's signature covers: every column but "signature"."""
     body = {k: _json_value(v) for k, v in row.items() if k != "signature"}
@@ -372,7 +386,7 @@ def sign_manifest(table: Any, signer: Signer) -> Any:
 
     if "signature" in table.column_names:
         table = table.drop_columns(["signature"])
-    rows = table.to_pylist()  # after the cast to the manifest schema: values as stored
+    rows = manifest_rows(table)  # after the cast to the manifest schema: values as stored
     sigs = [sign_manifest_row(row, signer)["signature"] for row in rows]
     return table.append_column("signature", pa.array(sigs, pa.string()))
 
@@ -380,5 +394,5 @@ def sign_manifest(table: Any, signer: Signer) -> Any:
 def verify_manifest(table: Any, verifier: Verifier | None = None,
                     where: str = "manifest") -> None:
     """Every row of a pyarrow manifest table passes `verify_manifest_row`."""
-    for row in table.to_pylist():
+    for row in manifest_rows(table):
         verify_manifest_row(row, verifier, where)

@@ -80,6 +80,9 @@ def warm(**opts: Any) -> None:
 @click.option("--seed", type=int, default=0, help="weight seed when no --weights are given")
 def load(**opts: Any) -> None:
     """Pull a rank's compiled pieces from the cache (as a TP worker does) and print the report."""
+    import torch
+
+    from ..orchestration.trace_task import fake_group
     from ..planning import intake
     from ..runtime.load import load as load_fn
 
@@ -87,9 +90,16 @@ def load(**opts: Any) -> None:
     device = opts["device"]
     spec = intake.build(opts["model"], tp_size=opts["tp"], rank=opts["rank"], device=device,
                         num_layers=opts["num_layers"], seed=opts["seed"], weights=opts["weights"])
-    compiled = load_fn(spec.module, config, rank=opts["rank"], world_size=opts["tp"],
-                       warmup=not opts["no_warmup"], model_name=opts["model"],
-                       example_inputs=spec.example_inputs)
+    # A rank of a TP group (of no peers: nothing is communicated), so it traces and keys as the
+    # served ranks and the warm do (`aot.dynamo_key` holds the group's size).
+    grouped = opts["tp"] > 1 and fake_group(opts["tp"], opts["rank"])
+    try:
+        compiled = load_fn(spec.module, config, rank=opts["rank"], world_size=opts["tp"],
+                           warmup=not opts["no_warmup"], model_name=opts["model"],
+                           example_inputs=spec.example_inputs)
+    finally:
+        if grouped:
+            torch.distributed.destroy_process_group()
     click.echo(compiled.report.table())
 
 

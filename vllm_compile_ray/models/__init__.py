@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vllm_compile_ray.errors import ConfigError, UnknownModelError
+from vllm_compile_ray.models import hub
 from vllm_compile_ray.models.checkpoint import WeightsSource, load_weights
 from vllm_compile_ray.models.config import LlamaConfig, ModelConfig, TPShapes
 from vllm_compile_ray.models.init import init_buffers, init_weights
@@ -36,10 +37,13 @@ ModelSpec = str | os.PathLike | dict[str, Any] | ModelConfig
 
 
 def read_config(spec: str | os.PathLike) -> dict[str, Any]:
-    """A preset name, a config.json path or a directory holding one -> the config dict."""
+    """A preset name, a config.json path or a directory holding one, or a Hugging Face Hub id
+    ("org/name": its config.json, `hub`) -> the config dict."""
     if isinstance(spec, str) and spec in PRESETS:
         return dict(PRESETS[spec])
     path = os.fspath(spec)
+    if hub.is_hub_id(path):
+        path = hub.config_path(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
@@ -49,7 +53,8 @@ def read_config(spec: str | os.PathLike) -> dict[str, Any]:
         looks_like_path = os.sep in path or path.endswith(".json")
         what = "no such file or directory" if looks_like_path else "unknown model preset"
         raise UnknownModelError(f"{what} {path!r}; known presets: {sorted(PRESETS)}; or give "
-                                "a path to a config.json or a directory holding one")
+                                "a path to a config.json or a directory holding one, or a "
+                                "Hugging Face Hub id (org/name)")
     try:
         with open(path) as f:
             d = json.load(f)

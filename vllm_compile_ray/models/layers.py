@@ -9,6 +9,8 @@ A source may be a tensor or a lazy safetensors slice: a rank reads only its rows
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -146,10 +148,18 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
-        start, end = self.shard_range[0], self.shard_range[1]
-        mask = (input_ids >= start) & (input_ids < end)  # [T]
-        x = F.embedding(torch.where(mask, input_ids - start, 0), self.weight)
-        return ops.all_reduce(x.masked_fill(~mask.unsqueeze(-1), 0))
+        return vocab_shard_lookup(input_ids, self.shard_range,
+                                  lambda ids: F.embedding(ids, self.weight))
+
+
+def vocab_shard_lookup(input_ids: Tensor, shard_range: Tensor,
+                       lookup: Callable[[Tensor], Tensor]) -> Tensor:
+    """A vocab-parallel lookup: `lookup` of this rank's rows [start, end) (`shard_range`, a
+    buffer: equal code on every rank), zeros for ids elsewhere, summed over the ranks."""
+    start, end = shard_range[0], shard_range[1]
+    mask = (input_ids >= start) & (input_ids < end)  # [T]
+    x = lookup(torch.where(mask, input_ids - start, 0))
+    return ops.all_reduce(x.masked_fill(~mask.unsqueeze(-1), 0))
 
 
 class RMSNorm(nn.Module):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 ATTENTION_OP = "vcr::attention"
 ALL_REDUCE_OP = "vcr::all_reduce"
+ALL_GATHER_OP = "vcr::all_gather"
 
 
 def _attention(
@@ -25,7 +26,8 @@ def _attention(
 ) -> Tensor:
     """Causal grouped-query attention over flat tokens.
 
-    q: [*B, T, Hq*D], k/v: [*B, S, Hkv*D] -> [*B, T, Hq*D], S >= T; query i sits at key position
+    q: [*B, T, Hq*D], k: [*B, S, Hkv*D], v: [*B, S, Hkv*Dv] -> [*B, T, Hq*Dv] (Dv: the values'
+    head dim, D unless the model says otherwise: DeepSeek's MLA), S >= T; query i sits at key position
     S - T + i (a prefix of S - T cached tokens). sliding_window > 0: a query sees the last
     `sliding_window` keys up to itself (itself included), as transformers counts it. softcap > 0:
     scores become softcap * tanh(scores / softcap) before the softmax. sinks: [Hq] logits of one
@@ -45,14 +47,14 @@ def _attention(
         s = k.shape[-2]
         qh = q.reshape(*batch, t, num_heads, head_dim).transpose(-2, -3)  # [*B, Hq, T, D]
         kh = k.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)  # [*B, Hkv, S, D]
-        vh = v.reshape(*batch, s, num_kv_heads, head_dim).transpose(-2, -3)
+        vh = v.reshape(*batch, s, num_kv_heads, -1).transpose(-2, -3)
     plain = sliding_window <= 0 and softcap <= 0 and sinks is None and chunk <= 0
     if plain and s == t:
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
     else:
         out = _attention_math(qh, kh, vh, scale, sliding_window, softcap, sinks, chunk)
-    return out.transpose(-2, -3).reshape(*batch, t, num_heads * head_dim)
+    return out.transpose(-2, -3).reshape(*batch, t, num_heads * vh.shape[-1])
 
 
 def _attention_math(qh: Tensor, kh: Tensor, vh: Tensor, scale: float, sliding_window: int,
@@ -88,9 +90,9 @@ def _attention_fake(
     scale: float, sliding_window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
     heads_first: bool = False, chunk: int = 0,
 ) -> Tensor:
-    if heads_first:
-        return q.new_empty((*q.shape[:-3], q.shape[-2], num_heads * head_dim))
-    return q.new_empty((*q.shape[:-1], num_heads * head_dim))
+    if heads_first:  # values may have their own head dim (DeepSeek's MLA: 128 vs 192)
+        return q.new_empty((*q.shape[:-3], q.shape[-2], num_heads * v.shape[-1]))
+    return q.new_empty((*q.shape[:-1], num_heads * (v.shape[-1] // num_kv_heads)))
 
 
 def _all_reduce(x: Tensor) -> Tensor:
@@ -103,6 +105,23 @@ def _all_reduce(x: Tensor) -> Tensor:
 
 def _all_reduce_fake(x: Tensor) -> Tensor:
     return torch.empty_like(x)
+
+
+def _all_gather(x: Tensor, world_size: int) -> Tensor:
+    """The ranks' `x` side by side on the last dim, rank order ([..., n] -> [..., n*world_size]).
+    Not distributed (a compile task checking what it built): `x` repeated, the right shape."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_world_size() != world_size:
+            raise RuntimeError(f"vcr::all_gather for {world_size} ranks in a process group of "
+                               f"{dist.get_world_size()}")
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+    return x.repeat(*([1] * (x.dim() - 1)), world_size)
+
+
+def _all_gather_fake(x: Tensor, world_size: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] * world_size))
 
 
 def _registered(qualname: str) -> bool:
@@ -121,5 +140,11 @@ if not _registered(ALL_REDUCE_OP):
         _all_reduce_fake
     )
 
+if not _registered(ALL_GATHER_OP):
+    torch.library.custom_op(ALL_GATHER_OP, mutates_args=())(_all_gather).register_fake(
+        _all_gather_fake
+    )
+
 attention = torch.ops.vcr.attention
 all_reduce = torch.ops.vcr.all_reduce
+all_gather = torch.ops.vcr.all_gather

@@ -99,8 +99,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       sliding_window: int | None = None, softcap: float | None = None,
                       s_aux: torch.Tensor | None = None, **kwargs: Any
                       ) -> tuple[torch.Tensor, None]:
-    """transformers' attention function signature. query: [B, Hq, T, D], key/value:
-    [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
+    """transformers' attention function signature. query: [B, Hq, T, D], key: [B, Hkv, S, D],
+    value: [B, Hkv, S, Dv] -> ([B, T, Hq, Dv], None) (Dv != D: DeepSeek's MLA)."""
     name = type(module).__name__
     if attention_mask is not None:
         mask(attention_mask=attention_mask)
@@ -121,7 +121,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     out = ops.attention(query, key, value, hq, key.shape[1], d, float(scaling),
                         int(sliding_window or 0), float(softcap or 0.0), sinks, heads_first=True,
                         **({"chunk": chunk} if chunk else {}))
-    return out.reshape(b, t, hq, d), None  # out: [B, T, Hq*D], contiguous
+    return out.reshape(b, t, hq, value.shape[-1]), None  # out: [B, T, Hq*Dv], contiguous
 
 
 def _default_scaling(module: nn.Module, head_dim: int) -> float:

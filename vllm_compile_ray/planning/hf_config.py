@@ -1,13 +1,14 @@
 """A config.json that vcr's own tensor-parallel models do not implement (another architecture,
-or a field they do not honour), built as transformers' implementation of it at tp_size=1.
+or a field they do not honour), built as transformers' implementation of it.
 
     vcr plan --model /ckpt/gemma-3-1b-it --device cpu --sizes 1,8   # Gemma3ForCausalLM
 
 transformers' model is the reference implementation, so nothing is approximated: the model
-splits at attention through `hf.prepare` like any transformers module. Not for tp_size > 1
-(transformers' models are not sharded) nor for a quantized checkpoint (quantization is applied
-by loading weights, so the planned model would not be the served one): those keep vcr's error,
-with the reason this route is closed. Weights (`--weights`) load through `from_pretrained`.
+splits at attention through `hf.prepare` like any transformers module. At tp_size > 1 each rank
+builds the whole model and keeps its shard by transformers' own tensor-parallel plan
+(`hf_tp`). Not for a quantized checkpoint (quantization is applied by loading weights, so the
+planned model would not be the served one) nor for a plan vcr cannot apply: those keep vcr's
+error, with the reason this route is closed. Weights (`--weights`) load through `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from . import hf_tp
 
 logger = logging.getLogger(__name__)
 
 
 def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size: int,
-                  device: str | torch.device, num_layers: int | None, seed: int,
+                  rank: int = 0, device: str | torch.device, num_layers: int | None, seed: int,
                   weights: str | None) -> nn.Module:
     """transformers' model for config dict `d`, which vcr's models `refused`; that error, with
     why transformers' cannot stand in, where it cannot."""
@@ -37,14 +39,18 @@ def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size:
         raise ConfigError(f"transformers could not read this config.json as "
                           f"model_type={d.get('model_type')!r}: {type(exc).__name__}: "
                           f"{' '.join(str(exc).split())}") from exc
-    logger.warning("%s: building transformers' %s instead (tp_size=1)", refused,
-                   type(config).__name__.removesuffix("Config"))
+    logger.warning("%s: building transformers' %s instead (tp_size=%d)", refused,
+                   type(config).__name__.removesuffix("Config"), tp_size)
+    device = torch.device(device)
+    # A rank builds the whole model where the whole fits (host memory), then keeps its shard.
+    whole_on = device if tp_size == 1 or device.type == "meta" else torch.device("cpu")
     try:
-        return _model(config, torch.device(device), seed, weights)
+        model = _model(config, whole_on, seed, weights)
     except (ConfigError, OSError):
         raise
     except Exception as exc:  # transformers' own code on this config
         raise ConfigError(_unbuilt(type(config).__name__.removesuffix("Config"), exc)) from exc
+    return model if tp_size == 1 else hf_tp.shard(model, tp_size, rank).to(device)
 
 
 def _unbuilt(arch: str, exc: Exception) -> str:
@@ -71,9 +77,6 @@ def check(d: dict[str, Any], refused: UnsupportedModelError, tp_size: int) -> No
 
 def _closed(d: dict[str, Any], tp_size: int) -> str:
     """Why transformers' implementation cannot stand in for `d` ("" when it can)."""
-    if tp_size != 1:
-        return (f"transformers' implementation, which serves it at tp_size=1, is not "
-                f"tensor-parallel (tp_size={tp_size})")
     if d.get("quantization_config"):
         return ("a quantized checkpoint is quantized as its weights load, so its config alone "
                 "does not build the served model")
@@ -81,6 +84,13 @@ def _closed(d: dict[str, Any], tp_size: int) -> str:
 
     if d.get("model_type") not in CONFIG_MAPPING:
         return f"transformers knows no model_type={d.get('model_type')!r} either"
+    if tp_size != 1:
+        try:
+            hf_tp.check(_config(d, None), tp_size)
+        except UnsupportedModelError as exc:
+            return str(exc)
+        except Exception:  # a config transformers refuses: build_instead says why
+            return ""
     return ""
 
 
@@ -100,18 +110,29 @@ def _config(d: dict[str, Any], num_layers: int | None) -> Any:
     return config
 
 
-def _model(config: Any, device: torch.device, seed: int, weights: str | None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def _auto_class(config: Any) -> Any:
+    """transformers' auto class that builds `config`'s generating model: causal LM, else
+    image-text-to-text (Mistral3, Qwen2.5-VL, Qwen3-VL, LLaVA: a rank serving text runs its
+    language model on `input_ids`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM  # its error names the config class
+
+
+def _model(config: Any, device: torch.device, seed: int, weights: str | None) -> nn.Module:
+    auto = _auto_class(config)
     dtype = getattr(config, "dtype", None) or torch.float32
     if weights is not None:
         if device.type == "meta":
             raise ConfigError("weights= needs a real device, not meta")
-        model = AutoModelForCausalLM.from_pretrained(weights, config=config, dtype=dtype)
+        model = auto.from_pretrained(weights, config=config, dtype=dtype)
         return model.to(device).eval()
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype)
     if device.type != "meta":  # some architectures leave a norm or buffer uninitialized
         with torch.no_grad():
             for p in model.parameters():

@@ -49,9 +49,10 @@ def is_entry_point(spec: str) -> bool:
 def build(spec: str, *, tp_size: int = 1, rank: int = 0, device: str | torch.device = "meta",
           num_layers: int | None = None, seed: int = 0, weights: str | None = None) -> ModelSpec:
     """The model `spec` names, built for `device` ("meta": shapes only, for planning). weights:
-    a checkpoint for a preset or config.json model (`models.load_weights`); an entry point
+    a checkpoint for a preset or config.json model (`models.load_weights`; a Hugging Face Hub
+    id is fetched, `models.hub`); an entry point
     gets it as `weights=` if it takes that argument. A config.json vcr's models refuse is
-    transformers' model at tp_size=1 (`hf_config`)."""
+    transformers' model, this rank's shard of it at tp_size > 1 (`hf_config`)."""
     if is_entry_point(spec):
         offered = dict(tp_size=tp_size, rank=rank, device=device, num_layers=num_layers)
         if weights is not None:
@@ -59,6 +60,8 @@ def build(spec: str, *, tp_size: int = 1, rank: int = 0, device: str | torch.dev
         return _from_entry_point(spec, **offered)
     from .. import models
 
+    if weights is not None and models.hub.is_hub_id(weights):
+        weights = models.hub.snapshot(weights)
     try:
         return ModelSpec(models.build(spec, tp_size, rank, device=device, num_layers=num_layers,
                                       seed=seed, weights=weights))
@@ -66,7 +69,7 @@ def build(spec: str, *, tp_size: int = 1, rank: int = 0, device: str | torch.dev
         if spec in models.PRESETS:
             raise
         return ModelSpec(hf_config.build_instead(
-            models.read_config(spec), refused, tp_size=tp_size, device=device,
+            models.read_config(spec), refused, tp_size=tp_size, rank=rank, device=device,
             num_layers=num_layers, seed=seed, weights=weights))
 
 

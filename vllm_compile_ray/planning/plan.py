@@ -165,6 +165,11 @@ def capture_calls(model: torch.nn.Module, calls: Sequence[tuple[Sequence[Any], d
         except Exception as exc:
             if dynamo.is_unsupported(exc) or dynamo.specialized(exc):
                 raise_traced_error(exc)
+            failed = dynamo.model_code_error(exc)
+            if failed:
+                raise errors.ConfigError(
+                    f"the model's code failed while dynamo traced it: {failed}; a field of its "
+                    "config it reads may be missing or invalid") from None
             raise
     return graphs
 

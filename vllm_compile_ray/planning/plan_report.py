@@ -20,11 +20,14 @@ def count_params(module: nn.Module) -> int:
 
 def total_params(module: nn.Module) -> int | None:
     """The whole model's parameters: a vcr model's tp=1 build of its config on meta; the module
-    itself when it is not sharded (a transformers model); None when unknown."""
+    itself when it is not sharded (a transformers model), what `hf_tp.shard` counted before
+    sharding it; None when unknown."""
     if isinstance(getattr(module, "config", None), models.ModelConfig):
         if getattr(module, "tp_size", 1) == 1:
             return count_params(module)
         return count_params(models.build(module.config, device="meta"))
+    if hasattr(module, "vcr_tp"):
+        return module.vcr_tp[1]
     # transformers' models have tp_size None unless they were loaded tensor-parallel
     return count_params(module) if getattr(module, "tp_size", None) in (None, 1) else None
 

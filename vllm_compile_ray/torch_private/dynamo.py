@@ -84,6 +84,23 @@ def is_unsupported(exc: BaseException) -> bool:
     return isinstance(exc, torch._dynamo.exc.Unsupported)
 
 
+def model_code_error(exc: BaseException) -> str:
+    """When `exc` is the model's own code failing under dynamo's fake tensors (an ordinary
+    error: a config field it reads is None, shapes that do not fit), that error and where in
+    the model's code, on one line; else ""."""
+    fake_call = isinstance(exc, torch._dynamo.exc.Unsupported) and \
+        "when making fake tensor call" in str(exc).split("\n", 1)[0]
+    if not (fake_call or isinstance(exc, torch._dynamo.exc.TorchRuntimeError)):
+        return ""
+    root: BaseException = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    frames = re.findall(r'File "([^"]+)", line (\d+)', str(exc))
+    at = f" (at {frames[-1][0].rsplit('/', 1)[-1]}:{frames[-1][1]})" if frames else ""
+    text = str(root).split("\n\n")[0] if root is not exc else str(exc).splitlines()[0]
+    return f"{type(root).__name__}: {' '.join(text.split())[:300]}{at}"
+
+
 def specialized(exc: BaseException) -> str:
     """What the model's code fixed, when `exc` (or what it wraps) says dynamo could not keep a
     dim marked dynamic dynamic (`ConstraintViolationError`: the code branches or loops on that
