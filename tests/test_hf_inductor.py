@@ -1,6 +1,6 @@
-"""Real Inductor on transformers models (one MoE, one sliding-window, GPT-2): process A compiles
-and publishes every unique piece; a fresh process B loads them with zero compiles; both match
-transformers' own output. B shares A's Inductor cache directory: on CPU a loaded artifact
+"""Real Inductor on transformers models (one MoE, its FP8 checkpoint, one sliding-window, GPT-2):
+process A compiles and publishes every unique piece; a fresh process B loads them with zero
+compiles; both match transformers' own output. B shares A's Inductor cache directory: on CPU a loaded artifact
 rebuilds its C++ kernels (NOTES.md), which the directory saves; the compiles counted here are
 this package's, and B makes none."""
 
@@ -18,7 +18,7 @@ import vllm_compile_ray as vcr
 
 pytestmark = pytest.mark.inductor
 SCRIPT = Path(__file__).parent / "scripts" / "run_hf_model.py"
-ARCHS = ("qwen3_moe", "mistral", "gpt2")
+ARCHS = ("qwen3_moe", "qwen3_moe_fp8", "mistral", "gpt2")
 
 
 def run(config: vcr.CompilationConfig, out: Path, env: dict) -> dict:

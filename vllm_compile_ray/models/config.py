@@ -245,8 +245,8 @@ def _checked(d: dict[str, Any], arch: ArchInfo, refuse) -> tuple[str, bool]:
     feats = arch.features
     for key in _NEVER:
         if d.get(key) not in (None, 0, False, {}, []):
-            raise refuse(f"config field {key}={_short(d[key])}", "no architecture here implements "
-                         "it (unquantized checkpoints only)")
+            raise refuse(f"config field {key}={_short(d[key])}", "vcr's own models implement "
+                         "no quantization (unquantized checkpoints only)")
     if d.get("mlp_bias"):
         raise refuse("mlp_bias=true", "MLP projections have no bias")
     if d.get("partial_rotary_factor", 1.0) != 1.0:

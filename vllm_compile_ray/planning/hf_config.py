@@ -6,9 +6,9 @@ or a field they do not honour), built as transformers' implementation of it.
 transformers' model is the reference implementation, so nothing is approximated: the model
 splits at attention through `hf.prepare` like any transformers module. At tp_size > 1 each rank
 builds the whole model and keeps its shard by transformers' own tensor-parallel plan
-(`hf_tp`). Not for a quantized checkpoint (quantization is applied by loading weights, so the
-planned model would not be the served one) nor for a plan vcr cannot apply: those keep vcr's
-error, with the reason this route is closed. Weights (`--weights`) load through `from_pretrained`.
+(`hf_tp`). An FP8 block-quantized checkpoint builds with its quantized layers (`hf_fp8`); other
+quantization schemes, and plans vcr cannot apply, keep vcr's error with the reason this route is
+closed. Weights (`--weights`) load through `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from . import hf_tp
+from . import hf_fp8, hf_tp
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,15 @@ def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size:
     device = torch.device(device)
     # A rank builds the whole model where the whole fits (host memory), then keeps its shard.
     whole_on = device if tp_size == 1 or device.type == "meta" else torch.device("cpu")
+    block = hf_fp8.spec(d["quantization_config"]) if d.get("quantization_config") else None
     try:
-        model = _model(config, whole_on, seed, weights)
-    except (ConfigError, OSError):
+        model = _model(config, whole_on, seed, None if block else weights)
+        if block is not None:
+            hf_fp8.quantize(model, block)
+            if weights is not None:
+                _real(whole_on)
+                hf_fp8.load_weights(model, weights)
+    except (ConfigError, OSError, UnsupportedModelError):
         raise
     except Exception as exc:  # transformers' own code on this config
         raise ConfigError(_unbuilt(type(config).__name__.removesuffix("Config"), exc)) from exc
@@ -78,8 +84,10 @@ def check(d: dict[str, Any], refused: UnsupportedModelError, tp_size: int) -> No
 def _closed(d: dict[str, Any], tp_size: int) -> str:
     """Why transformers' implementation cannot stand in for `d` ("" when it can)."""
     if d.get("quantization_config"):
-        return ("a quantized checkpoint is quantized as its weights load, so its config alone "
-                "does not build the served model")
+        try:
+            hf_fp8.spec(d["quantization_config"])
+        except UnsupportedModelError as exc:
+            return str(exc)
     from transformers import CONFIG_MAPPING
 
     if d.get("model_type") not in CONFIG_MAPPING:
@@ -122,12 +130,16 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForCausalLM  # its error names the config class
 
 
+def _real(device: torch.device) -> None:
+    if device.type == "meta":
+        raise ConfigError("weights= needs a real device, not meta")
+
+
 def _model(config: Any, device: torch.device, seed: int, weights: str | None) -> nn.Module:
     auto = _auto_class(config)
     dtype = getattr(config, "dtype", None) or torch.float32
     if weights is not None:
-        if device.type == "meta":
-            raise ConfigError("weights= needs a real device, not meta")
+        _real(device)
         model = auto.from_pretrained(weights, config=config, dtype=dtype)
         return model.to(device).eval()
     torch.manual_seed(seed)

@@ -43,6 +43,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..models import ops
 from ..models.layers import vocab_shard_lookup
+from . import hf_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,9 @@ def _apply_param(owner: nn.Module, name: str, attr: str, style: str, tp_size: in
         raise UnsupportedModelError(f"{name} dim {dim} of size {t.shape[dim]} does not split "
                                     f"into {tp_size * halves} (planned {style}, tp_size={tp_size})")
     setattr(owner, attr, nn.Parameter(_split(t, dim, halves, tp_size, rank), requires_grad=False))
+    part, half = t.shape[dim] // (tp_size * halves), t.shape[dim] // halves
+    hf_fp8.split_scale(owner, attr, name, dim, [h * half + rank * part for h in range(halves)],
+                       part)
 
 
 def _split(t: torch.Tensor, dim: int, halves: int, tp_size: int, rank: int) -> torch.Tensor:
@@ -269,6 +273,7 @@ def _apply(module: nn.Module, name: str, style: str, tp_size: int, rank: int,
     with torch.no_grad():
         module.weight = nn.Parameter(_slice(module.weight, 1 if cols else 0, start, local),
                                      requires_grad=False)
+    hf_fp8.split_scale(module, "weight", name, 1 if cols else 0, [start], local)
     if cols:
         bias, module.bias = module.bias, None  # added once, after the all-reduce
         module.in_features = local

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from .. import models
@@ -65,12 +64,18 @@ def plan_report(model: str, module: nn.Module, plan: Plan, *, tp_size: int, devi
         head += f", MoE {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
     if getattr(cfg, "sliding_window", 0):
         head += f", sliding window {cfg.sliding_window}"
+    fp8 = getattr(module, "vcr_fp8", None)  # hf_fp8.Fp8Block
+    if fp8 is not None:
+        head += f", FP8 blocks {fp8.block_n}x{fp8.block_k}"
     per_rank, total = count_params(module), total_params(module)
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    nbytes = per_rank * torch.empty((), dtype=dtype).element_size()
+    by_dtype: dict[str, int] = {}
+    for p in module.parameters():
+        name = str(p.dtype).removeprefix("torch.")
+        by_dtype[name] = by_dtype.get(name, 0) + p.numel() * p.element_size()
+    dtypes = " + ".join(sorted(by_dtype, key=by_dtype.__getitem__, reverse=True)) or "float32"
     params = f"parameters: {_billions(per_rank)} per rank x tp {tp_size}, " + (
         f"{_billions(total)} total" if total is not None else "total unknown")
-    params += f" ({str(dtype).removeprefix('torch.')}: {nbytes / 1e9:.1f} GB per rank)"
+    params += f" ({dtypes}: {sum(by_dtype.values()) / 1e9:.1f} GB per rank)"
     lines = [head, params, _plan_line(plan),
         "fill the cache: " + warm_command(model, tp_size, plan.shapes, device=device,
                                           num_layers=num_layers, cache=cache),

@@ -1,0 +1,240 @@
+"""FP8 block-quantized checkpoints (DeepSeek-V3/R1, Qwen3 -FP8): their config.json builds the
+quantized model (`planning/hf_fp8.py`, ops in `models/fp8.py`), which splits, compiles and
+matches the model with dequantized weights, at tp_size 1 and over two gloo ranks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import vllm_compile_ray as vcr
+from vllm_compile_ray.errors import ConfigError, UnsupportedModelError
+from vllm_compile_ray.models import fp8
+from vllm_compile_ray.planning import hf, hf_fp8, intake
+from vllm_compile_ray.runtime.api import plan_model
+
+import hf_models
+
+pytest.importorskip("transformers")
+
+# Block 16 on the tiny models' 64-wide layers: several blocks per weight, shards on boundaries.
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+       "weight_block_size": [16, 16]}
+ARCHS = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+         "deepseek_v3": "DeepseekV3ForCausalLM"}  # dense; fused experts; MLA + shared experts
+
+
+def _checkpoint(root: Path, name: str, **quant) -> str:
+    return hf_models.save_config(name, root / name, ARCHS[name],
+                                 quantization_config={**FP8, **quant})
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _dequantized(model: nn.Module) -> nn.Module:
+    """The reference: transformers' unquantized model holding the FP8 model's weights, each
+    times its block scales."""
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, hf_fp8.Fp8BlockLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=False)
+            linear.weight = nn.Parameter(module.dequantized())
+            linear.bias = module.bias
+            ref.set_submodule(name, linear)
+        elif isinstance(getattr(module, "vcr_fp8", None), tuple):  # fused experts
+            block_n, block_k, _ = module.vcr_fp8
+            for attr in ("gate_up_proj", "down_proj"):
+                w = fp8.dequantize(getattr(module, attr), getattr(module, f"{attr}_scale_inv"),
+                                   block_n, block_k)
+                setattr(module, attr, nn.Parameter(w))
+    ref.set_experts_implementation("eager")
+    return ref
+
+
+def test_the_linear_op_is_the_blockwise_w8a8_arithmetic() -> None:
+    """`vcr::fp8_block_linear` = sum over column blocks of (x_q w_q^T) x_scale w_scale, with
+    ragged edges (N, K not multiples of the block)."""
+    torch.manual_seed(0)
+    bn, bk = 16, 8
+    w, x = torch.randn(37, 29), torch.randn(5, 29)
+    q, scale = fp8.quantize(w, bn, bk)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 4)
+    assert ((fp8.dequantize(q, scale, bn, bk) - w).abs() <= w.abs() / 8 + 1e-2).all()
+    xq, xs = fp8.quantize_activations(x, bk)
+    want = torch.zeros(5, 37, dtype=torch.float64)
+    for kb in range(4):
+        cols = slice(kb * bk, (kb + 1) * bk)
+        part = xq[:, cols].double() @ q[:, cols].double().T
+        want += part * xs[:, kb, None].double() * \
+            scale[:, kb].double().repeat_interleave(bn)[None, :37]
+    got = fp8.fp8_block_linear(x.to(torch.bfloat16), q, scale, bn, bk)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 37)
+    torch.testing.assert_close(fp8.fp8_block_linear(x, q, scale, bn, bk), want.float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_fp8_checkpoint_builds_quantized_compiles_and_matches(name: str, tmp_path: Path) -> None:
+    """Linear layers and experts hold float8 weights with block scales (not the head or the
+    router); the compiled model equals the eager one and matches the dequantized reference;
+    identical layers still share one piece."""
+    model = intake.build(_checkpoint(tmp_path, name), device="cpu").module
+    params = dict(model.named_parameters())
+    quantized = {n for n, p in params.items() if p.dtype == torch.float8_e4m3fn}
+    assert "lm_head.weight" not in quantized and "model.layers.1.mlp.gate.weight" not in quantized
+    assert "model.layers.1.self_attn.o_proj.weight" in quantized
+    for n in quantized:
+        assert params[n.removesuffix(".weight") + ("_scale_inv" if not n.endswith(".weight")
+                                                   else ".weight_scale_inv")].dtype == torch.float32
+    if name != "qwen3":
+        assert "model.layers.1.mlp.experts.gate_up_proj" in quantized
+    reference = _dequantized(model)
+    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
+        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
+    for n in (4, 7):
+        ids = hf_models.tokens(n, seed=n)
+        got, want = _logits(compiled, ids), _logits(reference, ids)
+        torch.testing.assert_close(got, _logits(model, ids), rtol=0, atol=0)
+        # FP8 activations: a few percent per element, the logits' direction kept
+        assert (got - want).abs().max() <= 0.15 * want.abs().max()
+        assert torch.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.995
+    nodes = [str(n.target) for item in compiled.plan.items for n in item.graph.graph.nodes]
+    assert any("fp8_block_linear" in t for t in nodes)
+    assert len({p.code_id for p in compiled.plan.pieces}) < len(compiled.plan.pieces)
+
+
+def test_a_warm_for_gpus_plans_fp8_on_meta_with_the_keys_of_a_cpu_rank(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path, "qwen3_moe")
+    config = vcr.CompilationConfig(compile_sizes=[4], backend="eager")
+    fingerprint = {"device_type": "cpu", "note": "test"}
+    on_meta = intake.build_for_plan(ckpt, tp_size=1, device_type="cuda").module
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    on_cpu = intake.build(ckpt, device="cpu").module
+    assert plan_model(on_meta, config, device_type="cpu", fingerprint=fingerprint).keys == \
+        plan_model(on_cpu, config, device_type="cpu", fingerprint=fingerprint).keys
+
+
+def _rank(rank: int, world: int, ckpts: dict[str, str], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=world)
+    try:
+        got = {}
+        for name, ckpt in ckpts.items():
+            model = hf.prepare(intake.build(ckpt, tp_size=world, rank=rank, device="cpu").module)
+            got[name] = (_logits(model, hf_models.tokens(7)),
+                         {n: tuple(p.shape) for n, p in model.named_parameters()})
+        torch.save(got, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_keep_their_blocks_and_compute_the_whole_fp8_model(tmp_path: Path) -> None:
+    """Each rank keeps the block scales of its weight slices and gives the whole FP8 model's
+    logits (its activation groups fall on the same block boundaries; a partial sum's rounding
+    can still move one activation to the next FP8 value, hence 1% and not bit equality)."""
+    ckpts = {name: _checkpoint(tmp_path, name) for name in ("qwen3_moe", "deepseek_v3")}
+    mp.spawn(_rank, args=(2, ckpts, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, ckpt in ckpts.items():
+        whole = hf.prepare(intake.build(ckpt, device="cpu").module)
+        shapes = {n: tuple(p.shape) for n, p in whole.named_parameters()}
+        want = _logits(whole, hf_models.tokens(7))
+        for r in range(2):
+            logits, sharded = ranks[r][name]
+            assert (logits - want).abs().max() <= 0.01 * want.abs().max(), name
+            assert torch.cosine_similarity(logits.flatten(), want.flatten(), dim=0) > 0.9999
+        experts = "model.layers.1.mlp.experts.gate_up_proj"
+        assert sharded[experts][1] == shapes[experts][1] // 2
+        assert sharded[experts + "_scale_inv"][1] == shapes[experts + "_scale_inv"][1] // 2
+        o_proj = "model.layers.1.self_attn.o_proj.weight_scale_inv"
+        assert sharded[o_proj] == (shapes[o_proj][0], shapes[o_proj][1] // 2)
+
+
+def test_schemes_and_shards_vcr_cannot_serve_are_refused(tmp_path: Path) -> None:
+    for quant, field in (({"quant_method": "awq"}, "quant_method='awq'"),
+                         ({"quant_method": "mxfp4"}, "quant_method='mxfp4'"),
+                         ({"activation_scheme": "static"}, "activation_scheme='static'"),
+                         ({"weight_block_size": None}, "weight_block_size=None")):
+        ckpt = _checkpoint(tmp_path / field.split("=")[0], "qwen3", **quant)
+        with pytest.raises(UnsupportedModelError, match=rf"{field}.*supported: quant_method "
+                                                        r'"fp8"'):
+            intake.build(ckpt, device="cpu")
+    ckpt = _checkpoint(tmp_path, "qwen3_moe")  # experts' 32 rows: 8 a rank at tp 4
+    with pytest.raises(UnsupportedModelError, match=r"experts.gate_up_proj: a tensor-parallel "
+                                                    r"shard of 8 rows does not fall on the FP8 "
+                                                    r"checkpoint's blocks of 16"):
+        intake.build(ckpt, tp_size=4, rank=0)
+    # experts' 32 rows in blocks of 24:
+    with pytest.raises(UnsupportedModelError, match=r"intermediate size 32 is not a multiple of "
+                                                    r"the FP8 block 24"):
+        intake.build(_checkpoint(tmp_path / "odd", "qwen3_moe", weight_block_size=[24, 16]))
+
+
+def _save_checkpoint(model: nn.Module, directory: str) -> None:
+    """`model`'s tensors as an FP8 checkpoint stores them: each expert's projections apart."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in model.named_parameters():
+        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)(_scale_inv)?$", name)
+        if m is None:
+            tensors[name] = p.detach().contiguous()
+            continue
+        prefix, proj, scale = m.group(1), m.group(2), m.group(3) or ""
+        for e in range(p.shape[0]):
+            parts = {"down_proj": p[e]} if proj == "down_proj" else \
+                dict(zip(("gate_proj", "up_proj"), p[e].chunk(2)))
+            for part, t in parts.items():
+                tensors[f"{prefix}.{e}.{part}.weight{scale}"] = t.detach().contiguous()
+    save_file(tensors, os.path.join(directory, "model.safetensors"))
+
+
+def test_an_fp8_checkpoints_weights_load_as_stored(tmp_path: Path) -> None:
+    """--weights of an FP8 checkpoint: its float8 tensors and scales load as stored (each
+    expert's gate/up/down merged), so the model computes what the checkpoint's model does; a
+    missing or unknown tensor is an error naming it."""
+    ckpt = _checkpoint(tmp_path, "deepseek_v3")
+    source = intake.build(ckpt, device="cpu", seed=1).module
+    _save_checkpoint(source, ckpt)
+    loaded = intake.build(ckpt, device="cpu", weights=ckpt).module
+    ids = hf_models.tokens(6)
+    want = _logits(hf.prepare(source), ids)
+    torch.testing.assert_close(_logits(hf.prepare(loaded), ids), want, rtol=0, atol=0)
+    assert not torch.equal(_logits(hf.prepare(intake.build(ckpt, device="cpu").module), ids),
+                           want)
+    from safetensors.torch import load_file, save_file
+
+    stored = load_file(os.path.join(ckpt, "model.safetensors"))
+    scale = "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"
+    save_file({k: v for k, v in stored.items() if k != scale},
+              os.path.join(ckpt, "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"lacks \(parts of\) parameters: "
+                                          r"model\.layers\.1\.mlp\.experts\.gate_up_proj_scale"):
+        intake.build(ckpt, device="cpu", weights=ckpt)
+    save_file({**stored, "model.layers.1.mlp.experts.3.w9.weight": stored[scale].clone()},
+              os.path.join(ckpt, "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"has no parameter for: model\.layers\.1\.mlp\."
+                                          r"experts\.3\.w9\.weight"):
+        intake.build(ckpt, device="cpu", weights=ckpt)
+
+
+def test_vcr_plan_of_an_fp8_checkpoint_from_the_cli(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path, "deepseek_v3")
+    out = subprocess.run([sys.executable, "-m", "vllm_compile_ray", "plan", "--model", ckpt,
+                          "--device", "cpu", "--sizes", "1,8", "--tp", "2"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "DeepseekV3" in out.stdout + out.stderr

@@ -1,0 +1,266 @@
+"""A transformers model built from an FP8 block-quantized checkpoint's config.json, as the
+checkpoint serves: its linear layers and fused experts hold float8 weights with block scales and
+run through `models.fp8`'s ops.
+
+    vcr plan --model /ckpt/Qwen3-8B-FP8 --device cpu --sizes 1,8
+    vcr warm --model deepseek-ai/DeepSeek-V3 --tp-size 8 ...   # quant_method "fp8"
+
+Supported: `quant_method: "fp8"` (transformers' FineGrainedFP8Config) with `fmt: "e4m3"`, dynamic
+activations and a `weight_block_size`. What is quantized follows transformers' FP8 quantizer:
+every `nn.Linear` and fused experts module, except the output head and the modules the config's
+`modules_to_not_convert` names; a MoE router stays unquantized, as vLLM keeps it. Without
+weights the model's initial weights are quantized (so a model with dequantized weights is the
+reference its outputs are checked against); with weights (`load_weights`) the checkpoint's
+float8 tensors and scales are loaded as stored, each expert's gate/up/down merged into the fused
+experts as transformers merges them. At tp_size > 1 `hf_tp` slices the block scales with their
+weights; a shard that does not start and end on a block boundary is refused, as vLLM refuses it.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..models import fp8
+from ..models.checkpoint import safetensors_files
+
+SUPPORTED = ('quant_method "fp8" (fmt "e4m3", activation_scheme "dynamic", weight_block_size '
+             '[n, k]: DeepSeek-V3/R1, Qwen3 -FP8)')
+EXPERTS_IMPLEMENTATION = "vcr_fp8"
+# A checkpoint stores each expert's projections apart; the fused experts hold them stacked, gate
+# and up concatenated (transformers' MergeModulelist + Concatenate for these models).
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_UNUSED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class Fp8Block:
+    block_n: int
+    block_k: int
+    skip: tuple[str, ...]  # modules_to_not_convert
+
+
+def spec(qc: Any) -> Fp8Block:
+    """The scheme of config.json's `quantization_config` `qc`; UnsupportedModelError naming the
+    field when vcr cannot build it."""
+    qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: {})()
+    method = qc.get("quant_method")
+    checks = (("quant_method", method, "fp8"), ("fmt", qc.get("fmt", "e4m3"), "e4m3"),
+              ("activation_scheme", str(qc.get("activation_scheme", "dynamic")).lower(),
+               "dynamic"), ("scale_fmt", qc.get("scale_fmt") or "float", "float"),
+              ("expert_dtype", qc.get("expert_dtype") or "fp8", "fp8"))
+    for field, value, wanted in checks:
+        if value != wanted:
+            raise UnsupportedModelError(f"quantization_config {field}={value!r} is not supported "
+                                        f"(supported: {SUPPORTED})")
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and
+            all(isinstance(b, int) and b > 0 for b in block)):
+        raise UnsupportedModelError(f"quantization_config weight_block_size={block!r}: vcr "
+                                    f"serves block-quantized FP8 only (supported: {SUPPORTED})")
+    if qc.get("modules_to_convert"):
+        raise UnsupportedModelError("quantization_config modules_to_convert is not supported "
+                                    "(modules_to_not_convert is)")
+    return Fp8Block(block[0], block[1], tuple(qc.get("modules_to_not_convert") or ()))
+
+
+class Fp8BlockLinear(nn.Linear):
+    """A linear layer of an FP8 block-quantized checkpoint: `weight` float8 [out, in],
+    `weight_scale_inv` [ceil(out/bn), ceil(in/bk)] (transformers' FP8Linear names)."""
+
+    def __init__(self, linear: nn.Linear, block: Fp8Block):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block_n, self.block_k = block.block_n, block.block_k
+        q, scale = fp8.quantize(linear.weight.detach(), block.block_n, block.block_k)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8.fp8_block_linear(x, self.weight, self.weight_scale_inv, self.block_n,
+                                 self.block_k)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        return fp8.dequantize(self.weight, self.weight_scale_inv, self.block_n, self.block_k)
+
+
+def quantize(model: nn.Module, block: Fp8Block) -> nn.Module:
+    """`model` (transformers', unquantized, whole) made the FP8 checkpoint's model, in place."""
+    skip = set(block.skip)
+    head = model.get_output_embeddings()
+    experts = [(n, m) for n, m in model.named_modules() if _fused(m)]
+    for name, module in experts:
+        _quantize_experts(name, module, block)
+    if experts:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    routers = {f"{n}.{child}" if n else child for n, m in model.named_modules()
+               if hasattr(m, "experts") for child in ("gate", "router", "shared_expert_gate")}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head and name not in routers and \
+                not _skipped(name, skip):
+            model.set_submodule(name, Fp8BlockLinear(module, block))
+    model.vcr_fp8 = block
+    return model
+
+
+def _skipped(name: str, skip: set[str]) -> bool:
+    """transformers' rule: a module is kept whole when a `modules_to_not_convert` entry names it
+    or a module above it (a dotted suffix, or the whole path)."""
+    dotted = f".{name}."
+    return any(f".{s}." in dotted for s in skip)
+
+
+def _fused(module: nn.Module) -> bool:
+    return hasattr(module, "is_concatenated") and hasattr(module, "is_transposed") and \
+        isinstance(getattr(module, "down_proj", None), nn.Parameter)
+
+
+def _quantize_experts(name: str, module: nn.Module, block: Fp8Block) -> None:
+    layout = {"has_gate": True, "is_concatenated": True, "is_transposed": False,
+              "has_bias": False, "has_post_expert_norm": False}
+    odd = [k for k, v in layout.items() if getattr(module, k, v) != v]
+    act = _activation(module)
+    if odd or act is None:
+        raise UnsupportedModelError(
+            f"{name} ({type(module).__name__}): FP8 experts are served for gate|up-concatenated, "
+            f"untransposed weights without bias or norm and activation in "
+            f"{sorted(fp8.ACTIVATIONS)}; this module has "
+            f"{', '.join(f'{k}={getattr(module, k)}' for k in odd) or f'activation {act!r}'}")
+    inner = module.down_proj.shape[-1]
+    if inner % block.block_n:
+        raise UnsupportedModelError(
+            f"{name}: experts' intermediate size {inner} is not a multiple of the FP8 block "
+            f"{block.block_n} (weight_block_size), so their fused gate|up weight cannot hold the "
+            "checkpoint's separately scaled gate and up blocks")
+    module.vcr_fp8 = (block.block_n, block.block_k, act)
+    for attr in ("gate_up_proj", "down_proj"):
+        q, scale = fp8.quantize(getattr(module, attr).detach(), block.block_n, block.block_k)
+        setattr(module, attr, nn.Parameter(q, requires_grad=False))
+        setattr(module, f"{attr}_scale_inv", nn.Parameter(scale, requires_grad=False))
+
+
+def _activation(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    return act if act in fp8.ACTIVATIONS else None
+
+
+def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts interface entry for FP8 experts (`quantize` checked the layout)."""
+    block_n, block_k, act = module.vcr_fp8
+    return fp8.fp8_block_experts(hidden_states, top_k_index, top_k_weights.to(torch.float32),
+                                 module.gate_up_proj, module.gate_up_proj_scale_inv,
+                                 module.down_proj, module.down_proj_scale_inv, block_n, block_k,
+                                 act)
+
+
+def split_scale(owner: nn.Module, attr: str, name: str, dim: int, starts: list[int],
+                length: int) -> None:
+    """Keep the block scales of `owner.attr` that cover the weight slices [s, s + length) of
+    dim `dim` (its slices a rank keeps), when that weight is FP8; a slice not on block
+    boundaries is refused, as vLLM refuses it."""
+    scale_attr = "weight_scale_inv" if attr == "weight" else f"{attr}_scale_inv"
+    scale = getattr(owner, scale_attr, None)
+    if scale is None:
+        return
+    rows = dim % scale.dim() == scale.dim() - 2
+    b = owner.block_n if hasattr(owner, "block_n") else owner.vcr_fp8[0 if rows else 1]
+    if length % b or any(s % b for s in starts):
+        raise UnsupportedModelError(
+            f"{name}: a tensor-parallel shard of {length} {'rows' if rows else 'columns'} does "
+            f"not fall on the FP8 checkpoint's blocks of {b} (weight_block_size); choose a "
+            "tp_size that divides the layer into whole blocks")
+    with torch.no_grad():
+        kept = torch.cat([scale.narrow(dim, s // b, length // b) for s in starts], dim)
+    setattr(owner, scale_attr, nn.Parameter(kept.clone(), requires_grad=False))
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str) -> None:
+    """The FP8 checkpoint at `path` (safetensors) into `model` (whole, made by `quantize` on a
+    real device). Layers past the model's (fewer `num_layers`; DeepSeek's multi-token-prediction
+    layer) are skipped. ConfigError naming the tensors when one is unknown, misshapen or
+    missing: never a half-loaded model."""
+    params = dict(model.named_parameters())
+    text = model.config.get_text_config()
+    layers = text.num_hidden_layers
+    tied = getattr(text, "tie_word_embeddings", False)
+    filled: set[tuple[str, int, int]] = set()
+    unknown: list[str] = []
+    with ExitStack() as stack:
+        from safetensors import safe_open
+
+        for file in safetensors_files(path):
+            f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            for name in f.keys():
+                layer = _LAYER.search(name)
+                if _UNUSED.search(name) or (layer and int(layer.group(1)) >= layers) or \
+                        (tied and name == "lm_head.weight"):
+                    continue
+                target = _target(name, params)
+                if target is None:
+                    unknown.append(name)
+                    continue
+                _copy(params, target, f.get_tensor(name), name)
+                filled.add(target)
+    if unknown:
+        raise ConfigError(f"checkpoint tensors {type(model).__name__} has no parameter for: "
+                          f"{_few(unknown)}")
+    missing = [n for n, p in params.items() if not _covered(n, p, filled)]
+    if missing:
+        raise ConfigError(f"checkpoint lacks (parts of) parameters: {_few(missing)}")
+
+
+def _target(name: str, params: dict[str, nn.Parameter]) -> tuple[str, int, int] | None:
+    """(parameter, expert or -1, part: 0 gate / 1 up / -1 whole) a checkpoint tensor fills."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return (name, -1, -1) if name in params else None
+    prefix, expert, proj, scale = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
+    fused = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}{scale}"
+    if fused not in params or expert >= params[fused].shape[0]:
+        return None
+    return fused, expert, {"gate_proj": 0, "up_proj": 1}.get(proj, -1)
+
+
+def _copy(params: dict[str, nn.Parameter], target: tuple[str, int, int], t: torch.Tensor,
+          name: str) -> None:
+    pname, expert, part = target
+    dest = params[pname]
+    if expert >= 0:
+        dest = dest[expert]
+        if part >= 0:
+            if dest.shape[0] % 2:
+                raise ConfigError(f"{name}: {pname} rows {dest.shape[0]} do not hold gate and "
+                                  "up in whole blocks")
+            dest = dest.chunk(2, dim=0)[part]
+    if tuple(t.shape) != tuple(dest.shape):
+        raise ConfigError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the model's "
+                          f"{pname} takes {tuple(dest.shape)}")
+    dest.copy_(t)
+
+
+def _covered(pname: str, p: nn.Parameter, filled: set[tuple[str, int, int]]) -> bool:
+    if (pname, -1, -1) in filled:
+        return True
+    parts = (-1,) if pname.rsplit(".", 1)[-1].startswith("down_proj") else (0, 1)
+    return p.dim() == 3 and all((pname, e, i) in filled for e in range(p.shape[0])
+                                for i in parts)
+
+
+def _few(names: list[str]) -> str:
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
