@@ -4,7 +4,7 @@ counter, the keys and the max abs diff against transformers' own output at each 
     python run_hf_model.py CONFIG_JSON OUT_JSON ARCH[,ARCH...] SIZES
 
 ARCH "<arch>_fp8": that architecture's FP8 block-quantized checkpoint, from its config.json
-(`planning/hf_fp8.py`); the reference is the same quantized model run eagerly.
+(`planning/hf_quant.py`); the reference is the same quantized model run eagerly.
 """
 
 import dataclasses

@@ -6,7 +6,7 @@ or a field they do not honour), built as transformers' implementation of it.
 transformers' model is the reference implementation, so nothing is approximated: the model
 splits at attention through `hf.prepare` like any transformers module. At tp_size > 1 each rank
 builds the whole model and keeps its shard by transformers' own tensor-parallel plan
-(`hf_tp`). An FP8 block-quantized checkpoint builds with its quantized layers (`hf_fp8`); other
+(`hf_tp`). An FP8 block-quantized checkpoint builds with its quantized layers (`hf_quant`); other
 quantization schemes, and plans vcr cannot apply, keep vcr's error with the reason this route is
 closed. Weights (`--weights`) load through `from_pretrained`.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from . import hf_fp8, hf_tp
+from . import hf_quant, hf_tp
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +44,14 @@ def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size:
     device = torch.device(device)
     # A rank builds the whole model where the whole fits (host memory), then keeps its shard.
     whole_on = device if tp_size == 1 or device.type == "meta" else torch.device("cpu")
-    block = hf_fp8.spec(d["quantization_config"]) if d.get("quantization_config") else None
+    block = hf_quant.spec(d["quantization_config"]) if d.get("quantization_config") else None
     try:
         model = _model(config, whole_on, seed, None if block else weights)
         if block is not None:
-            hf_fp8.quantize(model, block)
+            hf_quant.quantize(model, block)
             if weights is not None:
                 _real(whole_on)
-                hf_fp8.load_weights(model, weights)
+                hf_quant.load_weights(model, weights)
     except (ConfigError, OSError, UnsupportedModelError):
         raise
     except Exception as exc:  # transformers' own code on this config
@@ -85,7 +85,7 @@ def _closed(d: dict[str, Any], tp_size: int) -> str:
     """Why transformers' implementation cannot stand in for `d` ("" when it can)."""
     if d.get("quantization_config"):
         try:
-            hf_fp8.spec(d["quantization_config"])
+            hf_quant.spec(d["quantization_config"])
         except UnsupportedModelError as exc:
             return str(exc)
     from transformers import CONFIG_MAPPING

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..models import ops
 from ..models.layers import vocab_shard_lookup
-from . import hf_fp8
+from . import hf_quant, plan_report
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _kv_rows(name: str, module: nn.Module, style: str, text: Any, tp_size: int,
 def shard(model: nn.Module, tp_size: int, rank: int) -> nn.Module:
     """`model` (whole) made rank `rank`'s shard of `tp_size`, in place; returns it."""
     check(model.config, tp_size)
-    whole = sum(p.numel() for p in model.parameters())
+    whole = plan_report.count_params(model)
     plan = {re.compile(re.escape(k).replace(r"\*", r"\d+") + r"\Z"): s
             for k, s in plan_of(model).items()}
     decoder = _decoder(model, plan)
@@ -149,7 +149,7 @@ def shard(model: nn.Module, tp_size: int, rank: int) -> nn.Module:
             not any(m is embed for n, m in modules.items() if n in planned):
         _vocab_rows(embed, tp_size, rank)  # untied and unplanned: vocab-parallel, as vLLM
     model.vcr_tp = (tp_size, whole)  # (size, the whole model's parameters): for `vcr plan`
-    local = sum(p.numel() for p in model.parameters())
+    local = plan_report.count_params(model)
     if local > 0.75 * whole:  # gpt-oss, Qwen3-VL: transformers' plan shards the embedding only
         logger.warning("transformers' tensor-parallel plan for %s shards little: each of the "
                        "%d ranks holds %.0f%% of the model's parameters (%s)",
@@ -171,7 +171,8 @@ def _untied_head(model: nn.Module) -> nn.Linear | None:
 def _fused_experts(module: nn.Module) -> bool:
     """transformers' fused experts (`use_experts_implementation`: 3-D weights, layout flags)."""
     return hasattr(module, "is_concatenated") and hasattr(module, "is_transposed") and \
-        isinstance(getattr(module, "down_proj", None), nn.Parameter)
+        (isinstance(getattr(module, "down_proj", None), nn.Parameter) or
+         hasattr(module, "vcr_mxfp4"))
 
 
 def _shard_experts(module: nn.Module, name: str, tp_size: int, rank: int) -> None:
@@ -180,6 +181,10 @@ def _shard_experts(module: nn.Module, name: str, tp_size: int, rank: int) -> Non
     and the experts' output is all-reduced. A down-projection bias is split evenly so the sum
     adds it once. Left whole (with a warning) where that is not exact: a norm after each expert,
     or an intermediate dim the tp size does not divide."""
+    if hasattr(module, "vcr_mxfp4"):  # gpt-oss's MXFP4 blocks
+        hf_quant.shard_mxfp4(module, name, tp_size, rank)
+        _apply(module, name, "moe_tp_experts", tp_size, rank)
+        return
     up = "gate_up_proj" if module.has_gate else "up_proj"
     weight = getattr(module, up)
     inner = weight.shape[-1 if module.is_transposed else -2] // (2 if module.has_gate else 1)
@@ -231,7 +236,7 @@ def _apply_param(owner: nn.Module, name: str, attr: str, style: str, tp_size: in
                                     f"into {tp_size * halves} (planned {style}, tp_size={tp_size})")
     setattr(owner, attr, nn.Parameter(_split(t, dim, halves, tp_size, rank), requires_grad=False))
     part, half = t.shape[dim] // (tp_size * halves), t.shape[dim] // halves
-    hf_fp8.split_scale(owner, attr, name, dim, [h * half + rank * part for h in range(halves)],
+    hf_quant.split_scale(owner, attr, name, dim, [h * half + rank * part for h in range(halves)],
                        part)
 
 
@@ -273,7 +278,7 @@ def _apply(module: nn.Module, name: str, style: str, tp_size: int, rank: int,
     with torch.no_grad():
         module.weight = nn.Parameter(_slice(module.weight, 1 if cols else 0, start, local),
                                      requires_grad=False)
-    hf_fp8.split_scale(module, "weight", name, 1 if cols else 0, [start], local)
+    hf_quant.split_scale(module, "weight", name, 1 if cols else 0, [start], local)
     if cols:
         bias, module.bias = module.bias, None  # added once, after the all-reduce
         module.in_features = local

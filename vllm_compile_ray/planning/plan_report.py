@@ -13,8 +13,12 @@ from .plan import Plan
 
 
 def count_params(module: nn.Module) -> int:
-    """Parameters of `module` (a tied lm_head counted once); a meta model costs nothing."""
-    return sum(p.numel() for p in module.parameters())
+    """Parameters of `module` (a tied lm_head counted once); a meta model costs nothing. A
+    quantized checkpoint's count is its values': MXFP4 blocks hold two a byte, block scales
+    are not counted."""
+    return sum(p.numel() * (2 if name.endswith("_blocks") else 1)
+               for name, p in module.named_parameters()
+               if not name.endswith(("_scales", "_scale_inv")))
 
 
 def total_params(module: nn.Module) -> int | None:
@@ -64,9 +68,8 @@ def plan_report(model: str, module: nn.Module, plan: Plan, *, tp_size: int, devi
         head += f", MoE {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
     if getattr(cfg, "sliding_window", 0):
         head += f", sliding window {cfg.sliding_window}"
-    fp8 = getattr(module, "vcr_fp8", None)  # hf_fp8.Fp8Block
-    if fp8 is not None:
-        head += f", FP8 blocks {fp8.block_n}x{fp8.block_k}"
+    if getattr(module, "vcr_quant", None):  # hf_quant: "FP8 blocks 128x128", "mxfp4 experts"
+        head += f", {module.vcr_quant}"
     per_rank, total = count_params(module), total_params(module)
     by_dtype: dict[str, int] = {}
     for p in module.parameters():

@@ -1,6 +1,7 @@
-"""FP8 block-quantized checkpoints (DeepSeek-V3/R1, Qwen3 -FP8): their config.json builds the
-quantized model (`planning/hf_fp8.py`, ops in `models/fp8.py`), which splits, compiles and
-matches the model with dequantized weights, at tp_size 1 and over two gloo ranks."""
+"""Quantized checkpoints: FP8 block (DeepSeek-V3/R1, Qwen3 -FP8) and gpt-oss's MXFP4 experts.
+Their config.json builds the quantized model (`planning/hf_quant.py`, ops in `models/fp8.py`
+and `models/mxfp4.py`), which splits, compiles and matches the model with dequantized weights,
+at tp_size 1 and over two gloo ranks, and loads the checkpoint's tensors as stored."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from torch import nn
 
 import vllm_compile_ray as vcr
 from vllm_compile_ray.errors import ConfigError, UnsupportedModelError
-from vllm_compile_ray.models import fp8
-from vllm_compile_ray.planning import hf, hf_fp8, intake
+from vllm_compile_ray.models import fp8, mxfp4
+from vllm_compile_ray.planning import hf, hf_quant, intake
 from vllm_compile_ray.runtime.api import plan_model
 
 import hf_models
@@ -32,11 +33,19 @@ FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
        "weight_block_size": [16, 16]}
 ARCHS = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
          "deepseek_v3": "DeepseekV3ForCausalLM"}  # dense; fused experts; MLA + shared experts
+MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 
 
 def _checkpoint(root: Path, name: str, **quant) -> str:
     return hf_models.save_config(name, root / name, ARCHS[name],
                                  quantization_config={**FP8, **quant})
+
+
+def _gpt_oss(root: Path, **overrides) -> str:
+    """A gpt-oss checkpoint's config.json, its experts in MXFP4 (as openai/gpt-oss-* ship)."""
+    return hf_models.save_config("gpt_oss", root / "gpt_oss", "GptOssForCausalLM",
+                                 quantization_config=MXFP4, **overrides)
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -49,11 +58,16 @@ def _dequantized(model: nn.Module) -> nn.Module:
     times its block scales."""
     ref = copy.deepcopy(model)
     for name, module in list(ref.named_modules()):
-        if isinstance(module, hf_fp8.Fp8BlockLinear):
+        if isinstance(module, hf_quant.Fp8BlockLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=False)
             linear.weight = nn.Parameter(module.dequantized())
             linear.bias = module.bias
             ref.set_submodule(name, linear)
+        elif hasattr(module, "vcr_mxfp4"):  # gpt-oss: [E, in, out] as transformers holds them
+            for attr in ("gate_up_proj", "down_proj"):
+                w = mxfp4.dequantize(getattr(module, f"{attr}_blocks"),
+                                     getattr(module, f"{attr}_scales"))
+                module.register_parameter(attr, nn.Parameter(w.transpose(1, 2).contiguous()))
         elif isinstance(getattr(module, "vcr_fp8", None), tuple):  # fused experts
             block_n, block_k, _ = module.vcr_fp8
             for attr in ("gate_up_proj", "down_proj"):
@@ -116,6 +130,34 @@ def test_fp8_checkpoint_builds_quantized_compiles_and_matches(name: str, tmp_pat
     assert len({p.code_id for p in compiled.plan.pieces}) < len(compiled.plan.pieces)
 
 
+def test_gpt_oss_mxfp4_experts_build_as_stored_and_match(tmp_path: Path) -> None:
+    """gpt-oss's experts hold MXFP4 blocks and scales in the checkpoint's shapes (the rest of the
+    model unquantized); the compiled model matches the model with the dequantized experts to
+    float32 rounding (weight-only: the values are exact)."""
+    w = torch.randn(3, 8, 64)
+    blocks, scales = mxfp4.quantize(w)
+    assert blocks.shape == (3, 8, 2, 16) and blocks.dtype == torch.uint8 and scales.shape == (3, 8, 2)
+    error = (mxfp4.dequantize(blocks, scales) - w).abs() / w.abs().unflatten(-1, (2, 32)).amax(
+        -1).repeat_interleave(32, -1)
+    assert error.max() <= 1 / 3  # e2m1's widest gap (4 to 6) over the group's scale
+    assert torch.equal(mxfp4.dequantize(*mxfp4.quantize(mxfp4.dequantize(blocks, scales))),
+                       mxfp4.dequantize(blocks, scales))  # e2m1 values are fixed points
+    model = intake.build(_gpt_oss(tmp_path), device="cpu").module
+    params = dict(model.named_parameters())
+    assert params["model.layers.0.mlp.experts.gate_up_proj_blocks"].shape == (4, 256, 2, 16)
+    assert params["model.layers.0.mlp.experts.down_proj_scales"].shape == (4, 64, 4)
+    assert params["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    reference = _dequantized(model)
+    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
+        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
+    for n in (4, 7):
+        ids = hf_models.tokens(n, seed=n)
+        torch.testing.assert_close(_logits(compiled, ids), _logits(reference, ids), rtol=1e-5,
+                                   atol=1e-5)
+    nodes = [str(n.target) for item in compiled.plan.items for n in item.graph.graph.nodes]
+    assert any("mxfp4_experts" in t for t in nodes)
+
+
 def test_a_warm_for_gpus_plans_fp8_on_meta_with_the_keys_of_a_cpu_rank(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path, "qwen3_moe")
     config = vcr.CompilationConfig(compile_sizes=[4], backend="eager")
@@ -145,12 +187,22 @@ def test_two_ranks_keep_their_blocks_and_compute_the_whole_fp8_model(tmp_path: P
     logits (its activation groups fall on the same block boundaries; a partial sum's rounding
     can still move one activation to the next FP8 value, hence 1% and not bit equality)."""
     ckpts = {name: _checkpoint(tmp_path, name) for name in ("qwen3_moe", "deepseek_v3")}
+    # gpt-oss: 96-wide experts (3 groups of 32), 48 columns a rank: rank 1's start inside group 1
+    ckpts["gpt_oss"] = _gpt_oss(tmp_path, intermediate_size=96)
     mp.spawn(_rank, args=(2, ckpts, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, ckpt in ckpts.items():
         whole = hf.prepare(intake.build(ckpt, device="cpu").module)
         shapes = {n: tuple(p.shape) for n, p in whole.named_parameters()}
         want = _logits(whole, hf_models.tokens(7))
+        if name == "gpt_oss":  # weight-only quantization: the ranks' sums, to rounding
+            experts = "model.layers.1.mlp.experts."
+            for r in range(2):
+                logits, sharded = ranks[r][name]
+                torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+                assert sharded[experts + "gate_up_proj_blocks"][1] == 96  # of 192 rows
+                assert sharded[experts + "down_proj_blocks"][2] == 2  # groups [0, 2), [1, 3)
+            continue
         for r in range(2):
             logits, sharded = ranks[r][name]
             assert (logits - want).abs().max() <= 0.01 * want.abs().max(), name
@@ -164,13 +216,16 @@ def test_two_ranks_keep_their_blocks_and_compute_the_whole_fp8_model(tmp_path: P
 
 def test_schemes_and_shards_vcr_cannot_serve_are_refused(tmp_path: Path) -> None:
     for quant, field in (({"quant_method": "awq"}, "quant_method='awq'"),
-                         ({"quant_method": "mxfp4"}, "quant_method='mxfp4'"),
+                         ({"quant_method": "gptq"}, "quant_method='gptq'"),
                          ({"activation_scheme": "static"}, "activation_scheme='static'"),
                          ({"weight_block_size": None}, "weight_block_size=None")):
         ckpt = _checkpoint(tmp_path / field.split("=")[0], "qwen3", **quant)
         with pytest.raises(UnsupportedModelError, match=rf"{field}.*supported: quant_method "
                                                         r'"fp8"'):
             intake.build(ckpt, device="cpu")
+    with pytest.raises(UnsupportedModelError, match=r"Qwen3ForCausalLM: an mxfp4 checkpoint "
+                                                    r"quantizes fused experts.*gpt-oss"):
+        intake.build(_checkpoint(tmp_path / "mx", "qwen3", quant_method="mxfp4"))
     ckpt = _checkpoint(tmp_path, "qwen3_moe")  # experts' 32 rows: 8 a rank at tp 4
     with pytest.raises(UnsupportedModelError, match=r"experts.gate_up_proj: a tensor-parallel "
                                                     r"shard of 8 rows does not fall on the FP8 "
@@ -228,6 +283,19 @@ def test_an_fp8_checkpoints_weights_load_as_stored(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"has no parameter for: model\.layers\.1\.mlp\."
                                           r"experts\.3\.w9\.weight"):
         intake.build(ckpt, device="cpu", weights=ckpt)
+
+
+def test_a_gpt_oss_checkpoints_mxfp4_weights_load_as_stored(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    ckpt = _gpt_oss(tmp_path)
+    source = intake.build(ckpt, device="cpu", seed=1).module
+    save_file({n: p.detach().contiguous() for n, p in source.named_parameters()},
+              os.path.join(ckpt, "model.safetensors"))
+    loaded = intake.build(ckpt, device="cpu", weights=ckpt).module
+    ids = hf_models.tokens(6)
+    torch.testing.assert_close(_logits(hf.prepare(loaded), ids), _logits(hf.prepare(source), ids),
+                               rtol=0, atol=0)
 
 
 def test_vcr_plan_of_an_fp8_checkpoint_from_the_cli(tmp_path: Path) -> None:

@@ -1,19 +1,23 @@
-"""A transformers model built from an FP8 block-quantized checkpoint's config.json, as the
-checkpoint serves: its linear layers and fused experts hold float8 weights with block scales and
-run through `models.fp8`'s ops.
+"""A transformers model built from a quantized checkpoint's config.json, as the checkpoint
+serves: its quantized layers hold the stored low-precision weights and run through `models.fp8`
+and `models.mxfp4`'s ops.
 
     vcr plan --model /ckpt/Qwen3-8B-FP8 --device cpu --sizes 1,8
-    vcr warm --model deepseek-ai/DeepSeek-V3 --tp-size 8 ...   # quant_method "fp8"
+    vcr warm --model deepseek-ai/DeepSeek-V3 --tp 8 ...   # quant_method "fp8"
+    vcr plan --model openai/gpt-oss-120b --tp 2 ...        # quant_method "mxfp4"
 
-Supported: `quant_method: "fp8"` (transformers' FineGrainedFP8Config) with `fmt: "e4m3"`, dynamic
-activations and a `weight_block_size`. What is quantized follows transformers' FP8 quantizer:
-every `nn.Linear` and fused experts module, except the output head and the modules the config's
-`modules_to_not_convert` names; a MoE router stays unquantized, as vLLM keeps it. Without
-weights the model's initial weights are quantized (so a model with dequantized weights is the
-reference its outputs are checked against); with weights (`load_weights`) the checkpoint's
-float8 tensors and scales are loaded as stored, each expert's gate/up/down merged into the fused
+Supported `quantization_config`s:
+- `quant_method: "fp8"` (transformers' FineGrainedFP8Config) with `fmt: "e4m3"`, dynamic
+  activations and a `weight_block_size`. What is quantized follows transformers' FP8 quantizer:
+  every `nn.Linear` and fused experts module, except the output head and the modules the
+  config's `modules_to_not_convert` names; a MoE router stays unquantized, as vLLM keeps it.
+- `quant_method: "mxfp4"` (gpt-oss): the experts, in MXFP4 blocks; everything else as stored.
+Without weights the model's initial weights are quantized (so a model with dequantized weights
+is the reference its outputs are checked against); with weights (`load_weights`) the
+checkpoint's tensors are loaded as stored, each expert's gate/up/down merged into the fused
 experts as transformers merges them. At tp_size > 1 `hf_tp` slices the block scales with their
-weights; a shard that does not start and end on a block boundary is refused, as vLLM refuses it.
+weights; an FP8 shard that does not start and end on a block boundary is refused, as vLLM refuses
+it; an MXFP4 rank keeps the 32-groups its columns fall in.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..models import fp8
+from ..models import fp8, mxfp4
 from ..models.checkpoint import safetensors_files
 
 SUPPORTED = ('quant_method "fp8" (fmt "e4m3", activation_scheme "dynamic", weight_block_size '
-             '[n, k]: DeepSeek-V3/R1, Qwen3 -FP8)')
+             '[n, k]: DeepSeek-V3/R1, Qwen3 -FP8); quant_method "mxfp4" (gpt-oss experts)')
 EXPERTS_IMPLEMENTATION = "vcr_fp8"
+MXFP4_IMPLEMENTATION = "vcr_mxfp4"
 # A checkpoint stores each expert's projections apart; the fused experts hold them stacked, gate
 # and up concatenated (transformers' MergeModulelist + Concatenate for these models).
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
@@ -47,11 +52,18 @@ class Fp8Block:
     skip: tuple[str, ...]  # modules_to_not_convert
 
 
-def spec(qc: Any) -> Fp8Block:
+@dataclass(frozen=True)
+class Mxfp4:
+    """gpt-oss: its experts in MXFP4."""
+
+
+def spec(qc: Any) -> Fp8Block | Mxfp4:
     """The scheme of config.json's `quantization_config` `qc`; UnsupportedModelError naming the
     field when vcr cannot build it."""
     qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: {})()
     method = qc.get("quant_method")
+    if method == "mxfp4":
+        return Mxfp4()
     checks = (("quant_method", method, "fp8"), ("fmt", qc.get("fmt", "e4m3"), "e4m3"),
               ("activation_scheme", str(qc.get("activation_scheme", "dynamic")).lower(),
                "dynamic"), ("scale_fmt", qc.get("scale_fmt") or "float", "float"),
@@ -93,8 +105,10 @@ class Fp8BlockLinear(nn.Linear):
         return fp8.dequantize(self.weight, self.weight_scale_inv, self.block_n, self.block_k)
 
 
-def quantize(model: nn.Module, block: Fp8Block) -> nn.Module:
-    """`model` (transformers', unquantized, whole) made the FP8 checkpoint's model, in place."""
+def quantize(model: nn.Module, block: Fp8Block | Mxfp4) -> nn.Module:
+    """`model` (transformers', unquantized, whole) made the checkpoint's model, in place."""
+    if isinstance(block, Mxfp4):
+        return _quantize_mxfp4(model)
     skip = set(block.skip)
     head = model.get_output_embeddings()
     experts = [(n, m) for n, m in model.named_modules() if _fused(m)]
@@ -111,7 +125,7 @@ def quantize(model: nn.Module, block: Fp8Block) -> nn.Module:
         if type(module) is nn.Linear and module is not head and name not in routers and \
                 not _skipped(name, skip):
             model.set_submodule(name, Fp8BlockLinear(module, block))
-    model.vcr_fp8 = block
+    model.vcr_quant = f"FP8 blocks {block.block_n}x{block.block_k}"
     return model
 
 
@@ -125,6 +139,75 @@ def _skipped(name: str, skip: set[str]) -> bool:
 def _fused(module: nn.Module) -> bool:
     return hasattr(module, "is_concatenated") and hasattr(module, "is_transposed") and \
         isinstance(getattr(module, "down_proj", None), nn.Parameter)
+
+
+def _quantize_mxfp4(model: nn.Module) -> nn.Module:
+    experts = [(n, m) for n, m in model.named_modules() if _fused(m)]
+    if not experts:
+        raise UnsupportedModelError(f"{type(model).__name__}: an mxfp4 checkpoint quantizes fused "
+                                    "experts, and this model has none (mxfp4 is served for "
+                                    "gpt-oss)")
+    for name, module in experts:
+        layout = {"has_gate": True, "is_concatenated": False, "is_transposed": True,
+                  "has_bias": True, "has_post_expert_norm": False}
+        odd = [f"{k}={getattr(module, k)}" for k, v in layout.items()
+               if getattr(module, k, v) != v]
+        hidden, inner = module.down_proj.shape[-1], module.down_proj.shape[-2]
+        if odd or hidden % mxfp4.GROUP or inner % mxfp4.GROUP or \
+                not hasattr(module, "alpha") or not hasattr(module, "limit"):
+            raise UnsupportedModelError(
+                f"{name} ({type(module).__name__}): mxfp4 experts are served in gpt-oss's layout "
+                f"(interleaved gate/up, transposed, biased, swiglu alpha/limit, sizes in groups "
+                f"of {mxfp4.GROUP}); this module has {', '.join(odd) or (hidden, inner)}")
+        for attr in ("gate_up_proj", "down_proj"):  # stored [E, out, in] in blocks
+            blocks, scales = mxfp4.quantize(getattr(module, attr).detach().transpose(1, 2))
+            delattr(module, attr)
+            module.register_parameter(f"{attr}_blocks", nn.Parameter(blocks, requires_grad=False))
+            module.register_parameter(f"{attr}_scales", nn.Parameter(scales, requires_grad=False))
+        module.vcr_mxfp4 = (0, inner)  # (first down column used, columns): tensor parallel
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(MXFP4_IMPLEMENTATION, mxfp4_forward)
+    model.set_experts_implementation(MXFP4_IMPLEMENTATION)
+    model.vcr_quant = "mxfp4 experts"
+    return model
+
+
+def mxfp4_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts interface entry for gpt-oss's MXFP4 experts."""
+    offset, inner = module.vcr_mxfp4
+    return mxfp4.mxfp4_experts(hidden_states, top_k_index, top_k_weights.to(torch.float32),
+                               module.gate_up_proj_blocks, module.gate_up_proj_scales,
+                               module.gate_up_proj_bias, module.down_proj_blocks,
+                               module.down_proj_scales, module.down_proj_bias,
+                               float(module.alpha), float(module.limit), offset, inner)
+
+
+def shard_mxfp4(module: nn.Module, name: str, tp_size: int, rank: int) -> None:
+    """Rank's slice of every MXFP4 expert's intermediate dim: its gate/up rows (interleaved
+    pairs) and the 32-groups of down columns its slice falls in (`vcr_mxfp4` names the columns
+    used); the down bias split evenly (the ranks' outputs are summed)."""
+    _, inner = module.vcr_mxfp4
+    if inner % tp_size:
+        raise UnsupportedModelError(f"{name}: experts' intermediate size {inner} does not divide "
+                                    f"by tp_size={tp_size}")
+    local = inner // tp_size
+    start = rank * local
+    first, end = start // mxfp4.GROUP, -(-(start + local) // mxfp4.GROUP)
+
+    def keep(attr: str, dim: int, begin: int, length: int) -> None:
+        with torch.no_grad():
+            t = getattr(module, attr).narrow(dim, begin, length).clone()
+        setattr(module, attr, nn.Parameter(t, requires_grad=False))
+
+    for attr in ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias"):
+        keep(attr, 1, 2 * start, 2 * local)
+    for attr in ("down_proj_blocks", "down_proj_scales"):
+        keep(attr, 2, first, end - first)
+    with torch.no_grad():
+        module.down_proj_bias.div_(tp_size)
+    module.vcr_mxfp4 = (start - first * mxfp4.GROUP, local)
 
 
 def _quantize_experts(name: str, module: nn.Module, block: Fp8Block) -> None:
