@@ -363,8 +363,9 @@ def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tm
     qkv, o = (f"model.layers.1.self_attn.{n}_proj.weight" for n in ("qkv", "o"))
     assert torch.equal(part[qkv], whole[qkv][64:]) and torch.equal(part[o], whole[o][:, 32:])
     quantized = hf_models.save_config("phi3", tmp_path / "q", "Phi3ForCausalLM",
-                                      quantization_config={"quant_method": "fp8"})
-    with pytest.raises(UnsupportedModelError, match="quantized checkpoint"):
+                                      quantization_config={"quant_method": "awq"})
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config quant_method='awq' is "
+                                                    r"not supported \(supported: quant_method"):
         intake.build(quantized)
 
 

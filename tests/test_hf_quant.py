@@ -174,7 +174,9 @@ def _rank(rank: int, world: int, ckpts: dict[str, str], out: str) -> None:
     try:
         got = {}
         for name, ckpt in ckpts.items():
-            model = hf.prepare(intake.build(ckpt, tp_size=world, rank=rank, device="cpu").module)
+            weights = ckpt if name.endswith("+weights") else None
+            model = hf.prepare(intake.build(ckpt, tp_size=world, rank=rank, device="cpu",
+                                            weights=weights).module)
             got[name] = (_logits(model, hf_models.tokens(7)),
                          {n: tuple(p.shape) for n, p in model.named_parameters()})
         torch.save(got, os.path.join(out, f"rank{rank}.pt"))
@@ -183,16 +185,21 @@ def _rank(rank: int, world: int, ckpts: dict[str, str], out: str) -> None:
 
 
 def test_two_ranks_keep_their_blocks_and_compute_the_whole_fp8_model(tmp_path: Path) -> None:
-    """Each rank keeps the block scales of its weight slices and gives the whole FP8 model's
-    logits (its activation groups fall on the same block boundaries; a partial sum's rounding
+    """Each rank keeps the block scales of its weight slices (materialized alone: seeded values,
+    or its slices of the checkpoint) and gives the whole FP8 model's logits (its activation groups fall on the same block boundaries; a partial sum's rounding
     can still move one activation to the next FP8 value, hence 1% and not bit equality)."""
     ckpts = {name: _checkpoint(tmp_path, name) for name in ("qwen3_moe", "deepseek_v3")}
     # gpt-oss: 96-wide experts (3 groups of 32), 48 columns a rank: rank 1's start inside group 1
     ckpts["gpt_oss"] = _gpt_oss(tmp_path, intermediate_size=96)
+    # and from a checkpoint: each rank reads its slices (the experts' from each expert's tensors)
+    stored = _checkpoint(tmp_path / "stored", "deepseek_v3")
+    _save_checkpoint(intake.build(stored, device="cpu", seed=1).module, stored)
+    ckpts["deepseek_v3+weights"] = stored
     mp.spawn(_rank, args=(2, ckpts, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, ckpt in ckpts.items():
-        whole = hf.prepare(intake.build(ckpt, device="cpu").module)
+        weights = ckpt if name.endswith("+weights") else None
+        whole = hf.prepare(intake.build(ckpt, device="cpu", weights=weights).module)
         shapes = {n: tuple(p.shape) for n, p in whole.named_parameters()}
         want = _logits(whole, hf_models.tokens(7))
         if name == "gpt_oss":  # weight-only quantization: the ranks' sums, to rounding
@@ -275,8 +282,8 @@ def test_an_fp8_checkpoints_weights_load_as_stored(tmp_path: Path) -> None:
     scale = "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"
     save_file({k: v for k, v in stored.items() if k != scale},
               os.path.join(ckpt, "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"lacks \(parts of\) parameters: "
-                                          r"model\.layers\.1\.mlp\.experts\.gate_up_proj_scale"):
+    with pytest.raises(ConfigError, match=r"checkpoint lacks model\.layers\.1\.mlp\.experts\.3\."
+                                          r"up_proj\.weight_scale_inv, which DeepseekV3For"):
         intake.build(ckpt, device="cpu", weights=ckpt)
     save_file({**stored, "model.layers.1.mlp.experts.3.w9.weight": stored[scale].clone()},
               os.path.join(ckpt, "model.safetensors"))

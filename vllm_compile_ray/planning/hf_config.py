@@ -5,10 +5,13 @@ or a field they do not honour), built as transformers' implementation of it.
 
 transformers' model is the reference implementation, so nothing is approximated: the model
 splits at attention through `hf.prepare` like any transformers module. At tp_size > 1 each rank
-builds the whole model and keeps its shard by transformers' own tensor-parallel plan
-(`hf_tp`). An FP8 block-quantized checkpoint builds with its quantized layers (`hf_quant`); other
+keeps its shard by transformers' own tensor-parallel plan (`hf_tp`). The model is built with its
+parameters on meta and each rank materializes only its part (`hf_shards`), from the checkpoint
+or from seeded values; an unquantized checkpoint's weights (`--weights`) load through
+`from_pretrained` instead (the whole model in host memory, then the rank's shard). A quantized
+checkpoint builds with its quantized layers (`hf_quant`: FP8 blocks, gpt-oss's MXFP4); other
 quantization schemes, and plans vcr cannot apply, keep vcr's error with the reason this route is
-closed. Weights (`--weights`) load through `from_pretrained`.
+closed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from . import hf_quant, hf_tp
+from . import hf_quant, hf_shards, hf_tp
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +45,32 @@ def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size:
     logger.warning("%s: building transformers' %s instead (tp_size=%d)", refused,
                    type(config).__name__.removesuffix("Config"), tp_size)
     device = torch.device(device)
-    # A rank builds the whole model where the whole fits (host memory), then keeps its shard.
-    whole_on = device if tp_size == 1 or device.type == "meta" else torch.device("cpu")
     block = hf_quant.spec(d["quantization_config"]) if d.get("quantization_config") else None
+    # An unquantized checkpoint's weights load through transformers (any layout it converts):
+    # the whole model, in host memory at tp_size > 1, then the rank's shard. Else the model is
+    # built with its parameters on meta and each rank materializes only its part (`hf_shards`).
+    whole = weights is not None and block is None
+    if weights is not None:
+        _real(device)
     try:
-        model = _model(config, whole_on, seed, None if block else weights)
+        if whole:
+            model = _model(config, device if tp_size == 1 else torch.device("cpu"), seed, weights)
+        elif device.type == "meta":
+            model = _model(config, device, seed, None)
+        else:
+            with hf_shards.params_on_meta():
+                model = _model(config, torch.device("cpu"), seed, None)
         if block is not None:
             hf_quant.quantize(model, block)
-            if weights is not None:
-                _real(whole_on)
-                hf_quant.load_weights(model, weights)
     except (ConfigError, OSError, UnsupportedModelError):
         raise
     except Exception as exc:  # transformers' own code on this config
         raise ConfigError(_unbuilt(type(config).__name__.removesuffix("Config"), exc)) from exc
-    return model if tp_size == 1 else hf_tp.shard(model, tp_size, rank).to(device)
+    if tp_size > 1:
+        hf_tp.shard(model, tp_size, rank)
+    if not whole and device.type != "meta":
+        hf_shards.materialize(model, device, seed, weights)
+    return model.to(device)
 
 
 def _unbuilt(arch: str, exc: Exception) -> str:
@@ -139,15 +153,9 @@ def _model(config: Any, device: torch.device, seed: int, weights: str | None) ->
     auto = _auto_class(config)
     dtype = getattr(config, "dtype", None) or torch.float32
     if weights is not None:
-        _real(device)
         model = auto.from_pretrained(weights, config=config, dtype=dtype)
         return model.to(device).eval()
     torch.manual_seed(seed)
     with torch.device(device):
         model = auto.from_config(config, dtype=dtype)
-    if device.type != "meta":  # some architectures leave a norm or buffer uninitialized
-        with torch.no_grad():
-            for p in model.parameters():
-                if not torch.isfinite(p).all():
-                    p.normal_(0, 0.02)
     return model.eval()

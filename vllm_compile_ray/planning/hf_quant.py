@@ -14,35 +14,28 @@ Supported `quantization_config`s:
 - `quant_method: "mxfp4"` (gpt-oss): the experts, in MXFP4 blocks; everything else as stored.
 Without weights the model's initial weights are quantized (so a model with dequantized weights
 is the reference its outputs are checked against); with weights (`load_weights`) the
-checkpoint's tensors are loaded as stored, each expert's gate/up/down merged into the fused
-experts as transformers merges them. At tp_size > 1 `hf_tp` slices the block scales with their
+checkpoint's tensors are loaded as stored (`hf_shards`: each expert's gate/up/down merged into
+the fused experts as transformers merges them; a rank reads its slices). At tp_size > 1 `hf_tp` slices the block scales with their
 weights; an FP8 shard that does not start and end on a block boundary is refused, as vLLM refuses
 it; an MXFP4 rank keeps the 32-groups its columns fall in.
 """
 
 from __future__ import annotations
 
-import re
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..models import fp8, mxfp4
-from ..models.checkpoint import safetensors_files
+from . import hf_shards
 
 SUPPORTED = ('quant_method "fp8" (fmt "e4m3", activation_scheme "dynamic", weight_block_size '
              '[n, k]: DeepSeek-V3/R1, Qwen3 -FP8); quant_method "mxfp4" (gpt-oss experts)')
 EXPERTS_IMPLEMENTATION = "vcr_fp8"
 MXFP4_IMPLEMENTATION = "vcr_mxfp4"
-# A checkpoint stores each expert's projections apart; the fused experts hold them stacked, gate
-# and up concatenated (transformers' MergeModulelist + Concatenate for these models).
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_UNUSED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 @dataclass(frozen=True)
@@ -197,16 +190,17 @@ def shard_mxfp4(module: nn.Module, name: str, tp_size: int, rank: int) -> None:
     first, end = start // mxfp4.GROUP, -(-(start + local) // mxfp4.GROUP)
 
     def keep(attr: str, dim: int, begin: int, length: int) -> None:
+        t = getattr(module, attr)
+        step = ("slice", dim, [begin], length, t.shape[dim])
         with torch.no_grad():
-            t = getattr(module, attr).narrow(dim, begin, length).clone()
-        setattr(module, attr, nn.Parameter(t, requires_grad=False))
+            setattr(module, attr, hf_shards.keep(t, hf_shards.cut(t.detach(), [step]).clone(),
+                                                 step))
 
     for attr in ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias"):
         keep(attr, 1, 2 * start, 2 * local)
     for attr in ("down_proj_blocks", "down_proj_scales"):
         keep(attr, 2, first, end - first)
-    with torch.no_grad():
-        module.down_proj_bias.div_(tp_size)
+    hf_shards.divide(module.down_proj_bias, tp_size)
     module.vcr_mxfp4 = (start - first * mxfp4.GROUP, local)
 
 
@@ -266,84 +260,8 @@ def split_scale(owner: nn.Module, attr: str, name: str, dim: int, starts: list[i
             f"{name}: a tensor-parallel shard of {length} {'rows' if rows else 'columns'} does "
             f"not fall on the FP8 checkpoint's blocks of {b} (weight_block_size); choose a "
             "tp_size that divides the layer into whole blocks")
+    step = ("slice", dim, [s // b for s in starts], length // b, scale.shape[dim])
     with torch.no_grad():
-        kept = torch.cat([scale.narrow(dim, s // b, length // b) for s in starts], dim)
-    setattr(owner, scale_attr, nn.Parameter(kept.clone(), requires_grad=False))
+        kept = hf_shards.cut(scale.detach(), [step]).clone()
+    setattr(owner, scale_attr, hf_shards.keep(scale, kept, step))
 
-
-@torch.no_grad()
-def load_weights(model: nn.Module, path: str) -> None:
-    """The FP8 checkpoint at `path` (safetensors) into `model` (whole, made by `quantize` on a
-    real device). Layers past the model's (fewer `num_layers`; DeepSeek's multi-token-prediction
-    layer) are skipped. ConfigError naming the tensors when one is unknown, misshapen or
-    missing: never a half-loaded model."""
-    params = dict(model.named_parameters())
-    text = model.config.get_text_config()
-    layers = text.num_hidden_layers
-    tied = getattr(text, "tie_word_embeddings", False)
-    filled: set[tuple[str, int, int]] = set()
-    unknown: list[str] = []
-    with ExitStack() as stack:
-        from safetensors import safe_open
-
-        for file in safetensors_files(path):
-            f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-            for name in f.keys():
-                layer = _LAYER.search(name)
-                if _UNUSED.search(name) or (layer and int(layer.group(1)) >= layers) or \
-                        (tied and name == "lm_head.weight"):
-                    continue
-                target = _target(name, params)
-                if target is None:
-                    unknown.append(name)
-                    continue
-                _copy(params, target, f.get_tensor(name), name)
-                filled.add(target)
-    if unknown:
-        raise ConfigError(f"checkpoint tensors {type(model).__name__} has no parameter for: "
-                          f"{_few(unknown)}")
-    missing = [n for n, p in params.items() if not _covered(n, p, filled)]
-    if missing:
-        raise ConfigError(f"checkpoint lacks (parts of) parameters: {_few(missing)}")
-
-
-def _target(name: str, params: dict[str, nn.Parameter]) -> tuple[str, int, int] | None:
-    """(parameter, expert or -1, part: 0 gate / 1 up / -1 whole) a checkpoint tensor fills."""
-    m = _EXPERT.match(name)
-    if m is None:
-        return (name, -1, -1) if name in params else None
-    prefix, expert, proj, scale = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
-    fused = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}{scale}"
-    if fused not in params or expert >= params[fused].shape[0]:
-        return None
-    return fused, expert, {"gate_proj": 0, "up_proj": 1}.get(proj, -1)
-
-
-def _copy(params: dict[str, nn.Parameter], target: tuple[str, int, int], t: torch.Tensor,
-          name: str) -> None:
-    pname, expert, part = target
-    dest = params[pname]
-    if expert >= 0:
-        dest = dest[expert]
-        if part >= 0:
-            if dest.shape[0] % 2:
-                raise ConfigError(f"{name}: {pname} rows {dest.shape[0]} do not hold gate and "
-                                  "up in whole blocks")
-            dest = dest.chunk(2, dim=0)[part]
-    if tuple(t.shape) != tuple(dest.shape):
-        raise ConfigError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the model's "
-                          f"{pname} takes {tuple(dest.shape)}")
-    dest.copy_(t)
-
-
-def _covered(pname: str, p: nn.Parameter, filled: set[tuple[str, int, int]]) -> bool:
-    if (pname, -1, -1) in filled:
-        return True
-    parts = (-1,) if pname.rsplit(".", 1)[-1].startswith("down_proj") else (0, 1)
-    return p.dim() == 3 and all((pname, e, i) in filled for e in range(p.shape[0])
-                                for i in parts)
-
-
-def _few(names: list[str]) -> str:
-    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
-    return ", ".join(names[:5]) + more

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..models import ops
 from ..models.layers import vocab_shard_lookup
-from . import hf_quant, plan_report
+from . import hf_quant, hf_shards, plan_report
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +200,9 @@ def _shard_experts(module: nn.Module, name: str, tp_size: int, rank: int) -> Non
     _apply_param(module, f"{name}.down_proj", "down_proj", row, tp_size, rank)
     if module.has_bias:  # [E, out]: split the output dim as its weight's
         bias = getattr(module, f"{up}_bias")
-        setattr(module, f"{up}_bias",
-                nn.Parameter(_split(bias, -1, 2 if packed else 1, tp_size, rank),
-                             requires_grad=False))
-        with torch.no_grad():
-            module.down_proj_bias.div_(tp_size)
+        setattr(module, f"{up}_bias", _split(bias, bias.dim() - 1, 2 if packed else 1, tp_size,
+                                             rank))
+        hf_shards.divide(module.down_proj_bias, tp_size)
     _apply(module, name, "moe_tp_experts", tp_size, rank)
 
 
@@ -234,17 +232,16 @@ def _apply_param(owner: nn.Module, name: str, attr: str, style: str, tp_size: in
     if t.shape[dim] % (tp_size * halves):
         raise UnsupportedModelError(f"{name} dim {dim} of size {t.shape[dim]} does not split "
                                     f"into {tp_size * halves} (planned {style}, tp_size={tp_size})")
-    setattr(owner, attr, nn.Parameter(_split(t, dim, halves, tp_size, rank), requires_grad=False))
+    setattr(owner, attr, _split(t, dim, halves, tp_size, rank))
     part, half = t.shape[dim] // (tp_size * halves), t.shape[dim] // halves
     hf_quant.split_scale(owner, attr, name, dim, [h * half + rank * part for h in range(halves)],
                        part)
 
 
-def _split(t: torch.Tensor, dim: int, halves: int, tp_size: int, rank: int) -> torch.Tensor:
+def _split(t: torch.Tensor, dim: int, halves: int, tp_size: int, rank: int) -> nn.Parameter:
     """Rank's part of dim `dim` of `t`; with halves=2, its part of each half, side by side."""
-    part = t.shape[dim] // (tp_size * halves)
-    with torch.no_grad():
-        return torch.cat([_slice(h, dim, rank * part, part) for h in t.chunk(halves, dim)], dim)
+    part, half = t.shape[dim] // (tp_size * halves), t.shape[dim] // halves
+    return _cut(t, dim, [h * half + rank * part for h in range(halves)], part)
 
 
 def _apply(module: nn.Module, name: str, style: str, tp_size: int, rank: int,
@@ -275,23 +272,18 @@ def _apply(module: nn.Module, name: str, style: str, tp_size: int, rank: int,
                                     f"(planned {style})")
     start, local = rows or (rank * (full // tp_size), full // tp_size)
     forward = module.forward  # the class's own (a subclass may scale or cast around F.linear)
-    with torch.no_grad():
-        module.weight = nn.Parameter(_slice(module.weight, 1 if cols else 0, start, local),
-                                     requires_grad=False)
+    module.weight = _cut(module.weight, 1 if cols else 0, [start], local)
     hf_quant.split_scale(module, "weight", name, 1 if cols else 0, [start], local)
     if cols:
         bias, module.bias = module.bias, None  # added once, after the all-reduce
         module.in_features = local
         if style == "rowwise_split_input":
-            module.register_buffer("tp_columns", torch.arange(start, start + local,
-                                                              device=module.weight.device),
-                                   persistent=False)
+            hf_shards.buffer(module, "tp_columns", torch.arange(start, start + local),
+                             module.weight.device)
         module.forward = _rowwise(module, forward, bias)
     else:
         if module.bias is not None:
-            with torch.no_grad():
-                module.bias = nn.Parameter(_slice(module.bias, 0, start, local),
-                                           requires_grad=False)
+            module.bias = _cut(module.bias, 0, [start], local)
         module.out_features = local
         if style == "colwise_gather_output":
             module.forward = lambda x: ops.all_gather(forward(x), tp_size)
@@ -299,7 +291,7 @@ def _apply(module: nn.Module, name: str, style: str, tp_size: int, rank: int,
 
 def _rowwise(module: nn.Linear, forward: Any, bias: torch.Tensor | None) -> Any:
     if bias is not None:
-        module.register_parameter("tp_bias", nn.Parameter(bias.detach(), requires_grad=False))
+        module.register_parameter("tp_bias", hf_shards.keep(bias, bias.detach(), source="bias"))
 
     def rowwise(x: torch.Tensor) -> torch.Tensor:
         columns = module._buffers.get("tp_columns")
@@ -317,24 +309,25 @@ def _vocab_rows(module: nn.Embedding, tp_size: int, rank: int) -> None:
     start = rank * local
     end = min(start + local, vocab)
     weight = module.weight
-    with torch.no_grad():
-        rows = _slice(weight, 0, start, max(end - start, 0))
-        if rows.shape[0] < local:
-            pad = torch.zeros(local - rows.shape[0], weight.shape[1], dtype=weight.dtype,
-                              device=weight.device)
-            rows = torch.cat([rows, pad])
-        module.weight = nn.Parameter(rows, requires_grad=False)
+    rows = _cut(weight, 0, [start], max(end - start, 0))
+    if rows.shape[0] < local:
+        with torch.no_grad():
+            padded = hf_shards.cut(rows.detach(), [("pad", 0, local, rows.shape[0])])
+        rows = hf_shards.keep(rows, padded, ("pad", 0, local, rows.shape[0]))
+    module.weight = rows
     if module.padding_idx is not None:  # only steers gradients; meaningless on a shard
         module.padding_idx = None
     module.num_embeddings = local
-    module.register_buffer("tp_range", torch.tensor([start, end], device=weight.device),
-                           persistent=False)
+    hf_shards.buffer(module, "tp_range", torch.tensor([start, end]), weight.device)
     forward = module.forward
 
     module.forward = lambda input_ids: vocab_shard_lookup(input_ids, module.tp_range, forward)
 
 
-def _slice(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
-    """A contiguous copy of `length` entries of dim `dim` of `t` from `start`."""
-    return t.narrow(dim, start, length).clone()
+def _cut(t: torch.Tensor, dim: int, starts: list[int], length: int) -> nn.Parameter:
+    """A parameter of `length` entries of dim `dim` of `t` from each of `starts`, side by side
+    (a copy), its recipe recorded (`hf_shards.keep`)."""
+    step = ("slice", dim, starts, length, t.shape[dim])
+    with torch.no_grad():
+        return hf_shards.keep(t, hf_shards.cut(t.detach(), [step]).clone(), step)
 
