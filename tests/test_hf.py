@@ -362,6 +362,24 @@ def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tm
     whole, part = dict(saved.named_parameters()), dict(rank1.named_parameters())
     qkv, o = (f"model.layers.1.self_attn.{n}_proj.weight" for n in ("qkv", "o"))
     assert torch.equal(part[qkv], whole[qkv][64:]) and torch.equal(part[o], whole[o][:, 32:])
+    # Read by name, a rank its slices (`hf_shards`); names transformers converts (here a
+    # checkpoint without the "model." prefix) load whole through from_pretrained, as before.
+    from safetensors.torch import load_file, save_file
+
+    from vllm_compile_ray.planning import hf_shards
+
+    files = tmp_path / "phi3-ckpt" / "model.safetensors"
+    skeleton = hf_models.build("phi3", device="meta", num_hidden_layers=2)
+    assert hf_shards.readable(skeleton, str(tmp_path / "phi3-ckpt"))
+    tensors = load_file(files)
+    norm = "model.norm.weight"
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, files,
+              metadata={"format": "pt"})
+    assert not hf_shards.readable(skeleton, str(tmp_path / "phi3-ckpt"))
+    converted = intake.build(str(tmp_path / "phi3-ckpt"), device="cpu", tp_size=2, rank=1,
+                             weights=str(tmp_path / "phi3-ckpt")).module
+    assert torch.equal(dict(converted.named_parameters())[norm], tensors[norm])
+    assert torch.equal(dict(converted.named_parameters())[o], whole[o][:, 32:])
     quantized = hf_models.save_config("phi3", tmp_path / "q", "Phi3ForCausalLM",
                                       quantization_config={"quant_method": "awq"})
     with pytest.raises(UnsupportedModelError, match=r"quantization_config quant_method='awq' is "

@@ -7,8 +7,9 @@ transformers' model is the reference implementation, so nothing is approximated:
 splits at attention through `hf.prepare` like any transformers module. At tp_size > 1 each rank
 keeps its shard by transformers' own tensor-parallel plan (`hf_tp`). The model is built with its
 parameters on meta and each rank materializes only its part (`hf_shards`), from the checkpoint
-or from seeded values; an unquantized checkpoint's weights (`--weights`) load through
-`from_pretrained` instead (the whole model in host memory, then the rank's shard). A quantized
+(`--weights`: its slices) or from seeded values; a checkpoint whose tensor names need
+transformers' conversions loads through `from_pretrained` instead (the whole model in host
+memory, then the rank's shard). A quantized
 checkpoint builds with its quantized layers (`hf_quant`: FP8 blocks, gpt-oss's MXFP4); other
 quantization schemes, and plans vcr cannot apply, keep vcr's error with the reason this route is
 closed.
@@ -46,20 +47,23 @@ def build_instead(d: dict[str, Any], refused: UnsupportedModelError, *, tp_size:
                    type(config).__name__.removesuffix("Config"), tp_size)
     device = torch.device(device)
     block = hf_quant.spec(d["quantization_config"]) if d.get("quantization_config") else None
-    # An unquantized checkpoint's weights load through transformers (any layout it converts):
-    # the whole model, in host memory at tp_size > 1, then the rank's shard. Else the model is
-    # built with its parameters on meta and each rank materializes only its part (`hf_shards`).
-    whole = weights is not None and block is None
     if weights is not None:
         _real(device)
     try:
-        if whole:
-            model = _model(config, device if tp_size == 1 else torch.device("cpu"), seed, weights)
-        elif device.type == "meta":
+        if device.type == "meta":
             model = _model(config, device, seed, None)
-        else:
+        else:  # each rank materializes only its part (`hf_shards`)
             with hf_shards.params_on_meta():
                 model = _model(config, torch.device("cpu"), seed, None)
+        # A checkpoint whose names need transformers' conversions loads through it: the whole
+        # model (in host memory at tp_size > 1), then the rank's shard.
+        whole = weights is not None and block is None and \
+            not hf_shards.readable(model, weights)
+        if whole:
+            logger.warning("%s: the checkpoint's tensor names need transformers' conversions; "
+                           "loading the whole model with from_pretrained", weights)
+            model = _model(config, device if tp_size == 1 else torch.device("cpu"), seed,
+                           weights)
         if block is not None:
             hf_quant.quantize(model, block)
     except (ConfigError, OSError, UnsupportedModelError):

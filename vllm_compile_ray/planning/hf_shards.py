@@ -105,22 +105,40 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
     with ExitStack() as stack:
         reader = _Checkpoint(weights, model, stack) if weights else None
         made: dict[int, nn.Parameter] = {}  # tied parameters stay one
-        for mod_name, module in model.named_modules():
-            for attr, p in list(module._parameters.items()):
-                if p is None or not p.is_meta:
-                    continue
-                if id(p) not in made:
-                    name = f"{mod_name}.{attr}" if mod_name else attr
-                    source = f"{mod_name}.{p.vcr_source}" if hasattr(p, "vcr_source") else name
-                    t = reader.read(source, p) if reader else \
-                        _values(source, module, p, seed, device)
-                    made[id(p)] = nn.Parameter(t.to(device), requires_grad=False)
-                module._parameters[attr] = made[id(p)]
+        for module, attr, p, source in _meta_params(model):
+            if id(p) not in made:
+                t = reader.read(source, p) if reader else _values(source, module, p, seed, device)
+                made[id(p)] = nn.Parameter(t.to(device), requires_grad=False)
+            module._parameters[attr] = made[id(p)]
+        for module in model.modules():
             for name, value in module.__dict__.pop("vcr_buffers", {}).items():
                 module._buffers[name] = value.to(device)
         if reader:
             reader.check_all_used()
     return model
+
+
+def readable(model: nn.Module, weights: str) -> bool:
+    """Whether the checkpoint at `weights` holds every parameter of `model` (built on meta) by
+    the names `materialize` reads, and nothing else: else transformers' loader, which converts
+    other layouts, must load it."""
+    with ExitStack() as stack:
+        reader = _Checkpoint(weights, model, stack)
+        needed: set[str] = set()
+        for _, _, p, source in _meta_params(model):
+            experts = reader.sources(source, p)
+            needed.update([source] if experts is None else [n for e in experts for n in e])
+        return needed == set(reader.files)
+
+
+def _meta_params(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter, str]]:
+    """(module, attribute, parameter, the name a checkpoint stores it by) of each meta
+    parameter."""
+    for mod_name, module in model.named_modules():
+        for attr, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                source = getattr(p, "vcr_source", attr)
+                yield module, attr, p, f"{mod_name}.{source}" if mod_name else source
 
 
 def _values(name: str, module: nn.Module, p: torch.Tensor, seed: int,
@@ -236,18 +254,26 @@ class _Checkpoint:
         self.used.add(name)
         return self.files[name].get_tensor(name)
 
+    def sources(self, name: str, p: torch.Tensor) -> list[list[str]] | None:
+        """The checkpoint names parameter `name` is read from: per expert, its gate and up (or
+        down) for fused experts the checkpoint stores apart; None for one tensor, `name`."""
+        m = _FUSED.match(name)
+        if name in self.files or m is None:
+            return None
+        prefix, proj, scale = m.group(1), m.group(2), m.group(3) or ""
+        parts = ("down_proj",) if proj == "down_proj" else ("gate_proj", "up_proj")
+        return [[f"{prefix}.{e}.{part}.weight{scale}" for part in parts]
+                for e in range(p.shape[0])]
+
     def read(self, name: str, p: torch.Tensor) -> torch.Tensor:
         """Parameter `name`'s slice (`p`: its meta tensor with the recipe)."""
         recipe = getattr(p, "vcr_recipe", [])
-        m = _FUSED.match(name)
-        if name in self.files or m is None:
+        experts = self.sources(name, p)
+        if experts is None:
             t = cut(self._get(name), recipe)
         else:  # fused experts from each expert's tensors: cut per expert
-            prefix, proj, scale = m.group(1), m.group(2), m.group(3) or ""
-            parts = ("down_proj",) if proj == "down_proj" else ("gate_proj", "up_proj")
-            t = torch.stack([cut(torch.cat([self._get(f"{prefix}.{e}.{part}.weight{scale}")
-                                            for part in parts])[None], recipe)[0]
-                             for e in range(p.shape[0])])
+            t = torch.stack([cut(torch.cat([self._get(n) for n in names])[None], recipe)[0]
+                             for names in experts])
         if tuple(t.shape) != tuple(p.shape):
             raise ConfigError(f"checkpoint tensor(s) for {name} give shape {tuple(t.shape)} "
                               f"where {self.model} takes {tuple(p.shape)}")
