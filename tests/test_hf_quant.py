@@ -6,6 +6,7 @@ at tp_size 1 and over two gloo ranks, and loads the checkpoint's tensors as stor
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from torch import nn
 import vllm_compile_ray as vcr
 from vllm_compile_ray.errors import ConfigError, UnsupportedModelError
 from vllm_compile_ray.models import fp8, mxfp4
-from vllm_compile_ray.planning import hf, hf_quant, intake
+from vllm_compile_ray.planning import hf, intake
 from vllm_compile_ray.runtime.api import plan_model
 
 import hf_models
@@ -33,6 +34,30 @@ FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
        "weight_block_size": [16, 16]}
 ARCHS = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
          "deepseek_v3": "DeepseekV3ForCausalLM"}  # dense; fused experts; MLA + shared experts
+
+
+
+def _compressed(weights: str, acts: str | None, **extra) -> dict:
+    """A compressed-tensors "float-quantized" config (llm-compressor's FP8 checkpoints)."""
+    group = {"targets": ["Linear"], "output_activations": None,
+             "weights": {"num_bits": 8, "type": "float", "strategy": weights, "dynamic": False,
+                         "symmetric": True, **extra},
+             "input_activations": None if acts is None else {
+                 "num_bits": 8, "type": "float", "strategy": acts, "symmetric": True,
+                 "dynamic": acts != "tensor",
+                 **({"group_size": extra["block_structure"][1]} if acts == "group" else {})}}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": group}, "ignore": ["lm_head"],
+            "kv_cache_scheme": None, "quantization_status": "compressed"}
+
+
+# Llama checkpoints as llm-compressor and FBGEMM write them: -FP8-dynamic, -FP8 (static
+# activations), W8A16, -FP8-block, Llama 3.1 405B's FBGEMM.
+SCHEMES = {"dynamic": _compressed("channel", "token"), "static": _compressed("tensor", "tensor"),
+           "w8a16": _compressed("channel", None),
+           "block": _compressed("block", "group", block_structure=[16, 16]),
+           "fbgemm": {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                      "modules_to_not_convert": ["lm_head"]}}
 MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": [
     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 
@@ -58,7 +83,7 @@ def _dequantized(model: nn.Module) -> nn.Module:
     times its block scales."""
     ref = copy.deepcopy(model)
     for name, module in list(ref.named_modules()):
-        if isinstance(module, hf_quant.Fp8BlockLinear):
+        if hasattr(module, "dequantized"):  # FP8 linear layers
             linear = nn.Linear(module.in_features, module.out_features, bias=False)
             linear.weight = nn.Parameter(module.dequantized())
             linear.bias = module.bias
@@ -158,6 +183,52 @@ def test_gpt_oss_mxfp4_experts_build_as_stored_and_match(tmp_path: Path) -> None
     assert any("mxfp4_experts" in t for t in nodes)
 
 
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_llm_compressor_and_fbgemm_fp8_checkpoints(scheme: str, tmp_path: Path) -> None:
+    """Llama checkpoints in compressed-tensors' and FBGEMM's FP8 schemes build with their
+    parameters (`weight_scale` per channel or tensor, `input_scale` where calibrated), compile,
+    and match the model with dequantized weights; two ranks from the checkpoint match it."""
+    ckpt = hf_models.save_config("llama", tmp_path / scheme, "LlamaForCausalLM",
+                                 quantization_config=SCHEMES[scheme])
+    model = intake.build(ckpt, device="cpu").module
+    params = dict(model.named_parameters())
+    o_proj = "model.layers.1.self_attn.o_proj."
+    assert params[o_proj + "weight"].dtype == torch.float8_e4m3fn
+    assert params["lm_head.weight"].dtype == torch.float32
+    scale = {"dynamic": (64, 1), "static": (1,), "w8a16": (64, 1), "block": (4, 4),
+             "fbgemm": (64, 1)}[scheme]
+    assert params[o_proj + "weight_scale"].shape == scale
+    assert (o_proj + "input_scale" in params) == (scheme == "static")
+    assert (o_proj + "input_scale_ub" in params) == (scheme == "fbgemm")
+    reference = _dequantized(model)
+    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
+        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
+    for n in (4, 7):
+        ids = hf_models.tokens(n, seed=n)
+        got, want = _logits(compiled, ids), _logits(reference, ids)
+        torch.testing.assert_close(got, _logits(model, ids), rtol=0, atol=0)
+        if scheme == "w8a16":  # weight-only: the dequantized model's arithmetic
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.995
+    from safetensors.torch import save_file
+
+    save_file({n: p.detach().contiguous() for n, p in params.items()},
+              os.path.join(ckpt, "model.safetensors"))
+    whole = _logits(hf.prepare(intake.build(ckpt, device="cpu", weights=ckpt).module),
+                    hf_models.tokens(7))
+    mp.spawn(_rank, args=(2, {"llama+weights": ckpt}, str(tmp_path)), nprocs=2)
+    for r in range(2):
+        logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["llama+weights"]
+        # a rank quantizes a row-parallel layer's input per token over its own columns (as
+        # vLLM's ranks do): per-token scales differ from the whole model's by rounding
+        assert torch.cosine_similarity(logits.flatten(), whole.flatten(), dim=0) > 0.999
+        if scheme == "w8a16":
+            torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+        assert sharded[o_proj + "weight"] == (64, 32)
+        q_scale = sharded["model.layers.1.self_attn.q_proj.weight_scale"]
+        assert q_scale == {"static": (1,), "block": (2, 4)}.get(scheme, (32, 1))
+
+
 def test_a_warm_for_gpus_plans_fp8_on_meta_with_the_keys_of_a_cpu_rank(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path, "qwen3_moe")
     config = vcr.CompilationConfig(compile_sizes=[4], backend="eager")
@@ -230,6 +301,26 @@ def test_schemes_and_shards_vcr_cannot_serve_are_refused(tmp_path: Path) -> None
         with pytest.raises(UnsupportedModelError, match=rf"{field}.*supported: quant_method "
                                                         r'"fp8"'):
             intake.build(ckpt, device="cpu")
+    int8 = _compressed("channel", "token")
+    int8["config_groups"]["group_0"]["weights"]["type"] = "int"
+    w4 = _compressed("group", None, group_size=128)
+    w4["config_groups"]["group_0"]["weights"]["num_bits"] = 4
+    for quant, field in ((int8, r"weights='8-bit int'"), (w4, r"weights='4-bit float'"),
+                         ({**SCHEMES["dynamic"], "kv_cache_scheme": {"num_bits": 8}},
+                          r"kv_cache_scheme=\{'num_bits': 8\}"),
+                         ({**SCHEMES["dynamic"], "format": "pack-quantized"},
+                          r"format='pack-quantized'")):
+        ckpt = hf_models.save_config("llama", tmp_path / "ct", "LlamaForCausalLM",
+                                     quantization_config=quant)
+        with pytest.raises(UnsupportedModelError, match=rf"{field} is not supported \(supported"):
+            intake.build(ckpt, device="cpu")
+    moe = _checkpoint(tmp_path / "ct-moe", "qwen3_moe")
+    moe_config = json.loads(Path(moe, "config.json").read_text())
+    Path(moe, "config.json").write_text(json.dumps({**moe_config,
+                                                    "quantization_config": SCHEMES["dynamic"]}))
+    with pytest.raises(UnsupportedModelError, match=r"fused experts in a per-channel or per-tensor "
+                                                    r"FP8 checkpoint are not supported"):
+        intake.build(moe, device="cpu")
     with pytest.raises(UnsupportedModelError, match=r"Qwen3ForCausalLM: an mxfp4 checkpoint "
                                                     r"quantizes fused experts.*gpt-oss"):
         intake.build(_checkpoint(tmp_path / "mx", "qwen3", quant_method="mxfp4"))

@@ -1,5 +1,5 @@
-"""FP8 block-quantized linear layers and experts: the `vcr::fp8_block_linear` and
-`vcr::fp8_block_experts` custom ops.
+"""FP8 linear layers and experts: the `vcr::fp8_block_linear`, `vcr::fp8_block_experts` and
+`vcr::fp8_scaled_linear` custom ops.
 
 The scheme of DeepSeek-V3/R1 and the Qwen3 "-FP8" checkpoints (config.json
 `quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -11,6 +11,12 @@ The scheme of DeepSeek-V3/R1 and the Qwen3 "-FP8" checkpoints (config.json
   group's max magnitude / 448);
 - out = sum over column groups of (x_q @ w_q^T) * x_scale * w_scale, accumulated in float32 and
   returned in the activations' dtype.
+
+`vcr::fp8_scaled_linear` is the per-channel / per-tensor scheme of compressed-tensors
+("float-quantized", the "-FP8" / "-FP8-dynamic" Llama, Qwen and Mistral checkpoints) and FBGEMM
+FP8: a float8 weight with `weight_scale` [N, 1] or [1]; activations quantized per token at every
+call (the max magnitude capped by `input_scale_ub` for FBGEMM) or by a calibrated per-tensor
+`input_scale`; out = (x_q @ w_q^T) * x_scale * w_scale.
 
 Each op is one opaque node to dynamo (like vLLM's `apply_w8a8_block_fp8_linear` and fused MoE),
 so a quantized layer splits and canonicalizes like an unquantized one. The kernel here is that
@@ -27,6 +33,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 LINEAR_OP = "vcr::fp8_block_linear"
 EXPERTS_OP = "vcr::fp8_block_experts"
+SCALED_OP = "vcr::fp8_scaled_linear"
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -105,11 +112,35 @@ def _fp8_block_experts_fake(x: Tensor, top_k_index: Tensor, top_k_weights: Tenso
     return torch.empty_like(x)
 
 
+def _fp8_scaled_linear(x: Tensor, weight: Tensor, weight_scale: Tensor,
+                       input_scale: Tensor | None, input_scale_ub: Tensor | None) -> Tensor:
+    """x [..., K] -> [..., N] in x's dtype (weight [N, K] float8, weight_scale [N, 1] or [1])."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if input_scale is not None:  # static: one calibrated scale
+        xs = input_scale.float().reshape(1, 1)
+    else:  # dynamic, per token
+        amax = x2.abs().amax(dim=-1, keepdim=True)
+        if input_scale_ub is not None:
+            amax = torch.minimum(amax, input_scale_ub.float().reshape(1, 1))
+        xs = amax.clamp(min=1e-12) / FP8_MAX
+    xq = (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    out = (xq.float() @ weight.float().T) * xs * weight_scale.float().reshape(1, -1)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fp8_scaled_linear_fake(x: Tensor, weight: Tensor, weight_scale: Tensor,
+                            input_scale: Tensor | None, input_scale_ub: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 if not hasattr(torch.ops.vcr, "fp8_block_linear"):  # idempotent, as in ops.py
     torch.library.custom_op(LINEAR_OP, mutates_args=())(_fp8_block_linear).register_fake(
         _fp8_block_linear_fake)
     torch.library.custom_op(EXPERTS_OP, mutates_args=())(_fp8_block_experts).register_fake(
         _fp8_block_experts_fake)
+    torch.library.custom_op(SCALED_OP, mutates_args=())(_fp8_scaled_linear).register_fake(
+        _fp8_scaled_linear_fake)
 
 fp8_block_linear = torch.ops.vcr.fp8_block_linear
 fp8_block_experts = torch.ops.vcr.fp8_block_experts
+fp8_scaled_linear = torch.ops.vcr.fp8_scaled_linear

@@ -22,7 +22,6 @@ it; an MXFP4 rank keeps the 32-groups its columns fall in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,33 +29,25 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models import fp8, mxfp4
-from . import hf_shards
+from . import hf_compressed, hf_shards
+from .quant_schemes import Fp8Block, Mxfp4
 
 SUPPORTED = ('quant_method "fp8" (fmt "e4m3", activation_scheme "dynamic", weight_block_size '
-             '[n, k]: DeepSeek-V3/R1, Qwen3 -FP8); quant_method "mxfp4" (gpt-oss experts)')
+             '[n, k]: DeepSeek-V3/R1, Qwen3 -FP8); quant_method "mxfp4" (gpt-oss experts); '
+             f'{hf_compressed.SUPPORTED}')
 EXPERTS_IMPLEMENTATION = "vcr_fp8"
 MXFP4_IMPLEMENTATION = "vcr_mxfp4"
 
 
-@dataclass(frozen=True)
-class Fp8Block:
-    block_n: int
-    block_k: int
-    skip: tuple[str, ...]  # modules_to_not_convert
-
-
-@dataclass(frozen=True)
-class Mxfp4:
-    """gpt-oss: its experts in MXFP4."""
-
-
-def spec(qc: Any) -> Fp8Block | Mxfp4:
+def spec(qc: Any) -> Any:
     """The scheme of config.json's `quantization_config` `qc`; UnsupportedModelError naming the
     field when vcr cannot build it."""
     qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: {})()
     method = qc.get("quant_method")
     if method == "mxfp4":
         return Mxfp4()
+    if method in ("compressed-tensors", "fbgemm_fp8"):
+        return hf_compressed.spec(qc)
     checks = (("quant_method", method, "fp8"), ("fmt", qc.get("fmt", "e4m3"), "e4m3"),
               ("activation_scheme", str(qc.get("activation_scheme", "dynamic")).lower(),
                "dynamic"), ("scale_fmt", qc.get("scale_fmt") or "float", "float"),
@@ -84,27 +75,36 @@ class Fp8BlockLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.block_n, self.block_k = block.block_n, block.block_k
+        self.scale_name = block.scale_name
         q, scale = fp8.quantize(linear.weight.detach(), block.block_n, block.block_k)
         self.weight = nn.Parameter(q, requires_grad=False)
-        self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+        self.register_parameter(block.scale_name, nn.Parameter(scale, requires_grad=False))
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8.fp8_block_linear(x, self.weight, self.weight_scale_inv, self.block_n,
+        y = fp8.fp8_block_linear(x, self.weight, getattr(self, self.scale_name), self.block_n,
                                  self.block_k)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
-        return fp8.dequantize(self.weight, self.weight_scale_inv, self.block_n, self.block_k)
+        return fp8.dequantize(self.weight, getattr(self, self.scale_name), self.block_n,
+                              self.block_k)
 
 
-def quantize(model: nn.Module, block: Fp8Block | Mxfp4) -> nn.Module:
+def quantize(model: nn.Module, block: Any) -> nn.Module:
     """`model` (transformers', unquantized, whole) made the checkpoint's model, in place."""
     if isinstance(block, Mxfp4):
         return _quantize_mxfp4(model)
-    skip = set(block.skip)
+    routers = {f"{n}.{child}" if n else child for n, m in model.named_modules()
+               if hasattr(m, "experts") for child in ("gate", "router", "shared_expert_gate")}
+    if isinstance(block, hf_compressed.Fp8Scaled):
+        return hf_compressed.quantize(model, block, routers)
     head = model.get_output_embeddings()
     experts = [(n, m) for n, m in model.named_modules() if _fused(m)]
+    if experts and block.scale_name != "weight_scale_inv":
+        raise UnsupportedModelError(f"{experts[0][0]}: fused experts in a compressed-tensors FP8 "
+                                    "block checkpoint are not supported (quant_method \"fp8\" "
+                                    "checkpoints' experts are)")
     for name, module in experts:
         _quantize_experts(name, module, block)
     if experts:
@@ -112,21 +112,12 @@ def quantize(model: nn.Module, block: Fp8Block | Mxfp4) -> nn.Module:
 
         ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-    routers = {f"{n}.{child}" if n else child for n, m in model.named_modules()
-               if hasattr(m, "experts") for child in ("gate", "router", "shared_expert_gate")}
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module is not head and name not in routers and \
-                not _skipped(name, skip):
+                not hf_compressed.ignored(name, block.skip):
             model.set_submodule(name, Fp8BlockLinear(module, block))
     model.vcr_quant = f"FP8 blocks {block.block_n}x{block.block_k}"
     return model
-
-
-def _skipped(name: str, skip: set[str]) -> bool:
-    """transformers' rule: a module is kept whole when a `modules_to_not_convert` entry names it
-    or a module above it (a dotted suffix, or the whole path)."""
-    dotted = f".{name}."
-    return any(f".{s}." in dotted for s in skip)
 
 
 def _fused(module: nn.Module) -> bool:
@@ -249,7 +240,11 @@ def split_scale(owner: nn.Module, attr: str, name: str, dim: int, starts: list[i
     """Keep the block scales of `owner.attr` that cover the weight slices [s, s + length) of
     dim `dim` (its slices a rank keeps), when that weight is FP8; a slice not on block
     boundaries is refused, as vLLM refuses it."""
-    scale_attr = "weight_scale_inv" if attr == "weight" else f"{attr}_scale_inv"
+    if hasattr(owner, "slice_scales"):  # per-channel FP8 (`hf_compressed`)
+        owner.slice_scales(dim, ("slice", dim, starts, length, owner.weight.shape[dim]))
+        return
+    scale_attr = getattr(owner, "scale_name", "weight_scale_inv") if attr == "weight" else \
+        f"{attr}_scale_inv"
     scale = getattr(owner, scale_attr, None)
     if scale is None:
         return

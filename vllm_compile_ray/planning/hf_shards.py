@@ -184,7 +184,11 @@ def _constant(leaf: str, module: nn.Module, dtype: torch.dtype) -> float | None:
     block scales), else None."""
     if leaf.endswith("_scales") and dtype == torch.uint8:
         return 120.0  # MXFP4 scale 2^-7: values up to 0.05
-    if leaf.endswith("_scale_inv"):
+    if leaf == "input_scale_ub":
+        return 1200.0  # FBGEMM's cap on a per-token activation scale
+    if leaf == "input_scale":
+        return 0.05  # a calibrated activation scale: |x| up to 22 in FP8
+    if leaf.endswith(("_scale_inv", "_scale")):
         return 0.02  # with float8 values in [-1, 1): up to 0.02
     if not dtype.is_floating_point and dtype != torch.uint8:
         return 0.0

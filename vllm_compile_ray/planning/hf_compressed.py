@@ -1,0 +1,141 @@
+"""FP8 checkpoints of compressed-tensors ("float-quantized": the "-FP8", "-FP8-dynamic" and
+"-FP8-block" Llama, Qwen, Mistral and Gemma checkpoints of llm-compressor) and FBGEMM FP8
+(`quant_method: "fbgemm_fp8"`, Meta's Llama 3.1 405B FP8), as they serve.
+
+    vcr plan --model RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8-dynamic --tp 2 --sizes 1,8
+
+Supported: one config group targeting `Linear` layers with 8-bit float weights per output channel
+or per tensor (`Fp8ScaledLinear`: `weight`, `weight_scale` [N, 1] or [1]) and activations per
+token (dynamic), per tensor (a calibrated `input_scale`) or not quantized; or weights in blocks
+with activations per group of the block's columns (`hf_quant.Fp8BlockLinear`, its scales named
+`weight_scale`). The `ignore` list (names or `re:` patterns) keeps modules unquantized, as do the
+output head and MoE routers. Anything else (integer or 4-bit schemes, KV-cache quantization,
+several config groups, quantized fused experts outside FP8 block checkpoints) is refused, naming
+the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..models import fp8
+from . import hf_shards
+from .quant_schemes import Fp8Block, Fp8Scaled
+
+SUPPORTED = ('compressed-tensors "float-quantized" (one config group on Linear layers: 8-bit '
+             'float weights per channel, tensor or block; activations per token, tensor, '
+             'group or none) and quant_method "fbgemm_fp8"')
+
+
+def spec(qc: dict[str, Any]) -> Fp8Scaled | Fp8Block:
+    """The scheme of a compressed-tensors or FBGEMM `quantization_config` (`Fp8Block` for
+    compressed-tensors' block strategy)."""
+    if qc.get("quant_method") == "fbgemm_fp8":
+        return Fp8Scaled("channel", "token", True, tuple(qc.get("modules_to_not_convert") or ()))
+    fields = {"format": qc.get("format"), "kv_cache_scheme": qc.get("kv_cache_scheme")}
+    groups = qc.get("config_groups") or {}
+    _need(fields["format"] == "float-quantized", "format", fields["format"])
+    _need(not fields["kv_cache_scheme"], "kv_cache_scheme", fields["kv_cache_scheme"])
+    _need(len(groups) == 1, "config_groups", f"{len(groups)} groups")
+    group = next(iter(groups.values()))
+    _need(group.get("targets") == ["Linear"], "targets", group.get("targets"))
+    _need(not group.get("output_activations"), "output_activations",
+          group.get("output_activations"))
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    _need(weights.get("type") == "float" and weights.get("num_bits") == 8, "weights",
+          f"{weights.get('num_bits')}-bit {weights.get('type')}")
+    strategy = weights.get("strategy")
+    ignore = tuple(qc.get("ignore") or ())
+    if acts is not None:
+        _need(acts.get("type") == "float" and acts.get("num_bits") == 8, "input_activations",
+              f"{acts.get('num_bits')}-bit {acts.get('type')}")
+    if strategy == "block":
+        bn, bk = weights.get("block_structure") or (0, 0)
+        _need(acts is not None and acts.get("strategy") == "group" and
+              acts.get("group_size") == bk and acts.get("dynamic"), "input_activations",
+              f"{acts} with weights in blocks {[bn, bk]}")
+        return Fp8Block(bn, bk, ignore, scale_name="weight_scale")
+    _need(strategy in ("channel", "tensor"), "weights strategy", strategy)
+    act = "none" if acts is None else acts.get("strategy")
+    _need(act in ("none", "token", "tensor") and
+          (act != "token" or acts.get("dynamic")) and (act != "tensor" or not acts.get("dynamic")),
+          "input_activations", acts)
+    return Fp8Scaled(strategy, act, False, ignore)
+
+
+def _need(ok: bool, field: str, value: Any) -> None:
+    if not ok:
+        raise UnsupportedModelError(f"quantization_config {field}={value!r} is not supported "
+                                    f"(supported: {SUPPORTED})")
+
+
+def ignored(name: str, patterns: set[str] | tuple[str, ...]) -> bool:
+    """A module a quantization config keeps unquantized: an entry names it or a module above it
+    (transformers' rule), or matches it as `re:<regex>` (compressed-tensors')."""
+    dotted = f".{name}."
+    return any(re.match(p[3:], name) if p.startswith("re:") else f".{p}." in dotted
+               for p in patterns)
+
+
+class Fp8ScaledLinear(nn.Linear):
+    """A linear layer with a float8 weight and per-channel or per-tensor scales."""
+
+    def __init__(self, linear: nn.Linear, scheme: Fp8Scaled):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        channel = scheme.weights == "channel"
+        amax = w.abs().amax(dim=1, keepdim=True) if channel else w.abs().amax().reshape(1)
+        scale = amax.clamp(min=1e-12) / fp8.FP8_MAX  # [N, 1] or [1]
+        self.weight = nn.Parameter((w / scale.reshape(-1, 1)).clamp(-fp8.FP8_MAX, fp8.FP8_MAX)
+                                   .to(fp8.FP8), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        # calibrated per-tensor activation scale; FBGEMM's cap on the per-token one
+        self.input_scale = self._scalar(0.05, w.device) if scheme.activations == "tensor" else None
+        self.input_scale_ub = self._scalar(1200.0, w.device) if scheme.ub else None
+        self.quantized_input = scheme.activations != "none"
+        self.bias = linear.bias
+
+    @staticmethod
+    def _scalar(value: float, device: torch.device) -> nn.Parameter:
+        return nn.Parameter(torch.full((1,), value, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized_input:  # FP8 weights, activations as they are
+            y = x @ (self.weight.to(x.dtype) * self.weight_scale.to(x.dtype).reshape(-1, 1)).T
+        else:
+            y = fp8.fp8_scaled_linear(x, self.weight, self.weight_scale, self.input_scale,
+                                      self.input_scale_ub)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale.float().reshape(-1, 1)
+
+    def slice_scales(self, dim: int, step: tuple) -> None:
+        """A rank's output channels keep their scales; a per-tensor scale stays whole."""
+        if dim == 0 and self.weight_scale.shape[0] > 1:
+            with torch.no_grad():
+                kept = hf_shards.cut(self.weight_scale.detach(), [step]).clone()
+            self.weight_scale = hf_shards.keep(self.weight_scale, kept, step)
+
+
+def quantize(model: nn.Module, scheme: Fp8Scaled, routers: set[str]) -> nn.Module:
+    """`model`'s linear layers (not the head, a router or what the config ignores) made
+    `Fp8ScaledLinear`s, in place."""
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "is_transposed") and hasattr(module, "down_proj"):
+            raise UnsupportedModelError(
+                f"{name} ({type(module).__name__}): fused experts in a per-channel or per-tensor "
+                f"FP8 checkpoint are not supported (FP8 block checkpoints' experts are)")
+        if type(module) is nn.Linear and module is not head and name not in routers and \
+                not ignored(name, scheme.ignore):
+            model.set_submodule(name, Fp8ScaledLinear(module, scheme))
+    acts = {"token": "per-token", "tensor": "static", "none": "unquantized"}[scheme.activations]
+    model.vcr_quant = f"FP8 per-{scheme.weights} weights, {acts} activations"
+    return model
