@@ -293,13 +293,22 @@ def test_two_ranks_keep_their_blocks_and_compute_the_whole_fp8_model(tmp_path: P
 
 
 def test_schemes_and_shards_vcr_cannot_serve_are_refused(tmp_path: Path) -> None:
-    for quant, field in (({"quant_method": "awq"}, "quant_method='awq'"),
-                         ({"quant_method": "gptq"}, "quant_method='gptq'"),
+    for quant, field in (({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes'"),
+                         ({"quant_method": "hqq"}, "quant_method='hqq'"),
                          ({"activation_scheme": "static"}, "activation_scheme='static'"),
                          ({"weight_block_size": None}, "weight_block_size=None")):
         ckpt = _checkpoint(tmp_path / field.split("=")[0], "qwen3", **quant)
         with pytest.raises(UnsupportedModelError, match=rf"{field}.*supported: quant_method "
                                                         r'"fp8"'):
+            intake.build(ckpt, device="cpu")
+    for quant, field in (({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version='gemv'"),
+                         ({"quant_method": "gptq", "bits": 3}, "bits=3"),
+                         ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
+                          "checkpoint_format='marlin'")):
+        ckpt = hf_models.save_config("llama", tmp_path / "int4", "LlamaForCausalLM",
+                                     quantization_config=quant)
+        with pytest.raises(UnsupportedModelError, match=rf"{field} is not supported \(supported: "
+                                                        r'quant_method "awq"'):
             intake.build(ckpt, device="cpu")
     int8 = _compressed("channel", "token")
     int8["config_groups"]["group_0"]["weights"]["type"] = "int"
@@ -404,3 +413,94 @@ def test_vcr_plan_of_an_fp8_checkpoint_from_the_cli(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "DeepseekV3" in out.stdout + out.stderr
+
+
+def _awq_packed(q: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ's packer: word c of row k holds columns 8c + order[i] at nibble i."""
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    words = torch.zeros(q.shape[0], q.shape[1] // 8, dtype=torch.int64)
+    for c in range(q.shape[1] // 8):
+        for i in range(8):
+            words[:, c] |= q[:, 8 * c + order[i]].long() << (4 * i)
+    return words.to(torch.int32)
+
+
+def _gptq_packed(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """GPTQ's packer: 8 consecutive values of `dim` in a word, the first in the lowest bits."""
+    q = q.long() if dim == 0 else q.long().T
+    words = torch.zeros(q.shape[0] // 8, q.shape[1], dtype=torch.int64)
+    for row in range(q.shape[0] // 8):
+        for j in range(8):
+            words[row] |= q[8 * row + j] << (4 * j)
+    words = words.to(torch.int32)
+    return words if dim == 0 else words.T.contiguous()
+
+
+def test_awq_and_gptq_layouts_dequantize_as_their_packers_wrote_them() -> None:
+    """Weights packed by AutoAWQ's and GPTQ's algorithms (written out here, word by word)
+    dequantize to (q - zero) * scale of each element's group, in activation order too."""
+    from vllm_compile_ray.models import int4
+
+    torch.manual_seed(0)
+    k, n, g = 64, 16, 16
+    # zero points from 1: the original GPTQ format stores each minus one and cannot hold 0
+    q, zeros = torch.randint(0, 16, (k, n)), torch.randint(1, 16, (k // g, n))
+    scales = torch.rand(k // g, n) + 0.5
+    g_idx = torch.arange(k) // g
+    want = (q - zeros[g_idx]).float() * scales[g_idx]
+    awq = int4.dequantize(_awq_packed(q), _awq_packed(zeros), scales, g_idx, 4, "awq", 0)
+    torch.testing.assert_close(awq, want, rtol=0, atol=0)
+    for offset in (1, 0):  # "gptq" stores each zero minus one; "gptq_v2" as it is
+        stored = _gptq_packed((zeros - offset) % 16, 1)
+        gptq = int4.dequantize(_gptq_packed(q, 0), stored, scales, g_idx, 4, "gptq", offset)
+        torch.testing.assert_close(gptq, want, rtol=0, atol=0)
+    shuffled = g_idx[torch.randperm(k)]  # desc_act: each row's own group
+    gptq = int4.dequantize(_gptq_packed(q, 0), _gptq_packed(zeros - 1, 1), scales, shuffled, 4,
+                           "gptq", 1)
+    torch.testing.assert_close(gptq, (q - zeros[shuffled]).float() * scales[shuffled],
+                               rtol=0, atol=0)
+
+
+INT4 = {"awq": {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True,
+                "version": "gemm"},
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True,
+                 "sym": True, "checkpoint_format": "gptq"}}
+
+
+@pytest.mark.parametrize("method", sorted(INT4))
+def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Path) -> None:
+    """A Llama AWQ / GPTQ checkpoint builds with its packed parameters, compiles, matches the
+    model with the dequantized weights, loads its weights as stored, and two ranks from the
+    checkpoint (row-parallel layers keeping every group's scales) give its logits."""
+    ckpt = hf_models.save_config("llama", tmp_path / method, "LlamaForCausalLM",
+                                 quantization_config=INT4[method])
+    model = intake.build(ckpt, device="cpu").module
+    params = dict(model.named_parameters())
+    o_proj = "model.layers.1.self_attn.o_proj."
+    packed = {"awq": (64, 8), "gptq": (8, 64)}[method]
+    assert params[o_proj + "qweight"].shape == packed and params[o_proj + "scales"].shape == (4, 64)
+    assert (o_proj + "g_idx" in params) == (method == "gptq")
+    reference = _dequantized(model)
+    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
+        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
+    for n in (4, 7):
+        ids = hf_models.tokens(n, seed=n)
+        torch.testing.assert_close(_logits(compiled, ids), _logits(reference, ids), rtol=1e-5,
+                                   atol=1e-5)
+    from safetensors.torch import save_file
+
+    stored = {n: p.detach().contiguous() for n, p in params.items()}
+    if method == "gptq":  # activation order: groups shuffled over the input rows
+        for name in [n for n in stored if n.endswith("g_idx")]:
+            stored[name] = stored[name][torch.randperm(len(stored[name]))].contiguous()
+    save_file(stored, os.path.join(ckpt, "model.safetensors"))
+    whole = intake.build(ckpt, device="cpu", weights=ckpt).module
+    assert all(torch.equal(p, stored[n]) for n, p in whole.named_parameters())
+    want = _logits(hf.prepare(whole), hf_models.tokens(7))
+    mp.spawn(_rank, args=(2, {"llama+weights": ckpt}, str(tmp_path)), nprocs=2)
+    for r in range(2):
+        logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["llama+weights"]
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        assert sharded[o_proj + "scales"] == (4, 64)  # row-parallel: every group
+        q_scales = sharded["model.layers.1.self_attn.q_proj.scales"]
+        assert q_scales == (4, 32)  # column-parallel: its columns

@@ -29,12 +29,12 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models import fp8, mxfp4
-from . import hf_compressed, hf_shards
-from .quant_schemes import Fp8Block, Mxfp4
+from . import hf_compressed, hf_int4, hf_shards
+from .quant_schemes import Fp8Block, Fp8Scaled, Int4, Mxfp4
 
 SUPPORTED = ('quant_method "fp8" (fmt "e4m3", activation_scheme "dynamic", weight_block_size '
              '[n, k]: DeepSeek-V3/R1, Qwen3 -FP8); quant_method "mxfp4" (gpt-oss experts); '
-             f'{hf_compressed.SUPPORTED}')
+             f'{hf_compressed.SUPPORTED}; {hf_int4.SUPPORTED}')
 EXPERTS_IMPLEMENTATION = "vcr_fp8"
 MXFP4_IMPLEMENTATION = "vcr_mxfp4"
 
@@ -48,6 +48,8 @@ def spec(qc: Any) -> Any:
         return Mxfp4()
     if method in ("compressed-tensors", "fbgemm_fp8"):
         return hf_compressed.spec(qc)
+    if method in ("awq", "gptq"):
+        return hf_int4.spec(qc)
     checks = (("quant_method", method, "fp8"), ("fmt", qc.get("fmt", "e4m3"), "e4m3"),
               ("activation_scheme", str(qc.get("activation_scheme", "dynamic")).lower(),
                "dynamic"), ("scale_fmt", qc.get("scale_fmt") or "float", "float"),
@@ -97,8 +99,10 @@ def quantize(model: nn.Module, block: Any) -> nn.Module:
         return _quantize_mxfp4(model)
     routers = {f"{n}.{child}" if n else child for n, m in model.named_modules()
                if hasattr(m, "experts") for child in ("gate", "router", "shared_expert_gate")}
-    if isinstance(block, hf_compressed.Fp8Scaled):
+    if isinstance(block, Fp8Scaled):
         return hf_compressed.quantize(model, block, routers)
+    if isinstance(block, Int4):
+        return hf_int4.quantize(model, block, routers)
     head = model.get_output_embeddings()
     experts = [(n, m) for n, m in model.named_modules() if _fused(m)]
     if experts and block.scale_name != "weight_scale_inv":

@@ -147,6 +147,9 @@ def _values(name: str, module: nn.Module, p: torch.Tensor, seed: int,
     hash of (seed, name, its index in the whole), so a rank computes only its slice and every
     rank's slices are cut from one model."""
     leaf = name.rsplit(".", 1)[-1]
+    whole = module.whole_values(leaf) if hasattr(module, "whole_values") else None
+    if whole is not None:  # values a layer needs valid (`hf_int4`'s groups)
+        return cut(whole, getattr(p, "vcr_recipe", [])).to(p.dtype).to(device)
     constant = _constant(leaf, module, p.dtype)
     if constant is not None:
         return torch.full(p.shape, constant, dtype=p.dtype, device=device)
@@ -190,7 +193,9 @@ def _constant(leaf: str, module: nn.Module, dtype: torch.dtype) -> float | None:
         return 0.05  # a calibrated activation scale: |x| up to 22 in FP8
     if leaf.endswith(("_scale_inv", "_scale")):
         return 0.02  # with float8 values in [-1, 1): up to 0.02
-    if not dtype.is_floating_point and dtype != torch.uint8:
+    if leaf == "scales" and dtype.is_floating_point:
+        return 0.002  # AWQ / GPTQ: 4-bit steps of 0.002
+    if not dtype.is_floating_point and dtype not in (torch.uint8, torch.int32):
         return 0.0
     if "bias" in leaf:
         return 0.0
@@ -207,6 +212,8 @@ def _draw(x: torch.Tensor, dtype: torch.dtype, leaf: str) -> torch.Tensor:
     x = x ^ (x >> 31)
     if dtype == torch.uint8:
         return x & 0xFF
+    if dtype == torch.int32:  # packed integer words
+        return x.to(torch.int32)
     u = (x & 0xFFFFFF).to(torch.float32) / float(1 << 24) - 0.5  # [-0.5, 0.5)
     return u * 2 if dtype == torch.float8_e4m3fn else u * 0.0693  # std 0.02
 

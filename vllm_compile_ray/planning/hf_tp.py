@@ -272,8 +272,11 @@ def _apply(module: nn.Module, name: str, style: str, tp_size: int, rank: int,
                                     f"(planned {style})")
     start, local = rows or (rank * (full // tp_size), full // tp_size)
     forward = module.forward  # the class's own (a subclass may scale or cast around F.linear)
-    module.weight = _cut(module.weight, 1 if cols else 0, [start], local)
-    hf_quant.split_scale(module, "weight", name, 1 if cols else 0, [start], local)
+    if hasattr(module, "shard_weight"):  # packed integer weights (`hf_int4`)
+        module.shard_weight(name, 1 if cols else 0, start, local)
+    else:
+        module.weight = _cut(module.weight, 1 if cols else 0, [start], local)
+        hf_quant.split_scale(module, "weight", name, 1 if cols else 0, [start], local)
     if cols:
         bias, module.bias = module.bias, None  # added once, after the all-reduce
         module.in_features = local

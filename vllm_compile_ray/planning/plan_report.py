@@ -12,13 +12,25 @@ from .. import models
 from .plan import Plan
 
 
+_QUANT_AUX = {"weight_scale", "weight_scale_inv", "input_scale", "input_scale_ub", "qzeros",
+              "scales", "g_idx"}
+
+
 def count_params(module: nn.Module) -> int:
     """Parameters of `module` (a tied lm_head counted once); a meta model costs nothing. A
-    quantized checkpoint's count is its values': MXFP4 blocks hold two a byte, block scales
-    are not counted."""
-    return sum(p.numel() * (2 if name.endswith("_blocks") else 1)
-               for name, p in module.named_parameters()
-               if not name.endswith(("_scales", "_scale_inv")))
+    quantized checkpoint's count is its values': packed words hold 32 / bits (MXFP4 bytes two),
+    scales and zero points are not counted."""
+    seen: set[int] = set()
+    total = 0
+    for mod in module.modules():
+        for name, p in mod._parameters.items():
+            if p is None or id(p) in seen or name in _QUANT_AUX or \
+                    name.endswith(("_scales", "_scale_inv")):
+                continue
+            seen.add(id(p))
+            per = 32 // mod.bits if name == "qweight" else 2 if name.endswith("_blocks") else 1
+            total += p.numel() * per
+    return total
 
 
 def total_params(module: nn.Module) -> int | None:

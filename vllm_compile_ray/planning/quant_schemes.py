@@ -30,3 +30,14 @@ class Fp8Scaled:
     activations: str  # "token" (dynamic) | "tensor" (static input_scale) | "none"
     ub: bool  # FBGEMM: the per-token scale capped by `input_scale_ub`
     ignore: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Int4:
+    """Integer weight-only AWQ / GPTQ checkpoints (`models.int4` has the layouts)."""
+
+    layout: str  # "awq" | "gptq"
+    bits: int
+    group: int  # -1: one group over all input features
+    zero_offset: int  # the original GPTQ format stores zero points minus one
+    skip: tuple[str, ...]  # modules_to_not_convert
