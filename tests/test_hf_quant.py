@@ -454,6 +454,10 @@ def test_awq_and_gptq_layouts_dequantize_as_their_packers_wrote_them() -> None:
         stored = _gptq_packed((zeros - offset) % 16, 1)
         gptq = int4.dequantize(_gptq_packed(q, 0), stored, scales, g_idx, 4, "gptq", offset)
         torch.testing.assert_close(gptq, want, rtol=0, atol=0)
+    signed = torch.randint(-8, 8, (n, k))  # compressed-tensors: [out, in], q + 8 stored
+    ct_scales = torch.rand(n, k // g) + 0.5
+    ct = int4.dequantize(_gptq_packed(signed + 8, 1), signed[:0], ct_scales, g_idx, 4, "ct", 8)
+    torch.testing.assert_close(ct, (signed.float() * ct_scales[:, g_idx]).T, rtol=0, atol=0)
     shuffled = g_idx[torch.randperm(k)]  # desc_act: each row's own group
     gptq = int4.dequantize(_gptq_packed(q, 0), _gptq_packed(zeros - 1, 1), scales, shuffled, 4,
                            "gptq", 1)
@@ -461,15 +465,19 @@ def test_awq_and_gptq_layouts_dequantize_as_their_packers_wrote_them() -> None:
                                rtol=0, atol=0)
 
 
+W4A16 = _compressed("group", None, group_size=16)
+W4A16["format"] = "pack-quantized"
+W4A16["config_groups"]["group_0"]["weights"].update(type="int", num_bits=4)
 INT4 = {"awq": {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True,
                 "version": "gemm"},
+        "w4a16": W4A16,
         "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True,
                  "sym": True, "checkpoint_format": "gptq"}}
 
 
 @pytest.mark.parametrize("method", sorted(INT4))
 def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Path) -> None:
-    """A Llama AWQ / GPTQ checkpoint builds with its packed parameters, compiles, matches the
+    """A Llama AWQ / GPTQ / compressed-tensors w4a16 checkpoint builds with its packed parameters, compiles, matches the
     model with the dequantized weights, loads its weights as stored, and two ranks from the
     checkpoint (row-parallel layers keeping every group's scales) give its logits."""
     ckpt = hf_models.save_config("llama", tmp_path / method, "LlamaForCausalLM",
@@ -477,8 +485,12 @@ def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Pa
     model = intake.build(ckpt, device="cpu").module
     params = dict(model.named_parameters())
     o_proj = "model.layers.1.self_attn.o_proj."
-    packed = {"awq": (64, 8), "gptq": (8, 64)}[method]
-    assert params[o_proj + "qweight"].shape == packed and params[o_proj + "scales"].shape == (4, 64)
+    weight, scales = ("weight_packed", "weight_scale") if method == "w4a16" else \
+        ("qweight", "scales")
+    packed = {"awq": (64, 8), "gptq": (8, 64), "w4a16": (64, 8)}[method]
+    group_scales = (64, 4) if method == "w4a16" else (4, 64)  # [out, groups] / [groups, out]
+    assert params[o_proj + weight].shape == packed
+    assert params[o_proj + scales].shape == group_scales
     assert (o_proj + "g_idx" in params) == (method == "gptq")
     reference = _dequantized(model)
     compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
@@ -501,6 +513,6 @@ def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Pa
     for r in range(2):
         logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["llama+weights"]
         torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
-        assert sharded[o_proj + "scales"] == (4, 64)  # row-parallel: every group
-        q_scales = sharded["model.layers.1.self_attn.q_proj.scales"]
-        assert q_scales == (4, 32)  # column-parallel: its columns
+        assert sharded[o_proj + scales] == group_scales  # row-parallel: every group
+        q_scales = sharded["model.layers.1.self_attn.q_proj." + scales]
+        assert q_scales == ((32, 4) if method == "w4a16" else (4, 32))  # column-parallel

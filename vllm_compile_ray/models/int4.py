@@ -8,7 +8,10 @@ size; `bits` values packed in each int32, the lowest bits first):
   `scales` [K/g, N];
 - GPTQ: `qweight` [K/(32/bits), N] packed along K, `qzeros` [K/g, N/(32/bits)] packed along N,
   `scales` [K/g, N], `g_idx` [K] (the group of each input feature: activation order). The
-  original GPTQ format stores each zero point minus one (`zero_offset` 1; "gptq_v2": 0).
+  original GPTQ format stores each zero point minus one (`zero_offset` 1; "gptq_v2": 0);
+- compressed-tensors "pack-quantized" ("ct", symmetric): `weight_packed` [N, K/(32/bits)]
+  packed along K, `weight_scale` [N, K/g]; a value q stands for q - 2**(bits-1)
+  (`zero_offset`).
 The weight is W[k, n] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n] and the layer x @ W.
 The op dequantizes and multiplies in float32 (weight-only: activations stay in their dtype), one
 opaque node to dynamo, like vLLM's AWQ / GPTQ kernels.
@@ -46,6 +49,9 @@ def pack(values: Tensor, bits: int, dim: int) -> Tensor:
 def dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
                layout: str, zero_offset: int) -> Tensor:
     """W [K, N] in float32."""
+    if layout == "ct":  # [N, K] rows of the nn.Linear weight
+        w = unpack(qweight, bits, 1) - zero_offset
+        return (w.float() * scales[:, g_idx.long()].float()).T
     if layout == "awq":
         order = torch.tensor(AWQ_ORDER, device=qweight.device)
         w = unpack(qweight, bits, 1).unflatten(1, (-1, 8))[..., order].flatten(1)
@@ -66,7 +72,7 @@ def _int4_linear(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_i
 
 def _int4_linear_fake(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor,
                       bits: int, layout: str, zero_offset: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], scales.shape[1])
+    return x.new_empty(*x.shape[:-1], qweight.shape[0] if layout == "ct" else scales.shape[1])
 
 
 if not hasattr(torch.ops.vcr, "int4_linear"):  # idempotent, as in ops.py

@@ -1,5 +1,6 @@
 """FP8 checkpoints of compressed-tensors ("float-quantized": the "-FP8", "-FP8-dynamic" and
-"-FP8-block" Llama, Qwen, Mistral and Gemma checkpoints of llm-compressor) and FBGEMM FP8
+"-FP8-block" Llama, Qwen, Mistral and Gemma checkpoints of llm-compressor; its "pack-quantized"
+w4a16 / w8a16 integer checkpoints are `hf_int4`'s) and FBGEMM FP8
 (`quant_method: "fbgemm_fp8"`, Meta's Llama 3.1 405B FP8), as they serve.
 
     vcr plan --model RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8-dynamic --tp 2 --sizes 1,8
@@ -25,21 +26,23 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..models import fp8
 from . import hf_shards
-from .quant_schemes import Fp8Block, Fp8Scaled
+from .quant_schemes import Fp8Block, Fp8Scaled, Int4
 
 SUPPORTED = ('compressed-tensors "float-quantized" (one config group on Linear layers: 8-bit '
              'float weights per channel, tensor or block; activations per token, tensor, '
-             'group or none) and quant_method "fbgemm_fp8"')
+             'group or none), compressed-tensors "pack-quantized" (symmetric 4- or 8-bit '
+             'integer weights per group or channel, activations unquantized: w4a16) and '
+             'quant_method "fbgemm_fp8"')
 
 
-def spec(qc: dict[str, Any]) -> Fp8Scaled | Fp8Block:
+def spec(qc: dict[str, Any]) -> Fp8Scaled | Fp8Block | Int4:
     """The scheme of a compressed-tensors or FBGEMM `quantization_config` (`Fp8Block` for
-    compressed-tensors' block strategy)."""
+    compressed-tensors' block strategy, `Int4` for its packed integer weights)."""
     if qc.get("quant_method") == "fbgemm_fp8":
         return Fp8Scaled("channel", "token", True, tuple(qc.get("modules_to_not_convert") or ()))
     fields = {"format": qc.get("format"), "kv_cache_scheme": qc.get("kv_cache_scheme")}
     groups = qc.get("config_groups") or {}
-    _need(fields["format"] == "float-quantized", "format", fields["format"])
+    _need(fields["format"] in ("float-quantized", "pack-quantized"), "format", fields["format"])
     _need(not fields["kv_cache_scheme"], "kv_cache_scheme", fields["kv_cache_scheme"])
     _need(len(groups) == 1, "config_groups", f"{len(groups)} groups")
     group = next(iter(groups.values()))
@@ -47,10 +50,12 @@ def spec(qc: dict[str, Any]) -> Fp8Scaled | Fp8Block:
     _need(not group.get("output_activations"), "output_activations",
           group.get("output_activations"))
     weights, acts = group.get("weights") or {}, group.get("input_activations")
+    ignore = tuple(qc.get("ignore") or ())
+    if fields["format"] == "pack-quantized":
+        return _packed(weights, acts, ignore)
     _need(weights.get("type") == "float" and weights.get("num_bits") == 8, "weights",
           f"{weights.get('num_bits')}-bit {weights.get('type')}")
     strategy = weights.get("strategy")
-    ignore = tuple(qc.get("ignore") or ())
     if acts is not None:
         _need(acts.get("type") == "float" and acts.get("num_bits") == 8, "input_activations",
               f"{acts.get('num_bits')}-bit {acts.get('type')}")
@@ -66,6 +71,18 @@ def spec(qc: dict[str, Any]) -> Fp8Scaled | Fp8Block:
           (act != "token" or acts.get("dynamic")) and (act != "tensor" or not acts.get("dynamic")),
           "input_activations", acts)
     return Fp8Scaled(strategy, act, False, ignore)
+
+
+def _packed(weights: dict[str, Any], acts: Any, ignore: tuple[str, ...]) -> Int4:
+    """compressed-tensors' packed integer weights (`models.int4`'s "ct" layout)."""
+    bits, strategy = weights.get("num_bits"), weights.get("strategy")
+    _need(weights.get("type") == "int" and bits in (4, 8) and weights.get("symmetric", True),
+          "weights", f"{bits}-bit {weights.get('type')} symmetric={weights.get('symmetric')}")
+    _need(strategy in ("group", "channel"), "weights strategy", strategy)
+    _need(not weights.get("actorder"), "weights actorder", weights.get("actorder"))
+    _need(acts is None, "input_activations", acts)
+    group = weights.get("group_size") if strategy == "group" else -1
+    return Int4("ct", bits, group, 1 << (bits - 1), ignore)
 
 
 def _need(ok: bool, field: str, value: Any) -> None:

@@ -5,7 +5,8 @@ weights, zero points and scales (`Int4Linear`) and runs through `vcr::int4_linea
     vcr plan --model Qwen/Qwen2.5-72B-Instruct-AWQ --tp 4 --sizes 1,8
 
 Supported: AWQ `version: "gemm"` 4-bit with zero points; GPTQ 4- or 8-bit, symmetric or not, in
-activation order or not (`g_idx`), `checkpoint_format` "gptq" or "gptq_v2". The output head, MoE
+activation order or not (`g_idx`), `checkpoint_format` "gptq" or "gptq_v2"; compressed-tensors'
+"pack-quantized" symmetric integer weights (`hf_compressed.spec`: llm-compressor's w4a16). The output head, MoE
 routers and `modules_to_not_convert` stay unquantized; quantized fused experts are refused. At
 tp_size > 1 a column-parallel layer keeps its output columns (whole packed words), a
 row-parallel one its input rows with every group's scales and zero points.
@@ -63,13 +64,18 @@ class Int4Linear(nn.Linear):
         self.layout, self.bits, self.group = scheme.layout, scheme.bits, group
         self.zero_offset, self.whole_in = scheme.zero_offset, k
         device = linear.weight.device
-        rows = (k, n // per) if scheme.layout == "awq" else (k // per, n)
-        self.qweight = self._param(rows, torch.int32, device)
-        self.qzeros = self._param((k // group, n // per), torch.int32, device)
-        self.scales = self._param((k // group, n), torch.float16, device)
+        if scheme.layout == "ct":  # compressed-tensors' names; no zero points (symmetric)
+            self.weight_packed = self._param((n, k // per), torch.int32, device)
+            self.weight_scale = self._param((n, k // group), linear.weight.dtype, device)
+            self.weight_shape = self._param((2,), torch.int64, device)
+        else:
+            rows = (k, n // per) if scheme.layout == "awq" else (k // per, n)
+            self.qweight = self._param(rows, torch.int32, device)
+            self.qzeros = self._param((k // group, n // per), torch.int32, device)
+            self.scales = self._param((k // group, n), torch.float16, device)
         if scheme.layout == "gptq":
             self.g_idx = self._param((k,), torch.int32, device)
-        else:  # AWQ's groups are consecutive: a buffer, not in its checkpoint
+        else:  # consecutive groups: a buffer, not in the checkpoint
             hf_shards.buffer(self, "g_idx", self.whole_values("g_idx"), device)
         self.bias = linear.bias
 
@@ -81,24 +87,34 @@ class Int4Linear(nn.Linear):
         """A parameter's values without a checkpoint, where they must be valid: the groups."""
         if leaf == "g_idx":
             return (torch.arange(self.whole_in) // self.group).to(torch.int32)
+        if leaf == "weight_shape":
+            return torch.tensor([self.out_features, self.whole_in])
         return None
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        if self.layout == "ct":
+            return (self.weight_packed, self.weight_packed[:0], self.weight_scale, self.g_idx)
+        return self.qweight, self.qzeros, self.scales, self.g_idx
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int4.int4_linear(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                             self.layout, self.zero_offset)
+        y = int4.int4_linear(x, *self._tensors(), self.bits, self.layout, self.zero_offset)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
         """The weight as an nn.Linear holds it, [out, in], float32."""
-        return int4.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                               self.layout, self.zero_offset).T
+        return int4.dequantize(*self._tensors(), self.bits, self.layout, self.zero_offset).T
 
     def shard_weight(self, name: str, dim: int, start: int, length: int) -> None:
         """Keep output columns [start, start + length) (dim 0 of an nn.Linear weight) or input
         rows (dim 1): the packed words holding them, and for rows every group's scales and zero
         points (`g_idx` keeps the rows' global groups)."""
         per = 32 // self.bits
-        if dim == 0:  # output columns
+        if self.layout == "ct":  # [N, K] rows like the nn.Linear weight
+            packed = [("weight_packed", 1)] if dim == 1 else []
+            plain = [("weight_packed", 0), ("weight_scale", 0)] if dim == 0 else []
+            if dim == 1:
+                self._keep_buffer_rows(start, length)
+        elif dim == 0:  # output columns
             packed = [("qzeros", 1)] + ([("qweight", 1)] if self.layout == "awq" else [])
             plain = [("scales", 1)] + ([("qweight", 1)] if self.layout == "gptq" else [])
         else:  # input rows
@@ -123,9 +139,9 @@ class Int4Linear(nn.Linear):
                                                step))
 
     def _keep_buffer_rows(self, start: int, length: int) -> None:
-        if self.layout == "awq":
+        if self.layout != "gptq":
             value = self.whole_values("g_idx")[start:start + length]
-            hf_shards.buffer(self, "g_idx", value, self.qweight.device)
+            hf_shards.buffer(self, "g_idx", value, self.g_idx.device)
 
 
 def quantize(model: nn.Module, scheme: Int4, routers: set[str]) -> nn.Module:
@@ -139,5 +155,6 @@ def quantize(model: nn.Module, scheme: Int4, routers: set[str]) -> nn.Module:
         if type(module) is nn.Linear and module is not head and name not in routers and \
                 not ignored(name, scheme.skip):
             model.set_submodule(name, Int4Linear(name, module, scheme))
-    model.vcr_quant = f"{scheme.layout.upper()} {scheme.bits}-bit, groups of {scheme.group}"
+    kind = {"ct": "compressed-tensors int"}.get(scheme.layout, scheme.layout.upper())
+    model.vcr_quant = f"{kind} {scheme.bits}-bit weights, groups of {scheme.group}"
     return model

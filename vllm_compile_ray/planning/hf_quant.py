@@ -101,7 +101,7 @@ def quantize(model: nn.Module, block: Any) -> nn.Module:
                if hasattr(m, "experts") for child in ("gate", "router", "shared_expert_gate")}
     if isinstance(block, Fp8Scaled):
         return hf_compressed.quantize(model, block, routers)
-    if isinstance(block, Int4):
+    if isinstance(block, Int4):  # AWQ, GPTQ, compressed-tensors' packed integers
         return hf_int4.quantize(model, block, routers)
     head = model.get_output_embeddings()
     experts = [(n, m) for n, m in model.named_modules() if _fused(m)]

@@ -13,7 +13,7 @@ from .plan import Plan
 
 
 _QUANT_AUX = {"weight_scale", "weight_scale_inv", "input_scale", "input_scale_ub", "qzeros",
-              "scales", "g_idx"}
+              "scales", "g_idx", "weight_shape"}
 
 
 def count_params(module: nn.Module) -> int:
@@ -28,7 +28,8 @@ def count_params(module: nn.Module) -> int:
                     name.endswith(("_scales", "_scale_inv")):
                 continue
             seen.add(id(p))
-            per = 32 // mod.bits if name == "qweight" else 2 if name.endswith("_blocks") else 1
+            per = 32 // mod.bits if name in ("qweight", "weight_packed") else \
+                2 if name.endswith("_blocks") else 1
             total += p.numel() * per
     return total
 
