@@ -317,8 +317,9 @@ def test_schemes_and_shards_vcr_cannot_serve_are_refused(tmp_path: Path) -> None
     for quant, field in ((int8, r"weights='8-bit int'"), (w4, r"weights='4-bit float'"),
                          ({**SCHEMES["dynamic"], "kv_cache_scheme": {"num_bits": 8}},
                           r"kv_cache_scheme=\{'num_bits': 8\}"),
+                         ({**SCHEMES["dynamic"], "format": "marlin-24"}, r"format='marlin-24'"),
                          ({**SCHEMES["dynamic"], "format": "pack-quantized"},
-                          r"format='pack-quantized'")):
+                          r"weights='8-bit float symmetric=True'")):
         ckpt = hf_models.save_config("llama", tmp_path / "ct", "LlamaForCausalLM",
                                      quantization_config=quant)
         with pytest.raises(UnsupportedModelError, match=rf"{field} is not supported \(supported"):
