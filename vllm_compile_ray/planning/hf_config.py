@@ -10,7 +10,7 @@ parameters on meta and each rank materializes only its part (`hf_shards`), from 
 (`--weights`: its slices) or from seeded values; a checkpoint whose tensor names need
 transformers' conversions loads through `from_pretrained` instead (the whole model in host
 memory, then the rank's shard). A quantized
-checkpoint builds with its quantized layers (`hf_quant`: FP8 blocks, gpt-oss's MXFP4); other
+checkpoint builds with its quantized layers (`hf_quant`: FP8, MXFP4, AWQ, GPTQ); other
 quantization schemes, and plans vcr cannot apply, keep vcr's error with the reason this route is
 closed.
 """

@@ -1,23 +1,24 @@
 """A transformers model built from a quantized checkpoint's config.json, as the checkpoint
-serves: its quantized layers hold the stored low-precision weights and run through `models.fp8`
-and `models.mxfp4`'s ops.
+serves: its quantized layers hold the stored low-precision tensors, under the checkpoint's names,
+and run through `models.fp8`, `models.mxfp4` and `models.int4`'s ops.
 
     vcr plan --model /ckpt/Qwen3-8B-FP8 --device cpu --sizes 1,8
     vcr warm --model deepseek-ai/DeepSeek-V3 --tp 8 ...   # quant_method "fp8"
     vcr plan --model openai/gpt-oss-120b --tp 2 ...        # quant_method "mxfp4"
 
-Supported `quantization_config`s:
+Supported `quantization_config`s (`spec`):
 - `quant_method: "fp8"` (transformers' FineGrainedFP8Config) with `fmt: "e4m3"`, dynamic
   activations and a `weight_block_size`. What is quantized follows transformers' FP8 quantizer:
   every `nn.Linear` and fused experts module, except the output head and the modules the
   config's `modules_to_not_convert` names; a MoE router stays unquantized, as vLLM keeps it.
 - `quant_method: "mxfp4"` (gpt-oss): the experts, in MXFP4 blocks; everything else as stored.
-Without weights the model's initial weights are quantized (so a model with dequantized weights
-is the reference its outputs are checked against); with weights (`load_weights`) the
-checkpoint's tensors are loaded as stored (`hf_shards`: each expert's gate/up/down merged into
-the fused experts as transformers merges them; a rank reads its slices). At tp_size > 1 `hf_tp` slices the block scales with their
-weights; an FP8 shard that does not start and end on a block boundary is refused, as vLLM refuses
-it; an MXFP4 rank keeps the 32-groups its columns fall in.
+- compressed-tensors and FBGEMM FP8 (`hf_compressed`); AWQ, GPTQ and compressed-tensors'
+  packed integers (`hf_int4`).
+The model is quantized on meta; `hf_shards` then gives each parameter its values: the
+checkpoint's tensors as stored (each expert's gate/up/down merged into the fused experts as
+transformers merges them; a rank reads its slices) or seeded values. At tp_size > 1 `hf_tp`
+slices the block scales with their weights; an FP8 shard that does not start and end on a block
+boundary is refused, as vLLM refuses it; an MXFP4 rank keeps the 32-groups its columns fall in.
 """
 
 from __future__ import annotations
