@@ -95,20 +95,29 @@ class _Piece(torch.nn.Module):
 
 
 @pytest.fixture(scope="module", params=["bundled", "cache"])
-def cpu_artifact(request) -> tuple[bytes, list[torch.Tensor]]:
+def cpu_artifact(request, tmp_path_factory) -> tuple[bytes, list[torch.Tensor]]:
     """A real standalone artifact of this torch (CPU, so it compiles and loads here), in both
     formats: the bundled AOT one `compile_static` makes, and the cache one (what torch < 2.10
-    made, and caches filled before still hold)."""
+    made, and caches filled before still hold). Compiled in an empty Inductor cache: a hit in a
+    cache an earlier run filled makes other bytes (already in re-serialized form)."""
     gm = fx.symbolic_trace(_Piece())
     args = [torch.randn(4, 8), torch.randn(8, 8)]
-    if request.param == "bundled":
-        assert artifact_format.save_options(), "this torch makes no bundled AOT artifact"
-        _, data = inductor.compile_static(gm, args, {})
-    else:
-        from torch._inductor import standalone_compile
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    try:
+        if request.param == "bundled":
+            assert artifact_format.save_options(), "this torch makes no bundled AOT artifact"
+            _, data = inductor.compile_static(gm, args, {})
+        else:
+            from torch._inductor import standalone_compile
 
-        data = inductor._artifact_bytes(standalone_compile(
-            gm, args, dynamic_shapes="from_example_inputs", options={}))
+            data = inductor._artifact_bytes(standalone_compile(
+                gm, args, dynamic_shapes="from_example_inputs", options={}))
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
     assert (retarget._read_chunks(data)[0] == artifact_format.aot_header()) == (
         request.param == "bundled")
     return data, args
