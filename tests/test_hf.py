@@ -381,9 +381,10 @@ def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tm
     assert torch.equal(dict(converted.named_parameters())[norm], tensors[norm])
     assert torch.equal(dict(converted.named_parameters())[o], whole[o][:, 32:])
     quantized = hf_models.save_config("phi3", tmp_path / "q", "Phi3ForCausalLM",
-                                      quantization_config={"quant_method": "awq"})
-    with pytest.raises(UnsupportedModelError, match=r"quantization_config quant_method='awq' is "
-                                                    r"not supported \(supported: quant_method"):
+                                      quantization_config={"quant_method": "bitsandbytes"})
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config quant_method="
+                                                    r"'bitsandbytes' is not supported \(supported: "
+                                                    r"quant_method"):
         intake.build(quantized)
 
 

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -103,6 +104,25 @@ def _dequantized(model: nn.Module) -> nn.Module:
     return ref
 
 
+def _compiles_like_the_dequantized_model(model: nn.Module, tmp_path: Path,
+                                         weight_only: bool) -> Any:
+    """`model` compiled (eager adaptor) equals it eagerly and matches transformers' model with
+    its dequantized weights: to float32 rounding when only weights are quantized, else (FP8
+    activations: a few percent per element) in direction and within 15% of the largest logit."""
+    reference = _dequantized(model)
+    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
+        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
+    for n in (4, 7):
+        ids = hf_models.tokens(n, seed=n)
+        got, want = _logits(compiled, ids), _logits(reference, ids)
+        torch.testing.assert_close(got, _logits(model, ids), rtol=0, atol=0)
+        if weight_only:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (got - want).abs().max() <= 0.15 * want.abs().max()
+        assert torch.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.995
+    return compiled
+
+
 def test_the_linear_op_is_the_blockwise_w8a8_arithmetic() -> None:
     """`vcr::fp8_block_linear` = sum over column blocks of (x_q w_q^T) x_scale w_scale, with
     ragged edges (N, K not multiples of the block)."""
@@ -140,16 +160,7 @@ def test_fp8_checkpoint_builds_quantized_compiles_and_matches(name: str, tmp_pat
                                                    else ".weight_scale_inv")].dtype == torch.float32
     if name != "qwen3":
         assert "model.layers.1.mlp.experts.gate_up_proj" in quantized
-    reference = _dequantized(model)
-    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
-        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
-    for n in (4, 7):
-        ids = hf_models.tokens(n, seed=n)
-        got, want = _logits(compiled, ids), _logits(reference, ids)
-        torch.testing.assert_close(got, _logits(model, ids), rtol=0, atol=0)
-        # FP8 activations: a few percent per element, the logits' direction kept
-        assert (got - want).abs().max() <= 0.15 * want.abs().max()
-        assert torch.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.995
+    compiled = _compiles_like_the_dequantized_model(model, tmp_path, weight_only=False)
     nodes = [str(n.target) for item in compiled.plan.items for n in item.graph.graph.nodes]
     assert any("fp8_block_linear" in t for t in nodes)
     assert len({p.code_id for p in compiled.plan.pieces}) < len(compiled.plan.pieces)
@@ -172,13 +183,7 @@ def test_gpt_oss_mxfp4_experts_build_as_stored_and_match(tmp_path: Path) -> None
     assert params["model.layers.0.mlp.experts.gate_up_proj_blocks"].shape == (4, 256, 2, 16)
     assert params["model.layers.0.mlp.experts.down_proj_scales"].shape == (4, 64, 4)
     assert params["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
-    reference = _dequantized(model)
-    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
-        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
-    for n in (4, 7):
-        ids = hf_models.tokens(n, seed=n)
-        torch.testing.assert_close(_logits(compiled, ids), _logits(reference, ids), rtol=1e-5,
-                                   atol=1e-5)
+    compiled = _compiles_like_the_dequantized_model(model, tmp_path, weight_only=True)
     nodes = [str(n.target) for item in compiled.plan.items for n in item.graph.graph.nodes]
     assert any("mxfp4_experts" in t for t in nodes)
 
@@ -200,16 +205,7 @@ def test_llm_compressor_and_fbgemm_fp8_checkpoints(scheme: str, tmp_path: Path) 
     assert params[o_proj + "weight_scale"].shape == scale
     assert (o_proj + "input_scale" in params) == (scheme == "static")
     assert (o_proj + "input_scale_ub" in params) == (scheme == "fbgemm")
-    reference = _dequantized(model)
-    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
-        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
-    for n in (4, 7):
-        ids = hf_models.tokens(n, seed=n)
-        got, want = _logits(compiled, ids), _logits(reference, ids)
-        torch.testing.assert_close(got, _logits(model, ids), rtol=0, atol=0)
-        if scheme == "w8a16":  # weight-only: the dequantized model's arithmetic
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert torch.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.995
+    _compiles_like_the_dequantized_model(model, tmp_path, weight_only=scheme == "w8a16")
     from safetensors.torch import save_file
 
     save_file({n: p.detach().contiguous() for n, p in params.items()},
@@ -493,13 +489,7 @@ def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Pa
     assert params[o_proj + weight].shape == packed
     assert params[o_proj + scales].shape == group_scales
     assert (o_proj + "g_idx" in params) == (method == "gptq")
-    reference = _dequantized(model)
-    compiled = vcr.compile(hf.prepare(model), vcr.CompilationConfig(
-        compile_sizes=[4], backend="eager", cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
-    for n in (4, 7):
-        ids = hf_models.tokens(n, seed=n)
-        torch.testing.assert_close(_logits(compiled, ids), _logits(reference, ids), rtol=1e-5,
-                                   atol=1e-5)
+    _compiles_like_the_dequantized_model(model, tmp_path, weight_only=True)
     from safetensors.torch import save_file
 
     stored = {n: p.detach().contiguous() for n, p in params.items()}
