@@ -22,7 +22,7 @@ from torch import nn
 
 import vllm_compile_ray as vcr
 from vllm_compile_ray.errors import ConfigError, UnsupportedModelError
-from vllm_compile_ray.models import fp8, mxfp4
+from vllm_compile_ray.models import fp8, int4, mxfp4
 from vllm_compile_ray.planning import hf, intake
 from vllm_compile_ray.runtime.api import plan_model
 
@@ -89,6 +89,17 @@ def _dequantized(model: nn.Module) -> nn.Module:
             linear.weight = nn.Parameter(module.dequantized())
             linear.bias = module.bias
             ref.set_submodule(name, linear)
+        elif hasattr(module, "vcr_int4"):  # AWQ / GPTQ experts: W [in, out] each
+            scheme = module.vcr_int4[0]
+            for attr in ("gate_up_proj", "down_proj"):
+                parts = [getattr(module, f"{attr}_{leaf}") for leaf in ("qweight", "qzeros",
+                                                                         "scales", "g_idx")]
+                experts = module.down_proj_qweight.shape[0]
+                parts[3] = parts[3] if parts[3].dim() == 2 else parts[3].expand(experts, -1)
+                w = torch.stack([int4.dequantize(*(t[e] for t in parts), scheme.bits,
+                                                 scheme.layout, scheme.zero_offset).T
+                                 for e in range(experts)])
+                module.register_parameter(attr, nn.Parameter(w.contiguous()))
         elif hasattr(module, "vcr_mxfp4"):  # gpt-oss: [E, in, out] as transformers holds them
             for attr in ("gate_up_proj", "down_proj"):
                 w = mxfp4.dequantize(getattr(module, f"{attr}_blocks"),
@@ -507,3 +518,54 @@ def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Pa
         assert sharded[o_proj + scales] == group_scales  # row-parallel: every group
         q_scales = sharded["model.layers.1.self_attn.q_proj." + scales]
         assert q_scales == ((32, 4) if method == "w4a16" else (4, 32))  # column-parallel
+
+
+def _save_int4_moe_checkpoint(model: nn.Module, directory: str) -> None:
+    """`model`'s tensors as an AWQ / GPTQ MoE checkpoint stores them: each expert's gate, up and
+    down projections apart (gate and up: the halves of the fused output features)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in model.named_parameters():
+        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)_(qweight|qzeros|scales|g_idx)$",
+                     name)
+        if m is None:
+            tensors[name] = p.detach().contiguous()
+            continue
+        prefix, proj, leaf = m.groups()
+        for e in range(p.shape[0]):
+            if proj == "down_proj":
+                parts = {"down_proj": p[e]}
+            elif leaf == "g_idx":  # one input: gate and up share their groups
+                parts = {"gate_proj": p[e], "up_proj": p[e]}
+            else:
+                parts = dict(zip(("gate_proj", "up_proj"), p[e].chunk(2, dim=-1)))
+            for part, t in parts.items():
+                tensors[f"{prefix}.{e}.{part}.{leaf}"] = t.detach().clone()
+    save_file(tensors, os.path.join(directory, "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_awq_and_gptq_moe_experts(method: str, tmp_path: Path) -> None:
+    """A Qwen3-MoE AWQ / GPTQ checkpoint: its fused experts hold every expert's packed tensors,
+    compile and match the dequantized experts; each expert's stored tensors load into them, and
+    two ranks (each its slice of every expert) from the checkpoint give the whole model's
+    logits."""
+    ckpt = hf_models.save_config("qwen3_moe", tmp_path / method, "Qwen3MoeForCausalLM",
+                                 quantization_config=INT4[method])
+    model = intake.build(ckpt, device="cpu").module
+    params = dict(model.named_parameters())
+    experts = "model.layers.1.mlp.experts."
+    assert params[experts + "gate_up_proj_scales"].shape == (4, 4, 64)  # [E, 64/16, 2 x 32]
+    assert "model.layers.1.mlp.gate.weight" in params  # the router: unquantized
+    _compiles_like_the_dequantized_model(model, tmp_path, weight_only=True)
+    _save_int4_moe_checkpoint(model, ckpt)
+    whole = intake.build(ckpt, device="cpu", weights=ckpt).module
+    assert all(torch.equal(p, params[n]) for n, p in whole.named_parameters())
+    want = _logits(hf.prepare(whole), hf_models.tokens(7))
+    mp.spawn(_rank, args=(2, {"moe+weights": ckpt}, str(tmp_path)), nprocs=2)
+    for r in range(2):
+        logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["moe+weights"]
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        assert sharded[experts + "gate_up_proj_scales"] == (4, 4, 32)
+        assert sharded[experts + "down_proj_scales"] == (4, 2, 64)  # every group

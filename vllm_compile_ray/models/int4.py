@@ -1,5 +1,5 @@
-"""Integer weight-only quantized linear layers (AWQ and GPTQ checkpoints): the `vcr::int4_linear`
-custom op.
+"""Integer weight-only quantized linear layers and fused experts (AWQ and GPTQ checkpoints): the
+`vcr::int4_linear` and `vcr::int4_experts` custom ops.
 
 The layouts, as AutoAWQ and GPTQ write them (K input features, N output features, g the group
 size; `bits` values packed in each int32, the lowest bits first):
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 LINEAR_OP = "vcr::int4_linear"
+EXPERTS_OP = "vcr::int4_experts"
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # the nibble holding each of a word's 8 columns
 
 
@@ -75,8 +76,40 @@ def _int4_linear_fake(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor
     return x.new_empty(*x.shape[:-1], qweight.shape[0] if layout == "ct" else scales.shape[1])
 
 
+def _int4_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w13: Tensor,
+                  w13_zeros: Tensor, w13_scales: Tensor, w13_g_idx: Tensor, w2: Tensor,
+                  w2_zeros: Tensor, w2_scales: Tensor, w2_g_idx: Tensor, bits: int, layout: str,
+                  zero_offset: int, activation: str) -> Tensor:
+    """Fused experts with packed weights ([E, ...] each, `dequantize`'s layouts): x [T, H],
+    top_k_index / top_k_weights [T, K] -> sum_k w_k * down_e(act(gate_e x) * up_e x); gate and
+    up are the first and second half of w13's output features."""
+    from .fp8 import ACTIVATIONS
+
+    act = ACTIVATIONS[activation]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in top_k_index.unique().tolist():  # the experts hit
+        token, slot = torch.where(top_k_index == e)
+        w1 = dequantize(w13[e], w13_zeros[e], w13_scales[e], w13_g_idx[e], bits, layout,
+                        zero_offset)
+        gate, up = (x[token].float() @ w1).to(x.dtype).chunk(2, dim=-1)
+        y = (act(gate) * up).float() @ dequantize(w2[e], w2_zeros[e], w2_scales[e], w2_g_idx[e],
+                                                   bits, layout, zero_offset)
+        out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
+    return out.to(x.dtype)
+
+
+def _int4_experts_fake(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w13: Tensor,
+                       w13_zeros: Tensor, w13_scales: Tensor, w13_g_idx: Tensor, w2: Tensor,
+                       w2_zeros: Tensor, w2_scales: Tensor, w2_g_idx: Tensor, bits: int,
+                       layout: str, zero_offset: int, activation: str) -> Tensor:
+    return torch.empty_like(x)
+
+
 if not hasattr(torch.ops.vcr, "int4_linear"):  # idempotent, as in ops.py
     torch.library.custom_op(LINEAR_OP, mutates_args=())(_int4_linear).register_fake(
         _int4_linear_fake)
+    torch.library.custom_op(EXPERTS_OP, mutates_args=())(_int4_experts).register_fake(
+        _int4_experts_fake)
 
 int4_linear = torch.ops.vcr.int4_linear
+int4_experts = torch.ops.vcr.int4_experts

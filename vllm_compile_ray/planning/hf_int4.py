@@ -7,7 +7,8 @@ weights, zero points and scales (`Int4Linear`) and runs through `vcr::int4_linea
 Supported: AWQ `version: "gemm"` 4-bit with zero points; GPTQ 4- or 8-bit, symmetric or not, in
 activation order or not (`g_idx`), `checkpoint_format` "gptq" or "gptq_v2"; compressed-tensors'
 "pack-quantized" symmetric integer weights (`hf_compressed.spec`: llm-compressor's w4a16). The output head, MoE
-routers and `modules_to_not_convert` stay unquantized; quantized fused experts are refused. At
+routers and `modules_to_not_convert` stay unquantized; fused experts hold every expert's packed
+tensors (`hf_int4_experts`). At
 tp_size > 1 a column-parallel layer keeps its output columns (whole packed words), a
 row-parallel one its input rows with every group's scales and zero points.
 """
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models import int4
-from . import hf_shards
+from . import hf_int4_experts, hf_shards
 from .hf_compressed import ignored
 from .quant_schemes import Int4
 
@@ -148,10 +149,16 @@ def quantize(model: nn.Module, scheme: Int4, routers: set[str]) -> nn.Module:
     """`model`'s linear layers (not the head, a router or `modules_to_not_convert`) made
     `Int4Linear`s, in place."""
     head = model.get_output_embeddings()
+    experts = [(n, m) for n, m in model.named_modules()
+               if hasattr(m, "is_transposed") and hasattr(m, "down_proj")]
+    for name, module in experts:
+        hf_int4_experts.quantize(name, module, scheme)
+    if experts:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        ALL_EXPERTS_FUNCTIONS.register(hf_int4_experts.IMPLEMENTATION, hf_int4_experts.forward)
+        model.set_experts_implementation(hf_int4_experts.IMPLEMENTATION)
     for name, module in list(model.named_modules()):
-        if hasattr(module, "is_transposed") and hasattr(module, "down_proj"):
-            raise UnsupportedModelError(f"{name} ({type(module).__name__}): fused experts in an "
-                                        f"{scheme.layout.upper()} checkpoint are not supported")
         if type(module) is nn.Linear and module is not head and name not in routers and \
                 not ignored(name, scheme.skip):
             model.set_submodule(name, Int4Linear(name, module, scheme))

@@ -29,7 +29,12 @@ from ..models.checkpoint import safetensors_files
 
 # A checkpoint stores each expert's projections apart; the fused experts hold them stacked, gate
 # and up concatenated (transformers' MergeModulelist + Concatenate for these models).
-_FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)(_scale_inv)?$")
+_FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)"
+                    r"(_scale_inv|_qweight|_qzeros|_scales|_g_idx)?$")
+# A fused parameter's suffix -> (each expert's tensor, the dim gate and up are concatenated on:
+# their output features; None: one tensor both share, AWQ / GPTQ's groups of the same input)
+_PARTS = {None: ("weight", 0), "_scale_inv": ("weight_scale_inv", 0), "_qweight": ("qweight", 1),
+          "_qzeros": ("qzeros", 1), "_scales": ("scales", 1), "_g_idx": ("g_idx", None)}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _UNUSED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -126,7 +131,7 @@ def readable(model: nn.Module, weights: str) -> bool:
         reader = _Checkpoint(weights, model, stack)
         needed: set[str] = set()
         for _, _, p, source in _meta_params(model):
-            experts = reader.sources(source, p)
+            experts, _ = reader.sources(source, p)
             needed.update([source] if experts is None else [n for e in experts for n in e])
         return needed == set(reader.files)
 
@@ -265,30 +270,40 @@ class _Checkpoint:
         self.used.add(name)
         return self.files[name].get_tensor(name)
 
-    def sources(self, name: str, p: torch.Tensor) -> list[list[str]] | None:
+    def sources(self, name: str, p: torch.Tensor) -> tuple[list[list[str]] | None, int | None]:
         """The checkpoint names parameter `name` is read from: per expert, its gate and up (or
-        down) for fused experts the checkpoint stores apart; None for one tensor, `name`."""
+        down) for fused experts the checkpoint stores apart, and the dim gate and up join on;
+        None for one tensor, `name`."""
         m = _FUSED.match(name)
         if name in self.files or m is None:
-            return None
-        prefix, proj, scale = m.group(1), m.group(2), m.group(3) or ""
+            return None, None
+        prefix, proj = m.group(1), m.group(2)
+        leaf, dim = _PARTS[m.group(3)]
         parts = ("down_proj",) if proj == "down_proj" else ("gate_proj", "up_proj")
-        return [[f"{prefix}.{e}.{part}.weight{scale}" for part in parts]
-                for e in range(p.shape[0])]
+        return [[f"{prefix}.{e}.{part}.{leaf}" for part in parts]
+                for e in range(p.shape[0])], dim
 
     def read(self, name: str, p: torch.Tensor) -> torch.Tensor:
         """Parameter `name`'s slice (`p`: its meta tensor with the recipe)."""
         recipe = getattr(p, "vcr_recipe", [])
-        experts = self.sources(name, p)
+        experts, dim = self.sources(name, p)
         if experts is None:
             t = cut(self._get(name), recipe)
         else:  # fused experts from each expert's tensors: cut per expert
-            t = torch.stack([cut(torch.cat([self._get(n) for n in names])[None], recipe)[0]
-                             for names in experts])
+            t = torch.stack([cut(self._joined(names, dim)[None], recipe)[0] for names in experts])
         if tuple(t.shape) != tuple(p.shape):
             raise ConfigError(f"checkpoint tensor(s) for {name} give shape {tuple(t.shape)} "
                               f"where {self.model} takes {tuple(p.shape)}")
         return t.to(p.dtype)
+
+    def _joined(self, names: list[str], dim: int | None) -> torch.Tensor:
+        tensors = [self._get(n) for n in names]
+        if dim is not None:
+            return torch.cat(tensors, dim)
+        if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+            raise ConfigError(f"checkpoint tensors {', '.join(names)} differ; {self.model}'s "
+                              "fused experts hold one of them")
+        return tensors[0]
 
     def check_all_used(self) -> None:
         unused = sorted(set(self.files) - self.used)

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..models import ops
 from ..models.layers import vocab_shard_lookup
-from . import hf_quant, hf_shards, plan_report
+from . import hf_int4_experts, hf_quant, hf_shards, plan_report
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _fused_experts(module: nn.Module) -> bool:
     """transformers' fused experts (`use_experts_implementation`: 3-D weights, layout flags)."""
     return hasattr(module, "is_concatenated") and hasattr(module, "is_transposed") and \
         (isinstance(getattr(module, "down_proj", None), nn.Parameter) or
-         hasattr(module, "vcr_mxfp4"))
+         hasattr(module, "vcr_mxfp4") or hasattr(module, "vcr_int4"))
 
 
 def _shard_experts(module: nn.Module, name: str, tp_size: int, rank: int) -> None:
@@ -181,8 +181,10 @@ def _shard_experts(module: nn.Module, name: str, tp_size: int, rank: int) -> Non
     and the experts' output is all-reduced. A down-projection bias is split evenly so the sum
     adds it once. Left whole (with a warning) where that is not exact: a norm after each expert,
     or an intermediate dim the tp size does not divide."""
-    if hasattr(module, "vcr_mxfp4"):  # gpt-oss's MXFP4 blocks
-        hf_quant.shard_mxfp4(module, name, tp_size, rank)
+    if hasattr(module, "vcr_mxfp4") or hasattr(module, "vcr_int4"):  # packed experts
+        shard = hf_quant.shard_mxfp4 if hasattr(module, "vcr_mxfp4") else \
+            hf_int4_experts.shard
+        shard(module, name, tp_size, rank)
         _apply(module, name, "moe_tp_experts", tp_size, rank)
         return
     up = "gate_up_proj" if module.has_gate else "up_proj"

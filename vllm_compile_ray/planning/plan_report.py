@@ -25,11 +25,13 @@ def count_params(module: nn.Module) -> int:
     for mod in module.modules():
         for name, p in mod._parameters.items():
             if p is None or id(p) in seen or name in _QUANT_AUX or \
-                    name.endswith(("_scales", "_scale_inv")):
+                    name.endswith(("_scales", "_scale_inv", "_qzeros", "_g_idx")):
                 continue
             seen.add(id(p))
-            per = 32 // mod.bits if name in ("qweight", "weight_packed") else \
-                2 if name.endswith("_blocks") else 1
+            bits = getattr(mod, "bits", None) or getattr(getattr(mod, "vcr_int4", [None])[0],
+                                                         "bits", 32)
+            per = 32 // bits if name in ("qweight", "weight_packed") or \
+                name.endswith("_qweight") else 2 if name.endswith("_blocks") else 1
             total += p.numel() * per
     return total
 
