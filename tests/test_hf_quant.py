@@ -89,6 +89,10 @@ def _dequantized(model: nn.Module) -> nn.Module:
             linear.weight = nn.Parameter(module.dequantized())
             linear.bias = module.bias
             ref.set_submodule(name, linear)
+        elif hasattr(module, "vcr_fp8_scaled"):  # per-channel FP8 experts
+            for attr in ("gate_up_proj", "down_proj"):
+                w = getattr(module, attr).float() * getattr(module, f"{attr}_weight_scale")
+                setattr(module, attr, nn.Parameter(w))
         elif hasattr(module, "vcr_int4"):  # AWQ / GPTQ experts: W [in, out] each
             scheme = module.vcr_int4[0]
             for attr in ("gate_up_proj", "down_proj"):
@@ -334,9 +338,10 @@ def test_schemes_and_shards_vcr_cannot_serve_are_refused(tmp_path: Path) -> None
     moe = _checkpoint(tmp_path / "ct-moe", "qwen3_moe")
     moe_config = json.loads(Path(moe, "config.json").read_text())
     Path(moe, "config.json").write_text(json.dumps({**moe_config,
-                                                    "quantization_config": SCHEMES["dynamic"]}))
-    with pytest.raises(UnsupportedModelError, match=r"fused experts in a per-channel or per-tensor "
-                                                    r"FP8 checkpoint are not supported"):
+                                                    "quantization_config": SCHEMES["static"]}))
+    with pytest.raises(UnsupportedModelError, match=r"fused experts of a compressed-tensors FP8 "
+                                                    r"checkpoint are served with per-channel "
+                                                    r"weights and per-token activations"):
         intake.build(moe, device="cpu")
     with pytest.raises(UnsupportedModelError, match=r"Qwen3ForCausalLM: an mxfp4 checkpoint "
                                                     r"quantizes fused experts.*gpt-oss"):
@@ -569,3 +574,42 @@ def test_awq_and_gptq_moe_experts(method: str, tmp_path: Path) -> None:
         torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
         assert sharded[experts + "gate_up_proj_scales"] == (4, 4, 32)
         assert sharded[experts + "down_proj_scales"] == (4, 2, 64)  # every group
+
+
+def test_fp8_dynamic_moe_experts(tmp_path: Path) -> None:
+    """A Qwen3-MoE "-FP8-dynamic" checkpoint (compressed-tensors, per-channel weights, per-token
+    activations): its fused experts hold float8 weights and channel scales, compile and match
+    the dequantized experts; each expert's stored tensors load, and two ranks from the
+    checkpoint give the whole model's logits."""
+    ckpt = hf_models.save_config("qwen3_moe", tmp_path / "moe", "Qwen3MoeForCausalLM",
+                                 quantization_config=SCHEMES["dynamic"])
+    model = intake.build(ckpt, device="cpu").module
+    params = dict(model.named_parameters())
+    experts = "model.layers.1.mlp.experts."
+    assert params[experts + "gate_up_proj"].dtype == torch.float8_e4m3fn
+    assert params[experts + "gate_up_proj_weight_scale"].shape == (4, 64, 1)
+    _compiles_like_the_dequantized_model(model, tmp_path, weight_only=False)
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in params.items():
+        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)(_weight_scale)?$", name)
+        if m is None:
+            tensors[name] = p.detach().contiguous()
+            continue
+        for e in range(p.shape[0]):
+            parts = {"down_proj": p[e]} if m.group(2) == "down_proj" else \
+                dict(zip(("gate_proj", "up_proj"), p[e].chunk(2)))
+            for part, t in parts.items():
+                leaf = "weight_scale" if m.group(3) else "weight"
+                tensors[f"{m.group(1)}.{e}.{part}.{leaf}"] = t.detach().contiguous()
+    save_file(tensors, os.path.join(ckpt, "model.safetensors"))
+    whole = intake.build(ckpt, device="cpu", weights=ckpt).module
+    assert all(torch.equal(p.float(), params[n].float()) for n, p in whole.named_parameters())
+    want = _logits(hf.prepare(whole), hf_models.tokens(7))
+    mp.spawn(_rank, args=(2, {"moe+weights": ckpt}, str(tmp_path)), nprocs=2)
+    for r in range(2):
+        logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["moe+weights"]
+        assert torch.cosine_similarity(logits.flatten(), want.flatten(), dim=0) > 0.999
+        assert sharded[experts + "gate_up_proj_weight_scale"] == (4, 32, 1)
+        assert sharded[experts + "down_proj_weight_scale"] == (4, 64, 1)

@@ -34,6 +34,7 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 LINEAR_OP = "vcr::fp8_block_linear"
 EXPERTS_OP = "vcr::fp8_block_experts"
 SCALED_OP = "vcr::fp8_scaled_linear"
+SCALED_EXPERTS_OP = "vcr::fp8_scaled_experts"
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -133,6 +134,28 @@ def _fp8_scaled_linear_fake(x: Tensor, weight: Tensor, weight_scale: Tensor,
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _fp8_scaled_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor,
+                        gate_up_scale: Tensor, down: Tensor, down_scale: Tensor,
+                        activation: str) -> Tensor:
+    """Fused experts with float8 weights and per-output-channel scales ([E, N, 1]), activations
+    quantized per token (compressed-tensors "-FP8-dynamic" MoE): x [T, H] -> [T, H]."""
+    act = ACTIVATIONS[activation]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in top_k_index.unique().tolist():  # the experts hit
+        token, slot = torch.where(top_k_index == e)
+        gate, up = _fp8_scaled_linear(x[token], gate_up[e], gate_up_scale[e], None,
+                                      None).chunk(2, dim=-1)
+        y = _fp8_scaled_linear(act(gate) * up, down[e], down_scale[e], None, None)
+        out.index_add_(0, token, y.float() * top_k_weights[token, slot, None].float())
+    return out.to(x.dtype)
+
+
+def _fp8_scaled_experts_fake(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                             gate_up: Tensor, gate_up_scale: Tensor, down: Tensor,
+                             down_scale: Tensor, activation: str) -> Tensor:
+    return torch.empty_like(x)
+
+
 if not hasattr(torch.ops.vcr, "fp8_block_linear"):  # idempotent, as in ops.py
     torch.library.custom_op(LINEAR_OP, mutates_args=())(_fp8_block_linear).register_fake(
         _fp8_block_linear_fake)
@@ -140,7 +163,10 @@ if not hasattr(torch.ops.vcr, "fp8_block_linear"):  # idempotent, as in ops.py
         _fp8_block_experts_fake)
     torch.library.custom_op(SCALED_OP, mutates_args=())(_fp8_scaled_linear).register_fake(
         _fp8_scaled_linear_fake)
+    torch.library.custom_op(SCALED_EXPERTS_OP, mutates_args=())(_fp8_scaled_experts).register_fake(
+        _fp8_scaled_experts_fake)
 
 fp8_block_linear = torch.ops.vcr.fp8_block_linear
 fp8_block_experts = torch.ops.vcr.fp8_block_experts
 fp8_scaled_linear = torch.ops.vcr.fp8_scaled_linear
+fp8_scaled_experts = torch.ops.vcr.fp8_scaled_experts

@@ -9,10 +9,11 @@ Supported: one config group targeting `Linear` layers with 8-bit float weights p
 or per tensor (`Fp8ScaledLinear`: `weight`, `weight_scale` [N, 1] or [1]) and activations per
 token (dynamic), per tensor (a calibrated `input_scale`) or not quantized; or weights in blocks
 with activations per group of the block's columns (`hf_quant.Fp8BlockLinear`, its scales named
-`weight_scale`). The `ignore` list (names or `re:` patterns) keeps modules unquantized, as do the
-output head and MoE routers. Anything else (integer or 4-bit schemes, KV-cache quantization,
-several config groups, quantized fused experts outside FP8 block checkpoints) is refused, naming
-the field.
+`weight_scale`). Fused experts of a per-channel, per-token checkpoint ("-FP8-dynamic" MoE) hold
+each expert's float8 weights and channel scales (`vcr::fp8_scaled_experts`). The `ignore` list
+(names or `re:` patterns) keeps modules unquantized, as do the output head and MoE routers.
+Anything else (integer or 4-bit float schemes, KV-cache quantization, several config groups,
+other fused experts) is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..models import fp8
 from . import hf_shards
 from .quant_schemes import Fp8Block, Fp8Scaled, Int4
 
+EXPERTS_IMPLEMENTATION = "vcr_fp8_scaled"
 SUPPORTED = ('compressed-tensors "float-quantized" (one config group on Linear layers: 8-bit '
              'float weights per channel, tensor or block; activations per token, tensor, '
              'group or none), compressed-tensors "pack-quantized" (symmetric 4- or 8-bit '
@@ -145,14 +147,51 @@ def quantize(model: nn.Module, scheme: Fp8Scaled, routers: set[str]) -> nn.Modul
     """`model`'s linear layers (not the head, a router or what the config ignores) made
     `Fp8ScaledLinear`s, in place."""
     head = model.get_output_embeddings()
+    experts = [(n, m) for n, m in model.named_modules()
+               if hasattr(m, "is_transposed") and hasattr(m, "down_proj")]
+    for name, module in experts:
+        _quantize_experts(name, module, scheme)
+    if experts:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     for name, module in list(model.named_modules()):
-        if hasattr(module, "is_transposed") and hasattr(module, "down_proj"):
-            raise UnsupportedModelError(
-                f"{name} ({type(module).__name__}): fused experts in a per-channel or per-tensor "
-                f"FP8 checkpoint are not supported (FP8 block checkpoints' experts are)")
         if type(module) is nn.Linear and module is not head and name not in routers and \
                 not ignored(name, scheme.ignore):
             model.set_submodule(name, Fp8ScaledLinear(module, scheme))
     acts = {"token": "per-token", "tensor": "static", "none": "unquantized"}[scheme.activations]
     model.vcr_quant = f"FP8 per-{scheme.weights} weights, {acts} activations"
     return model
+
+
+def _quantize_experts(name: str, module: nn.Module, scheme: Fp8Scaled) -> None:
+    """Fused experts with float8 weights and per-channel scales (`{proj}_weight_scale`
+    [E, N, 1]): the "-FP8-dynamic" MoE checkpoints."""
+    layout = {"has_gate": True, "is_concatenated": True, "is_transposed": False,
+              "has_bias": False, "has_post_expert_norm": False}
+    odd = [f"{k}={getattr(module, k)}" for k, v in layout.items() if getattr(module, k, v) != v]
+    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    if odd or act not in fp8.ACTIVATIONS or (scheme.weights, scheme.activations, scheme.ub) != \
+            ("channel", "token", False):
+        raise UnsupportedModelError(
+            f"{name} ({type(module).__name__}): fused experts of a compressed-tensors FP8 "
+            f"checkpoint are served with per-channel weights and per-token activations, "
+            f"gate|up-concatenated and untransposed, activation in {sorted(fp8.ACTIVATIONS)}; "
+            f"this one has {', '.join(odd) or (scheme.weights, scheme.activations, act)}")
+    for attr in ("gate_up_proj", "down_proj"):
+        w = getattr(module, attr).detach()
+        setattr(module, attr, nn.Parameter(torch.zeros(w.shape, dtype=fp8.FP8, device=w.device),
+                                           requires_grad=False))
+        module.register_parameter(f"{attr}_weight_scale", nn.Parameter(
+            torch.zeros(*w.shape[:-1], 1, device=w.device), requires_grad=False))
+    module.vcr_fp8_scaled = act
+
+
+def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts interface entry for per-channel FP8 experts."""
+    return fp8.fp8_scaled_experts(hidden_states, top_k_index, top_k_weights.to(torch.float32),
+                                  module.gate_up_proj, module.gate_up_proj_weight_scale,
+                                  module.down_proj, module.down_proj_weight_scale,
+                                  module.vcr_fp8_scaled)

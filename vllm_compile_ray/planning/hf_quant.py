@@ -248,6 +248,14 @@ def split_scale(owner: nn.Module, attr: str, name: str, dim: int, starts: list[i
     if hasattr(owner, "slice_scales"):  # per-channel FP8 (`hf_compressed`)
         owner.slice_scales(dim, ("slice", dim, starts, length, owner.weight.shape[dim]))
         return
+    channel = getattr(owner, f"{attr}_weight_scale", None)  # per-channel FP8 experts [E, N, 1]
+    if channel is not None:
+        if dim % channel.dim() == channel.dim() - 2:  # output channels: theirs
+            step = ("slice", dim, starts, length, channel.shape[dim])
+            with torch.no_grad():
+                kept = hf_shards.cut(channel.detach(), [step]).clone()
+            setattr(owner, f"{attr}_weight_scale", hf_shards.keep(channel, kept, step))
+        return
     scale_attr = getattr(owner, "scale_name", "weight_scale_inv") if attr == "weight" else \
         f"{attr}_scale_inv"
     scale = getattr(owner, scale_attr, None)

@@ -30,10 +30,11 @@ from ..models.checkpoint import safetensors_files
 # A checkpoint stores each expert's projections apart; the fused experts hold them stacked, gate
 # and up concatenated (transformers' MergeModulelist + Concatenate for these models).
 _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)"
-                    r"(_scale_inv|_qweight|_qzeros|_scales|_g_idx)?$")
+                    r"(_scale_inv|_weight_scale|_qweight|_qzeros|_scales|_g_idx)?$")
 # A fused parameter's suffix -> (each expert's tensor, the dim gate and up are concatenated on:
 # their output features; None: one tensor both share, AWQ / GPTQ's groups of the same input)
-_PARTS = {None: ("weight", 0), "_scale_inv": ("weight_scale_inv", 0), "_qweight": ("qweight", 1),
+_PARTS = {None: ("weight", 0), "_scale_inv": ("weight_scale_inv", 0),
+          "_weight_scale": ("weight_scale", 0), "_qweight": ("qweight", 1),
           "_qzeros": ("qzeros", 1), "_scales": ("scales", 1), "_g_idx": ("g_idx", None)}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _UNUSED = re.compile(r"rotary_emb\.inv_freq$")

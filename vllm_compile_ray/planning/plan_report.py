@@ -25,7 +25,7 @@ def count_params(module: nn.Module) -> int:
     for mod in module.modules():
         for name, p in mod._parameters.items():
             if p is None or id(p) in seen or name in _QUANT_AUX or \
-                    name.endswith(("_scales", "_scale_inv", "_qzeros", "_g_idx")):
+                    name.endswith(("_scales", "_scale_inv", "_weight_scale", "_qzeros", "_g_idx")):
                 continue
             seen.add(id(p))
             bits = getattr(mod, "bits", None) or getattr(getattr(mod, "vcr_int4", [None])[0],
