@@ -357,22 +357,35 @@ def test_schemes_and_shards_vcr_cannot_serve_are_refused(tmp_path: Path) -> None
         intake.build(_checkpoint(tmp_path / "odd", "qwen3_moe", weight_block_size=[24, 16]))
 
 
+# A fused experts parameter's suffix -> (each expert's stored tensor, the dim its gate and up
+# halves lie on: output features; None: one tensor gate and up both store)
+_STORED = {None: ("weight", 0), "scale_inv": ("weight_scale_inv", 0),
+           "weight_scale": ("weight_scale", 0), "qweight": ("qweight", -1),
+           "qzeros": ("qzeros", -1), "scales": ("scales", -1), "g_idx": ("g_idx", None)}
+
+
 def _save_checkpoint(model: nn.Module, directory: str) -> None:
-    """`model`'s tensors as an FP8 checkpoint stores them: each expert's projections apart."""
+    """`model`'s tensors as a MoE checkpoint stores them: each expert's gate, up and down
+    projections apart (FP8 block and per-channel, AWQ, GPTQ)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for name, p in model.named_parameters():
-        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)(_scale_inv)?$", name)
+        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)(?:_(\w+))?$", name)
         if m is None:
             tensors[name] = p.detach().contiguous()
             continue
-        prefix, proj, scale = m.group(1), m.group(2), m.group(3) or ""
+        prefix, proj, suffix = m.groups()
+        leaf, dim = _STORED[suffix]
         for e in range(p.shape[0]):
-            parts = {"down_proj": p[e]} if proj == "down_proj" else \
-                dict(zip(("gate_proj", "up_proj"), p[e].chunk(2)))
+            if proj == "down_proj":
+                parts = {"down_proj": p[e]}
+            elif dim is None:
+                parts = {"gate_proj": p[e], "up_proj": p[e]}
+            else:
+                parts = dict(zip(("gate_proj", "up_proj"), p[e].chunk(2, dim=dim)))
             for part, t in parts.items():
-                tensors[f"{prefix}.{e}.{part}.weight{scale}"] = t.detach().contiguous()
+                tensors[f"{prefix}.{e}.{part}.{leaf}"] = t.detach().clone()
     save_file(tensors, os.path.join(directory, "model.safetensors"))
 
 
@@ -525,31 +538,6 @@ def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Pa
         assert q_scales == ((32, 4) if method == "w4a16" else (4, 32))  # column-parallel
 
 
-def _save_int4_moe_checkpoint(model: nn.Module, directory: str) -> None:
-    """`model`'s tensors as an AWQ / GPTQ MoE checkpoint stores them: each expert's gate, up and
-    down projections apart (gate and up: the halves of the fused output features)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, p in model.named_parameters():
-        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)_(qweight|qzeros|scales|g_idx)$",
-                     name)
-        if m is None:
-            tensors[name] = p.detach().contiguous()
-            continue
-        prefix, proj, leaf = m.groups()
-        for e in range(p.shape[0]):
-            if proj == "down_proj":
-                parts = {"down_proj": p[e]}
-            elif leaf == "g_idx":  # one input: gate and up share their groups
-                parts = {"gate_proj": p[e], "up_proj": p[e]}
-            else:
-                parts = dict(zip(("gate_proj", "up_proj"), p[e].chunk(2, dim=-1)))
-            for part, t in parts.items():
-                tensors[f"{prefix}.{e}.{part}.{leaf}"] = t.detach().clone()
-    save_file(tensors, os.path.join(directory, "model.safetensors"))
-
-
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_awq_and_gptq_moe_experts(method: str, tmp_path: Path) -> None:
     """A Qwen3-MoE AWQ / GPTQ checkpoint: its fused experts hold every expert's packed tensors,
@@ -564,7 +552,7 @@ def test_awq_and_gptq_moe_experts(method: str, tmp_path: Path) -> None:
     assert params[experts + "gate_up_proj_scales"].shape == (4, 4, 64)  # [E, 64/16, 2 x 32]
     assert "model.layers.1.mlp.gate.weight" in params  # the router: unquantized
     _compiles_like_the_dequantized_model(model, tmp_path, weight_only=True)
-    _save_int4_moe_checkpoint(model, ckpt)
+    _save_checkpoint(model, ckpt)
     whole = intake.build(ckpt, device="cpu", weights=ckpt).module
     assert all(torch.equal(p, params[n]) for n, p in whole.named_parameters())
     want = _logits(hf.prepare(whole), hf_models.tokens(7))
@@ -589,21 +577,7 @@ def test_fp8_dynamic_moe_experts(tmp_path: Path) -> None:
     assert params[experts + "gate_up_proj"].dtype == torch.float8_e4m3fn
     assert params[experts + "gate_up_proj_weight_scale"].shape == (4, 64, 1)
     _compiles_like_the_dequantized_model(model, tmp_path, weight_only=False)
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, p in params.items():
-        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)(_weight_scale)?$", name)
-        if m is None:
-            tensors[name] = p.detach().contiguous()
-            continue
-        for e in range(p.shape[0]):
-            parts = {"down_proj": p[e]} if m.group(2) == "down_proj" else \
-                dict(zip(("gate_proj", "up_proj"), p[e].chunk(2)))
-            for part, t in parts.items():
-                leaf = "weight_scale" if m.group(3) else "weight"
-                tensors[f"{m.group(1)}.{e}.{part}.{leaf}"] = t.detach().contiguous()
-    save_file(tensors, os.path.join(ckpt, "model.safetensors"))
+    _save_checkpoint(model, ckpt)
     whole = intake.build(ckpt, device="cpu", weights=ckpt).module
     assert all(torch.equal(p.float(), params[n].float()) for n, p in whole.named_parameters())
     want = _logits(hf.prepare(whole), hf_models.tokens(7))

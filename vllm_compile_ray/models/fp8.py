@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .moe import routed
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 LINEAR_OP = "vcr::fp8_block_linear"
@@ -96,14 +98,13 @@ def _fp8_block_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, ga
     router's choice), gate_up [E, 2I, H] (gate | up), down [E, H, I] -> [T, H]:
     sum_k w_k * down_e(act(gate_e x) * up_e x), each projection an FP8 block linear."""
     act = ACTIVATIONS[activation]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in top_k_index.unique().tolist():  # the experts hit
-        token, slot = torch.where(top_k_index == e)
-        gate, up = _linear(x[token], gate_up[e], gate_up_scale[e], block_n,
+
+    def expert(e: int, xe: Tensor) -> Tensor:
+        gate, up = _linear(xe, gate_up[e], gate_up_scale[e], block_n,
                            block_k).to(x.dtype).chunk(2, dim=-1)
-        y = _linear(act(gate) * up, down[e], down_scale[e], block_n, block_k)
-        out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
-    return out.to(x.dtype)
+        return _linear(act(gate) * up, down[e], down_scale[e], block_n, block_k)
+
+    return routed(x, top_k_index, top_k_weights, expert)
 
 
 def _fp8_block_experts_fake(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
@@ -140,14 +141,13 @@ def _fp8_scaled_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, g
     """Fused experts with float8 weights and per-output-channel scales ([E, N, 1]), activations
     quantized per token (compressed-tensors "-FP8-dynamic" MoE): x [T, H] -> [T, H]."""
     act = ACTIVATIONS[activation]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in top_k_index.unique().tolist():  # the experts hit
-        token, slot = torch.where(top_k_index == e)
-        gate, up = _fp8_scaled_linear(x[token], gate_up[e], gate_up_scale[e], None,
+
+    def expert(e: int, xe: Tensor) -> Tensor:
+        gate, up = _fp8_scaled_linear(xe, gate_up[e], gate_up_scale[e], None,
                                       None).chunk(2, dim=-1)
-        y = _fp8_scaled_linear(act(gate) * up, down[e], down_scale[e], None, None)
-        out.index_add_(0, token, y.float() * top_k_weights[token, slot, None].float())
-    return out.to(x.dtype)
+        return _fp8_scaled_linear(act(gate) * up, down[e], down_scale[e], None, None)
+
+    return routed(x, top_k_index, top_k_weights, expert)
 
 
 def _fp8_scaled_experts_fake(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,

@@ -84,18 +84,18 @@ def _int4_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w13: Te
     top_k_index / top_k_weights [T, K] -> sum_k w_k * down_e(act(gate_e x) * up_e x); gate and
     up are the first and second half of w13's output features."""
     from .fp8 import ACTIVATIONS
+    from .moe import routed
 
     act = ACTIVATIONS[activation]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in top_k_index.unique().tolist():  # the experts hit
-        token, slot = torch.where(top_k_index == e)
+
+    def expert(e: int, xe: Tensor) -> Tensor:
         w1 = dequantize(w13[e], w13_zeros[e], w13_scales[e], w13_g_idx[e], bits, layout,
                         zero_offset)
-        gate, up = (x[token].float() @ w1).to(x.dtype).chunk(2, dim=-1)
-        y = (act(gate) * up).float() @ dequantize(w2[e], w2_zeros[e], w2_scales[e], w2_g_idx[e],
-                                                   bits, layout, zero_offset)
-        out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
-    return out.to(x.dtype)
+        gate, up = (xe.float() @ w1).to(x.dtype).chunk(2, dim=-1)
+        return (act(gate) * up).float() @ dequantize(w2[e], w2_zeros[e], w2_scales[e],
+                                                      w2_g_idx[e], bits, layout, zero_offset)
+
+    return routed(x, top_k_index, top_k_weights, expert)
 
 
 def _int4_experts_fake(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w13: Tensor,

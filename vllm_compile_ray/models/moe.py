@@ -10,6 +10,8 @@ dim is sharded; the op returns this rank's partial sum and the block all-reduces
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,6 +40,19 @@ def _moe(x: Tensor, router_logits: Tensor, gate_up: Tensor, down: Tensor, top_k:
         y = F.linear(F.silu(gate) * up, down[e])  # [n, H]
         out.index_add_(0, token, y * weights[token, slot, None])
     return out
+
+
+def routed(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+           expert: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """sum_k w_k * expert(e_k, x) over the router's choice (top_k_index / top_k_weights [T, K]),
+    each expert run once on the tokens that chose it, accumulated in float32, in x's dtype:
+    the loop of every quantized experts op (`fp8`, `mxfp4`, `int4`)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in top_k_index.unique().tolist():  # the experts hit
+        token, slot = torch.where(top_k_index == e)
+        y = expert(e, x[token])
+        out.index_add_(0, token, y.float() * top_k_weights[token, slot, None].float())
+    return out.to(x.dtype)
 
 
 def _moe_fake(x: Tensor, router_logits: Tensor, gate_up: Tensor, down: Tensor, top_k: int,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .moe import routed
+
 EXPERTS_OP = "vcr::mxfp4_experts"
 GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # a nibble's low 3 bits; bit 3 is the sign
@@ -55,18 +57,16 @@ def _mxfp4_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_u
     and up interleaved), down [E, H, I]. A tensor-parallel rank's down blocks may cover more
     than its I columns (a 32-group across two ranks): it uses `inner` columns from
     `down_offset`."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in top_k_index.unique().tolist():  # the experts hit
-        token, slot = torch.where(top_k_index == e)
-        gate_up = x[token].float() @ dequantize(gate_up_blocks[e], gate_up_scales[e]).T + \
+    def expert(e: int, xe: Tensor) -> Tensor:
+        gate_up = xe.float() @ dequantize(gate_up_blocks[e], gate_up_scales[e]).T + \
             gate_up_bias[e].float()
         gate = gate_up[:, ::2].clamp(max=limit)
         up = gate_up[:, 1::2].clamp(min=-limit, max=limit)
         gated = ((up + 1) * (gate * torch.sigmoid(gate * alpha))).to(x.dtype).float()
         down = dequantize(down_blocks[e], down_scales[e])[:, down_offset:down_offset + inner]
-        y = gated @ down.T + down_bias[e].float()
-        out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
-    return out.to(x.dtype)
+        return gated @ down.T + down_bias[e].float()
+
+    return routed(x, top_k_index, top_k_weights, expert)
 
 
 def _mxfp4_experts_fake(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,

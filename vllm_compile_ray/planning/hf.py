@@ -82,6 +82,23 @@ def maybe_prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of `model`'s fused experts: transformers' `use_experts_implementation`
+    modules holding 3-D weights and layout flags."""
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "is_concatenated") and hasattr(m, "is_transposed") and
+            isinstance(getattr(m, "down_proj", None), nn.Parameter)]
+
+
+def use_experts(model: nn.Module, name: str, forward: Any) -> None:
+    """Route every fused experts module of `model` through `forward(module, hidden_states,
+    top_k_index, top_k_weights)`: registered with transformers' experts interface as `name`."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(name, forward)
+    model.set_experts_implementation(name)
+
+
 def mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
     """transformers' mask creation for "vcr": no mask tensor, the op masks by position. A
     padding mask is refused (the op cannot express it), never dropped."""

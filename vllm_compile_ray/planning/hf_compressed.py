@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models import fp8
-from . import hf_shards
+from . import hf, hf_shards
 from .quant_schemes import Fp8Block, Fp8Scaled, Int4
 
 EXPERTS_IMPLEMENTATION = "vcr_fp8_scaled"
@@ -147,15 +147,11 @@ def quantize(model: nn.Module, scheme: Fp8Scaled, routers: set[str]) -> nn.Modul
     """`model`'s linear layers (not the head, a router or what the config ignores) made
     `Fp8ScaledLinear`s, in place."""
     head = model.get_output_embeddings()
-    experts = [(n, m) for n, m in model.named_modules()
-               if hasattr(m, "is_transposed") and hasattr(m, "down_proj")]
+    experts = hf.fused_experts(model)
     for name, module in experts:
         _quantize_experts(name, module, scheme)
     if experts:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
-        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        hf.use_experts(model, EXPERTS_IMPLEMENTATION, experts_forward)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module is not head and name not in routers and \
                 not ignored(name, scheme.ignore):

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models import int4
-from . import hf_int4_experts, hf_shards
+from . import hf, hf_int4_experts, hf_shards
 from .hf_compressed import ignored
 from .quant_schemes import Int4
 
@@ -149,15 +149,11 @@ def quantize(model: nn.Module, scheme: Int4, routers: set[str]) -> nn.Module:
     """`model`'s linear layers (not the head, a router or `modules_to_not_convert`) made
     `Int4Linear`s, in place."""
     head = model.get_output_embeddings()
-    experts = [(n, m) for n, m in model.named_modules()
-               if hasattr(m, "is_transposed") and hasattr(m, "down_proj")]
+    experts = hf.fused_experts(model)
     for name, module in experts:
         hf_int4_experts.quantize(name, module, scheme)
     if experts:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-        ALL_EXPERTS_FUNCTIONS.register(hf_int4_experts.IMPLEMENTATION, hf_int4_experts.forward)
-        model.set_experts_implementation(hf_int4_experts.IMPLEMENTATION)
+        hf.use_experts(model, hf_int4_experts.IMPLEMENTATION, hf_int4_experts.forward)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module is not head and name not in routers and \
                 not ignored(name, scheme.skip):

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models import fp8, mxfp4
-from . import hf_compressed, hf_int4, hf_shards
+from . import hf, hf_compressed, hf_int4, hf_shards
 from .quant_schemes import Fp8Block, Fp8Scaled, Int4, Mxfp4
 
 SUPPORTED = ('quant_method "fp8" (fmt "e4m3", activation_scheme "dynamic", weight_block_size '
@@ -105,7 +105,7 @@ def quantize(model: nn.Module, block: Any) -> nn.Module:
     if isinstance(block, Int4):  # AWQ, GPTQ, compressed-tensors' packed integers
         return hf_int4.quantize(model, block, routers)
     head = model.get_output_embeddings()
-    experts = [(n, m) for n, m in model.named_modules() if _fused(m)]
+    experts = hf.fused_experts(model)
     if experts and block.scale_name != "weight_scale_inv":
         raise UnsupportedModelError(f"{experts[0][0]}: fused experts in a compressed-tensors FP8 "
                                     "block checkpoint are not supported (quant_method \"fp8\" "
@@ -113,10 +113,7 @@ def quantize(model: nn.Module, block: Any) -> nn.Module:
     for name, module in experts:
         _quantize_experts(name, module, block)
     if experts:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
-        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        hf.use_experts(model, EXPERTS_IMPLEMENTATION, experts_forward)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module is not head and name not in routers and \
                 not hf_compressed.ignored(name, block.skip):
@@ -125,13 +122,8 @@ def quantize(model: nn.Module, block: Any) -> nn.Module:
     return model
 
 
-def _fused(module: nn.Module) -> bool:
-    return hasattr(module, "is_concatenated") and hasattr(module, "is_transposed") and \
-        isinstance(getattr(module, "down_proj", None), nn.Parameter)
-
-
 def _quantize_mxfp4(model: nn.Module) -> nn.Module:
-    experts = [(n, m) for n, m in model.named_modules() if _fused(m)]
+    experts = hf.fused_experts(model)
     if not experts:
         raise UnsupportedModelError(f"{type(model).__name__}: an mxfp4 checkpoint quantizes fused "
                                     "experts, and this model has none (mxfp4 is served for "
@@ -154,10 +146,7 @@ def _quantize_mxfp4(model: nn.Module) -> nn.Module:
             module.register_parameter(f"{attr}_blocks", nn.Parameter(blocks, requires_grad=False))
             module.register_parameter(f"{attr}_scales", nn.Parameter(scales, requires_grad=False))
         module.vcr_mxfp4 = (0, inner)  # (first down column used, columns): tensor parallel
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    ALL_EXPERTS_FUNCTIONS.register(MXFP4_IMPLEMENTATION, mxfp4_forward)
-    model.set_experts_implementation(MXFP4_IMPLEMENTATION)
+    hf.use_experts(model, MXFP4_IMPLEMENTATION, mxfp4_forward)
     model.vcr_quant = "mxfp4 experts"
     return model
 

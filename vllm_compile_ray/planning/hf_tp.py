@@ -172,7 +172,7 @@ def _fused_experts(module: nn.Module) -> bool:
     """transformers' fused experts (`use_experts_implementation`: 3-D weights, layout flags)."""
     return hasattr(module, "is_concatenated") and hasattr(module, "is_transposed") and \
         (isinstance(getattr(module, "down_proj", None), nn.Parameter) or
-         hasattr(module, "vcr_mxfp4") or hasattr(module, "vcr_int4"))
+         hasattr(module, "vcr_mxfp4") or hasattr(module, "vcr_int4"))  # packed: no down_proj
 
 
 def _shard_experts(module: nn.Module, name: str, tp_size: int, rank: int) -> None:
