@@ -24,7 +24,11 @@ What it reports is made in `warm_report.py`.
                 default), run as a process with a cold Inductor cache and an empty cache dir
   serial        this script in a process of its own (`--serial-process`): import, plan, then
                 the loop, as one process compiles in vLLM today
-and prints one JSON line with both walls and the ratio serial / user command.
+  --flags F     (repeatable) the user command again with flags F added, to set the defaults
+                beside the best flags measured in the same run
+and prints one JSON line with the walls, the ratio serial / user command and, with --flags,
+defaults / fastest flagged run. --root DIR keeps the caches (the defaults' in DIR/user-cache, for
+`vcr load` runs after).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -118,6 +123,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--end-to-end", action="store_true",
                    help="time `vcr warm` with its defaults as a process against the serial loop "
                         "as a process, start to exit (the Ray-run options above do not apply)")
+    p.add_argument("--flags", action="append", default=[],
+                   help="with --end-to-end: the user command again with these flags added, e.g. "
+                        "'--gpus-per-compile 0.0625 --max-in-flight 16'; repeatable, each one "
+                        "more process timed beside the defaults")
+    p.add_argument("--root", default=None,
+                   help="directory for the runs' caches and logs, kept (default: a temporary "
+                        "directory); with --end-to-end the defaults' cache is ROOT/user-cache")
     p.add_argument("--serial-process", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -283,9 +295,13 @@ def end_to_end(args: argparse.Namespace, root: str) -> int:
     shape = ["--model", args.model, "--tp", str(args.tp), "--num-layers", str(args.num_layers),
              "--sizes", args.sizes, "--device", args.device, "--backend", args.backend]
     shape += ["--no-dynamic"] * args.no_dynamic + ["--max-autotune"] * args.max_autotune
-    user = [sys.executable, "-m", "vllm_compile_ray", "warm", *shape,
-            "--cache", os.path.join(root, "user-cache")]
-    runs = {"user_command": timed_process(user, root, "user_command")}
+    user = [sys.executable, "-m", "vllm_compile_ray", "warm", *shape]
+    runs = {"user_command": timed_process(
+        [*user, "--cache", os.path.join(root, "user-cache")], root, "user_command")}
+    for i, flags in enumerate(args.flags, 1):
+        cache = os.path.join(root, f"flags{i}-cache")
+        runs[f"flags{i}"] = timed_process([*user, *shlex.split(flags), "--cache", cache], root,
+                                          f"flags{i}")
     if not args.skip_serial:
         serial_argv = [sys.executable, os.path.abspath(__file__), "--serial-process", *shape]
         serial_argv += ["--coordesc"] * args.coordesc
@@ -299,6 +315,11 @@ def end_to_end(args: argparse.Namespace, root: str) -> int:
     if "serial" in runs and all(v["rc"] == 0 for v in runs.values()):
         row["ratio_end_to_end"] = round(runs["serial"]["wall_s"]
                                         / runs["user_command"]["wall_s"], 2)
+    flagged = [v["wall_s"] for k, v in runs.items() if k.startswith("flags") and v["rc"] == 0]
+    if flagged and runs["user_command"]["rc"] == 0:
+        row["flags"] = args.flags
+        # The defaults against the fastest flags measured beside them (issue target: <= 1.1)
+        row["defaults_over_best_flags"] = round(runs["user_command"]["wall_s"] / min(flagged), 2)
     for name, run in runs.items():
         if run["rc"]:
             print(f"{name} failed (rc {run['rc']}); its last lines:", *run["tail"], sep="\n")
@@ -312,7 +333,8 @@ def main() -> int:
     options = {"max_autotune": True} if args.max_autotune else {}
     if args.coordesc:
         options["coordinate_descent_tuning"] = True
-    root = tempfile.mkdtemp(prefix="vcr-bench-")
+    root = args.root or tempfile.mkdtemp(prefix="vcr-bench-")
+    os.makedirs(root, exist_ok=True)
     if args.end_to_end:
         return end_to_end(args, root)
     base = CompilationConfig(backend=args.backend, use_inductor=args.backend == "inductor",
