@@ -362,8 +362,9 @@ def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tm
     whole, part = dict(saved.named_parameters()), dict(rank1.named_parameters())
     qkv, o = (f"model.layers.1.self_attn.{n}_proj.weight" for n in ("qkv", "o"))
     assert torch.equal(part[qkv], whole[qkv][64:]) and torch.equal(part[o], whole[o][:, 32:])
-    # Read by name, a rank its slices (`hf_shards`); names transformers converts (here a
-    # checkpoint without the "model." prefix) load whole through from_pretrained, as before.
+    # Read by name, a rank its slices (`hf_shards`), also where transformers renames (here a
+    # checkpoint without the "model." prefix); one with a tensor the model lacks loads whole
+    # through from_pretrained, as transformers loads it.
     from safetensors.torch import load_file, save_file
 
     from vllm_compile_ray.planning import hf_shards
@@ -374,6 +375,12 @@ def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tm
     tensors = load_file(files)
     norm = "model.norm.weight"
     save_file({k.removeprefix("model."): v for k, v in tensors.items()}, files,
+              metadata={"format": "pt"})
+    assert hf_shards.readable(skeleton, str(tmp_path / "phi3-ckpt"))
+    unprefixed = intake.build(str(tmp_path / "phi3-ckpt"), device="cpu", tp_size=2, rank=1,
+                              weights=str(tmp_path / "phi3-ckpt")).module
+    assert torch.equal(dict(unprefixed.named_parameters())[o], whole[o][:, 32:])
+    save_file({**tensors, "model.extra_head.weight": torch.ones(2)}, files,
               metadata={"format": "pt"})
     assert not hf_shards.readable(skeleton, str(tmp_path / "phi3-ckpt"))
     converted = intake.build(str(tmp_path / "phi3-ckpt"), device="cpu", tp_size=2, rank=1,
@@ -412,6 +419,59 @@ def test_an_image_text_to_text_checkpoint_serves_its_language_model(tmp_path: Pa
         assert vision and all(rank[n].shape == whole[n].shape for n in vision)
         q = "model.language_model.layers.0.self_attn.q_proj.weight"
         assert rank[q].shape[0] * 2 == whole[q].shape[0]
+
+
+def _saved(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
+    """`model` with values no seed gives, saved by transformers (in the checkpoint's names)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.rand_like(b))
+    model.save_pretrained(directory)
+    return model
+
+
+def test_checkpoints_in_names_transformers_renames_are_read_by_slices(tmp_path: Path) -> None:
+    """Checkpoints whose tensor names transformers renames at load: image-text-to-text ones
+    (`language_model.model.`), MiniMax-M2's experts (`block_sparse_moe.experts.N.w1/w2/w3`),
+    and routers' stored score corrections (a buffer): a rank reads its slices by transformers'
+    own renames, equal to from_pretrained's model."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from vllm_compile_ray.planning import hf_shards, intake
+
+    hf_models.MORE.setdefault("minimax_m2", ("minimax_m2", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}))
+    dirs = {t: hf_models.save_vlm_config(t, tmp_path / t, arch) for t, arch in (
+        ("gemma3", "Gemma3ForConditionalGeneration"),
+        ("mistral3", "Mistral3ForConditionalGeneration"))}
+    dirs |= {n: hf_models.save_config(n, tmp_path / n, arch) for n, arch in (
+        ("minimax_m2", "MiniMaxM2ForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"))}
+    ids = hf_models.tokens(6)
+    for name, d in dirs.items():
+        saved = _saved(intake.build(d, device="cpu").module, Path(d))
+        stored = set(safe_open(f"{d}/model.safetensors", "pt").keys())
+        assert not stored <= {n for n, _ in saved.state_dict().items()}  # renamed at load
+        assert hf_shards.readable(intake.build(d, device="meta").module, d), name
+        loaded = intake.build(d, device="cpu", weights=d).module
+        torch.testing.assert_close(logits(loaded, ids), logits(saved, ids), rtol=0, atol=0)
+        whole = saved.state_dict()
+        rank = intake.build(d, device="cpu", tp_size=2, rank=1, weights=d).module.state_dict()
+        for n, t in rank.items():
+            if t.shape == whole[n].shape:
+                assert torch.equal(t, whole[n]), (name, n)
+    assert any("block_sparse_moe.experts.3.w3" in k
+               for k in safe_open(f"{dirs['minimax_m2']}/model.safetensors", "pt").keys())
+    gate_up = "model.layers.1.mlp.experts.gate_up_proj"  # [experts, gate + up rows, hidden]
+    whole = dict(AutoModelForCausalLM.from_pretrained(dirs["minimax_m2"]).named_parameters())
+    rank1 = dict(intake.build(dirs["minimax_m2"], device="cpu", tp_size=2, rank=1,
+                              weights=dirs["minimax_m2"]).module.named_parameters())
+    half = whole[gate_up].shape[1] // 4
+    assert torch.equal(rank1[gate_up], torch.cat([whole[gate_up][:, half:2 * half],
+                                                  whole[gate_up][:, 3 * half:]], 1))
 
 
 def test_planning_on_cpu_keeps_tied_weights_tied() -> None:

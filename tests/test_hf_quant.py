@@ -366,11 +366,13 @@ _STORED = {None: ("weight", 0), "scale_inv": ("weight_scale_inv", 0),
 
 def _save_checkpoint(model: nn.Module, directory: str) -> None:
     """`model`'s tensors as a MoE checkpoint stores them: each expert's gate, up and down
-    projections apart (FP8 block and per-channel, AWQ, GPTQ)."""
+    projections apart (FP8 block and per-channel, AWQ, GPTQ), and its persistent buffers (a
+    router's score correction)."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    tensors = {n: b.contiguous() for n, b in model.state_dict().items() if n not in params}
+    for name, p in params.items():
         m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)(?:_(\w+))?$", name)
         if m is None:
             tensors[name] = p.detach().contiguous()
@@ -395,6 +397,8 @@ def test_an_fp8_checkpoints_weights_load_as_stored(tmp_path: Path) -> None:
     missing or unknown tensor is an error naming it."""
     ckpt = _checkpoint(tmp_path, "deepseek_v3")
     source = intake.build(ckpt, device="cpu", seed=1).module
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"  # a buffer DeepSeek-V3 stores
+    dict(source.named_buffers())[bias].copy_(torch.rand(4))
     _save_checkpoint(source, ckpt)
     loaded = intake.build(ckpt, device="cpu", weights=ckpt).module
     ids = hf_models.tokens(6)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.checkpoint import safetensors_files
+from .hf_names import Names
 
 # A checkpoint stores each expert's projections apart; the fused experts hold them stacked, gate
 # and up concatenated (transformers' MergeModulelist + Concatenate for these models).
@@ -120,6 +121,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
             for name, value in module.__dict__.pop("vcr_buffers", {}).items():
                 module._buffers[name] = value.to(device)
         if reader:
+            reader.read_buffers(model)
             reader.check_all_used()
     return model
 
@@ -131,10 +133,15 @@ def readable(model: nn.Module, weights: str) -> bool:
     with ExitStack() as stack:
         reader = _Checkpoint(weights, model, stack)
         needed: set[str] = set()
+        seen: set[int] = set()  # a tied parameter is read once, by its first name
         for _, _, p, source in _meta_params(model):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             experts, _ = reader.sources(source, p)
             needed.update([source] if experts is None else [n for e in experts for n in e])
-        return needed == set(reader.files)
+        stored = set(reader.files)
+        return needed <= stored and stored - needed <= set(_buffers(model))
 
 
 def _meta_params(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter, str]]:
@@ -145,6 +152,16 @@ def _meta_params(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Paramete
             if p is not None and p.is_meta:
                 source = getattr(p, "vcr_source", attr)
                 yield module, attr, p, f"{mod_name}.{source}" if mod_name else source
+
+
+def _buffers(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """Persistent buffers by their checkpoint name: (module, attribute, value). A checkpoint may
+    store them (DeepSeek-V3's and MiniMax-M2's router score correction) or not (the value built
+    stays)."""
+    return {f"{mod_name}.{attr}" if mod_name else attr: (module, attr, b)
+            for mod_name, module in model.named_modules()
+            for attr, b in module._buffers.items()
+            if b is not None and attr not in module._non_persistent_buffers_set}
 
 
 def _values(name: str, module: nn.Module, p: torch.Tensor, seed: int,
@@ -253,15 +270,20 @@ class _Checkpoint:
         from safetensors import safe_open
 
         text = model.config.get_text_config()
-        layers, tied = text.num_hidden_layers, getattr(text, "tie_word_embeddings", False)
-        self.files: dict[str, Any] = {}
+        layers = text.num_hidden_layers
+        tied = getattr(model.config, "tie_word_embeddings", False) or \
+            getattr(text, "tie_word_embeddings", False)
+        self.names = Names(model)
+        self.files: dict[str, Any] = {}  # the model's name -> the file holding it
+        self.stored: dict[str, str] = {}  # the model's name -> its name in the file
         for file in safetensors_files(path):
             f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-            for name in f.keys():
+            for stored in f.keys():
+                name = self.names.model_name(stored)
                 layer = _LAYER.search(name)
                 if not (_UNUSED.search(name) or (tied and name == "lm_head.weight") or
                         (layer and int(layer.group(1)) >= layers)):
-                    self.files[name] = f
+                    self.files[name], self.stored[name] = f, stored
         self.used: set[str] = set()
         self.model = type(model).__name__
 
@@ -269,7 +291,7 @@ class _Checkpoint:
         if name not in self.files:
             raise ConfigError(f"checkpoint lacks {name}, which {self.model} needs")
         self.used.add(name)
-        return self.files[name].get_tensor(name)
+        return self.files[name].get_tensor(self.stored[name])
 
     def sources(self, name: str, p: torch.Tensor) -> tuple[list[list[str]] | None, int | None]:
         """The checkpoint names parameter `name` is read from: per expert, its gate and up (or
@@ -280,7 +302,7 @@ class _Checkpoint:
             return None, None
         prefix, proj = m.group(1), m.group(2)
         leaf, dim = _PARTS[m.group(3)]
-        parts = ("down_proj",) if proj == "down_proj" else ("gate_proj", "up_proj")
+        parts = self.names.expert_parts(proj)
         return [[f"{prefix}.{e}.{part}.{leaf}" for part in parts]
                 for e in range(p.shape[0])], dim
 
@@ -305,6 +327,16 @@ class _Checkpoint:
             raise ConfigError(f"checkpoint tensors {', '.join(names)} differ; {self.model}'s "
                               "fused experts hold one of them")
         return tensors[0]
+
+    def read_buffers(self, model: nn.Module) -> None:
+        """The persistent buffers the checkpoint stores, as stored."""
+        for name, (module, attr, b) in _buffers(model).items():
+            if name in self.files:
+                t = self._get(name)
+                if tuple(t.shape) != tuple(b.shape):
+                    raise ConfigError(f"checkpoint tensor {name} has shape {tuple(t.shape)} where "
+                                      f"{self.model} takes {tuple(b.shape)}")
+                module._buffers[attr] = t.to(device=b.device, dtype=b.dtype)
 
     def check_all_used(self) -> None:
         unused = sorted(set(self.files) - self.used)
