@@ -328,6 +328,34 @@ def test_a_config_json_transformers_code_refuses_is_a_clear_error(tmp_path) -> N
         intake.build(str(ckpt), device="cpu")
 
 
+def test_num_layers_of_hybrid_models_follows_their_layer_types(tmp_path: Path) -> None:
+    """--num-layers on hybrid configs whose layer types are derived, read-only properties
+    (Jamba, Mamba) or a list (Qwen3-Next: attention every 4th layer): the model gets that many
+    layers of the types the full model has there, and runs as transformers' model does."""
+    from vllm_compile_ray.planning import intake
+
+    hf_models.MORE.setdefault("jamba", ("jamba", {"num_experts": 2, "attn_layer_period": 2,
+                                                  "attn_layer_offset": 1, "expert_layer_period": 2,
+                                                  "mamba_d_state": 4, "mamba_dt_rank": 8}))
+    hf_models.MORE.setdefault("mamba", ("mamba", {}))
+    hf_models.MORE.setdefault("qwen3_next", ("qwen3_next", {"head_dim": 16, "num_experts": 2,
+                                                            "num_experts_per_tok": 1}))
+    for name, arch, n, kinds in (("jamba", "JambaForCausalLM", 3, None),
+                                 ("mamba", "MambaForCausalLM", 2, None),
+                                 ("qwen3_next", "Qwen3NextForCausalLM", 4,
+                                  ["linear_attention"] * 3 + ["full_attention"])):
+        ckpt = hf_models.save_config(name, tmp_path / name, arch)
+        whole = intake.build(ckpt, device="meta").module.config
+        model = intake.build(ckpt, device="cpu", num_layers=n).module
+        assert model.config.num_hidden_layers == n, name
+        assert list(model.config.layer_types) == list(whole.layer_types[:n]), name
+        assert kinds is None or list(model.config.layer_types) == kinds
+        compiled = vcr.compile(model, vcr.CompilationConfig(
+            compile_sizes=[4], **EAGER, cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
+        ids = hf_models.tokens(5)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, logits(model, ids))
+
+
 def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tmp_path) -> None:
     """Gemma3 and Phi3 checkpoints (no vcr implementation) plan and run as transformers' model,
     with transformers' outputs, its weights, and a rank's slices of them at tp_size=2; where

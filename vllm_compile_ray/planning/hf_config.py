@@ -17,6 +17,8 @@ closed.
 
 from __future__ import annotations
 
+import copy
+
 import logging
 from typing import Any
 
@@ -121,19 +123,32 @@ def _closed(d: dict[str, Any], tp_size: int) -> str:
 
 
 def _config(d: dict[str, Any], num_layers: int | None) -> Any:
+    config = _from_fields(d)
+    if num_layers is None:
+        return config
+    text = config.get_text_config()
+    if not 1 <= num_layers <= text.num_hidden_layers:
+        raise ConfigError(f"num_layers={num_layers} is invalid: the model has "
+                          f"{text.num_hidden_layers} layers")
+    # The layer count goes into the fields the config is made from, so that what a config
+    # derives from it (hybrid models' layer types, often read-only properties) follows.
+    d = copy.deepcopy(d)
+    fields = d if text is config else next(
+        (d[k] for k, v in vars(config).items() if v is text and isinstance(d.get(k), dict)), None)
+    if fields is None or "num_hidden_layers" not in fields:  # under another name (n_layer, ...)
+        text.num_hidden_layers = num_layers
+        return config
+    fields["num_hidden_layers"] = num_layers
+    if isinstance(fields.get("layer_types"), list):
+        fields["layer_types"] = fields["layer_types"][:num_layers]
+    return _from_fields(d)
+
+
+def _from_fields(d: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
     fields = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
-    config = AutoConfig.for_model(d["model_type"], **fields)
-    if num_layers is not None:
-        text = config.get_text_config()
-        if not 1 <= num_layers <= text.num_hidden_layers:
-            raise ConfigError(f"num_layers={num_layers} is invalid: the model has "
-                              f"{text.num_hidden_layers} layers")
-        text.num_hidden_layers = num_layers
-        if isinstance(getattr(text, "layer_types", None), list):
-            text.layer_types = text.layer_types[:num_layers]
-    return config
+    return AutoConfig.for_model(d["model_type"], **fields)
 
 
 def _auto_class(config: Any) -> Any:
