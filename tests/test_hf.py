@@ -354,6 +354,7 @@ def test_num_layers_of_hybrid_models_follows_their_layer_types(tmp_path: Path) -
             compile_sizes=[4], **EAGER, cache=vcr.CacheConfig(cache_dir=str(tmp_path / "c"))))
         ids = hf_models.tokens(5)
         torch.testing.assert_close(compiled(input_ids=ids).logits, logits(model, ids))
+    assert len(compiled.plan.pieces) == 2  # Qwen3-Next: split at its one attention layer
 
 
 def test_a_config_json_of_an_architecture_vcr_lacks_builds_transformers_model(tmp_path) -> None:

@@ -138,8 +138,9 @@ def check_splitting_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> N
         raise ConfigError(f"splitting_ops {unmatched} match no op in the captured graph; the ops "
                           f"it calls: {listing}")
     logger.warning("the captured graph calls no %s: it compiles as one piece, without sharing "
-                   "identical layers (a transformers model splits by itself; a model of your "
-                   "own calls vllm_compile_ray.models.ops.attention)", unmatched)
+                   "identical layers (a transformers model splits where it calls transformers' "
+                   "attention interface; a model of your own calls "
+                   "vllm_compile_ray.models.ops.attention)", unmatched)
 
 
 def capture_calls(model: torch.nn.Module, calls: Sequence[tuple[Sequence[Any], dict[str, Any]]],
