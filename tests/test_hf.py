@@ -492,6 +492,17 @@ def test_checkpoints_in_names_transformers_renames_are_read_by_slices(tmp_path: 
         for n, t in rank.items():
             if t.shape == whole[n].shape:
                 assert torch.equal(t, whole[n]), (name, n)
+    # --num-layers drops the language model's later layers, not the vision tower's
+    d = dirs["mistral3"]
+    config = json.loads(Path(d, "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 3
+    Path(d, "config.json").write_text(json.dumps(config))
+    saved = _saved(intake.build(d, device="cpu").module, Path(d))
+    assert hf_shards.readable(intake.build(d, device="meta", num_layers=2).module, d)
+    two = dict(intake.build(d, device="cpu", num_layers=2, weights=d).module.named_parameters())
+    whole = dict(saved.named_parameters())
+    assert any("vision_tower" in n and ".2." in n for n in two)
+    assert all(torch.equal(t, whole[n]) for n, t in two.items())
     assert any("block_sparse_moe.experts.3.w3" in k
                for k in safe_open(f"{dirs['minimax_m2']}/model.safetensors", "pt").keys())
     gate_up = "model.layers.1.mlp.experts.gate_up_proj"  # [experts, gate + up rows, hidden]

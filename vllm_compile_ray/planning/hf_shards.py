@@ -280,9 +280,9 @@ class _Checkpoint:
             f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             for stored in f.keys():
                 name = self.names.model_name(stored)
-                layer = _LAYER.search(name)
-                if not (_UNUSED.search(name) or (tied and name == "lm_head.weight") or
-                        (layer and int(layer.group(1)) >= layers)):
+                layer = _LAYER.search(name)  # a layer past --num-layers (not a vision one's)
+                past = layer and int(layer.group(1)) >= layers and name not in self.names.state
+                if not (_UNUSED.search(name) or (tied and name == "lm_head.weight") or past):
                     self.files[name], self.stored[name] = f, stored
         self.used: set[str] = set()
         self.model = type(model).__name__
