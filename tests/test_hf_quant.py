@@ -364,6 +364,19 @@ _STORED = {None: ("weight", 0), "scale_inv": ("weight_scale_inv", 0),
            "qzeros": ("qzeros", -1), "scales": ("scales", -1), "g_idx": ("g_idx", None)}
 
 
+def _whole_and_two_ranks(ckpt: str, stored: dict[str, torch.Tensor], tmp_path: Path
+                         ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, dict]]]:
+    """The whole model built from checkpoint `ckpt` (its parameters `stored`, bit for bit) and
+    its logits; what two gloo ranks building it from the checkpoint give: (logits, parameter
+    shapes) each."""
+    bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t  # noqa: E731 float8
+    whole = intake.build(ckpt, device="cpu", weights=ckpt).module
+    assert all(torch.equal(bits(p), bits(stored[n])) for n, p in whole.named_parameters())
+    want = _logits(hf.prepare(whole), hf_models.tokens(7))
+    mp.spawn(_rank, args=(2, {"ckpt+weights": ckpt}, str(tmp_path)), nprocs=2)
+    return want, [torch.load(tmp_path / f"rank{r}.pt")["ckpt+weights"] for r in range(2)]
+
+
 def _save_checkpoint(model: nn.Module, directory: str) -> None:
     """`model`'s tensors as a MoE checkpoint stores them: each expert's gate, up and down
     projections apart (FP8 block and per-channel, AWQ, GPTQ), and its persistent buffers (a
@@ -530,12 +543,8 @@ def test_awq_and_gptq_checkpoints_build_load_and_shard(method: str, tmp_path: Pa
         for name in [n for n in stored if n.endswith("g_idx")]:
             stored[name] = stored[name][torch.randperm(len(stored[name]))].contiguous()
     save_file(stored, os.path.join(ckpt, "model.safetensors"))
-    whole = intake.build(ckpt, device="cpu", weights=ckpt).module
-    assert all(torch.equal(p, stored[n]) for n, p in whole.named_parameters())
-    want = _logits(hf.prepare(whole), hf_models.tokens(7))
-    mp.spawn(_rank, args=(2, {"llama+weights": ckpt}, str(tmp_path)), nprocs=2)
-    for r in range(2):
-        logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["llama+weights"]
+    want, ranks = _whole_and_two_ranks(ckpt, stored, tmp_path)
+    for logits, sharded in ranks:
         torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
         assert sharded[o_proj + scales] == group_scales  # row-parallel: every group
         q_scales = sharded["model.layers.1.self_attn.q_proj." + scales]
@@ -557,12 +566,8 @@ def test_awq_and_gptq_moe_experts(method: str, tmp_path: Path) -> None:
     assert "model.layers.1.mlp.gate.weight" in params  # the router: unquantized
     _compiles_like_the_dequantized_model(model, tmp_path, weight_only=True)
     _save_checkpoint(model, ckpt)
-    whole = intake.build(ckpt, device="cpu", weights=ckpt).module
-    assert all(torch.equal(p, params[n]) for n, p in whole.named_parameters())
-    want = _logits(hf.prepare(whole), hf_models.tokens(7))
-    mp.spawn(_rank, args=(2, {"moe+weights": ckpt}, str(tmp_path)), nprocs=2)
-    for r in range(2):
-        logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["moe+weights"]
+    want, ranks = _whole_and_two_ranks(ckpt, params, tmp_path)
+    for logits, sharded in ranks:
         torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
         assert sharded[experts + "gate_up_proj_scales"] == (4, 4, 32)
         assert sharded[experts + "down_proj_scales"] == (4, 2, 64)  # every group
@@ -582,12 +587,8 @@ def test_fp8_dynamic_moe_experts(tmp_path: Path) -> None:
     assert params[experts + "gate_up_proj_weight_scale"].shape == (4, 64, 1)
     _compiles_like_the_dequantized_model(model, tmp_path, weight_only=False)
     _save_checkpoint(model, ckpt)
-    whole = intake.build(ckpt, device="cpu", weights=ckpt).module
-    assert all(torch.equal(p.float(), params[n].float()) for n, p in whole.named_parameters())
-    want = _logits(hf.prepare(whole), hf_models.tokens(7))
-    mp.spawn(_rank, args=(2, {"moe+weights": ckpt}, str(tmp_path)), nprocs=2)
-    for r in range(2):
-        logits, sharded = torch.load(tmp_path / f"rank{r}.pt")["moe+weights"]
+    want, ranks = _whole_and_two_ranks(ckpt, params, tmp_path)
+    for logits, sharded in ranks:
         assert torch.cosine_similarity(logits.flatten(), want.flatten(), dim=0) > 0.999
         assert sharded[experts + "gate_up_proj_weight_scale"] == (4, 32, 1)
         assert sharded[experts + "down_proj_weight_scale"] == (4, 64, 1)
