@@ -153,6 +153,8 @@ def test_retargeted_bytes_still_load_and_run(cpu_artifact) -> None:
     """Re-serializing the artifact's caches keeps it a valid artifact of this torch."""
     data, args = cpu_artifact
     assert retarget.compiled_device_index(data) is None  # CPU code: nothing to move
+    unpickled = artifact_format.unpickle(data)
+    assert unpickled is None or artifact_format.cuda_indices(unpickled) == set()
     moved, tuning = retarget.retarget(data, b"", 2)
     assert tuning == b"" and moved != data
     want = _Piece()(*args)[0]
@@ -184,9 +186,13 @@ def test_retarget_moves_code_binaries_and_tuning(cpu_artifact, tmp_path, monkeyp
     shipped = tuning_bytes({retarget.autotune_key(k): BEST
                             for k in (kernels if bundled else kernels[1:])})
     assert retarget.compiled_device_index(cuda_like) == 0
+    if bundled:  # the loader reads the index from the unpickled entry, not by a scan
+        assert artifact_format.cuda_indices(artifact_format.unpickle(cuda_like)) == {0}
 
     moved, moved_tuning = retarget.retarget(cuda_like, shipped, 1)
     assert retarget.compiled_device_index(moved) == 1
+    if bundled:
+        assert artifact_format.cuda_indices(artifact_format.unpickle(moved)) == {1}
     (new,) = _graphs(moved)
     assert new.source_code == retarget.retarget_source(WRAPPER, 1)
     assert new.cache_key == get_hash(new.source_code.strip()) != graph.cache_key

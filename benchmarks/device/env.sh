@@ -1,3 +1,9 @@
 # sourced on the device: Ray bundle + project on PYTHONPATH
 [ -d /tmp/site/ray ] || { mkdir -p /tmp/site && tar -C /tmp/site -xJf .devbundle/ray312.tar.xz; }
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+# the user's rank command on the defaults' cache (filled by bench_warm.py --root $R)
+R=/root/e2e
+S="--model llama-3-8b --num-layers 32 --sizes 1,2,4,8,16,32,64,128,256,512 --max-autotune --on-miss error --cache $R/user-cache"
+run() { local name=$1; shift; echo "== $name"; local t0=$(date +%s.%N)
+  "$@" 2>&1 | grep -v Warning | tail -3
+  echo "$name wall $(python -c "import time;print(round(time.time()-$t0,2))") s"; }

@@ -82,10 +82,12 @@ def pack_tuned(standalone: bytes, tuning: bytes) -> bytes:
     return _TUNED_MAGIC + _U64.pack(len(standalone)) + standalone + tuning
 
 
-def unpack_tuned(payload: bytes) -> tuple[bytes, bytes]:
-    """(standalone bytes, autotune Mega-Cache bytes or b"")."""
+def unpack_tuned(payload: bytes) -> tuple[memoryview, memoryview]:
+    """(standalone bytes, autotune Mega-Cache bytes or empty), as views of `payload`: an
+    artifact is tens of MB (llama-3-8b's 33: 494 MB), which slicing would copy at every load."""
+    view = memoryview(payload)
     if not payload.startswith(_TUNED_MAGIC):
-        return payload, b""
+        return view, view[:0]
     head = len(_TUNED_MAGIC) + _U64.size
     if len(payload) < head:
         raise ValueError("tuned Inductor artifact is truncated before its length field")
@@ -93,7 +95,7 @@ def unpack_tuned(payload: bytes) -> tuple[bytes, bytes]:
     if head + n > len(payload):
         raise ValueError(f"tuned Inductor artifact is truncated: standalone part of {n} bytes, "
                          f"{len(payload) - head} present")
-    return payload[head:head + n], payload[head + n:]
+    return view[head:head + n], view[head + n:]
 
 
 class InductorStandaloneAdaptor(CompilerInterface):

@@ -38,7 +38,7 @@ from ..config import CompilationConfig
 from ..errors import ConfigError, VcrError
 from ..planning.hf import maybe_prepare
 from ..planning.inputs import ExampleInputs, as_call, example_call
-from ..torch_private import inductor_metrics
+from ..torch_private import inductor_metrics, triton_key
 from ..torch_private.dynamo import backend_failure_cause
 from . import aot
 from .api import CompiledModel, compile as compile_model, model_device, open_store, trace_size
@@ -258,6 +258,7 @@ def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, ran
     check_rank(model, rank, world_size)
     device = torch.device(model_device(model))
     check_device(device)
+    triton_key.start(device.type)
     counter = counter if counter is not None else CompilationCounter()
     monitor = monitor if monitor is not None else PerformanceMonitor()
     before, samples_before = counter.clone(), {k: len(v) for k, v in monitor.samples.items()}

@@ -18,6 +18,7 @@ copies 2.5 s, the crc32 0.2 s, of ~20 s profiled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pickle
@@ -50,7 +51,7 @@ def aot_header() -> bytes | None:
     return AOTCompiledArtifact.AOT_HEADER
 
 
-def fields(data: bytes) -> list[memoryview]:
+def fields(data: bytes | memoryview) -> list[memoryview]:
     """The artifact's fields, as views of `data` (no copy, crc32 not checked)."""
     view, at, out = memoryview(data), _CHECKSUM, []
     while at < len(view):
@@ -64,7 +65,7 @@ def fields(data: bytes) -> list[memoryview]:
     return out
 
 
-def is_bundled(data: bytes) -> bool:
+def is_bundled(data: bytes | memoryview) -> bool:
     return _is_bundled(fields(data))
 
 
@@ -72,20 +73,46 @@ def _is_bundled(parts: list[memoryview]) -> bool:
     return len(parts) == 3 and parts[0] == aot_header()
 
 
-def load(data: bytes) -> Callable:
-    """A callable of artifact bytes of either format (positional tensors in, a tuple out)."""
+@dataclasses.dataclass(frozen=True)
+class Unpickled:
+    """A bundled AOT artifact's payload, unpickled once: the AOTAutograd entry, Triton side-table
+    kernels and their constants, and the payload they came from."""
+
+    entry: Any
+    side: tuple
+    payload: memoryview
+
+
+def unpickle(data: bytes | memoryview) -> Unpickled | None:
+    """The bundled artifact in `data`, unpickled (None: the cache format, loaded from bytes)."""
     parts = fields(data)
-    if _is_bundled(parts):
-        from torch._inductor.codecache import torch_key
+    if not _is_bundled(parts):
+        return None
+    from torch._inductor.codecache import torch_key
 
-        if parts[1] != torch_key():
-            raise ValueError("the artifact was compiled by another torch build (torch_key "
-                             "differs); it loads only where it was made")
-        return _load_bundled(parts[2])
-    return _load_through_file(data)
+    if parts[1] != torch_key():
+        raise ValueError("the artifact was compiled by another torch build (torch_key "
+                         "differs); it loads only where it was made")
+    bundle = pickle.loads(parts[2])
+    entry, side = (bundle[0], tuple(bundle[1:])) if isinstance(bundle, tuple) else (bundle, ())
+    return Unpickled(entry, side, parts[2])
 
 
-def _load_bundled(payload: memoryview) -> Callable:
+def cuda_indices(unpickled: Unpickled) -> set[int]:
+    """The CUDA device indices the artifact's compiled graph runs on (empty: no CUDA code), as
+    Inductor recorded them (`CompiledFxGraph.device_idxs`): read from the unpickled entry, so a
+    loader need not scan the artifact's bytes for them."""
+    graph = getattr(getattr(unpickled.entry, "compiled_fw", None), "result", None)
+    return {int(i) for i in getattr(graph, "device_idxs", None) or ()}
+
+
+def load(data: bytes | memoryview) -> Callable:
+    """A callable of artifact bytes of either format (positional tensors in, a tuple out)."""
+    unpickled = unpickle(data)
+    return _load_through_file(data) if unpickled is None else load_unpickled(unpickled)
+
+
+def load_unpickled(unpickled: Unpickled) -> Callable:
     from torch._functorch._aot_autograd.aot_autograd_result import BundledAOTAutogradResult
     from torch._guards import TracingContext, tracing
     from torch._inductor.cudagraph_utils import BoxedDeviceIndex
@@ -93,13 +120,12 @@ def _load_bundled(payload: memoryview) -> Callable:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    bundle = pickle.loads(payload)
-    entry, side = (bundle[0], bundle[1:]) if isinstance(bundle, tuple) else (bundle, ())
-    if any(side) or not isinstance(entry, BundledAOTAutogradResult):
+    entry = unpickled.entry
+    if any(unpickled.side) or not isinstance(entry, BundledAOTAutogradResult):
         # User Triton kernels in the side table (not Inductor's own): torch's load registers them.
         from torch._inductor.standalone_compile import AOTCompiledArtifact
 
-        return AOTCompiledArtifact.deserialize(bytes(payload))
+        return AOTCompiledArtifact.deserialize(bytes(unpickled.payload))
     entry.guards_expr = None  # no guards to check: the piece's key and meta chose this artifact
     context = TracingContext.try_get() or TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
     with tracing(context):
@@ -114,7 +140,7 @@ def _load_bundled(payload: memoryview) -> Callable:
     return forward
 
 
-def _load_through_file(data: bytes) -> Callable:
+def _load_through_file(data: bytes | memoryview) -> Callable:
     from torch._inductor.standalone_compile import CompiledArtifact
 
     with tempfile.TemporaryDirectory(prefix="vcr-load-") as tmp:

@@ -343,31 +343,47 @@ def check_complete(data: bytes, tuning: bytes, inputs: Sequence[Any]) -> dict[st
             "check_autotunes": work["autotunes"]}
 
 
-def load_tuning(data: bytes) -> int:
+def load_tuning(data: bytes | memoryview) -> int:
     """Put autotune results from `tune_once` into this process's Inductor cache, where kernels
     loaded afterwards find them; returns how many kernels they cover."""
-    info = torch.compiler.load_cache_artifacts(data)
+    info = torch.compiler.load_cache_artifacts(bytes(data))
     return len(getattr(info, "autotune_artifacts", ())) if info is not None else 0
 
 
-def load_artifact(data: bytes, tuning: bytes = b"", device_index: int | None = None
-                  ) -> Callable:
+def load_artifact(data: bytes | memoryview, tuning: bytes | memoryview = b"",
+                  device_index: int | None = None) -> Callable:
     """Load artifact bytes written by `compile_static` / `compile_dynamic` (with the autotune
     results of `tune_once`, if any) to run on CUDA device `device_index` (None: as compiled).
 
     An artifact compiled on another GPU index is retargeted first (`retarget`) and loads into an
     Inductor cache directory of its own per index, so one process can hold a piece on two GPUs.
+    The compiled index comes from the unpickled entry (the older cache format: a scan of the
+    bytes), and the bytes are unpickled once.
     """
     from . import retarget
 
-    # Off CUDA (or when told to load as compiled) the bytes are not even scanned.
-    source = None if device_index is None else retarget.compiled_device_index(data)
+    unpickled = artifact_format.unpickle(data)
+    if device_index is None:
+        source = None
+    elif unpickled is None:
+        source = retarget.compiled_device_index(bytes(data))
+    else:
+        source = _one_index(artifact_format.cuda_indices(unpickled))
     if source is None or source == device_index:
         if tuning:  # before the kernels load: they read their tuned config when created
             load_tuning(tuning)
-        return artifact_format.load(data)
-    data, tuning = retarget.retarget(data, tuning, device_index)
+        if unpickled is None:
+            return artifact_format.load(data)
+        return artifact_format.load_unpickled(unpickled)
+    data, tuning = retarget.retarget(bytes(data), bytes(tuning), device_index)
     with retarget.cache_dir_for(device_index):
         if tuning:
             load_tuning(tuning)
         return artifact_format.load(data)
+
+
+def _one_index(found: set[int]) -> int | None:
+    if len(found) > 1:
+        raise ValueError(f"artifact code runs on CUDA devices {sorted(found)}; only a piece on "
+                         f"one device can move to another")
+    return next(iter(found), None)

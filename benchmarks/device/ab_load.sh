@@ -1,0 +1,34 @@
+# A/B of rank startup: this tree's package against a base copy of it (AB_BASE: a directory
+# holding another vllm_compile_ray, e.g. `git archive <rev> vllm_compile_ray | tar -x -C DIR`).
+# After a warm filled $R/user-cache: one first rank (publishes the traced model), then new-node
+# `vcr load`s in ABBA order, then restarts; a summary of the report's phases per side.
+. benchmarks/device/env.sh
+B=${AB_BASE:?AB_BASE: a directory holding the base vllm_compile_ray}
+# each side runs from its own directory: `python -m` puts the working directory first on sys.path
+side_run() { local side=$1 name=$2 dir=$3; local pp=$PWD; [ "$side" = base ] && pp=$(realpath $B)
+  run "$side $name" env -C $pp PYTHONPATH=$pp:/tmp/site TORCHINDUCTOR_CACHE_DIR=/tmp/ab-i-$dir \
+    python -m vllm_compile_ray load $S --staging-dir /tmp/ab-s-$dir; }
+{
+side_run new first first
+for i in 1 2 3 4; do
+  order="base new"; [ $((i % 2)) = 0 ] && order="new base"
+  for side in $order; do side_run $side new-node $side$i; done
+done
+for side in base new new base; do side_run $side restart ${side}1; done
+} 2>&1 | tee $R/ab.log
+python - "$R/ab.log" <<'PY'
+import statistics, sys
+rows, name = {}, None
+for line in open(sys.argv[1]):
+    if line.startswith("== "):
+        name = line[3:].strip()
+    elif name and line.split() and line.split()[0] == "0":  # the report's row of rank 0
+        cols = line.split()
+        rows.setdefault(name, []).append({"trace": float(cols[2]), "fetch": float(cols[4]),
+                                          "load": float(cols[5]), "first": float(cols[7]),
+                                          "ready": float(cols[8])})
+for name, got in rows.items():
+    print(f"{name:18s} n={len(got)} " + "  ".join(
+        f"{k} {statistics.mean(r[k] for r in got):.2f} ({min(r[k] for r in got):.2f}-"
+        f"{max(r[k] for r in got):.2f})" for k in ("trace", "fetch", "load", "first", "ready")))
+PY
