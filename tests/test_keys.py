@@ -57,7 +57,9 @@ def test_meta_plan_keys_equal_cpu_model_keys() -> None:
     assert plan.keys == meta_plan(CFG).keys
 
 
-def test_same_keys_in_a_fresh_process() -> None:
+def test_same_keys_in_a_fresh_process_elsewhere(tmp_path) -> None:
+    """Another process, started in another working directory (a rank is rarely started where
+    the warm was: on torch 2.13 Inductor's config holds the working directory as a path)."""
     code = (
         "import json, vllm_compile_ray as vcr\n"
         "from vllm_compile_ray.runtime.api import plan_model, example_args\n"
@@ -66,7 +68,7 @@ def test_same_keys_in_a_fresh_process() -> None:
         "print(json.dumps(p.keys))\n")
     # A bare environment: no CI variable (torch defaults some checks from it), another hash seed.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
+                         env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == meta_plan(CFG).keys
 
 

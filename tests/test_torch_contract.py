@@ -101,6 +101,17 @@ def source_has(*texts: str) -> Check:
     return check
 
 
+def _no_path_valued_config(save_config_portable: Any) -> None:
+    """What the fingerprint hashes of Inductor's config names no directory of this machine (the
+    working directory, where torch is installed): two nodes must key a piece alike."""
+    import os
+
+    here = {os.getcwd(), os.path.dirname(os.path.dirname(torch.__file__))}
+    found = [k for k, v in save_config_portable(ignore_private_configs=False).items()
+             if isinstance(v, str) and any(v.startswith(d) for d in here)]
+    assert not found, f"path-valued config in the fingerprint: {found}"
+
+
 def _is_bytes(obj: Any) -> None:
     assert isinstance(obj, bytes), f"{obj!r} is no longer bytes"
 
@@ -291,8 +302,10 @@ TOUCHES: list[Touch] = [
     Touch("torch._inductor.codecache:torch_key",
           "inductor.torch_fingerprint / artifact_format.load (the build an artifact names)",
           both(call(), lambda torch_key: _is_bytes(torch_key()))),
-    Touch(f"{IC}:get_config_copy", "inductor.torch_fingerprint", call()),
-    Touch("torch._functorch.config:get_config_copy", "inductor.torch_fingerprint", call()),
+    Touch(f"{IC}:save_config_portable", "inductor.torch_fingerprint (no absolute paths)",
+          both(call(ignore_private_configs=False), _no_path_valued_config)),
+    Touch("torch._functorch.config:save_config_portable", "inductor.torch_fingerprint",
+          call(ignore_private_configs=False)),
     Touch("torch._functorch.config:error_on_custom_op_aliasing",
           "inductor._UNHASHED_FUNCTORCH_CONFIG (left out of the fingerprint)"),
     Touch("torch._inductor.cpp_builder:get_compiler_version_info", "inductor.device_fingerprint",

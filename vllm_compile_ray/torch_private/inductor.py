@@ -73,7 +73,10 @@ def torch_fingerprint() -> dict[str, str]:
     from torch._inductor.codecache import torch_key
     from torch._functorch import config as functorch_config
 
-    inductor = {k: v for k, v in inductor_config.get_config_copy().items()
+    # What Inductor's own cache key hashes of its config (`save_config_portable`): it leaves out
+    # absolute paths (`cutlass_dir`s: on torch 2.13 `xpu.cutlass_dir` is the working directory,
+    # so a rank started elsewhere than the warm missed every key), tracing and cache switches.
+    inductor = {k: v for k, v in _portable(inductor_config).items()
                 if k not in _UNHASHED_INDUCTOR_CONFIG}
     return {
         "torch": torch.__version__,
@@ -81,9 +84,14 @@ def torch_fingerprint() -> dict[str, str]:
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "arch": platform.machine(),
         "inductor_config": _hash_config(inductor),
-        "functorch_config": _hash_config({k: v for k, v in functorch_config.get_config_copy().items()
+        "functorch_config": _hash_config({k: v for k, v in _portable(functorch_config).items()
                                           if k not in _UNHASHED_FUNCTORCH_CONFIG}),
     }
+
+
+def _portable(config_module: Any) -> dict[str, Any]:
+    """A torch config module's values as its cache keys see them, private ones included."""
+    return config_module.save_config_portable(ignore_private_configs=False)
 
 
 def _hash_config(config: dict[str, Any]) -> str:
