@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vllm_compile_ray as vcr
+from vllm_compile_ray.cache import manifest
 from vllm_compile_ray.cache.artifact import encode_artifact
 from vllm_compile_ray.compiling.compiler_interface import EagerAdaptor
 
@@ -75,6 +76,33 @@ def test_rejected_and_missing_are_listed_together(tmp_path: Path) -> None:
             run(loader)
     assert info.value.missing_keys == [keys[0]] and list(info.value.rejected) == [keys[1]]
     assert f"{keys[0]}  compile[" in str(info.value) and "missing" in str(info.value)
+
+
+def test_a_miss_of_everything_names_the_environment_the_cache_holds_the_model_for(
+        tmp_path: Path) -> None:
+    """A rank whose environment the warm never ran in (another torch, another GPU) misses every
+    key; the error says which environment the cache holds the model for and what differs."""
+    cfg = vcr.CompilationConfig(compile_sizes=[2], **EAGER, on_miss="error",
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage")))
+    there = {"torch": "2.11.0+cu130", "device_type": "cuda", "device_name": "NVIDIA H200"}
+    row = manifest.make_row(key="a" * 64, model="llama-tiny", tp_size=1, piece="p", shape=2,
+                            bytes=1, sha256="0" * 64, compile_seconds=1.0, node="n",
+                            torch=there["torch"], fingerprint=there,
+                            fingerprint_id="0123456789abcdef")
+    manifest.update_manifest(vcr.open_store(cfg), "llama-tiny", "0123456789abcdef", [row])
+    loader = vcr.compile(tiny(), cfg, model_name="llama-tiny")
+    with pytest.raises(vcr.CacheMissError) as info:
+        run(loader)
+    message = str(info.value)
+    assert "holds llama-tiny warmed in 1 other environment(s)" in message
+    assert "fingerprint 0123456789abcdef" in message
+    assert f"torch: 2.11.0+cu130 there, {torch.__version__} here" in message
+    assert "device_type: cuda there, cpu here" in message
+    other = vcr.compile(tiny(), cfg, model_name="another-model")  # nothing of it anywhere
+    with pytest.raises(vcr.CacheMissError) as info:
+        run(other)
+    assert "other environment" not in str(info.value)
 
 
 @pytest.mark.parametrize("model_name, advice", [

@@ -150,6 +150,33 @@ def list_manifests(store: ArtifactStore) -> list[dict[str, Any]]:
     return sorted(entries, key=lambda e: (e["model"], e["fingerprint_id"]))
 
 
+def other_environments(store: ArtifactStore, model: str, fingerprint_id: str
+                       ) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """`model`'s manifests warmed under another environment fingerprint, newest first: each
+    index entry with the fingerprint its rows record."""
+    found = []
+    for entry in sorted(list_manifests(store), key=lambda e: -float(e.get("updated_at") or 0)):
+        if entry["model"] == model and entry["fingerprint_id"] != fingerprint_id:
+            table = read_manifest(store, model, entry["fingerprint_id"])
+            if table.num_rows:
+                found.append((entry, json.loads(table.column("fingerprint")[0].as_py())))
+    return found
+
+
+# What the fingerprint's hashed fields stand for, said where one differs.
+_HASHED = {"torch_key": "another build of torch",
+           "inductor_config": "Inductor options (TORCHINDUCTOR_* variables or config set in the "
+                              "process)",
+           "functorch_config": "AOTAutograd (functorch) options"}
+
+
+def environment_difference(here: dict[str, str], there: dict[str, str]) -> list[str]:
+    """"field: there's value there, here's value here" for each fingerprint field that differs."""
+    return [f"{k}: {there.get(k, '(none)')} there, {here.get(k, '(none)')} here"
+            + (f" ({_HASHED[k]})" if k in _HASHED else "")
+            for k in sorted(set(here) | set(there)) if here.get(k) != there.get(k)]
+
+
 def _update_index(store: ArtifactStore, entry: dict[str, Any]) -> None:
     current = [e for e in list_manifests(store) if e["path"] != entry["path"]]
     body = {"version": 1, "manifests": sorted(current + [entry], key=lambda e: e["path"])}

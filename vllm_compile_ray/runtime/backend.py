@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch.fx as fx
 
 from ..config import CompilationConfig
-from ..errors import CacheMissError
+from ..cache import manifest
+from ..errors import CacheMissError, VcrError
 from ..keys import KeyContext
 from ..models.presets import PRESETS
 from ..planning.intake import is_entry_point
@@ -106,12 +107,35 @@ class VcrBackend:
         lines = [f"  {t.key}  {t.name}  missing" for t in missing]
         lines += [f"  {t.key}  {t.name}  rejected: {why[t.key]}" for t in rejected]
         hint = f"Fill the cache with: {warm_command(self.config, self.model_name)}"
+        if len(missing) == len(tasks):
+            hint += self._other_environments()
         if rejected:
             hint += ("\nA corrupt or foreign artifact is replaced by a run with on_miss="
                      "'compile_and_publish'; one that 'could not load' points at this process "
                      "(memory, compiler) and stays in the store.")
         raise CacheMissError(f"{head} (on_miss='error'):\n" + "\n".join(lines) + "\n" + hint,
                              [t.key for t in missing], why)
+
+    def _other_environments(self) -> str:
+        """When nothing of the model is here: the environments the cache holds it for, and what
+        differs from this one ("" when it holds none, or the index cannot be read)."""
+        if self.manager.store is None:
+            return ""
+        try:
+            others = manifest.other_environments(self.manager.store, self.model_name,
+                                                 self.key_context.fingerprint_id)
+        except VcrError as exc:  # the miss error stands without this detail
+            logger.debug("manifest index unreadable while explaining a miss: %s", exc)
+            return ""
+        if not others:
+            return ""
+        entry, there = others[0]
+        differs = manifest.environment_difference(self.key_context.fingerprint, there)
+        return (f"\nThe cache holds {self.model_name} warmed in {len(others)} other "
+                f"environment(s); artifacts load only in the environment they were compiled for. "
+                f"The latest (fingerprint {entry['fingerprint_id']}) differs from this process "
+                f"in: " + "; ".join(differs) + ". Warm in this environment, or start the rank in "
+                "the warm's (same torch, Triton, GPU and Inductor settings).")
 
     def _entry(self, planned: PlannedPiece, shape: int | str, key: str) -> LoadedPiece | None:
         loaded = self.manager.load(key, planned.piece, shape)
