@@ -2,6 +2,7 @@
 and a shared artifact is deleted only after a verified mismatch, never because one process
 failed to load it. EagerAdaptor, a local file:// cache, no Ray."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_rejected_and_missing_are_listed_together(tmp_path: Path) -> None:
 
 
 def test_a_miss_of_everything_names_the_environment_the_cache_holds_the_model_for(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A rank whose environment the warm never ran in (another torch, another GPU) misses every
     key; the error says which environment the cache holds the model for and what differs."""
     cfg = vcr.CompilationConfig(compile_sizes=[2], **EAGER, on_miss="error",
@@ -103,6 +104,11 @@ def test_a_miss_of_everything_names_the_environment_the_cache_holds_the_model_fo
     with pytest.raises(vcr.CacheMissError) as info:
         run(other)
     assert "other environment" not in str(info.value)
+    # Under a compiling policy the rank compiles, and the log says why nothing served.
+    with caplog.at_level(logging.WARNING, logger="vllm_compile_ray.runtime.backend"):
+        run(vcr.compile(tiny(), cfg.replace(on_miss="compile"), model_name="llama-tiny"))
+    assert any("none of llama-tiny's" in r.message and "torch: 2.11.0+cu130 there" in r.message
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("model_name, advice", [

@@ -74,6 +74,12 @@ class VcrBackend:
     def resolve(self, plan: Plan) -> None:
         """Load or compile every (piece, shape) under the miss policy; install the runners."""
         present = self.manager.prefetch(plan.keys)
+        if not present and plan.keys and self.config.on_miss != "error":
+            why = self._other_environments()
+            if why:  # minutes of compiles ahead: say why the warm's artifacts do not serve
+                logger.warning("none of %s's %d artifacts is in the cache for this environment; "
+                               "on_miss=%r compiles them here.%s", self.model_name,
+                               len(plan.keys), self.config.on_miss, why)
         loaded = self._load_all(plan, present) if self.config.on_miss == "error" else {}
         for planned in plan.pieces:
             entries = {shape: loaded[key] if key in loaded else self._entry(planned, shape, key)
