@@ -112,6 +112,13 @@ def _no_path_valued_config(save_config_portable: Any) -> None:
     assert not found, f"path-valued config in the fingerprint: {found}"
 
 
+def _leaves_out(*names: str) -> Check:
+    def check(save_config_portable: Any) -> None:
+        kept = [n for n in names if n in save_config_portable(ignore_private_configs=False)]
+        assert not kept, f"{kept} now in the portable config: the fingerprint would follow them"
+    return check
+
+
 def _is_bytes(obj: Any) -> None:
     assert isinstance(obj, bytes), f"{obj!r} is no longer bytes"
 
@@ -339,7 +346,9 @@ TOUCHES: list[Touch] = [
     # Inductor config names the package reads, sets or patches
     Touch(f"{IC}:compile_threads",
           "inductor.set_compile_threads, inductor_metrics.kernel_work (patch), fingerprint"),
-    Touch(f"{IC}:worker_start_method", "inductor._UNHASHED_INDUCTOR_CONFIG"),
+    Touch(f"{IC}:save_config_portable",
+          "inductor.torch_fingerprint (compile threads and worker start left out)",
+          _leaves_out("compile_threads", "worker_start_method"), aspect="unhashed"),
     Touch(f"{IC}:autotune_num_choices_displayed",
           "inductor.quiet_autotune_logs (hasattr: missing would make it a silent no-op)"),
     Touch(f"{IC}:max_autotune_report_choices_stats",

@@ -40,7 +40,6 @@ from .inductor_metrics import kernel_work
 
 # Config keys that change with the machine or process running the compile, not with the code
 # made: they stay out of the fingerprint, else two hosts (or CI and a laptop) never share keys.
-_UNHASHED_INDUCTOR_CONFIG = ("compile_threads", "worker_start_method", "cache_dir")
 # A consistency check whose default follows the CI environment variable (torch/_functorch/config.py).
 _UNHASHED_FUNCTORCH_CONFIG = ("error_on_custom_op_aliasing",)
 
@@ -75,15 +74,14 @@ def torch_fingerprint() -> dict[str, str]:
 
     # What Inductor's own cache key hashes of its config (`save_config_portable`): it leaves out
     # absolute paths (`cutlass_dir`s: on torch 2.13 `xpu.cutlass_dir` is the working directory,
-    # so a rank started elsewhere than the warm missed every key), tracing and cache switches.
-    inductor = {k: v for k, v in _portable(inductor_config).items()
-                if k not in _UNHASHED_INDUCTOR_CONFIG}
+    # so a rank started elsewhere than the warm missed every key), compile threads, tracing and
+    # cache switches.
     return {
         "torch": torch.__version__,
         "torch_key": torch_key().hex(),
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "arch": platform.machine(),
-        "inductor_config": _hash_config(inductor),
+        "inductor_config": _hash_config(_portable(inductor_config)),
         "functorch_config": _hash_config({k: v for k, v in _portable(functorch_config).items()
                                           if k not in _UNHASHED_FUNCTORCH_CONFIG}),
     }
@@ -125,7 +123,8 @@ def quiet_autotune_logs() -> None:
 def set_compile_threads(threads: int) -> None:
     """Inductor's parallel compile workers for this process (a Ray task sets it from its CPUs).
 
-    Left out of the environment fingerprint (`_UNHASHED_INDUCTOR_CONFIG`), so keys do not change.
+    Inductor leaves it out of its portable config, so the environment fingerprint and keys do not
+    change with it.
     """
     from torch._inductor import config as inductor_config
 
@@ -376,7 +375,7 @@ def load_artifact(data: bytes | memoryview, tuning: bytes | memoryview = b"",
     elif unpickled is None:
         source = retarget.compiled_device_index(bytes(data))
     else:
-        source = _one_index(artifact_format.cuda_indices(unpickled))
+        source = retarget.one_index(artifact_format.cuda_indices(unpickled))
     if source is None or source == device_index:
         if tuning:  # before the kernels load: they read their tuned config when created
             load_tuning(tuning)
@@ -388,10 +387,3 @@ def load_artifact(data: bytes | memoryview, tuning: bytes | memoryview = b"",
         if tuning:
             load_tuning(tuning)
         return artifact_format.load(data)
-
-
-def _one_index(found: set[int]) -> int | None:
-    if len(found) > 1:
-        raise ValueError(f"artifact code runs on CUDA devices {sorted(found)}; only a piece on "
-                         f"one device can move to another")
-    return next(iter(found), None)

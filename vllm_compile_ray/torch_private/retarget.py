@@ -47,10 +47,15 @@ def compiled_device_index(data: bytes) -> int | None:
         if end != -1 and data[start:end].isdigit():
             found.add(int(data[start:end]))
         at = data.find(_GUARD, start)
+    return one_index(found)
+
+
+def one_index(found: set[int]) -> int | None:
+    """The one CUDA index of an artifact's code (None: none), else why it cannot move."""
     if len(found) > 1:
         raise ValueError(f"artifact code runs on CUDA devices {sorted(found)}; only a piece on "
                          f"one device can move to another")
-    return found.pop() if found else None
+    return next(iter(found), None)
 
 
 def retarget_source(code: str, index: int) -> str:
