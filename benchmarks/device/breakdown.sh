@@ -1,7 +1,7 @@
 # where a new-node rank's load goes: warm with the defaults, a first rank, then new-node loads
 # with torch's phase timers (timed_load.py) and a cProfile ($OUT/load.prof: read self times)
 . benchmarks/device/env.sh
-python -m compileall -q -j 16 $(python -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))") /tmp/site vllm_compile_ray > /dev/null 2>&1; nvidia-smi -L
+pyc; nvidia-smi -L
 rm -rf $R; mkdir -p $R
 python -m vllm_compile_ray warm --model llama-3-8b --num-layers 4 --sizes 1,2,4,8,16,32,64,128,256,512 \
   --device cuda --max-autotune --cache $R/user-cache 2>&1 | grep -E "^took|^complete"

@@ -1,7 +1,7 @@
 # issue 25: user command (defaults) + two flag sets + the serial loop, one bench run, in a process
 # session of its own so that it outlives this call; call2.sh collects it and runs the loads.
 . benchmarks/device/env.sh
-python -m compileall -q -j 16 $(python -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))") /tmp/site vllm_compile_ray > /dev/null 2>&1
+pyc
 nvidia-smi -L; nproc; free -g | head -2; python -c "import torch, triton; print(torch.__version__, triton.__version__)"
 R=/root/e2e; rm -rf $R; mkdir -p $R
 setsid nohup python benchmarks/bench_warm.py --end-to-end --model llama-3-8b --num-layers 4 \

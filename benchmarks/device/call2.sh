@@ -7,7 +7,7 @@ if [ -f $R/bench.out ]; then
   tar -C $R -czf $OUT/bench_logs.tgz --exclude='*-cache' --exclude='*-inductor' . 2>/dev/null
 else
   echo "== not the same machine: warm for the loads"; mkdir -p $R
-  python -m compileall -q -j 16 $(python -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))") /tmp/site vllm_compile_ray > /dev/null 2>&1
+  pyc
   ( time python -m vllm_compile_ray warm --model llama-3-8b --num-layers 4 \
     --sizes 1,2,4,8,16,32,64,128,256,512 --device cuda --max-autotune --cache $R/user-cache ) 2>&1 | tail -12
 fi

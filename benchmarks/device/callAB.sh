@@ -1,6 +1,6 @@
 # warm defaults beside 16 compile slots (issue 25), then the rank startup A/B (ab_load.sh)
 . benchmarks/device/env.sh
-python -m compileall -q -j 16 $(python -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))") /tmp/site vllm_compile_ray ${AB_BASE:-} > /dev/null 2>&1; nvidia-smi -L
+pyc ${AB_BASE:-}; nvidia-smi -L
 rm -rf $R; mkdir -p $R
 python benchmarks/bench_warm.py --end-to-end --skip-serial --model llama-3-8b --num-layers 4 \
   --sizes 1,2,4,8,16,32,64,128,256,512 --device cuda --max-autotune \

@@ -1,6 +1,6 @@
 # defaults beside flags (issue 25), then rank startups from the defaults' cache + profile (issue 24)
 . benchmarks/device/env.sh
-python -m compileall -q -j 16 $(python -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))") /tmp/site vllm_compile_ray > /dev/null 2>&1; nvidia-smi -L; nproc; python -c "import torch, triton; print(torch.__version__, triton.__version__)"
+pyc; nvidia-smi -L; nproc; python -c "import torch, triton; print(torch.__version__, triton.__version__)"
 R=/root/e2e; rm -rf $R; mkdir -p $R
 python benchmarks/bench_warm.py --end-to-end --skip-serial --model llama-3-8b --num-layers 4 \
   --sizes 1,2,4,8,16,32,64,128,256,512 --device cuda --max-autotune \

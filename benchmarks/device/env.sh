@@ -7,3 +7,5 @@ S="--model llama-3-8b --num-layers 32 --sizes 1,2,4,8,16,32,64,128,256,512 --max
 run() { local name=$1; shift; echo "== $name"; local t0=$(date +%s.%N)
   "$@" 2>&1 | grep -v Warning | tail -3
   echo "$name wall $(python -c "import time;print(round(time.time()-$t0,2))") s"; }
+# .pyc for torch, the bundle and the package (an installed machine has them), plus extra dirs
+pyc() { python -m compileall -q -j 16 $(python -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))") /tmp/site vllm_compile_ray "$@" > /dev/null 2>&1; }
