@@ -16,7 +16,7 @@ from vllm_compile_ray.compiling.compiler_interface import (
     pack_tuned,
     unpack_tuned,
 )
-from vllm_compile_ray.torch_private import artifact_format, inductor
+from vllm_compile_ray.torch_private import artifact_format, bundle_prune, inductor
 
 BEST = {"XBLOCK": 128, "num_warps": 4, "num_stages": 1, "configs_hash": "c0ffee",
         "found_by_coordesc": True, "time_taken_ms": 12}
@@ -96,6 +96,7 @@ def test_failed_tuning_ships_the_artifact_untuned(monkeypatch: pytest.MonkeyPatc
     """Runtime autotuning that fails (out of memory, a driver error) costs the loaders their
     first-call tuning, never the artifact: it is published as compiled, with the error noted."""
     monkeypatch.setattr(inductor, "compile_static", lambda *a: ("fn", b"standalone-bytes"))
+    monkeypatch.setattr(bundle_prune, "prune", lambda data: (data, {}))  # stand-in bytes
     monkeypatch.setattr(inductor, "example_tensors", lambda *a: [])
 
     def out_of_memory(fn, inputs):

@@ -211,3 +211,39 @@ def test_retarget_moves_code_binaries_and_tuning(cpu_artifact, tmp_path, monkeyp
     landed = {p.relative_to(tmp_path / "inductor").as_posix()
               for p in (tmp_path / "inductor").rglob("*.best_config")}
     assert landed == {moved_key(k) for k in shipped_kernels}
+
+
+def test_prune_keeps_the_groups_of_launched_kernels(cpu_artifact) -> None:
+    """A bundle cut to what the wrapper launches: groups named for its kernels stay, a group of
+    a kernel it never launches (a GEMM choice benchmarked during max-autotune) goes; an artifact
+    with nothing to cut, or no bundle, or in the cache format comes back as it was."""
+    from torch._inductor.triton_bundler import (
+        TritonBundle,
+        TritonKernelArtifact,
+        TritonKernelArtifacts,
+    )
+
+    from vllm_compile_ray.torch_private import bundle_prune
+
+    data, _ = cpu_artifact
+    assert bundle_prune.prune(data) == (data, {})  # CPU code: no Triton bundle
+    if artifact_format.unpickle(data) is None:
+        return  # the cache format is loaded by torch as it is
+    (graph,) = _graphs(data)
+    launched = sorted(set(bundle_prune._LAUNCHED.findall(WRAPPER)))
+    assert len(launched) >= 2
+
+    def group(n: int, name: str) -> TritonKernelArtifacts:
+        return TritonKernelArtifacts(f"hash{n}", 0, [TritonKernelArtifact(f"{name}.cubin", b"c"),
+                                                     TritonKernelArtifact(f"{name}.json", b"{}")])
+
+    graph.source_code = WRAPPER
+    graph._triton_bundle = TritonBundle(
+        [group(0, launched[0]), group(1, "triton_mm_choice_7"), group(2, launched[1])], [])
+    pruned, counts = bundle_prune.prune(_with_graph(data, graph, []))
+    assert counts == {"bundle_groups": 3, "bundle_groups_kept": 2}
+    (new,) = _graphs(pruned)
+    assert [g.kernel_hash for g in new._triton_bundle.kernel_artifacts] == ["hash0", "hash2"]
+    assert new.source_code == WRAPPER and artifact_format.cuda_indices(
+        artifact_format.unpickle(pruned)) == set(graph.device_idxs)
+    assert bundle_prune.prune(pruned) == (pruned, {"bundle_groups": 2, "bundle_groups_kept": 2})

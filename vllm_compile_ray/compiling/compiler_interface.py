@@ -18,7 +18,7 @@ from ..config import CompilationConfig
 from ..errors import ConfigError
 from ..keys import digest
 from ..planning.canonical import InputSpec
-from ..torch_private import inductor
+from ..torch_private import bundle_prune, inductor
 from .passes import PostGradPassManager
 
 Guard = tuple[int, "int | None"]
@@ -144,7 +144,8 @@ class InductorStandaloneAdaptor(CompilerInterface):
             inputs = inductor.example_tensors(input_specs, int(shape), device)
             fn, data = inductor.compile_static(graph, inputs, self.options)
             guard = (int(shape), int(shape))
-        result = CompileResult(fn, data, guard)
+        data, pruned = bundle_prune.prune(data)
+        result = CompileResult(fn, data, guard, info=dict(pruned))
         if self.ship_autotune and device.split(":")[0] == "cuda":
             start = time.perf_counter()
             try:
@@ -156,11 +157,11 @@ class InductorStandaloneAdaptor(CompilerInterface):
             except Exception as exc:  # the artifact is good without them: loaders tune instead
                 logger.warning("runtime autotuning of a %s artifact failed, shipping it "
                                "untuned: %s: %s", shape, type(exc).__name__, exc)
-                result.info = {"tune_error": f"{type(exc).__name__}: {exc}"[:500]}
+                result.info["tune_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 return result
             result.artifact = pack_tuned(data, tuning)
-            result.info = {"tuned_kernels": kernels,
-                           "tune_seconds": round(time.perf_counter() - start, 4)}
+            result.info.update(tuned_kernels=kernels,
+                               tune_seconds=round(time.perf_counter() - start, 4))
             result.info.update(self._check(data, tuning, inputs, shape))
         return result
 

@@ -5,7 +5,8 @@
 
 - `inductor`: compile (`standalone_compile`), load and tune artifacts; fingerprints; Inductor
   config and worker setup. `artifact_format`: the artifact's bytes, loaded in memory.
-  `retarget`: moving an artifact to another GPU index. `triton_key`: Triton's build hash,
+  `retarget`: moving an artifact to another GPU index. `bundle_prune`: an artifact's Triton
+  bundle cut to the kernels it launches. `triton_key`: Triton's build hash,
   computed in the background while a rank starts. `inductor_metrics`: Inductor's timers,
   counters and logs. `graph_pass`: the custom post-grad pass base class.
 - `aot_compile`: dynamo's AOT compile of a traced call (`TracedModel`, trace / save / restore).
