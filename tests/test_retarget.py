@@ -214,9 +214,10 @@ def test_retarget_moves_code_binaries_and_tuning(cpu_artifact, tmp_path, monkeyp
 
 
 def test_prune_keeps_the_groups_of_launched_kernels(cpu_artifact) -> None:
-    """A bundle cut to what the wrapper launches: groups named for its kernels stay, a group of
-    a kernel it never launches (a GEMM choice benchmarked during max-autotune) goes; an artifact
-    with nothing to cut, or no bundle, or in the cache format comes back as it was."""
+    """A bundle cut to what the wrapper launches: groups named for its kernels stay with their
+    binary and JSON files, a group of a kernel it never launches (a GEMM choice benchmarked
+    during max-autotune) goes; an artifact with nothing to cut, or no bundle, or in the cache
+    format comes back as it was."""
     from torch._inductor.triton_bundler import (
         TritonBundle,
         TritonKernelArtifact,
@@ -234,16 +235,24 @@ def test_prune_keeps_the_groups_of_launched_kernels(cpu_artifact) -> None:
     assert len(launched) >= 2
 
     def group(n: int, name: str) -> TritonKernelArtifacts:
-        return TritonKernelArtifacts(f"hash{n}", 0, [TritonKernelArtifact(f"{name}.cubin", b"c"),
-                                                     TritonKernelArtifact(f"{name}.json", b"{}")])
+        files = [f"{name}.{ext}" for ext in ("source", "ttir", "ttgir", "llir", "ptx", "cubin",
+                                             "json")] + [f"__grp__{name}.json"]
+        return TritonKernelArtifacts(f"hash{n}", 0,
+                                     [TritonKernelArtifact(f, f.encode()) for f in files])
 
     graph.source_code = WRAPPER
     graph._triton_bundle = TritonBundle(
         [group(0, launched[0]), group(1, "triton_mm_choice_7"), group(2, launched[1])], [])
     pruned, counts = bundle_prune.prune(_with_graph(data, graph, []))
-    assert counts == {"bundle_groups": 3, "bundle_groups_kept": 2}
+    assert counts == {"bundle_groups": 3, "bundle_groups_kept": 2, "bundle_files": 24,
+                      "bundle_files_kept": 6}
     (new,) = _graphs(pruned)
-    assert [g.kernel_hash for g in new._triton_bundle.kernel_artifacts] == ["hash0", "hash2"]
+    kept = new._triton_bundle.kernel_artifacts
+    assert [g.kernel_hash for g in kept] == ["hash0", "hash2"]
+    assert [f.filename for f in kept[0].artifacts] == [
+        f"{launched[0]}.cubin", f"{launched[0]}.json", f"__grp__{launched[0]}.json"]
+    assert kept[0].artifacts[0].payload == f"{launched[0]}.cubin".encode()
     assert new.source_code == WRAPPER and artifact_format.cuda_indices(
         artifact_format.unpickle(pruned)) == set(graph.device_idxs)
-    assert bundle_prune.prune(pruned) == (pruned, {"bundle_groups": 2, "bundle_groups_kept": 2})
+    assert bundle_prune.prune(pruned) == (pruned, {"bundle_groups": 2, "bundle_groups_kept": 2,
+                                                   "bundle_files": 6, "bundle_files_kept": 6})

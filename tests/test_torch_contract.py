@@ -119,6 +119,10 @@ def _leaves_out(*names: str) -> Check:
     return check
 
 
+def _assert(ok: bool, detail: str) -> None:
+    assert ok, detail
+
+
 def _is_bytes(obj: Any) -> None:
     assert isinstance(obj, bytes), f"{obj!r} is no longer bytes"
 
@@ -410,6 +414,8 @@ TOUCHES: list[Touch] = [
           "retarget.retarget; bundle_prune.prune (a group's files)", fields("device", "artifacts")),
     Touch("torch._inductor.triton_bundler:TritonKernelArtifact", "bundle_prune._names",
           fields("filename", "payload")),
+    Touch("torch._inductor.utils:GPU_KERNEL_BIN_EXTS", "bundle_prune._loaded_extensions",
+          lambda exts: _assert(exts.get("cuda") == ".cubin", f"{exts}")),
     Touch("torch.utils._appending_byte_serializer:BytesWriter",
           "retarget._write_chunks, bundle_prune._repickled / artifact_format.fields (reads what "
           "it writes)",

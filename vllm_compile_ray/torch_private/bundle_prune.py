@@ -11,8 +11,9 @@ launch (the rest are GEMM template choices benchmarked during max-autotune); by 
 spent 0.73 s of its 2.7 s load writing them.
 
 `prune` keeps the groups whose files are named for a kernel the wrapper launches
-(`async_compile.triton('<name>', ...)`); their cubins and metadata are what Triton's cache and
-Inductor's static launcher load. The compile task checks the pruned artifact in a fresh cache
+(`async_compile.triton('<name>', ...)`), and of those only the binary and the JSON metadata
+(the group index among them): what Triton's cache (`FileCacheManager.get_group` skips absent
+children) and Inductor's static launcher load. The IRs and the source are for debugging. The compile task checks the pruned artifact in a fresh cache
 (`inductor.check_complete`): a group a loader still needed shows as a kernel compile there.
 Artifacts whose graphs launch user Triton kernels (a side table) are left whole.
 """
@@ -31,8 +32,9 @@ _LAUNCHED = re.compile(r"async_compile\.triton\('(\w+)'")
 
 
 def prune(data: bytes) -> tuple[bytes, dict[str, int]]:
-    """`data` with each compiled graph's Triton bundle cut to the launched kernels' groups, and
-    {"bundle_groups", "bundle_groups_kept"}; the bytes unchanged when nothing is cut."""
+    """`data` with its compiled graph's Triton bundle cut to the launched kernels' groups and
+    their loaded files, and counts of groups and files before and after ({} when there is no
+    bundle to cut); the bytes unchanged when nothing is cut."""
     unpickled = artifact_format.unpickle(data)
     if unpickled is None or any(unpickled.side):
         return data, {}
@@ -41,12 +43,26 @@ def prune(data: bytes) -> tuple[bytes, dict[str, int]]:
     if bundle is None or not bundle.kernel_artifacts:
         return data, {}
     launched = set(_LAUNCHED.findall(graph.source_code))
-    kept = [group for group in bundle.kernel_artifacts if _names(group) & launched]
-    counts = {"bundle_groups": len(bundle.kernel_artifacts), "bundle_groups_kept": len(kept)}
-    if not launched or len(kept) == len(bundle.kernel_artifacts):
+    if not launched:
+        return data, {}
+    loaded = _loaded_extensions()
+    kept = [dataclasses.replace(group, artifacts=[
+                f for f in group.artifacts if os.path.splitext(f.filename)[1] in loaded])
+            for group in bundle.kernel_artifacts if _names(group) & launched]
+    counts = {"bundle_groups": len(bundle.kernel_artifacts), "bundle_groups_kept": len(kept),
+              "bundle_files": sum(len(g.artifacts) for g in bundle.kernel_artifacts),
+              "bundle_files_kept": sum(len(g.artifacts) for g in kept)}
+    if counts["bundle_files_kept"] == counts["bundle_files"]:
         return data, counts
     graph._triton_bundle = dataclasses.replace(bundle, kernel_artifacts=kept)
     return _repickled(data, unpickled), counts
+
+
+def _loaded_extensions() -> set[str]:
+    """The files of a kernel group a loader reads: metadata JSON and the GPU binary."""
+    from torch._inductor.utils import GPU_KERNEL_BIN_EXTS
+
+    return {".json", *(f".{ext.lstrip('.')}" for ext in GPU_KERNEL_BIN_EXTS.values())}
 
 
 def _names(group: Any) -> set[str]:
