@@ -3,7 +3,7 @@
 # startup A/B. ~420 s.
 . benchmarks/device/env.sh
 B=${AB_BASE:?AB_BASE: a directory holding the base vllm_compile_ray}
-python -m compileall -q -j 16 $(python -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))") /tmp/site vllm_compile_ray $B > /dev/null 2>&1
+pyc $B
 rm -rf $R; mkdir -p $R
 W="--model llama-3-8b --num-layers 4 --sizes 1,2,4,8,16,32,64,128,256,512 --device cuda --max-autotune"
 echo "== warm new"; python -m vllm_compile_ray warm $W --cache $R/user-cache 2>&1 | grep -E "^took|^complete"
