@@ -1,6 +1,8 @@
-# exp/prune-bundles on the user's path: `vcr warm` with this tree (bundles cut to launched
-# kernels) and with the base package (AB_BASE), then the contents of both caches and the rank
-# startup A/B. ~420 s.
+# Bundles cut to the launched kernels (this tree) against whole ones (AB_BASE, a package from
+# before the cut) on the user's path: `vcr warm` with each, what both caches hold, then the rank
+# startup A/B across the two caches. ~300 s on an H100.
+# The base warm runs second and takes its compiles from the first warm's local Inductor cache: both
+# caches then hold the same compiled code, whole bundles in one and cut ones in the other.
 . benchmarks/device/env.sh
 B=${AB_BASE:?AB_BASE: a directory holding the base vllm_compile_ray}
 pyc $B
@@ -10,4 +12,4 @@ echo "== warm new"; python -m vllm_compile_ray warm $W --cache $R/user-cache 2>&
 echo "== warm base"; env -C $(realpath $B) PYTHONPATH=$(realpath $B):/tmp/site python -m vllm_compile_ray warm $W \
   --cache $R/base-cache 2>&1 | grep -E "^took|^complete"
 for c in user-cache base-cache; do echo "== $c"; python benchmarks/device/bundle_stats.py $R/$c 2>&1 | tail -9; done
-AB_BASE_CACHE=$R/base-cache bash benchmarks/device/ab_load.sh 2>&1 | tail -8
+AB_BASE_CACHE=$R/base-cache bash benchmarks/device/ab_load.sh 2>&1 | tail -12

@@ -126,11 +126,11 @@ class StartupReport:
         return format_reports([self])
 
 
-_COLUMNS = (("rank", "{:d}"), ("setup_s", "{:.3f}"), ("trace_s", "{:.3f}"), ("key_s", "{:.3f}"), ("fetch_s", "{:.3f}"),
-            ("load_s", "{:.3f}"), ("compile_s", "{:.3f}"), ("first_call_s", "{:.3f}"),
-            ("total_s", "{:.3f}"), ("tasks", "{:d}"), ("hits", "{:d}"), ("misses", "{:d}"),
-            ("compiles", "{:d}"), ("eager_fallbacks", "{:d}"), ("kernel_compiles", "{:d}"),
-            ("autotunes", "{:d}"), ("downloaded", "{:d}"),
+_COLUMNS = (("rank", "{:d}"), ("setup_s", "{:.3f}"), ("trace_s", "{:.3f}"), ("key_s", "{:.3f}"),
+            ("fetch_s", "{:.3f}"), ("load_s", "{:.3f}"), ("compile_s", "{:.3f}"),
+            ("first_call_s", "{:.3f}"), ("total_s", "{:.3f}"), ("tasks", "{:d}"), ("hits", "{:d}"),
+            ("misses", "{:d}"), ("compiles", "{:d}"), ("eager_fallbacks", "{:d}"),
+            ("kernel_compiles", "{:d}"), ("autotunes", "{:d}"), ("downloaded", "{:d}"),
             ("staged", "{:d}"), ("bytes_loaded", "{:d}"))
 
 
