@@ -128,3 +128,30 @@ def test_failed_tuning_ships_the_artifact_untuned(monkeypatch: pytest.MonkeyPatc
     noted = adaptor.compile(None, [], 4, "cuda").info
     assert noted["check_error"] == "RuntimeError: cannot load" and noted["tuned_kernels"] == 3
     assert adaptor.compile(None, [], 4, "cpu").info == {}  # no runtime autotuning on CPU
+
+
+def test_a_cut_bundle_the_check_finds_incomplete_ships_whole(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """Cutting the Triton bundle never costs a rank a kernel compile: when the fresh-cache check
+    of the cut artifact compiles a kernel, the task ships the whole bundle and checks that."""
+    monkeypatch.setattr(inductor, "compile_static", lambda *a: ("fn", b"whole-bytes"))
+    monkeypatch.setattr(inductor, "example_tensors", lambda *a: [])
+    monkeypatch.setattr(inductor, "tune_once", lambda data, inputs: (b"tuning", 2))
+    monkeypatch.setattr(bundle_prune, "prune",
+                        lambda data: (b"cut-bytes", {"bundle_groups": 9, "bundle_groups_kept": 3}))
+    checked = []
+
+    def check(data, tuning, inputs):  # the cut bytes miss a kernel the first call launches
+        checked.append(data)
+        return {"check_kernel_compiles": int(data == b"cut-bytes"), "check_autotunes": 0}
+
+    monkeypatch.setattr(inductor, "check_complete", check)
+    result = InductorStandaloneAdaptor(vcr.CompilationConfig()).compile(None, [], 4, "cuda")
+    assert checked == [b"cut-bytes", b"whole-bytes"]
+    assert unpack_tuned(result.artifact) == (b"whole-bytes", b"tuning")
+    assert result.info["check_kernel_compiles"] == 0 and result.info["bundle_cut_undone"] == 1
+    monkeypatch.setattr(inductor, "check_complete",
+                        lambda data, tuning, inputs: {"check_kernel_compiles": 0})
+    kept = InductorStandaloneAdaptor(vcr.CompilationConfig()).compile(None, [], 4, "cuda")
+    assert unpack_tuned(kept.artifact) == (b"cut-bytes", b"tuning")
+    assert "bundle_cut_undone" not in kept.info and kept.info["bundle_groups_kept"] == 3

@@ -255,6 +255,10 @@ def test_warm_summary_says_which_artifacts_a_rank_would_finish_compiling() -> No
     assert "1 need 3 kernel compiles, 5 autotunes" in line and "compile[a/8]" in line
     summary.rows = rows[:1]
     assert "complete artifacts: 1 of 1 checked" in summary.format()
+    assert "whole Triton bundle" not in summary.format()
+    summary.rows = [{**rows[0], "bundle_cut_undone": 1}]
+    assert ("complete artifacts: 1 of 1 checked load and run with no kernel compile or autotune; "
+            "1 shipped with their whole Triton bundle") in summary.format()
     summary.rows = [{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0}]  # CPU: none
     assert "complete artifacts" not in summary.format()
 

@@ -107,6 +107,9 @@ class InductorStandaloneAdaptor(CompilerInterface):
     a loader's first call then runs the tuned kernels instead of benchmarking every config. The
     task then loads what it publishes in a fresh cache and runs it once, counting the kernel
     compiles and autotunes that first call needed (`inductor.check_complete`; 0 when complete).
+    Each artifact's Triton bundle is cut to its launched kernels' binaries
+    (`torch_private.bundle_prune`); should the check compile a kernel the cut dropped, the task
+    ships the whole bundle instead and checks that.
     """
 
     name = "inductor_standalone"
@@ -144,7 +147,8 @@ class InductorStandaloneAdaptor(CompilerInterface):
             inputs = inductor.example_tensors(input_specs, int(shape), device)
             fn, data = inductor.compile_static(graph, inputs, self.options)
             guard = (int(shape), int(shape))
-        data, pruned = bundle_prune.prune(data)
+        whole = data
+        data, pruned = bundle_prune.prune(whole)
         result = CompileResult(fn, data, guard, info=dict(pruned))
         if self.ship_autotune and device.split(":")[0] == "cuda":
             start = time.perf_counter()
@@ -162,7 +166,15 @@ class InductorStandaloneAdaptor(CompilerInterface):
             result.artifact = pack_tuned(data, tuning)
             result.info.update(tuned_kernels=kernels,
                                tune_seconds=round(time.perf_counter() - start, 4))
-            result.info.update(self._check(data, tuning, inputs, shape))
+            checked = self._check(data, tuning, inputs, shape)
+            if checked.get("check_kernel_compiles") and data is not whole:
+                # the cut dropped a kernel the first call needs: ship the bundle whole instead
+                logger.warning("the cut Triton bundle of a %s artifact left %d kernel(s) to "
+                               "compile at first call; shipping the whole bundle", shape,
+                               checked["check_kernel_compiles"])
+                result.artifact = pack_tuned(whole, tuning)
+                checked = {**self._check(whole, tuning, inputs, shape), "bundle_cut_undone": 1}
+            result.info.update(checked)
         return result
 
     @staticmethod

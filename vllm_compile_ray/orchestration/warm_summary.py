@@ -80,6 +80,9 @@ class WarmSummary:
                 tunes = sum(r.get("check_autotunes", 0) for r in incomplete)
                 line += (f"; {len(incomplete)} need {compiles} kernel compiles, {tunes} autotunes "
                          f"at a rank's first call (e.g. {incomplete[0]['name']})")
+            if whole := [r["name"] for r in checked if r.get("bundle_cut_undone")]:
+                line += (f"; {len(whole)} shipped with their whole Triton bundle (cut to the "
+                         f"launched kernels, they compiled one at first call; e.g. {whole[0]})")
             lines.append(line)
         failed_choices = [r for r in self.rows if r.get("autotune_failed")]
         if failed_choices:
