@@ -19,26 +19,4 @@ for i in 1 2 3 4; do
 done
 for side in base new new base; do side_run $side restart ${side}1; done
 } 2>&1 | tee $R/ab.log
-python - "$R/ab.log" <<'PY'
-import statistics, sys
-rows, walls, name = {}, {}, None
-for line in open(sys.argv[1]):
-    cols = line.split()
-    if line.startswith("== "):
-        name = line[3:].strip()
-    elif name and cols and cols[0] == "0":  # the report's row of rank 0
-        rows.setdefault(name, []).append({"trace": float(cols[2]), "fetch": float(cols[4]),
-                                          "load": float(cols[5]), "first": float(cols[7]),
-                                          "ready": float(cols[8]), "hits": int(cols[10]),
-                                          "kernel_compiles": int(cols[14]),
-                                          "autotunes": int(cols[15])})
-    elif name and line.startswith(f"{name} wall "):  # process start to exit
-        rows.get(name, [{}])[-1]["wall"] = float(cols[-2])
-for name, got in rows.items():
-    print(f"{name:18s} n={len(got)} " + "  ".join(
-        f"{k} {statistics.mean(r[k] for r in got):.2f} ({min(r[k] for r in got):.2f}-"
-        f"{max(r[k] for r in got):.2f})" for k in ("trace", "fetch", "load", "first", "ready", "wall")
-        if all(k in r for r in got)))
-    print(f"{'':18s} hits {sorted({r['hits'] for r in got})}, kernel compiles "
-          f"{sum(r['kernel_compiles'] for r in got)}, autotunes {sum(r['autotunes'] for r in got)}")
-PY
+python benchmarks/device/ab_summary.py $R/ab.log
