@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on CPU (their numbers come from the GPU hosts, where a
-crash costs device time): `bench_warm.py` with the eager backend on an in-process Ray, and
-`profile_compile.py` with one Inductor compile checked against eager."""
+crash costs device time): `bench_warm.py` with the eager backend on an in-process Ray,
+`bench_load.py` against moto's S3 server, and `profile_compile.py` with one Inductor compile
+checked against eager."""
 
 from __future__ import annotations
 
@@ -41,6 +42,39 @@ def test_bench_warm_end_to_end_times_the_user_command_and_the_serial_loop_as_pro
     assert not re.search(r"--(max-in-flight|gpus-per-compile|cpus-per-compile|pool)", command)
     assert "warm llama-tiny tp=1: 3 compiled, 0 cached" in logs["user_command"]
     assert re.search(r"^serial 3/3 compile\[", logs["serial"], re.M), logs["serial"][-2000:]
+
+
+def test_bench_load_starts_ranks_from_what_vcr_warm_put_in_s3(tmp_path: Path) -> None:
+    """bench_load.py fills an S3 cache (moto) with `vcr warm` and times the user's `vcr load`s:
+    new nodes fetch every artifact from S3 or from its local copy, restarts take them from their
+    staging directory, and the cold rank compiles them all itself."""
+    tmp = tempfile.mkdtemp(prefix="vb")  # short: Ray's socket paths live under TMPDIR
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
+        out = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "benchmarks/bench_load.py", "--model",
+             "llama-tiny", "--num-layers", "1", "--sizes", "2", "--no-dynamic", "--device", "cpu",
+             "--backend", "eager", "--json", str(tmp_path / "runs.json")], cwd=REPO, env=env,
+            capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert [r["mode"] for r in runs] == ["warm", "first", "shared", "local", "restart-shared",
+                                         "restart-local", "cold"]
+    assert "--cache s3://vcr-bench/vcr" in runs[0]["argv"]
+    assert re.match(r"warm llama-tiny tp=1: (\d+) compiled, 0 cached, 0 failed", runs[0]["summary"][0])
+    report = {r["mode"]: r["report"] for r in runs[1:]}
+    tasks = report["cold"]["tasks"]
+    assert tasks == int(re.match(r"warm \S+ tp=1: (\d+)", runs[0]["summary"][0])[1])
+    for mode in ("shared", "local"):
+        assert (report[mode]["hits"], report[mode]["compiles"]) == (tasks, 0)
+        assert report[mode]["downloaded"] == tasks  # a new node: every artifact fetched
+    for mode in ("restart-shared", "restart-local"):
+        assert (report[mode]["downloaded"], report[mode]["staged"]) == (0, tasks)
+    assert (report["cold"]["hits"], report["cold"]["compiles"]) == (0, tasks)
+    assert "shared / local: rank ready" in out.stdout
+    assert "startup from the cache: 0 piece compiles, 0 kernel compiles" in out.stdout
 
 
 def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
