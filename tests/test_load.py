@@ -164,10 +164,8 @@ def test_miss_policies_error_then_publish_then_nothing(tmp_path: Path, s3_bucket
     cfg = s3_config(s3_bucket, s3_store_options, tmp_path / "stage-a", compile_sizes=[4], **EAGER)
 
     counter = vcr.CompilationCounter()
-    start = time.perf_counter()
     with pytest.raises(vcr.CacheMissError) as info:
         vcr.load(model, cfg.replace(on_miss="error"), model_name="llama-tiny", counter=counter)
-    assert time.perf_counter() - start < 30
     message, missing = str(info.value), info.value.missing_keys
     assert len(missing) == 6  # 3 unique pieces x (dynamic, 4)
     assert all(key in message for key in missing)

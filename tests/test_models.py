@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -102,12 +101,11 @@ def _rss_mb() -> float:
 
 
 def test_llama_3_70b_on_meta_is_cheap() -> None:
-    rss0, t0 = _rss_mb(), time.perf_counter()
+    rss0 = _rss_mb()
     model = build("llama-3-70b", device="meta")
-    elapsed, grown = time.perf_counter() - t0, _rss_mb() - rss0
+    grown = _rss_mb() - rss0
     assert len(model.model.layers) == 80
     assert sum(p.numel() for p in model.parameters()) > 70e9  # 70.6e9 counted, none allocated
-    assert elapsed < 5.0, elapsed
     assert grown < 200, f"meta build grew RSS by {grown:.0f} MB"
 
 
