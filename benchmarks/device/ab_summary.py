@@ -1,4 +1,4 @@
-"""Summary of an A/B log of `vcr load` runs (ab_load.sh, ab_prune.sh): per run name (the "== <name>"
+"""Summary of an A/B log of `vcr load` runs (ab_load.sh, ab_warm.sh): per run name (the "== <name>"
 line before each run), the means and ranges of rank 0's startup report phases, the process's
 start to exit ("<name> wall <s> s"), the hits, kernel compiles and autotunes.
 

@@ -1,8 +1,9 @@
-# Bundles cut to the launched kernels (this tree) against whole ones (AB_BASE, a package from
-# before the cut) on the user's path: `vcr warm` with each, what both caches hold, then the rank
-# startup A/B across the two caches. ~300 s on an H100.
-# The base warm runs second and takes its compiles from the first warm's local Inductor cache: both
-# caches then hold the same compiled code, whole bundles in one and cut ones in the other.
+# A/B of a change to what `vcr warm` publishes: a warm with this tree and one with a base package
+# (AB_BASE, e.g. `git archive <rev> vllm_compile_ray | tar -x -C DIR`), what both caches' Triton
+# bundles hold, then the rank startup A/B (ab_load.sh) across the two caches. ~300 s on an H100.
+# The base warm runs second and takes its compiles from the first warm's local Inductor cache:
+# both caches then hold the same compiled code, as each side's publishing step left it.
+# Session 27: bundles cut to the launched kernels against whole ones (benchmarks/RESULTS.md).
 . benchmarks/device/env.sh
 B=${AB_BASE:?AB_BASE: a directory holding the base vllm_compile_ray}
 pyc $B
