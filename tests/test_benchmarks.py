@@ -18,6 +18,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    """A benchmark script run on an in-process Ray. faulthandler: a crash of the process (one
+    SIGSEGV in a full run, session 22) shows its Python stack in the assertion's stderr."""
+    tmp = tempfile.mkdtemp(prefix="vb")  # short: Ray's socket paths live under TMPDIR
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
+        return subprocess.run([sys.executable, "-X", "faulthandler", *argv], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_bench_warm_end_to_end_times_the_user_command_and_the_serial_loop_as_processes() -> None:
     """--end-to-end: `vcr warm` as a user types it (no sizing flags) and the serial loop, each a
     process from start to exit, both compiling every task; the ratio is theirs."""
@@ -48,16 +60,9 @@ def test_bench_load_starts_ranks_from_what_vcr_warm_put_in_s3(tmp_path: Path) ->
     """bench_load.py fills an S3 cache (moto) with `vcr warm` and times the user's `vcr load`s:
     new nodes fetch every artifact from S3 or from its local copy, restarts take them from their
     staging directory, and the cold rank compiles them all itself."""
-    tmp = tempfile.mkdtemp(prefix="vb")  # short: Ray's socket paths live under TMPDIR
-    try:
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
-        out = subprocess.run(
-            [sys.executable, "-X", "faulthandler", "benchmarks/bench_load.py", "--model",
-             "llama-tiny", "--num-layers", "1", "--sizes", "2", "--no-dynamic", "--device", "cpu",
-             "--backend", "eager", "--json", str(tmp_path / "runs.json")], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=900)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = run_script("benchmarks/bench_load.py", "--model", "llama-tiny", "--num-layers", "1",
+                     "--sizes", "2", "--no-dynamic", "--device", "cpu", "--backend", "eager",
+                     "--json", str(tmp_path / "runs.json"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
     assert [r["mode"] for r in runs] == ["warm", "first", "shared", "local", "restart-shared",
@@ -78,18 +83,9 @@ def test_bench_load_starts_ranks_from_what_vcr_warm_put_in_s3(tmp_path: Path) ->
 
 
 def test_bench_warm_prints_ratios_utilization_and_overhead() -> None:
-    tmp = tempfile.mkdtemp(prefix="vb")  # short: Ray's socket paths live under TMPDIR
-    try:
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": tmp}
-        out = subprocess.run(
-            # faulthandler: a crash of the process (one SIGSEGV in a full run, session 22) shows
-            # its Python stack in the assertion's stderr
-            [sys.executable, "-X", "faulthandler", "benchmarks/bench_warm.py", "--model",
-             "llama-tiny", "--num-layers", "2", "--sizes", "2", "--no-dynamic", "--device", "cpu",
-             "--backend", "eager", "--workers", "2,2", "--pool", "off,on"], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=600)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = run_script("benchmarks/bench_warm.py", "--model", "llama-tiny", "--num-layers", "2",
+                     "--sizes", "2", "--no-dynamic", "--device", "cpu", "--backend", "eager",
+                     "--workers", "2,2", "--pool", "off,on")
     assert out.returncode == 0, out.stderr[-3000:]
     result, pooled = [json.loads(x[len("result "):]) for x in out.stdout.splitlines()
                       if x.startswith("result ")]
