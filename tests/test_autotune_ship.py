@@ -130,10 +130,10 @@ def test_failed_tuning_ships_the_artifact_untuned(monkeypatch: pytest.MonkeyPatc
     assert adaptor.compile(None, [], 4, "cpu").info == {}  # no runtime autotuning on CPU
 
 
-def test_a_cut_bundle_the_check_finds_incomplete_ships_whole(monkeypatch: pytest.MonkeyPatch
-                                                             ) -> None:
+def test_a_cut_bundle_ships_only_when_checked_complete(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cutting the Triton bundle never costs a rank a kernel compile: when the fresh-cache check
-    of the cut artifact compiles a kernel, the task ships the whole bundle and checks that."""
+    of the cut artifact compiles a kernel or fails, the task ships the whole bundle and checks
+    that; where no check runs (CPU, no runtime autotuning) nothing is cut."""
     monkeypatch.setattr(inductor, "compile_static", lambda *a: ("fn", b"whole-bytes"))
     monkeypatch.setattr(inductor, "example_tensors", lambda *a: [])
     monkeypatch.setattr(inductor, "tune_once", lambda data, inputs: (b"tuning", 2))
@@ -155,3 +155,15 @@ def test_a_cut_bundle_the_check_finds_incomplete_ships_whole(monkeypatch: pytest
     kept = InductorStandaloneAdaptor(vcr.CompilationConfig()).compile(None, [], 4, "cuda")
     assert unpack_tuned(kept.artifact) == (b"cut-bytes", b"tuning")
     assert "bundle_cut_undone" not in kept.info and kept.info["bundle_groups_kept"] == 3
+
+    def cut_fails(data, tuning, inputs):  # the cut does not even load: ship it whole
+        if data == b"cut-bytes":
+            raise RuntimeError("a kernel's binary is missing")
+        return {"check_kernel_compiles": 0}
+
+    monkeypatch.setattr(inductor, "check_complete", cut_fails)
+    whole = InductorStandaloneAdaptor(vcr.CompilationConfig()).compile(None, [], 4, "cuda")
+    assert unpack_tuned(whole.artifact) == (b"whole-bytes", b"tuning")
+    assert whole.info["bundle_cut_undone"] == 1 and "check_error" not in whole.info
+    cpu = InductorStandaloneAdaptor(vcr.CompilationConfig()).compile(None, [], 4, "cpu")
+    assert cpu.artifact == b"whole-bytes"  # nothing checks a cut there

@@ -107,9 +107,9 @@ class InductorStandaloneAdaptor(CompilerInterface):
     a loader's first call then runs the tuned kernels instead of benchmarking every config. The
     task then loads what it publishes in a fresh cache and runs it once, counting the kernel
     compiles and autotunes that first call needed (`inductor.check_complete`; 0 when complete).
-    Each artifact's Triton bundle is cut to its launched kernels' binaries
-    (`torch_private.bundle_prune`); should the check compile a kernel the cut dropped, the task
-    ships the whole bundle instead and checks that.
+    The artifact's Triton bundle is cut to its launched kernels' binaries
+    (`torch_private.bundle_prune`) when that check finds the cut complete; otherwise, and where
+    nothing checks it, the bundle ships whole.
     """
 
     name = "inductor_standalone"
@@ -147,35 +147,42 @@ class InductorStandaloneAdaptor(CompilerInterface):
             inputs = inductor.example_tensors(input_specs, int(shape), device)
             fn, data = inductor.compile_static(graph, inputs, self.options)
             guard = (int(shape), int(shape))
-        whole = data
-        data, pruned = bundle_prune.prune(whole)
-        result = CompileResult(fn, data, guard, info=dict(pruned))
-        if self.ship_autotune and device.split(":")[0] == "cuda":
-            start = time.perf_counter()
-            try:
-                if inputs is None:  # dynamic: tune at the largest listed size inside its guard
-                    size = max(guard[0], self.dynamic_tune_size)
-                    size = size if guard[1] is None else min(size, guard[1])
-                    inputs = inductor.example_tensors(input_specs, size, device)
-                tuning, kernels = inductor.tune_once(data, inputs)
-            except Exception as exc:  # the artifact is good without them: loaders tune instead
-                logger.warning("runtime autotuning of a %s artifact failed, shipping it "
-                               "untuned: %s: %s", shape, type(exc).__name__, exc)
-                result.info["tune_error"] = f"{type(exc).__name__}: {exc}"[:500]
-                return result
-            result.artifact = pack_tuned(data, tuning)
-            result.info.update(tuned_kernels=kernels,
-                               tune_seconds=round(time.perf_counter() - start, 4))
-            checked = self._check(data, tuning, inputs, shape)
-            if checked.get("check_kernel_compiles") and data is not whole:
-                # the cut dropped a kernel the first call needs: ship the bundle whole instead
-                logger.warning("the cut Triton bundle of a %s artifact left %d kernel(s) to "
-                               "compile at first call; shipping the whole bundle", shape,
-                               checked["check_kernel_compiles"])
-                result.artifact = pack_tuned(whole, tuning)
-                checked = {**self._check(whole, tuning, inputs, shape), "bundle_cut_undone": 1}
-            result.info.update(checked)
+        result = CompileResult(fn, data, guard)
+        if not (self.ship_autotune and device.split(":")[0] == "cuda"):
+            return result  # nothing checks it in a fresh cache: its Triton bundle ships whole
+        start = time.perf_counter()
+        try:
+            if inputs is None:  # dynamic: tune at the largest listed size inside its guard
+                size = max(guard[0], self.dynamic_tune_size)
+                size = size if guard[1] is None else min(size, guard[1])
+                inputs = inductor.example_tensors(input_specs, size, device)
+            tuning, kernels = inductor.tune_once(data, inputs)
+        except Exception as exc:  # the artifact is good without them: loaders tune instead
+            logger.warning("runtime autotuning of a %s artifact failed, shipping it "
+                           "untuned: %s: %s", shape, type(exc).__name__, exc)
+            result.info["tune_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            return result
+        result.info.update(tuned_kernels=kernels,
+                           tune_seconds=round(time.perf_counter() - start, 4))
+        result.artifact, checked = self._cut_and_check(data, tuning, inputs, shape)
+        result.info.update(checked)
         return result
+
+    def _cut_and_check(self, whole: bytes, tuning: bytes, inputs: Sequence[Any],
+                       shape: int | str) -> tuple[bytes, dict[str, Any]]:
+        """What to publish: the artifact with its Triton bundle cut to the launched kernels
+        (`bundle_prune`) when the check in a fresh cache finds the cut complete, else whole;
+        and the check's counts."""
+        cut, counts = bundle_prune.prune(whole)
+        checked = self._check(cut, tuning, inputs, shape)
+        if cut is whole or not (checked.get("check_kernel_compiles") or "check_error" in checked):
+            return pack_tuned(cut, tuning), {**counts, **checked}
+        logger.warning("the cut Triton bundle of a %s artifact did not check complete (%s); "
+                       "shipping the whole bundle", shape,
+                       checked.get("check_error") or
+                       f"{checked['check_kernel_compiles']} kernel compiles at first call")
+        return (pack_tuned(whole, tuning),
+                {**self._check(whole, tuning, inputs, shape), "bundle_cut_undone": 1})
 
     @staticmethod
     def _check(data: bytes, tuning: bytes, inputs: Sequence[Any], shape: int | str

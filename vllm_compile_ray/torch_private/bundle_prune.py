@@ -15,10 +15,11 @@ spent 0.73 s of its 2.7 s load writing them.
 (the group index among them): what Triton's cache (`FileCacheManager.get_group` skips absent
 children) and Inductor's static launcher load. The IRs and the source are for debugging. The
 compile task checks the pruned artifact in a fresh cache (`inductor.check_complete`): a group a
-loader still needed shows as a kernel compile there. Artifacts whose graphs launch user Triton
-kernels (a side table) are left whole.
+loader still needed shows as a kernel compile there, and the task then publishes the bundle
+whole (`InductorStandaloneAdaptor._cut_and_check`); where no check runs, nothing is cut.
+Artifacts whose graphs launch user Triton kernels (a side table) are left whole.
 
-Measured on the same host and workload (`benchmarks/device/ab_prune.sh`, ABBA): the bundles
+Measured on the same host and workload (`benchmarks/device/ab_warm.sh`, ABBA): the bundles
 shrink from 484.5 MB to 31.5 MB (856 of 2470 groups, 2568 of 19760 files), every warm artifact
 still checks complete, and a new-node rank's load of the 33 artifacts drops from 1.96 s to
 1.26 s (rank ready 3.80 to 2.65 s).
