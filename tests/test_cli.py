@@ -4,6 +4,7 @@ errors with non-zero exit codes for bad input."""
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,7 @@ def test_warm_prints_progress_and_a_short_summary(warm_run) -> None:
     assert any(line.startswith("took ") and "compile phase" in line for line in lines)
     slowest = next(line for line in lines if line.startswith("slowest: "))
     assert slowest.count("compile[") == 3
+    assert any(re.fullmatch(r"published: 9 artifacts, \d+\.\d MB", line) for line in lines), lines
     assert not any(line.lstrip().startswith(("{", "summary ")) for line in lines)  # no JSON
 
 
@@ -244,12 +246,16 @@ def test_a_checkpoint_directory_plans_and_loads_with_its_weights(capsys, tmp_pat
 
 
 def test_warm_summary_says_which_artifacts_a_rank_would_finish_compiling() -> None:
-    rows = [{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0,
-             "check_kernel_compiles": 0, "check_autotunes": 0},
-            {"name": "compile[a/8]", "status": "compiled", "seconds": 2.0,
-             "check_kernel_compiles": 3, "check_autotunes": 5}]
+    rows = [{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0, "bytes": 1_500_000,
+             "check_kernel_compiles": 0, "check_autotunes": 0, "bundle_groups": 30,
+             "bundle_groups_kept": 7},
+            {"name": "compile[a/8]", "status": "compiled", "seconds": 2.0, "bytes": 2_000_000,
+             "check_kernel_compiles": 3, "check_autotunes": 5, "bundle_groups": 40,
+             "bundle_groups_kept": 9}]
     summary = WarmSummary("m", 1, "fp", total=2, compiled=2, cached=0, failed=0, timed_out=0,
                           wall_s=2.0, plan_s=0.5, task_s_sum=3.0, total_s=3.0, rows=rows)
+    assert ("published: 2 artifacts, 3.5 MB (Triton bundles cut to the launched kernels: 16 of 70 "
+            "kernel groups)") in summary.format().splitlines()
     line = next(x for x in summary.format().splitlines() if x.startswith("complete artifacts"))
     assert line.startswith("complete artifacts: 1 of 2 checked")
     assert "1 need 3 kernel compiles, 5 autotunes" in line and "compile[a/8]" in line
@@ -259,8 +265,10 @@ def test_warm_summary_says_which_artifacts_a_rank_would_finish_compiling() -> No
     summary.rows = [{**rows[0], "bundle_cut_undone": 1}]
     assert ("complete artifacts: 1 of 1 checked load and run with no kernel compile or autotune; "
             "1 shipped with their whole Triton bundle") in summary.format()
-    summary.rows = [{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0}]  # CPU: none
+    summary.rows = [{"name": "compile[a/1]", "status": "compiled", "seconds": 1.0,
+                     "bytes": 250_000}]  # CPU: no check, no Triton bundle
     assert "complete artifacts" not in summary.format()
+    assert "published: 1 artifact, 0.2 MB" in summary.format().splitlines()
 
 
 def test_max_autotune_leaves_out_what_cannot_ship(monkeypatch) -> None:

@@ -282,7 +282,8 @@ def _compile_with_retries(piece: CanonicalPiece, ctx: TaskContext, key: str, sha
                 "compile_attempts": len(errors) + 1, "torch": meta["torch"],
                 "tune_s": float(meta.get("tune_seconds", 0.0)),
                 **{k: meta[k] for k in ("check_kernel_compiles", "check_autotunes",
-                                        "bundle_cut_undone") if k in meta},
+                                        "bundle_cut_undone", "bundle_groups",
+                                        "bundle_groups_kept") if k in meta},
                 "publish_s": round(monitor.stats("publish")["total"], 4),
                 "error": "; ".join(errors)}
     return {"status": "failed", "compile_attempts": len(errors), "error": errors[-1]}

@@ -69,6 +69,32 @@ class WarmSummary:
         if slow := self.slowest():
             lines.append("slowest: " + ", ".join(f"{r['name']} {r.get('seconds', 0.0):.1f}s"
                                                   for r in slow))
+        lines += self._artifact_lines()
+        failed_choices = [r for r in self.rows if r.get("autotune_failed")]
+        if failed_choices:
+            lines.append(f"autotune: {sum(r['autotune_failed'] for r in failed_choices)} GEMM "
+                         f"choices failed in {len(failed_choices)} compiles and were skipped "
+                         f"(tracebacks not logged), e.g. {failed_choices[0].get('autotune_error', '')}")
+        errors = sorted(self.errors.items())
+        lines += [f"error {name}: {_first_line(err)}" for name, err in errors[:max_errors]]
+        if len(errors) > max_errors:
+            lines.append(f"... {len(errors) - max_errors} more errors (vcr warm --json has them all)")
+        lines += [f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
+        return "\n".join(lines)
+
+    def _artifact_lines(self) -> list[str]:
+        """What the compiled tasks published, and whether it loads complete."""
+        lines = []
+        compiled = [r for r in self.rows if r.get("status") == "compiled" and "bytes" in r]
+        if compiled:
+            line = (f"published: {len(compiled)} artifact{'' if len(compiled) == 1 else 's'}, "
+                    f"{sum(r['bytes'] for r in compiled) / 1e6:.1f} MB")
+            cut = [r for r in compiled if "bundle_groups" in r]
+            if cut:
+                line += (f" (Triton bundles cut to the launched kernels: "
+                         f"{sum(r['bundle_groups_kept'] for r in cut)} of "
+                         f"{sum(r['bundle_groups'] for r in cut)} kernel groups)")
+            lines.append(line)
         checked = [r for r in self.rows if "check_kernel_compiles" in r]
         if checked:
             incomplete = [r for r in checked
@@ -82,19 +108,9 @@ class WarmSummary:
                          f"at a rank's first call (e.g. {incomplete[0]['name']})")
             if whole := [r["name"] for r in checked if r.get("bundle_cut_undone")]:
                 line += (f"; {len(whole)} shipped with their whole Triton bundle (cut to the "
-                         f"launched kernels, they compiled one at first call; e.g. {whole[0]})")
+                         f"launched kernels, they did not check complete; e.g. {whole[0]})")
             lines.append(line)
-        failed_choices = [r for r in self.rows if r.get("autotune_failed")]
-        if failed_choices:
-            lines.append(f"autotune: {sum(r['autotune_failed'] for r in failed_choices)} GEMM "
-                         f"choices failed in {len(failed_choices)} compiles and were skipped "
-                         f"(tracebacks not logged), e.g. {failed_choices[0].get('autotune_error', '')}")
-        errors = sorted(self.errors.items())
-        lines += [f"error {name}: {_first_line(err)}" for name, err in errors[:max_errors]]
-        if len(errors) > max_errors:
-            lines.append(f"... {len(errors) - max_errors} more errors (vcr warm --json has them all)")
-        lines += [f"manifest {self.manifest_path}", f"stats {self.stats_path}"]
-        return "\n".join(lines)
+        return lines
 
 
 def _first_line(text: str, limit: int = 300) -> str:
