@@ -88,6 +88,20 @@ def test_keys_do_not_depend_on_the_trace_device(arch: str) -> None:
     assert on_meta.keys == on_cpu.keys
 
 
+def test_one_sequence_past_a_learned_position_table_is_a_clear_error() -> None:
+    """A transformers model is called as one sequence [1, n]: n past GPT-2's learned position
+    table (256 rows) is refused naming it; a rotary model (llama, 256 positions) takes it."""
+    config = vcr.CompilationConfig(compile_sizes=[4, 512], **EAGER)
+    with pytest.raises(ConfigError, match=r"compile size 512 is longer than GPT2LMHeadModel's "
+                       r"256 positions .*`transformer\.wpe` has 256 rows.*Allowed: compile "
+                       r"sizes up to 256"):
+        plan_model(hf_models.build("gpt2", device="meta"), config, device_type="cpu",
+                   fingerprint=FINGERPRINT)
+    plan = plan_model(hf_models.build("llama", device="meta"), config, device_type="cpu",
+                      fingerprint=FINGERPRINT)
+    assert 512 in plan.shapes
+
+
 def test_padding_masks_and_bidirectional_attention_are_refused() -> None:
     model = hf.prepare(hf_models.build("llama"))
     ids = hf_models.tokens(6)

@@ -221,6 +221,18 @@ def test_on_miss_compile_compiles_locally_without_publishing(tmp_path: Path) -> 
     assert ArtifactStore(cfg.cache.cache_dir).list_keys() == []
 
 
+def test_a_rank_warms_sizes_past_the_models_positions(tmp_path: Path) -> None:
+    """A compile size past max_position_embeddings (llama-tiny: 256) is a batch of several
+    sequences, as vLLM batches tokens: the rank's calls at that size keep positions in range."""
+    model = vcr.models.build("llama-tiny", num_layers=1)
+    cfg = vcr.CompilationConfig(compile_sizes=[1, 512], on_miss="compile", **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage")))
+    r = vcr.load(model, cfg).report
+    assert 512 in r.warm_sizes
+    assert (r.misses, r.compiles) == (r.tasks, r.tasks)
+
+
 def test_manifest_keys_are_fetched_while_tracing(tmp_path: Path) -> None:
     manifest = pytest.importorskip("vllm_compile_ray.cache.manifest")
     model = vcr.models.build("llama-tiny", tp_size=2, rank=1, num_layers=2)

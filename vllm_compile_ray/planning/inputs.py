@@ -44,13 +44,48 @@ def as_call(value: Any) -> Call:
 
 
 def default_example_inputs(model: nn.Module) -> ExampleInputs:
-    """transformers models: input_ids [1, n]; other models: (input_ids [n], positions [n])."""
+    """transformers models: input_ids [1, n], one sequence; other models: (input_ids [n],
+    positions [n]), a batch of n tokens as vLLM calls its models: positions count up and wrap
+    at the model's `max_position_embeddings` (a batch of more tokens than one sequence may hold
+    is several sequences)."""
     from .hf import is_transformers_model
 
+    limit = position_limit(model)
     if is_transformers_model(model):
-        return lambda n, device: {"input_ids": torch.zeros(1, n, dtype=torch.long, device=device)}
-    return lambda n, device: (torch.zeros(n, dtype=torch.long, device=device),
-                              torch.arange(n, device=device))
+        def one_sequence(n: int, device: torch.device) -> dict[str, torch.Tensor]:
+            if limit is not None and n > limit:
+                check_one_sequence(model, n, limit)
+            return {"input_ids": torch.zeros(1, n, dtype=torch.long, device=device)}
+        return one_sequence
+
+    def flat(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(n, device=device)
+        if limit is not None and n > limit:
+            positions = positions % limit
+        return torch.zeros(n, dtype=torch.long, device=device), positions
+    return flat
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The model's `config.max_position_embeddings` (GPT-2's `n_positions`), if it has one."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def check_one_sequence(model: nn.Module, num_tokens: int, limit: int) -> None:
+    """Refuse a call of a transformers model as one sequence longer than its learned position
+    table (GPT-2's `wpe`, OPT's `embed_positions`: an embedding besides the token one with a row
+    per position, OPT's 2 more); rotary models compute positions past the limit and pass."""
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Embedding) and module is not tokens
+                and limit <= module.num_embeddings <= limit + 2):
+            raise ConfigError(
+                f"compile size {num_tokens} is longer than {type(model).__name__}'s {limit} "
+                f"positions (max_position_embeddings; its learned position table `{name}` has "
+                f"{module.num_embeddings} rows): a transformers model is called as one sequence "
+                f"of n tokens (input_ids [1, n]). Allowed: compile sizes up to {limit}, or "
+                f"example_inputs that call it as several sequences")
 
 
 def example_call(model: nn.Module, example_inputs: ExampleInputs | None, num_tokens: int,
