@@ -43,6 +43,7 @@ from ..torch_private.dynamo import backend_failure_cause
 from . import aot
 from .api import CompiledModel, compile as compile_model, model_device, open_store, trace_size
 from .backend import VcrBackend
+from .gc_pause import gc_paused
 
 try:
     from ..cache import manifest as manifest_mod
@@ -233,6 +234,7 @@ class _StartupBackend(VcrBackend):
                 self.entered, self.resolved = entered, time.perf_counter()
 
 
+@gc_paused()
 def load(model: torch.nn.Module, config: CompilationConfig | None = None, *, rank: int = 0,
          world_size: int = 1, warmup: bool = True, store: ArtifactStore | None = None,
          report: bool = True, model_name: str = "<model>",
