@@ -233,6 +233,33 @@ def test_a_rank_warms_sizes_past_the_models_positions(tmp_path: Path) -> None:
     assert (r.misses, r.compiles) == (r.tasks, r.tasks)
 
 
+def test_a_rank_starts_with_the_collector_paused(tmp_path: Path) -> None:
+    """No automatic full collection inside load (each walks every object of the process); the
+    collector is back on after it."""
+    import gc
+
+    passes: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    model = vcr.models.build("llama-tiny", num_layers=1)
+    cfg = vcr.CompilationConfig(compile_sizes=[4], on_miss="compile", **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage")))
+    threshold = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)  # unpaused, every generation's pass comes due many times
+    gc.callbacks.append(count)
+    try:
+        vcr.load(model, cfg)
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*threshold)
+    assert passes.count(2) == 0
+    assert gc.isenabled()
+
+
 def test_manifest_keys_are_fetched_while_tracing(tmp_path: Path) -> None:
     manifest = pytest.importorskip("vllm_compile_ray.cache.manifest")
     model = vcr.models.build("llama-tiny", tp_size=2, rank=1, num_layers=2)
