@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import socket
@@ -346,6 +347,24 @@ def test_s3_default_timeouts_and_user_overrides(s3_store_options: dict) -> None:
     opts = {**s3_store_options, "config_kwargs": {"read_timeout": 99}}
     assert ArtifactStore("s3://vcr-test/c", opts)._make_fs().config_kwargs["read_timeout"] == 99
     assert "config_kwargs" not in s3_store_options  # the caller's dict is not mutated
+
+
+def test_s3_reads_are_one_get_each(s3_bucket: str, s3_store_options: dict, tmp_path,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A whole-object read is one GET, never HEAD + GET (s3fs sizes objects first unless told)."""
+    url = f"s3://{s3_bucket}/c"
+    a = ArtifactStore(url, s3_store_options, staging_dir=str(tmp_path / "a"))
+    a.publish(K1, b"one", {})
+    a.publish(K2, b"two", {})
+    a.put_file("side.json", b"{}")
+    b = ArtifactStore(url, s3_store_options, staging_dir=str(tmp_path / "b"))  # a new node
+    with caplog.at_level(logging.DEBUG, logger="s3fs"):
+        assert b.fetch(K1).payload == b"one"
+        assert set(b.fetch_many([K2, K3])) == {K2}
+        assert b.get_file("side.json") == b"{}"
+    calls = [r.getMessage().split()[1] for r in caplog.records
+             if r.name == "s3fs" and r.getMessage().startswith("CALL:")]
+    assert sorted(calls) == ["get_object"] * 4
 
 
 def test_local_path_under_a_file_is_not_writable(tmp_path) -> None:

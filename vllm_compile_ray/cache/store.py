@@ -24,7 +24,7 @@ from .local_files import link_new, replace_file
 from .s3_options import check_s3_options as _check_s3_options
 from .store_errors import translate, translate_errors
 from .store_fs import S3_PROTOCOLS as _S3
-from .store_fs import filesystem_class, gather, open_filesystem
+from .store_fs import filesystem_class, gather, open_filesystem, read_options
 
 if TYPE_CHECKING:  # only the types; the store never signs or verifies itself
     from .signing import Signer, Verifier
@@ -100,9 +100,14 @@ class ArtifactStore:
     def _staged_path(self, key: str) -> str:
         return os.path.join(self.staging_dir, key[:2], key + _SUFFIX)
 
-    def _gather(self, fn: Callable[[str], Any], afn_name: str, paths: list[str]) -> list[Any]:
+    def _gather(self, fn: Callable[..., Any], afn_name: str, paths: list[str],
+                **kwargs: Any) -> list[Any]:
         """Run one call per path concurrently (async backends) or in turn; exceptions returned."""
-        return gather(self._fs, fn, afn_name, paths)
+        return gather(self._fs, fn, afn_name, paths, **kwargs)
+
+    def _read(self, path: str) -> bytes:
+        """A whole object's bytes (one request on S3: `read_options`)."""
+        return self._fs.cat_file(path, **read_options(self._protocol))
 
     # ---- access ----
     def check_access(self, write: bool = True) -> None:
@@ -169,7 +174,7 @@ class ArtifactStore:
     def _is_bad(self, key: str) -> bool:
         """True if the stored object at `key` fails verification (logged: it is replaced)."""
         try:
-            decode_artifact(self._fs.cat_file(self._path(key)), key, self.verifier)
+            decode_artifact(self._read(self._path(key)), key, self.verifier)
         except FileNotFoundError:
             return False  # deleted meanwhile: leave it to the next publish
         except ArtifactCorruptError as e:
@@ -208,7 +213,7 @@ class ArtifactStore:
         if art is not None:
             return art
         with translate_errors(self.url, "fetch", key):
-            blob = self._fs.cat_file(self._path(key))
+            blob = self._read(self._path(key))
         art = decode_artifact(blob, key, self.verifier)
         self._stage(key, blob)
         return art
@@ -223,7 +228,8 @@ class ArtifactStore:
         staged = _threaded(self._read_staged, unique)
         out = {k: art for k, art in zip(unique, staged) if art is not None}
         todo = [k for k in unique if k not in out]
-        results = self._gather(self._fs.cat_file, "_cat_file", [self._path(k) for k in todo])
+        results = self._gather(self._fs.cat_file, "_cat_file", [self._path(k) for k in todo],
+                               **read_options(self._protocol))
         blobs = {}
         for k, r in zip(todo, results):
             if isinstance(r, BaseException):
@@ -277,7 +283,7 @@ class ArtifactStore:
     def read_raw(self, key: str) -> bytes:
         """The stored object's bytes, unverified (tools and fault-injection tests)."""
         with translate_errors(self.url, "read_raw", check_key(key)):
-            return self._fs.cat_file(self._path(key))
+            return self._read(self._path(key))
 
     def write_raw(self, key: str, data: bytes) -> None:
         """Overwrite the stored object with `data`, unverified (tools and fault-injection tests)."""
@@ -303,7 +309,7 @@ class ArtifactStore:
     def get_file(self, relpath: str) -> bytes:
         """Read a side file; ArtifactNotFoundError if missing."""
         with translate_errors(self.url, "get_file", relpath):
-            return self._fs.cat_file(self._side_path(relpath))
+            return self._read(self._side_path(relpath))
 
     def exists_file(self, relpath: str) -> bool:
         with translate_errors(self.url, "exists_file", relpath):

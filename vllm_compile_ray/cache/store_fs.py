@@ -53,11 +53,19 @@ def open_filesystem(protocol: str, storage_options: dict, timeout_s: float) -> A
     return fs
 
 
-def gather(fs: Any, fn: Callable[[str], Any], afn_name: str, paths: list[str]) -> list[Any]:
-    """Run one call per path concurrently (async backends: `fs.<afn_name>`) or in turn (`fn`);
-    exceptions returned."""
+def read_options(protocol: str) -> dict[str, Any]:
+    """Keyword arguments of a whole-object read (`cat_file`): on S3 one GET. s3fs otherwise
+    sends a HEAD first, to split objects past its 50 MiB block into ranged reads: a round trip
+    more per artifact, for objects that small."""
+    return {"max_concurrency": 1} if protocol in S3_PROTOCOLS else {}
+
+
+def gather(fs: Any, fn: Callable[..., Any], afn_name: str, paths: list[str],
+           **kwargs: Any) -> list[Any]:
+    """Run one call per path concurrently (async backends: `fs.<afn_name>`) or in turn (`fn`),
+    each with `kwargs`; exceptions returned."""
     if not getattr(fs, "async_impl", False):
-        return [_call(fn, p) for p in paths]
+        return [_call(fn, p, **kwargs) for p in paths]
     afn = getattr(fs, afn_name)
 
     async def run() -> list[Any]:
@@ -65,14 +73,14 @@ def gather(fs: Any, fn: Callable[[str], Any], afn_name: str, paths: list[str]) -
 
         async def one(p: str) -> Any:
             async with sem:
-                return await afn(p)
+                return await afn(p, **kwargs)
         return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
     return sync(fs.loop, run)
 
 
-def _call(fn: Callable[[str], Any], arg: str) -> Any:
-    """fn(arg), or the exception it raised (for the caller to re-raise or map)."""
+def _call(fn: Callable[..., Any], arg: str, **kwargs: Any) -> Any:
+    """fn(arg, **kwargs), or the exception it raised (for the caller to re-raise or map)."""
     try:
-        return fn(arg)
+        return fn(arg, **kwargs)
     except Exception as e:
         return e
