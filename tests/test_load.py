@@ -233,10 +233,29 @@ def test_a_rank_warms_sizes_past_the_models_positions(tmp_path: Path) -> None:
     assert (r.misses, r.compiles) == (r.tasks, r.tasks)
 
 
-def test_a_rank_starts_with_the_collector_paused(tmp_path: Path) -> None:
-    """No automatic full collection inside load (each walks every object of the process); the
-    collector is back on after it."""
+def test_a_rank_starts_with_the_collector_paused_but_its_compiles_collect(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No automatic full collection inside a load that compiles nothing (each walks every object
+    of the process); a load that compiles collects while compiling; the collector is back on
+    after either."""
     import gc
+
+    from vllm_compile_ray.compiling.compiler_interface import EagerAdaptor
+
+    collecting: list[bool] = []
+    compile_piece = EagerAdaptor.compile
+
+    def compile_and_note(self, *args, **kwargs):
+        collecting.append(gc.isenabled())
+        return compile_piece(self, *args, **kwargs)
+
+    monkeypatch.setattr(EagerAdaptor, "compile", compile_and_note)
+    cfg = vcr.CompilationConfig(compile_sizes=[4], on_miss="compile_and_publish", **EAGER,
+                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
+                                                      staging_dir=str(tmp_path / "stage")))
+    assert vcr.load(vcr.models.build("llama-tiny", num_layers=1), cfg).report.compiles > 0
+    assert collecting and all(collecting)
+    assert gc.isenabled()
 
     passes: list[int] = []
 
@@ -244,19 +263,16 @@ def test_a_rank_starts_with_the_collector_paused(tmp_path: Path) -> None:
         if phase == "start":
             passes.append(info["generation"])
 
-    model = vcr.models.build("llama-tiny", num_layers=1)
-    cfg = vcr.CompilationConfig(compile_sizes=[4], on_miss="compile", **EAGER,
-                                cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
-                                                      staging_dir=str(tmp_path / "stage")))
     threshold = gc.get_threshold()
     gc.set_threshold(1, 1, 1)  # unpaused, every generation's pass comes due many times
     gc.callbacks.append(count)
     try:
-        vcr.load(model, cfg)
+        report = vcr.load(vcr.models.build("llama-tiny", num_layers=1),
+                          cfg.replace(on_miss="error")).report
     finally:
         gc.callbacks.remove(count)
         gc.set_threshold(*threshold)
-    assert passes.count(2) == 0
+    assert report.hits == report.tasks and passes.count(2) == 0
     assert gc.isenabled()
 
 

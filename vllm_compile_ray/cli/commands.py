@@ -80,13 +80,17 @@ def warm(**opts: Any) -> None:
 @click.option("--seed", type=int, default=0, help="weight seed when no --weights are given")
 def load(**opts: Any) -> None:
     """Pull a rank's compiled pieces from the cache (as a TP worker does) and print the report."""
-    import gc
-
-    import torch
+    from ..runtime.gc_pause import gc_paused
 
     # A process that starts a rank and exits: the collector's full passes (0.5-0.7 s of a 5 s
-    # llama-tiny start on the 2-core machine) would free nothing it still needs.
-    gc.disable()
+    # llama-tiny start on the 2-core machine) would free nothing it still needs; its compiles
+    # (`--on-miss compile`) collect as usual.
+    with gc_paused():
+        click.echo(_load_rank(opts).report.table())
+
+
+def _load_rank(opts: dict[str, Any]) -> Any:
+    import torch
 
     from ..orchestration.trace_task import fake_group
     from ..planning import intake
@@ -100,13 +104,12 @@ def load(**opts: Any) -> None:
     # served ranks and the warm do (`aot.dynamo_key` holds the group's size).
     grouped = opts["tp"] > 1 and fake_group(opts["tp"], opts["rank"])
     try:
-        compiled = load_fn(spec.module, config, rank=opts["rank"], world_size=opts["tp"],
-                           warmup=not opts["no_warmup"], model_name=opts["model"],
-                           example_inputs=spec.example_inputs)
+        return load_fn(spec.module, config, rank=opts["rank"], world_size=opts["tp"],
+                       warmup=not opts["no_warmup"], model_name=opts["model"],
+                       example_inputs=spec.example_inputs)
     finally:
         if grouped:
             torch.distributed.destroy_process_group()
-    click.echo(compiled.report.table())
 
 
 @cli.command(epilog=epilog("plan"))

@@ -26,6 +26,7 @@ from ..compiling.monitor import PerformanceMonitor
 from ..config import CompilationConfig
 from ..errors import ArtifactCorruptError, ArtifactNotFoundError, CompileError
 from ..planning.canonical import CanonicalPiece
+from .gc_pause import gc_resumed
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,9 @@ class CompilerManager:
         """Compile, optionally publish; returns the loaded piece and the artifact's metadata."""
         start = time.perf_counter()
         try:
-            result = self.compiler.compile(piece.graph, piece.input_specs, shape, self.device)
+            with gc_resumed():  # a startup pauses the collector (`load`), not its compiles
+                result = self.compiler.compile(piece.graph, piece.input_specs, shape,
+                                               self.device)
         except Exception as exc:
             self.counter.num_compile_failures += 1
             raise CompileError(f"compiling {name or key[:12]} for shape {shape!r} failed: "
