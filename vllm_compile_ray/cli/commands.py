@@ -92,8 +92,8 @@ def load(**opts: Any) -> None:
 def _load_rank(opts: dict[str, Any]) -> Any:
     import torch
 
-    from ..orchestration.trace_task import fake_group
     from ..planning import intake
+    from ..runtime.aot import fake_group
     from ..runtime.load import load as load_fn
 
     config = make_config(opts, on_miss=opts["on_miss"])

@@ -40,7 +40,7 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
     from ..runtime.api import compile as compile_model
     from ..runtime.api import model_device, plan_sizes
 
-    if tp_size > 1 and not fake_group(tp_size):
+    if tp_size > 1 and not aot.fake_group(tp_size):
         return f"off: this torch makes no fake process group of {tp_size} ranks to trace in"
     built = None
     try:
@@ -62,23 +62,6 @@ def publish_traced(spec: str, config: CompilationConfig, store: ArtifactStore, t
             torch.distributed.destroy_process_group()
         if device_type == "cuda":
             torch.cuda.empty_cache()  # a reused compile worker gets its memory back
-
-
-def fake_group(size: int, rank: int = 0) -> bool:
-    """A default process group of `size` ranks that communicates nothing (torch's "fake"
-    backend), this process its `rank`: the model traces as a rank of its TP group does (the
-    group's size is in the key: `aot.dynamo_key`). False where torch has none."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or dist.is_initialized():
-        return False
-    try:
-        dist.init_process_group("fake", rank=rank, world_size=size)
-    except (ValueError, RuntimeError, ImportError) as exc:
-        logger.warning("no fake process group of %d ranks (%s: %s): the ranks trace", size,
-                       type(exc).__name__, exc)
-        return False
-    return True
 
 
 publish_traced_remote = ray.remote(max_calls=0)(publish_traced)

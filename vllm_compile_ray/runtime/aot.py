@@ -313,3 +313,20 @@ def _ours(exc: BaseException) -> BaseException | None:
             return None
         seen = inner
     return None
+
+
+def fake_group(size: int, rank: int = 0) -> bool:
+    """A default process group of `size` ranks that communicates nothing (torch's "fake"
+    backend), this process its `rank`: the model traces as a rank of its TP group does (the
+    group's size is in the key: `dynamo_key`). False where torch has none."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    try:
+        dist.init_process_group("fake", rank=rank, world_size=size)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        logger.warning("no fake process group of %d ranks (%s: %s): the ranks trace", size,
+                       type(exc).__name__, exc)
+        return False
+    return True
