@@ -235,45 +235,42 @@ def test_a_rank_warms_sizes_past_the_models_positions(tmp_path: Path) -> None:
 
 def test_a_rank_starts_with_the_collector_paused_but_its_compiles_collect(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No automatic full collection inside a load that compiles nothing (each walks every object
-    of the process); a load that compiles collects while compiling; the collector is back on
-    after either."""
+    """Automatic collection is off while a rank loads its pieces (each full pass walks every
+    object of the process), on while one compiles, and back on after the startup."""
     import gc
 
     from vllm_compile_ray.compiling.compiler_interface import EagerAdaptor
 
-    collecting: list[bool] = []
-    compile_piece = EagerAdaptor.compile
-
-    def compile_and_note(self, *args, **kwargs):
-        collecting.append(gc.isenabled())
-        return compile_piece(self, *args, **kwargs)
-
-    monkeypatch.setattr(EagerAdaptor, "compile", compile_and_note)
+    collecting: dict[str, list[bool]] = {"compile": [], "load": []}
+    for name in collecting:
+        def noting(self, *args, _name=name, _fn=getattr(EagerAdaptor, name), **kwargs):
+            collecting[_name].append(gc.isenabled())
+            return _fn(self, *args, **kwargs)
+        monkeypatch.setattr(EagerAdaptor, name, noting)
     cfg = vcr.CompilationConfig(compile_sizes=[4], on_miss="compile_and_publish", **EAGER,
                                 cache=vcr.CacheConfig(cache_dir=f"file://{tmp_path}/cache",
                                                       staging_dir=str(tmp_path / "stage")))
     assert vcr.load(vcr.models.build("llama-tiny", num_layers=1), cfg).report.compiles > 0
-    assert collecting and all(collecting)
+    assert collecting["compile"] and all(collecting["compile"])
+    assert gc.isenabled()
+    collecting["load"].clear()
+    report = vcr.load(vcr.models.build("llama-tiny", num_layers=1),
+                      cfg.replace(on_miss="error")).report
+    assert report.hits == report.tasks > 0
+    assert len(collecting["load"]) == report.tasks and not any(collecting["load"])
     assert gc.isenabled()
 
-    passes: list[int] = []
 
-    def count(phase: str, info: dict) -> None:
-        if phase == "start":
-            passes.append(info["generation"])
+def test_importing_the_package_leaves_the_collector_as_it_was() -> None:
+    """The import pauses the collector for its own imports only."""
+    import subprocess
+    import sys
 
-    threshold = gc.get_threshold()
-    gc.set_threshold(1, 1, 1)  # unpaused, every generation's pass comes due many times
-    gc.callbacks.append(count)
-    try:
-        report = vcr.load(vcr.models.build("llama-tiny", num_layers=1),
-                          cfg.replace(on_miss="error")).report
-    finally:
-        gc.callbacks.remove(count)
-        gc.set_threshold(*threshold)
-    assert report.hits == report.tasks and passes.count(2) == 0
-    assert gc.isenabled()
+    for before, want in (("", "True"), ("gc.disable(); ", "False")):
+        code = f"import gc; {before}import vllm_compile_ray; print(gc.isenabled())"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, timeout=300)
+        assert done.stdout.split()[-1] == want
 
 
 def test_manifest_keys_are_fetched_while_tracing(tmp_path: Path) -> None:
